@@ -1,0 +1,7 @@
+"""``python -m embassy`` is the ``embassy`` command."""
+
+import sys
+
+from embassy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,259 @@
+"""The daemon's configuration: one declarative schema, parsed once into frozen objects.
+
+``SCHEMA`` is the single source of truth for every key: its type, default and meaning. The
+parser, ``docs/config.md`` and (later) the NixOS module's options are all derived from it, so
+they cannot drift. Unknown keys and bad values are refused with the key's dotted path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embassy.errors import ConfigError
+from embassy.wire.codec import b64decode, b64encode
+
+# PCRs the embassy may own: not reset by software (16, 23), not locality-restricted
+# (17-22), not precomputed or used by the boot path (0-12: firmware, boot loader, UKI).
+EMBASSY_PCR_CHOICES = frozenset({13, 14, 15})
+BOOT_PCR_CHOICES = frozenset(range(13))
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    path: str
+    kind: str  # "str", "path", "int", "bool", "pcr", "pcr-list", "authorities", "level"
+    default: Any
+    doc: str
+
+
+SCHEMA: tuple[Key, ...] = (
+    Key("socket", "path", "/run/embassy/embassy.sock",
+        "Unix socket of the HTTP/JSON API; created owner-only (0600)."),
+    Key("data_dir", "path", "/var/lib/embassy",
+        "Durable state: statement log, checkpoints, TPM-sealed key blob, swtpm state."),
+    Key("log_level", "level", "info", "One of debug, info, warning, error."),
+    Key("tpm.device", "str", None,
+        "TPM character device (e.g. /dev/tpmrm0). Null: the daemon starts its own swtpm, "
+        "a software TPM with no hardware root of trust (debug mode, said in every statement)."),
+    Key("pcrs.embassy", "pcr", 13, "PCR that records each daemon start and its measurement."),
+    Key("pcrs.log", "pcr", 14, "PCR that the statement log is extended into."),
+    Key("pcrs.boot", "pcr-list", [4, 11, 12],
+        "Boot-state PCRs included in every quote (UKI, its command line, boot path)."),
+    Key("statement_log.checkpoint_every", "int", 64,
+        "Take a TPM-quoted checkpoint after this many entries (>= 1)."),
+    Key("http.max_body_bytes", "int", 1 << 20, "Largest request body accepted (bytes)."),
+    Key("http.timeout_seconds", "int", 30, "Per-connection read timeout (seconds)."),
+    Key("authorities", "authorities", [],
+        "Authorities: list of {name, ed25519} where ed25519 is a base64 raw public key. "
+        "Part of the policy, and so of the measurement."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    name: str
+    ed25519: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PcrLayout:
+    embassy: int
+    log: int
+    boot: tuple[int, ...]
+
+    @property
+    def quoted(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.boot, self.embassy, self.log}))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    socket: Path
+    data_dir: Path
+    log_level: str
+    tpm_device: str | None
+    pcrs: PcrLayout
+    checkpoint_every: int
+    max_body_bytes: int
+    timeout_seconds: int
+    authorities: tuple[Authority, ...]
+
+    def effective(self) -> dict[str, Any]:
+        """The config as measured: every key, defaults filled, in schema names."""
+        return {
+            "socket": str(self.socket),
+            "data_dir": str(self.data_dir),
+            "log_level": self.log_level,
+            "tpm": {"device": self.tpm_device},
+            "pcrs": {"embassy": self.pcrs.embassy, "log": self.pcrs.log,
+                     "boot": list(self.pcrs.boot)},
+            "statement_log": {"checkpoint_every": self.checkpoint_every},
+            "http": {"max_body_bytes": self.max_body_bytes,
+                     "timeout_seconds": self.timeout_seconds},
+            "authorities": [
+                {"name": a.name, "ed25519": b64encode(a.ed25519)} for a in self.authorities
+            ],
+        }
+
+
+def _fail(path: str, message: str) -> ConfigError:
+    return ConfigError(f"config: {path}: {message}")
+
+
+def _as_int(path: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, f"expected an integer, got {value!r}")
+    return value
+
+
+def _as_str(path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(path, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _as_pcr(path: str, value: Any) -> int:
+    pcr = _as_int(path, value)
+    if pcr not in EMBASSY_PCR_CHOICES:
+        raise _fail(path, f"PCR {pcr} cannot be the embassy's: software can reset 16 and 23, "
+                          "17-22 need a higher locality and 0-12 belong to the boot path; "
+                          f"choose one of {sorted(EMBASSY_PCR_CHOICES)}")
+    return pcr
+
+
+def _as_pcr_list(path: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _fail(path, f"expected a list of PCR indexes, got {value!r}")
+    pcrs = tuple(_as_int(f"{path}[{i}]", v) for i, v in enumerate(value))
+    bad = [p for p in pcrs if p not in BOOT_PCR_CHOICES]
+    if bad or len(set(pcrs)) != len(pcrs):
+        raise _fail(path, f"boot PCRs must be distinct values in 0-12, got {list(pcrs)}")
+    return tuple(sorted(pcrs))
+
+
+def _as_authorities(path: str, value: Any) -> tuple[Authority, ...]:
+    if not isinstance(value, list):
+        raise _fail(path, "expected a list of {name, ed25519}")
+    out: list[Authority] = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise _fail(where, "expected a mapping with name and ed25519")
+        unknown = sorted(set(item) - {"name", "ed25519"})
+        if unknown:
+            raise _fail(f"{where}.{unknown[0]}", "unknown key")
+        name = _as_str(f"{where}.name", item.get("name"))
+        try:
+            key = b64decode(item.get("ed25519"), "key")
+        except Exception:
+            raise _fail(f"{where}.ed25519", "expected a base64 Ed25519 public key") from None
+        if len(key) != 32:
+            raise _fail(f"{where}.ed25519", f"expected 32 bytes, got {len(key)}")
+        if any(a.name == name for a in out):
+            raise _fail(f"{where}.name", f"duplicate authority {name!r}")
+        out.append(Authority(name, key))
+    return tuple(out)
+
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _as_level(path: str, value: Any) -> str:
+    if value not in _LEVELS:
+        raise _fail(path, f"expected one of {', '.join(_LEVELS)}, got {value!r}")
+    return str(value)
+
+
+_CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
+    "str": lambda p, v: None if v is None else _as_str(p, v),
+    "path": lambda p, v: Path(_as_str(p, v)),
+    "int": _as_int,
+    "pcr": _as_pcr,
+    "pcr-list": _as_pcr_list,
+    "authorities": _as_authorities,
+    "level": lambda p, v: _as_level(p, v),
+}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str, known: set[str]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            raise _fail(prefix or "<root>", f"keys must be strings, got {key!r}")
+        path = f"{prefix}{key}"
+        if path in known:
+            flat[path] = value
+        elif isinstance(value, Mapping) and any(k.startswith(path + ".") for k in known):
+            flat.update(_flatten(value, path + ".", known))
+        else:
+            raise _fail(path, "unknown key (see docs/config.md)")
+    return flat
+
+
+def parse_config(tree: Mapping[str, Any] | None) -> Config:
+    """Validate a parsed YAML tree (None: all defaults) into a :class:`Config`."""
+    known = {k.path for k in SCHEMA}
+    flat = _flatten(tree or {}, "", known)
+    values = {
+        k.path: _CONVERT[k.kind](k.path, flat[k.path]) if k.path in flat
+        else _CONVERT[k.kind](k.path, k.default) if k.default is not None else None
+        for k in SCHEMA
+    }
+    pcrs = PcrLayout(values["pcrs.embassy"], values["pcrs.log"], values["pcrs.boot"])
+    if pcrs.embassy == pcrs.log:
+        raise _fail("pcrs.log", f"must differ from pcrs.embassy ({pcrs.embassy})")
+    if values["statement_log.checkpoint_every"] < 1:
+        raise _fail("statement_log.checkpoint_every", "must be >= 1")
+    if not 1024 <= values["http.max_body_bytes"] <= 1 << 30:
+        raise _fail("http.max_body_bytes", "must be between 1 KiB and 1 GiB")
+    if not 1 <= values["http.timeout_seconds"] <= 3600:
+        raise _fail("http.timeout_seconds", "must be between 1 and 3600")
+    return Config(
+        socket=values["socket"],
+        data_dir=values["data_dir"],
+        log_level=values["log_level"],
+        tpm_device=values["tpm.device"],
+        pcrs=pcrs,
+        checkpoint_every=values["statement_log.checkpoint_every"],
+        max_body_bytes=values["http.max_body_bytes"],
+        timeout_seconds=values["http.timeout_seconds"],
+        authorities=values["authorities"],
+    )
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a YAML config file (None: all defaults)."""
+    if path is None:
+        return parse_config(None)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise ConfigError(f"config: {path}: top level must be a mapping")
+    return parse_config(tree)
+
+
+def render_docs() -> str:
+    """docs/config.md, generated from SCHEMA."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `embassy.config.SCHEMA` by `scripts/gen_config_docs.py`; do not edit.",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k in SCHEMA:
+        default = "null" if k.default is None else f"`{k.default}`"
+        lines.append(f"| `{k.path}` | {k.kind} | {default} | {k.doc} |")
+    return "\n".join(lines) + "\n"

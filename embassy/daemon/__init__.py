@@ -1,0 +1,1 @@
+"""The daemon: thin adapters (TPM, files, socket) around the pure core."""

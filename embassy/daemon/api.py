@@ -1,0 +1,90 @@
+"""Routes of the socket API: parse a request into typed arguments, call the service.
+
+Routes (all JSON):
+
+- ``GET  /v1/health``: liveness, TPM mode, log head.
+- ``GET  /v1/identity``: the identity document.
+- ``GET  /v1/evidence?nonce=<hex, 16-64 bytes>``: a log segment closed by a fresh quote
+  whose qualifying data is exactly the caller's nonce.
+- ``GET  /v1/log?from=<seq>``: the current boot's log from ``seq`` (or the checkpoint just
+  before it), closed by a new checkpoint.
+- ``POST /v1/attestation/activate-credential``: ``{"credential_blob", "encrypted_secret"}``
+  (base64); returns ``{"secret"}``, proving the AK lives in the TPM holding the EK.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from embassy.daemon.http import Request, Response
+from embassy.errors import MethodNotAllowedError, NotFoundError, RequestError
+from embassy.wire.codec import b64decode, b64encode, field, only_fields, parse_json_object
+
+MIN_NONCE, MAX_NONCE = 16, 64
+
+
+class Service(Protocol):
+    def health(self) -> dict[str, Any]: ...
+    def identity_document(self) -> dict[str, Any]: ...
+    def evidence(self, nonce: bytes) -> dict[str, Any]: ...
+    def log_segment(self, from_seq: int) -> dict[str, Any]: ...
+    def activate_credential(self, blob: bytes, secret: bytes) -> bytes: ...
+
+
+def _one(request: Request, name: str) -> str:
+    values = request.query.get(name)
+    if not values:
+        raise RequestError(f"missing query parameter {name!r}")
+    if len(values) > 1:
+        raise RequestError(f"query parameter {name!r} given more than once")
+    return values[0]
+
+
+def _nonce(request: Request) -> bytes:
+    text = _one(request, "nonce")
+    try:
+        nonce = bytes.fromhex(text)
+    except ValueError:
+        raise RequestError("nonce must be hex") from None
+    if not MIN_NONCE <= len(nonce) <= MAX_NONCE:
+        raise RequestError(f"nonce must be {MIN_NONCE} to {MAX_NONCE} bytes, got {len(nonce)}")
+    return nonce
+
+
+def _from_seq(request: Request) -> int:
+    if "from" not in request.query:
+        return 0
+    text = _one(request, "from")
+    if not text.isdigit():
+        raise RequestError("'from' must be a non-negative integer")
+    return int(text)
+
+
+class Api:
+    def __init__(self, service: Service) -> None:
+        self._service = service
+        self._routes = {
+            "/v1/health": ("GET", lambda r: Response(200, service.health())),
+            "/v1/identity": ("GET", lambda r: Response(200, service.identity_document())),
+            "/v1/evidence": ("GET", lambda r: Response(200, service.evidence(_nonce(r)))),
+            "/v1/log": ("GET", lambda r: Response(200, service.log_segment(_from_seq(r)))),
+            "/v1/attestation/activate-credential": ("POST", self._activate),
+        }
+
+    def _activate(self, request: Request) -> Response:
+        body = parse_json_object(request.body, "request body")
+        only_fields(body, {"credential_blob", "encrypted_secret"}, "request body")
+        blob = b64decode(field(body, "credential_blob", str, "request body"), "credential_blob")
+        secret = b64decode(field(body, "encrypted_secret", str, "request body"),
+                           "encrypted_secret")
+        return Response(200, {"secret": b64encode(self._service.activate_credential(blob,
+                                                                                    secret))})
+
+    def __call__(self, request: Request) -> Response:
+        route = self._routes.get(request.path)
+        if route is None:
+            raise NotFoundError(f"no route {request.path!r}")
+        method, handler = route
+        if request.method != method:
+            raise MethodNotAllowedError(f"{request.path} takes {method}, not {request.method}")
+        return handler(request)

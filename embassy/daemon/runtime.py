@@ -1,0 +1,156 @@
+"""Assemble the daemon: TPM, keys, statement log, identity, socket; run until SIGTERM.
+
+Start-up order matters and is fail-closed: the TPM is opened, the sealed keys unsealed, and
+the log checked against the TPM (and an interrupted extend finished) *before* anything new
+is signed. Only then is the start event (with the measurement) extended and the identity
+statement appended and quoted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from embassy.attest.types import TpmMode
+from embassy.config import Config
+from embassy.daemon.api import Api
+from embassy.daemon.atomic import ensure_private_dir
+from embassy.daemon.http import UnixHttpServer
+from embassy.daemon.identity import IDENTITY_DOCUMENT_TYPE, identity_body
+from embassy.daemon.keys import load_or_create_keys
+from embassy.daemon.statement_log import StatementLog
+from embassy.log.entry import EntryType
+from embassy.measure import Measurement, measure
+from embassy.tpm.device import TpmDevice
+from embassy.tpm.interface import Tpm
+from embassy.tpm.swtpm import Swtpm
+from embassy.wire.dsse import parse_envelope
+from embassy.wire.statement import IDENTITY_V1, LIFECYCLE_V1
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tpm:
+    device: Tpm
+    swtpm: Swtpm | None
+
+
+def open_tpm(config: Config) -> _Tpm:
+    if config.tpm_device is not None:
+        return _Tpm(TpmDevice.open("device", config.tpm_device, TpmMode.HARDWARE), None)
+    swtpm = Swtpm(config.data_dir / "swtpm")
+    name, conf = swtpm.ensure_running()
+    _LOG.warning(
+        "SOFTWARE TPM: no tpm.device configured, so this embassy runs its own swtpm (pid %s). "
+        "It has no hardware root of trust: its evidence proves nothing about this machine. "
+        "Every statement says tpm_mode=software; verifiers reject it unless told "
+        "--allow-software-tpm.", swtpm.pid,
+    )
+    try:
+        return _Tpm(TpmDevice.open(name, conf, TpmMode.SOFTWARE), swtpm)
+    except BaseException:
+        swtpm.stop()
+        raise
+
+
+class Embassy:
+    """The running embassy: what the API's routes call."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        ensure_private_dir(config.data_dir)
+        self._tpm = open_tpm(config)
+        tpm = self._tpm.device
+        try:
+            self.keys = load_or_create_keys(tpm, config.data_dir)
+            self.log = StatementLog(config.data_dir, tpm, self.keys, config.pcrs, tpm.mode,
+                                    config.checkpoint_every)
+            self.log.recover()
+            self.measurement: Measurement = measure(config)
+            start = self.log.append_event(EntryType.EMBASSY_START, self.measurement.encode())
+            subjects, body = identity_body(self.keys, tpm, config.pcrs, self.measurement, start)
+            appended = self.log.append_statement(IDENTITY_V1, subjects, body)
+            payload = parse_envelope(appended.envelope).payload
+            segment = self.log.current_segment(start.seq, hashlib.sha256(payload).digest())
+            self._identity = {"v": 1, "type": IDENTITY_DOCUMENT_TYPE,
+                              "segment": segment.to_json()}
+            self.log.checkpoint()
+        except BaseException:
+            self._close_tpm(power_off=False)
+            raise
+        _LOG.info("embassy started: measurement %s, log head seq %d",
+                  self.measurement.digest.hex(), appended.entry.seq)
+
+    @property
+    def tpm(self) -> Tpm:
+        return self._tpm.device
+
+    # -- Service (the API's view) ----------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        head = self.log.head
+        return {"status": "ok", "tpm_mode": self.tpm.mode.value,
+                "log_head": None if head is None else head.seq,
+                "measurement": self.measurement.digest.hex()}
+
+    def identity_document(self) -> dict[str, Any]:
+        return self._identity
+
+    def evidence(self, nonce: bytes) -> dict[str, Any]:
+        return {"v": 1, "type": "embassy-evidence", "nonce": nonce.hex(),
+                "segment": self.log.current_segment(0, nonce).to_json()}
+
+    def log_segment(self, from_seq: int) -> dict[str, Any]:
+        return {"v": 1, "type": "embassy-log-segment",
+                "segment": self.log.current_segment(from_seq).to_json()}
+
+    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
+        return self.tpm.activate_credential(blob, secret)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def _close_tpm(self, *, power_off: bool) -> None:
+        self._tpm.device.close()
+        if power_off and self._tpm.swtpm is not None:
+            self._tpm.swtpm.stop()
+
+    def close(self) -> None:
+        """Clean stop: a signed stop statement and a checkpoint close this run's log."""
+        try:
+            self.log.append_statement(LIFECYCLE_V1, [], {"event": "stop"})
+            self.log.checkpoint()
+        finally:
+            self.log.close()
+            # The embedded swtpm models the machine's TPM; a clean stop powers it off
+            # (the next start is a new TPM boot). A crash leaves it running, so a restarted
+            # daemon continues the same boot and repairs the log against the live PCRs.
+            self._close_tpm(power_off=True)
+
+
+def serve(config: Config) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    embassy = Embassy(config)
+    server = UnixHttpServer(config.socket, Api(embassy), max_body_bytes=config.max_body_bytes,
+                            timeout_seconds=config.timeout_seconds)
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        del frame
+        _LOG.info("received %s: shutting down", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever to return, so it cannot run on this thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    _LOG.info("serving on %s", config.socket)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        embassy.close()
+        _LOG.info("stopped")

@@ -1,0 +1,207 @@
+"""The statement log as the daemon keeps it: sign, append durably, extend, checkpoint.
+
+Order of effects for every entry, all under one lock: build the entry over the current
+head, append it to the file and fsync, then extend its digest into the PCR. A crash after
+the fsync and before the extend leaves the PCR one entry behind the file; :meth:`recover`
+finds exactly that case and finishes the extend. Any other disagreement between the file
+and the PCRs is tampering (or a foreign extend), reported as :class:`TamperError`: the
+daemon refuses to sign on top of a log it cannot vouch for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embassy.attest.types import TpmMode
+from embassy.config import PcrLayout
+from embassy.daemon.keys import EmbassyKeys
+from embassy.daemon.logstore import AppendFile
+from embassy.errors import TamperError
+from embassy.log.entry import (
+    GENESIS,
+    Checkpoint,
+    EntryType,
+    LogEntry,
+    checkpoint_qualifying_data,
+    encode_entry,
+    parse_checkpoint_bytes,
+    parse_entry,
+)
+from embassy.log.segment import Segment, check_chain, replay
+from embassy.tpm.interface import Tpm
+from embassy.wire.codec import canonical_json
+from embassy.wire.dsse import sign_envelope
+from embassy.wire.statement import Header, Statement, Subject
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    envelope: bytes
+    entry: LogEntry
+
+
+class StatementLog:
+    def __init__(
+        self,
+        data_dir: Path,
+        tpm: Tpm,
+        keys: EmbassyKeys,
+        pcrs: PcrLayout,
+        mode: TpmMode,
+        checkpoint_every: int,
+    ) -> None:
+        self._tpm = tpm
+        self._keys = keys
+        self._pcrs = pcrs
+        self._mode = mode
+        self._every = checkpoint_every
+        self._lock = threading.Lock()
+        self._entries = AppendFile(data_dir / "log.jsonl", parse_entry)
+        self._checkpoints = AppendFile(data_dir / "checkpoints.jsonl", parse_checkpoint_bytes)
+        self._since_checkpoint = 0
+
+    # -- reading -----------------------------------------------------------------------
+
+    @property
+    def entries(self) -> Sequence[LogEntry]:
+        return self._entries.records
+
+    @property
+    def head(self) -> LogEntry | None:
+        return self._entries.records[-1] if self._entries.records else None
+
+    def _boot_entries(self, reset_count: int) -> list[LogEntry]:
+        return [e for e in self._entries.records if e.reset_count == reset_count]
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Check the file against itself and the TPM; finish an interrupted extend."""
+        with self._lock:
+            records = self._entries.records
+            check_chain(records, after_seq=None if not records else records[0].seq - 1,
+                        after=GENESIS if records else None)
+            if records and records[0].seq != 0:
+                raise TamperError("log.jsonl does not start at seq 0")
+            reset_count = self._tpm.clock().reset_count
+            later = [e for e in records if e.reset_count > reset_count]
+            if later:
+                raise TamperError(
+                    f"log entry seq {later[0].seq} is from TPM boot {later[0].reset_count}, "
+                    f"after the TPM's current boot {reset_count}: the TPM was rolled back "
+                    "or the log belongs to another TPM"
+                )
+            boot = self._boot_entries(reset_count)
+            roles = (self._pcrs.embassy, self._pcrs.log)
+            actual = self._tpm.read_pcrs(roles)
+            if actual == replay(boot, {}, roles):
+                return
+            if boot and actual == replay(boot[:-1], {}, roles):
+                last = boot[-1]
+                _LOG.warning(
+                    "log: entry seq %d was written but not extended (crash in between); "
+                    "extending it now", last.seq,
+                )
+                self._tpm.extend(last.pcr, last.digest)
+                return
+            expected = replay(boot, {}, roles)
+            diffs = ", ".join(
+                f"PCR {p} is {actual[p].hex()[:16]}… but the log replays to "
+                f"{expected[p].hex()[:16]}…" for p in roles if actual[p] != expected[p]
+            )
+            raise TamperError(f"the log does not match the TPM for boot {reset_count}: {diffs}")
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _append_locked(self, pcr: int, entry_type: EntryType, data: bytes, seq: int,
+                       prev: bytes, reset_count: int) -> LogEntry:
+        entry = encode_entry(seq=seq, prev=prev, reset_count=reset_count, pcr=pcr,
+                             type=entry_type, data=data)
+        self._entries.append(entry, entry.raw)
+        self._tpm.extend(pcr, entry.digest)
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self._every:
+            self._checkpoint_locked()
+        return entry
+
+    def _next(self) -> tuple[int, bytes]:
+        head = self.head
+        return (0, GENESIS) if head is None else (head.seq + 1, head.digest)
+
+    def append_event(self, entry_type: EntryType, data: bytes) -> LogEntry:
+        """Record a non-statement event (e.g. a daemon start) in the embassy PCR."""
+        with self._lock:
+            seq, prev = self._next()
+            return self._append_locked(self._pcrs.embassy, entry_type, data, seq, prev,
+                                       self._tpm.clock().reset_count)
+
+    def append_statement(
+        self, predicate_type: str, subjects: Sequence[Subject], body: Mapping[str, Any]
+    ) -> Appended:
+        """Sign a statement at the log's next position and append it."""
+        with self._lock:
+            seq, prev = self._next()
+            clock = self._tpm.clock()
+            header = Header(seq=seq, prev=prev, clock=clock, tpm_mode=self._mode)
+            payload = Statement(predicate_type, tuple(subjects), header, body).encode()
+            envelope = sign_envelope(payload, self._keys.signing)
+            entry = self._append_locked(self._pcrs.log, EntryType.STATEMENT, envelope, seq,
+                                        prev, clock.reset_count)
+            return Appended(envelope, entry)
+
+    # -- checkpoints and segments ----------------------------------------------------------
+
+    def _checkpoint_locked(self) -> Checkpoint:
+        head = self.head
+        if head is None:
+            raise TamperError("cannot checkpoint an empty log")
+        quote = self._tpm.quote(self._pcrs.quoted, checkpoint_qualifying_data(head.seq,
+                                                                              head.digest))
+        checkpoint = Checkpoint(head.seq, head.digest, quote)
+        self._checkpoints.append(checkpoint, canonical_json(checkpoint.to_json()))
+        self._since_checkpoint = 0
+        return checkpoint
+
+    def checkpoint(self) -> Checkpoint:
+        with self._lock:
+            return self._checkpoint_locked()
+
+    def _anchor(self, boot: Sequence[LogEntry], before_seq: int) -> Checkpoint | None:
+        """The latest stored checkpoint of this boot whose head is before ``before_seq``."""
+        boot_seqs = {e.seq: e for e in boot}
+        best: Checkpoint | None = None
+        for cp in self._checkpoints.records:
+            entry = boot_seqs.get(cp.seq)
+            if entry is not None and entry.digest == cp.head and cp.seq < before_seq:
+                best = cp
+        return best
+
+    def current_segment(self, from_seq: int, qualifying_data: bytes | None = None) -> Segment:
+        """Entries of the current boot from ``from_seq`` (or the nearest anchor) to the head,
+        closed by a fresh quote over ``qualifying_data`` (default: a stored checkpoint)."""
+        with self._lock:
+            head = self.head
+            if head is None:
+                raise TamperError("the log is empty")
+            boot = self._boot_entries(head.reset_count)
+            anchor = self._anchor(boot, from_seq)
+            start = boot[0].seq if anchor is None else anchor.seq + 1
+            entries = tuple(e for e in boot if e.seq >= start)
+            if qualifying_data is None:
+                closing = self._checkpoint_locked()
+            else:
+                quote = self._tpm.quote(self._pcrs.quoted, qualifying_data)
+                closing = Checkpoint(head.seq, head.digest, quote)
+            return Segment(anchor, entries, closing)
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.close()
+            self._checkpoints.close()

@@ -1,0 +1,128 @@
+"""The one exception tree of the embassy.
+
+Every failure the embassy reports is an :class:`EmbassyError`. Each class carries a stable,
+machine-readable ``code`` (kebab-case) that appears in JSON error bodies and in the
+verifier's JSON report. The mapping to HTTP statuses lives only in
+``embassy.daemon.http`` and the mapping to exit codes only in ``embassy.cli``.
+
+::
+
+    EmbassyError
+    ├── ConfigError                  bad config file or value (the key's path is in the message)
+    ├── WireFormatError              bytes that do not parse as the versioned format they claim
+    ├── RequestError                 a well-formed request the API refuses
+    │   ├── NotFoundError            no such route or object
+    │   ├── MethodNotAllowedError
+    │   ├── PayloadTooLargeError
+    │   └── ConflictError            the request contradicts stored state
+    ├── VerificationError            evidence that does not check; the verifier raises these
+    │   ├── SignatureError           a DSSE or quote signature does not verify
+    │   ├── QuoteError               a quote is malformed, of the wrong type, or over the wrong data
+    │   ├── PcrMismatchError         replayed PCR values differ from the quoted ones
+    │   ├── MeasurementMismatchError the embassy's measurement is not the one expected
+    │   ├── LogIntegrityError        a gap, reorder, duplicate or fork in the statement log
+    │   ├── FreshnessError           the quote is not over the caller's nonce
+    │   ├── ClockError               a TPM clock or counter went backwards
+    │   ├── CertificateError         the EK certificate does not chain to the named CA
+    │   ├── KeyBindingError          a key does not match the one the evidence binds
+    │   └── SoftwareTpmError         software-TPM evidence without allow_software_tpm
+    ├── TpmError                     the TPM (or swtpm) failed or is unreachable
+    └── StorageError                 durable state is unreadable or inconsistent
+        └── TamperError              durable state disagrees with the TPM: refuse to continue
+"""
+
+from __future__ import annotations
+
+
+class EmbassyError(Exception):
+    """Root of every error the embassy raises on purpose."""
+
+    code = "embassy-error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(EmbassyError):
+    code = "config-invalid"
+
+
+class WireFormatError(EmbassyError):
+    code = "malformed"
+
+
+class RequestError(EmbassyError):
+    code = "bad-request"
+
+
+class NotFoundError(RequestError):
+    code = "not-found"
+
+
+class MethodNotAllowedError(RequestError):
+    code = "method-not-allowed"
+
+
+class PayloadTooLargeError(RequestError):
+    code = "payload-too-large"
+
+
+class ConflictError(RequestError):
+    code = "conflict"
+
+
+class VerificationError(EmbassyError):
+    code = "verification-failed"
+
+
+class SignatureError(VerificationError):
+    code = "bad-signature"
+
+
+class QuoteError(VerificationError):
+    code = "bad-quote"
+
+
+class PcrMismatchError(VerificationError):
+    code = "pcr-mismatch"
+
+
+class MeasurementMismatchError(VerificationError):
+    code = "measurement-mismatch"
+
+
+class LogIntegrityError(VerificationError):
+    code = "log-integrity"
+
+
+class FreshnessError(VerificationError):
+    code = "stale-nonce"
+
+
+class ClockError(VerificationError):
+    code = "clock-backwards"
+
+
+class CertificateError(VerificationError):
+    code = "bad-ek-certificate"
+
+
+class KeyBindingError(VerificationError):
+    code = "key-binding"
+
+
+class SoftwareTpmError(VerificationError):
+    code = "software-tpm"
+
+
+class TpmError(EmbassyError):
+    code = "tpm-error"
+
+
+class StorageError(EmbassyError):
+    code = "storage-error"
+
+
+class TamperError(StorageError):
+    code = "tamper-detected"

@@ -1,0 +1,1 @@
+"""The statement log: a hash-chained, PCR-anchored record of everything the embassy signed."""

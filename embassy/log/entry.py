@@ -1,0 +1,172 @@
+"""Log entries and checkpoints: the wire format, defined once (version 1).
+
+An entry is one line of canonical JSON::
+
+    {"data":"<b64>","pcr":14,"prev":"<hex>","reset_count":3,"seq":7,"type":"statement","v":1}
+
+``prev`` is the SHA-256 of the previous entry's exact bytes (32 zero bytes for the first
+entry ever), so the file is a hash chain. The same SHA-256 of the entry's exact bytes is
+what the daemon extends into PCR ``pcr``, so the TPM holds the chain head the way it holds
+an IMA measurement list: replaying the entries of one boot from all-zero PCRs reproduces
+the quoted values. ``reset_count`` is the TPM's reset count when the entry was written; a
+new value starts a new PCR chain (a new boot) while the hash chain goes on.
+
+A checkpoint is a TPM quote over the log's PCRs taken when the head was entry ``seq``;
+its qualifying data is :func:`checkpoint_qualifying_data`, which binds the head.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+
+from embassy.attest.types import Quote
+from embassy.errors import WireFormatError
+from embassy.wire.codec import (
+    JsonObject,
+    b64decode,
+    b64encode,
+    canonical_json,
+    field,
+    hex_decode,
+    only_fields,
+    parse_json_object,
+)
+
+ENTRY_VERSION = 1
+GENESIS = bytes(32)
+MAX_ENTRY_BYTES = 8 * 1024 * 1024
+_CHECKPOINT_DOMAIN = b"embassy-checkpoint-v1\x00"
+
+
+class EntryType(enum.StrEnum):
+    """What an entry records. Each type goes to exactly one PCR role."""
+
+    EMBASSY_START = "embassy-start"  # the measurement, at every daemon start
+    STATEMENT = "statement"  # a DSSE envelope the embassy signed
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    seq: int
+    prev: bytes
+    reset_count: int
+    pcr: int
+    type: EntryType
+    data: bytes
+    raw: bytes
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the exact entry bytes: the chain link and the PCR extend value."""
+        return hashlib.sha256(self.raw).digest()
+
+
+def encode_entry(
+    *, seq: int, prev: bytes, reset_count: int, pcr: int, type: EntryType, data: bytes
+) -> LogEntry:
+    raw = canonical_json(
+        {
+            "v": ENTRY_VERSION,
+            "seq": seq,
+            "prev": prev.hex(),
+            "reset_count": reset_count,
+            "pcr": pcr,
+            "type": type.value,
+            "data": b64encode(data),
+        }
+    )
+    return LogEntry(seq, prev, reset_count, pcr, type, data, raw)
+
+
+def parse_entry(raw: bytes) -> LogEntry:
+    if len(raw) > MAX_ENTRY_BYTES:
+        raise WireFormatError(f"log entry: {len(raw)} bytes exceeds {MAX_ENTRY_BYTES}")
+    obj = parse_json_object(raw, "log entry")
+    only_fields(obj, {"v", "seq", "prev", "reset_count", "pcr", "type", "data"}, "log entry")
+    if field(obj, "v", int, "log entry") != ENTRY_VERSION:
+        raise WireFormatError(f"log entry: unsupported version {obj['v']}")
+    seq = field(obj, "seq", int, "log entry")
+    reset_count = field(obj, "reset_count", int, "log entry")
+    pcr = field(obj, "pcr", int, "log entry")
+    if seq < 0 or reset_count < 0 or not 0 <= pcr <= 23:
+        raise WireFormatError("log entry: seq, reset_count or pcr out of range")
+    kind = field(obj, "type", str, "log entry")
+    try:
+        entry_type = EntryType(kind)
+    except ValueError:
+        raise WireFormatError(f"log entry: unknown type {kind!r}") from None
+    return LogEntry(
+        seq=seq,
+        prev=hex_decode(field(obj, "prev", str, "log entry"), "log entry.prev", size=32),
+        reset_count=reset_count,
+        pcr=pcr,
+        type=entry_type,
+        data=b64decode(field(obj, "data", str, "log entry"), "log entry.data"),
+        raw=raw,
+    )
+
+
+def checkpoint_qualifying_data(seq: int, head: bytes) -> bytes:
+    """Qualifying data of a checkpoint quote: binds the head entry's position and digest."""
+    return hashlib.sha256(_CHECKPOINT_DOMAIN + seq.to_bytes(8, "big") + head).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A quote taken when the log head was entry ``seq`` with digest ``head``."""
+
+    seq: int
+    head: bytes
+    quote: Quote
+
+    def to_json(self) -> JsonObject:
+        return {"v": ENTRY_VERSION, "seq": self.seq, "head": self.head.hex(), **quote_to_json(self.quote)}
+
+
+def quote_to_json(quote: Quote) -> JsonObject:
+    return {
+        "quote": {
+            "attest": b64encode(quote.attest),
+            "signature": b64encode(quote.signature),
+            "pcrs": {str(i): v.hex() for i, v in sorted(quote.pcrs.items())},
+        }
+    }
+
+
+def parse_quote(obj: object, what: str) -> Quote:
+    if not isinstance(obj, dict):
+        raise WireFormatError(f"{what}: expected an object")
+    only_fields(obj, {"attest", "signature", "pcrs"}, what)
+    pcrs_obj = field(obj, "pcrs", dict, what)
+    pcrs: dict[int, bytes] = {}
+    for key, value in pcrs_obj.items():
+        if not key.isdigit() or not 0 <= int(key) <= 23 or str(int(key)) != key:
+            raise WireFormatError(f"{what}.pcrs: bad PCR index {key!r}")
+        pcrs[int(key)] = hex_decode(value, f"{what}.pcrs[{key}]", size=32)
+    return Quote(
+        attest=b64decode(field(obj, "attest", str, what), f"{what}.attest"),
+        signature=b64decode(field(obj, "signature", str, what), f"{what}.signature"),
+        pcrs=pcrs,
+    )
+
+
+def parse_checkpoint(obj: object, what: str = "checkpoint") -> Checkpoint:
+    if not isinstance(obj, dict):
+        raise WireFormatError(f"{what}: expected an object")
+    only_fields(obj, {"v", "seq", "head", "quote"}, what)
+    if field(obj, "v", int, what) != ENTRY_VERSION:
+        raise WireFormatError(f"{what}: unsupported version {obj['v']}")
+    seq = field(obj, "seq", int, what)
+    if seq < 0:
+        raise WireFormatError(f"{what}.seq: negative")
+    return Checkpoint(
+        seq=seq,
+        head=hex_decode(field(obj, "head", str, what), f"{what}.head", size=32),
+        quote=parse_quote(obj.get("quote"), f"{what}.quote"),
+    )
+
+
+def parse_checkpoint_bytes(raw: bytes) -> Checkpoint:
+    return parse_checkpoint(parse_json_object(raw, "checkpoint"))

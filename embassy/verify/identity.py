@@ -1,0 +1,189 @@
+"""Verify an identity document: the embassy's keys, bound by a quote to its TPM and software.
+
+An identity document (version 1) is ``{"v":1,"type":"embassy-identity-document",
+"segment":{...}}``: a log segment whose last entry is the identity statement and whose
+closing quote's qualifying data is SHA-256 of that statement's payload. Everything the
+relying party needs is inside; nothing is taken on the embassy's word that the TPM
+does not also vouch for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from embassy.attest.ek import verify_ek_certificate
+from embassy.attest.marshal import PublicArea, parse_public
+from embassy.attest.quote import verify_ak_attributes
+from embassy.attest.types import TpmMode
+from embassy.errors import (
+    CertificateError,
+    LogIntegrityError,
+    MeasurementMismatchError,
+    PcrMismatchError,
+    WireFormatError,
+)
+from embassy.log.entry import EntryType
+from embassy.log.segment import parse_segment
+from embassy.measure import Measurement, parse_measurement
+from embassy.verify.policy import TrustPolicy
+from embassy.verify.segment import SegmentKeys, VerifiedSegment, verify_segment
+from embassy.wire.codec import b64decode, field, hex_decode, parse_json_object
+from embassy.wire.dsse import parse_envelope, verify_envelope
+from embassy.wire.statement import IDENTITY_V1, Statement, parse_statement
+
+IDENTITY_DOCUMENT_TYPE = "embassy-identity-document"
+
+
+@dataclass(frozen=True)
+class VerifiedIdentity:
+    statement: Statement
+    payload: bytes
+    signing_key: Ed25519PublicKey
+    keys: dict[str, Any]
+    ak: PublicArea
+    ek: PublicArea
+    ek_certificate: bytes
+    embassy_pcr: int
+    log_pcr: int
+    boot_pcrs: tuple[int, ...]
+    measurement: Measurement
+    tpm_mode: TpmMode
+    segment: VerifiedSegment
+    checks: tuple[str, ...]
+
+    @property
+    def segment_keys(self) -> SegmentKeys:
+        return SegmentKeys(self.signing_key, self.ak, self.embassy_pcr, self.log_pcr)
+
+
+def _identity_fields(body: dict[str, Any]) -> tuple[bytes, bytes, bytes, bytes, dict[str, Any]]:
+    what = "identity predicate"
+    keys = field(body, "keys", dict, what)
+    signing = field(keys, "signing", dict, f"{what}.keys")
+    signing_raw = b64decode(field(signing, "public", str, f"{what}.keys.signing"), "signing key")
+    if len(signing_raw) != 32:
+        raise WireFormatError(f"{what}.keys.signing.public: expected 32 bytes")
+    tpm = field(body, "tpm", dict, what)
+    return (
+        signing_raw,
+        b64decode(field(tpm, "ak_public", str, f"{what}.tpm"), "ak_public"),
+        b64decode(field(tpm, "ek_public", str, f"{what}.tpm"), "ek_public"),
+        b64decode(field(tpm, "ek_certificate", str, f"{what}.tpm"), "ek_certificate"),
+        field(tpm, "pcrs", dict, f"{what}.tpm"),
+    )
+
+
+def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdentity:
+    """Verify an identity document against the auditor's policy, or raise why not."""
+    policy.warn_insecure()
+    doc = parse_json_object(data, "identity document")
+    if doc.get("v") != 1 or doc.get("type") != IDENTITY_DOCUMENT_TYPE:
+        raise WireFormatError("identity document: expected v 1 and type "
+                              f"{IDENTITY_DOCUMENT_TYPE!r}")
+    segment = parse_segment(doc.get("segment"), "identity document.segment")
+    if not segment.entries or segment.entries[-1].type is not EntryType.STATEMENT:
+        raise LogIntegrityError("identity document: its segment must end with the identity "
+                                "statement")
+    envelope = parse_envelope(segment.entries[-1].data)
+    claimed = parse_statement(envelope.payload)
+    if claimed.predicate_type != IDENTITY_V1:
+        raise WireFormatError(f"identity document: last statement is {claimed.predicate_type}")
+    signing_raw, ak_raw, ek_raw, ek_cert, pcrs = _identity_fields(dict(claimed.body))
+    signing_key = Ed25519PublicKey.from_public_bytes(signing_raw)
+    payload = verify_envelope(envelope, signing_key)
+    checks = ["identity-signature"]
+
+    ak = parse_public(ak_raw)
+    ek = parse_public(ek_raw)
+    verify_ak_attributes(ak)
+    checks.append("ak-attributes")
+    embassy_pcr = field(pcrs, "embassy", int, "identity predicate.tpm.pcrs")
+    log_pcr = field(pcrs, "log", int, "identity predicate.tpm.pcrs")
+    boot = tuple(field(pcrs, "boot", list, "identity predicate.tpm.pcrs"))
+    keys = SegmentKeys(signing_key, ak, embassy_pcr, log_pcr)
+
+    verified = verify_segment(
+        segment, keys,
+        expected_qualifying_data=hashlib.sha256(payload).digest(),
+        allow_software_tpm=policy.allow_software_tpm,
+    )
+    checks += [c for c in verified.checks if c not in checks]
+
+    measurement = _verify_measurement(claimed, segment.entries, embassy_pcr, policy)
+    checks.append("measurement")
+    _verify_boot_pcrs(segment.head.quote.pcrs, policy)
+    if policy.expected_pcrs:
+        checks.append("boot-pcrs")
+    if policy.insecure_skip_ek_ca:
+        pass
+    elif not policy.ek_cas:
+        raise CertificateError("no EK CA certificate given: name the TPM manufacturer's CA "
+                               "(or swtpm's local CA for a software TPM)")
+    else:
+        verify_ek_certificate(ek_cert, policy.ek_cas, ek, at=policy.at)
+        checks.append("ek-certificate")
+    return VerifiedIdentity(
+        statement=claimed, payload=payload, signing_key=signing_key,
+        keys=dict(field(dict(claimed.body), "keys", dict, "identity predicate")),
+        ak=ak, ek=ek, ek_certificate=ek_cert, embassy_pcr=embassy_pcr, log_pcr=log_pcr,
+        boot_pcrs=boot, measurement=measurement, tpm_mode=claimed.header.tpm_mode,
+        segment=verified, checks=tuple(checks),
+    )
+
+
+def _verify_measurement(
+    statement: Statement, entries: tuple[Any, ...], embassy_pcr: int, policy: TrustPolicy
+) -> Measurement:
+    what = "identity predicate.measurement"
+    m = field(dict(statement.body), "measurement", dict, "identity predicate")
+    claimed = hex_decode(field(m, "digest", str, what), f"{what}.digest", size=32)
+    start_seq = field(m, "start_entry", int, what)
+    starts = [e for e in entries if e.type is EntryType.EMBASSY_START]
+    if not starts or starts[-1].seq != start_seq or starts[-1].pcr != embassy_pcr:
+        raise LogIntegrityError(
+            f"identity names start entry seq {start_seq}, but the latest start event in its "
+            "segment is not that entry"
+        )
+    measurement = parse_measurement(starts[-1].data)
+    if measurement.digest != claimed:
+        raise MeasurementMismatchError("the identity statement's measurement differs from the "
+                                       "one its start event extended into the PCR")
+    if policy.expected_measurement is not None:
+        if measurement.digest != policy.expected_measurement:
+            raise MeasurementMismatchError(
+                f"embassy measurement is {measurement.digest.hex()}, expected "
+                f"{policy.expected_measurement.hex()}"
+            )
+    elif not policy.insecure_any_measurement:
+        raise MeasurementMismatchError(
+            "no expected measurement given: compute it with `embassy measure` from the "
+            "source and config you trust"
+        )
+    return measurement
+
+
+def _verify_boot_pcrs(quoted: dict[int, bytes], policy: TrustPolicy) -> None:
+    for pcr, value in sorted(policy.expected_pcrs.items()):
+        if pcr not in quoted:
+            raise PcrMismatchError(f"PCR {pcr} is pinned but the quote does not cover it")
+        if quoted[pcr] != value:
+            raise PcrMismatchError(
+                f"PCR {pcr} is {quoted[pcr].hex()}, expected {value.hex()}"
+            )
+
+
+def identity_keys_unverified(doc: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(AK public, EK public) as a document *claims* them, for a live credential challenge.
+
+    Nothing here is trusted: the challenge itself proves (or disproves) the claim.
+    """
+    segment = parse_segment(doc.get("segment"), "identity document.segment")
+    if not segment.entries:
+        raise WireFormatError("identity document: empty segment")
+    statement = parse_statement(parse_envelope(segment.entries[-1].data).payload)
+    _, ak, ek, _, _ = _identity_fields(dict(statement.body))
+    return ak, ek

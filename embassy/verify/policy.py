@@ -1,0 +1,40 @@
+"""What an auditor decides to trust, given once to every verification."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """The auditor's expectations.
+
+    ``ek_cas``: CA certificates the EK certificate must chain to. ``expected_measurement``:
+    the measurement the auditor rebuilt. ``expected_pcrs``: boot PCR values to pin (e.g.
+    from the image's expected.json). The two ``insecure_*``/``allow_*`` switches are named
+    for what they give up; each use logs a warning.
+    """
+
+    ek_cas: tuple[x509.Certificate, ...] = ()
+    expected_measurement: bytes | None = None
+    expected_pcrs: Mapping[int, bytes] = field(default_factory=dict)
+    allow_software_tpm: bool = False
+    insecure_skip_ek_ca: bool = False
+    insecure_any_measurement: bool = False
+    at: datetime | None = None
+
+    def warn_insecure(self) -> None:
+        if self.allow_software_tpm:
+            _LOG.warning("allow_software_tpm: accepting evidence from a software TPM, which "
+                         "has no hardware root of trust")
+        if self.insecure_skip_ek_ca:
+            _LOG.warning("insecure_skip_ek_ca: the EK certificate is not checked against a CA")
+        if self.insecure_any_measurement:
+            _LOG.warning("insecure_any_measurement: any embassy measurement is accepted")

@@ -1,0 +1,93 @@
+"""Run one ``embassy verify`` kind and describe what was proved, for humans and machines."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from embassy.errors import FreshnessError, LogIntegrityError, WireFormatError
+from embassy.log.segment import Segment, parse_segment
+from embassy.verify.identity import VerifiedIdentity, verify_identity_document
+from embassy.verify.policy import TrustPolicy
+from embassy.verify.segment import VerifiedSegment, verify_segment
+from embassy.wire.codec import parse_json_object
+
+Reader = Callable[[str], bytes]
+
+
+def _segment_file(data: bytes, kind: str, what: str) -> tuple[Segment, dict[str, Any]]:
+    obj = parse_json_object(data, what)
+    if obj.get("v") != 1 or obj.get("type") != kind:
+        raise WireFormatError(f"{what}: expected v 1 and type {kind!r}")
+    return parse_segment(obj.get("segment"), f"{what}.segment"), obj
+
+
+def _identity_facts(identity: VerifiedIdentity) -> list[str]:
+    return [
+        f"measurement {identity.measurement.digest.hex()}",
+        f"signing key {identity.keys['signing']['keyid']}",
+        f"AK name {identity.ak.name().hex()}",
+        f"TPM mode {identity.tpm_mode.value}, boot {identity.segment.reset_count}",
+    ]
+
+
+def verify_segments(
+    segments: list[Segment], identity: VerifiedIdentity, policy: TrustPolicy
+) -> list[VerifiedSegment]:
+    """Verify several segments in log order; contiguous ones must chain."""
+    out: list[VerifiedSegment] = []
+    for segment in segments:
+        verified = verify_segment(segment, identity.segment_keys,
+                                  allow_software_tpm=policy.allow_software_tpm)
+        if out:
+            last = out[-1].entries[-1]
+            first = verified.entries[0]
+            if first.seq <= last.seq:
+                raise LogIntegrityError(
+                    f"segments overlap or are out of order (seq {first.seq} after {last.seq})"
+                )
+            if verified.reset_count < out[-1].reset_count:
+                raise LogIntegrityError("a later segment is from an earlier TPM boot")
+            if first.seq == last.seq + 1 and first.prev != last.digest:
+                raise LogIntegrityError(f"segment starting at seq {first.seq} does not chain "
+                                        "to the one before it")
+        out.append(verified)
+    return out
+
+
+def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) -> dict[str, Any]:
+    if kind == "identity":
+        identity = verify_identity_document(read(args.file), policy)
+        return {"ok": True, "checks": list(identity.checks), "facts": _identity_facts(identity)}
+    identity = verify_identity_document(read(args.identity), policy)
+    checks = [f"identity:{c}" for c in identity.checks]
+    if kind == "log":
+        segments = [_segment_file(read(f), "embassy-log-segment", f)[0] for f in args.file]
+        verified = verify_segments(segments, identity, policy)
+        count = sum(len(v.statements) for v in verified)
+        checks += sorted({c for v in verified for c in v.checks})
+        first, last = verified[0].entries[0].seq, verified[-1].entries[-1].seq
+        return {"ok": True, "checks": checks,
+                "facts": [f"{count} statements in entries {first}..{last}"]}
+    if kind == "evidence":
+        segment, obj = _segment_file(read(args.file), "embassy-evidence", args.file)
+        nonce = bytes.fromhex(args.nonce)
+        verified = verify_segment(segment, identity.segment_keys, expected_qualifying_data=nonce,
+                                  freshness_error=FreshnessError,
+                                  allow_software_tpm=policy.allow_software_tpm)
+        return {"ok": True, "checks": [*checks, *verified.checks, "nonce"],
+                "facts": [f"fresh quote over nonce {nonce.hex()}",
+                          f"log head seq {verified.entries[-1].seq}"]}
+    if kind == "statement":
+        envelope = read(args.file).rstrip(b"\n")
+        segment, _ = _segment_file(read(args.log), "embassy-log-segment", args.log)
+        verified = verify_segment(segment, identity.segment_keys,
+                                  allow_software_tpm=policy.allow_software_tpm)
+        for logged in verified.statements:
+            if logged.envelope == envelope:
+                return {"ok": True, "checks": [*checks, *verified.checks, "statement-in-log"],
+                        "facts": [f"{logged.statement.predicate_type} at seq {logged.entry.seq}"]}
+        raise LogIntegrityError("the statement is not in the verified log segment (changed, "
+                                "or from another log)")
+    raise WireFormatError(f"unknown verify kind {kind!r}")

@@ -1,0 +1,185 @@
+"""Verify a log segment: chain, signatures, positions, clocks, and PCR replay to a quote."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from embassy.attest.marshal import PublicArea
+from embassy.attest.quote import check_qualifying_data, verify_quote
+from embassy.attest.types import ClockInfo, TpmMode
+from embassy.errors import (
+    ClockError,
+    LogIntegrityError,
+    PcrMismatchError,
+    QuoteError,
+    SoftwareTpmError,
+    VerificationError,
+)
+from embassy.log.entry import Checkpoint, EntryType, LogEntry, checkpoint_qualifying_data
+from embassy.log.segment import Segment, check_chain, replay
+from embassy.wire.dsse import parse_envelope, verify_envelope
+from embassy.wire.statement import Statement, parse_statement
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedStatement:
+    entry: LogEntry
+    envelope: bytes
+    statement: Statement
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedSegment:
+    """What a segment proved: its statements, in order, anchored in the TPM."""
+
+    statements: tuple[LoggedStatement, ...]
+    entries: tuple[LogEntry, ...]
+    head_clock: ClockInfo
+    reset_count: int
+    checks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentKeys:
+    """The keys a segment is checked with (from a verified identity document)."""
+
+    signing: Ed25519PublicKey
+    ak: PublicArea
+    embassy_pcr: int
+    log_pcr: int
+
+
+def _verify_checkpoint_quote(
+    cp: Checkpoint, ak: PublicArea, expected: bytes, error: type[VerificationError]
+) -> ClockInfo:
+    """Check the quote's signature, PCR digest and qualifying data; return its clock."""
+    attest = verify_quote(cp.quote, ak)
+    check_qualifying_data(attest, expected, error)
+    return attest.clock
+
+
+def _check_clocks(statements: list[LoggedStatement], head: ClockInfo) -> None:
+    prev: ClockInfo | None = None
+    for item in statements:
+        clock = item.statement.header.clock
+        if clock.reset_count != item.entry.reset_count:
+            raise ClockError(
+                f"statement seq {item.entry.seq} claims TPM boot {clock.reset_count} but its "
+                f"entry is in boot {item.entry.reset_count}"
+            )
+        if prev is not None:
+            if clock.reset_count < prev.reset_count:
+                raise ClockError(f"statement seq {item.entry.seq}: reset count went backwards")
+            if clock.reset_count == prev.reset_count and (
+                clock.restart_count < prev.restart_count
+                or (clock.restart_count == prev.restart_count and clock.clock < prev.clock)
+            ):
+                raise ClockError(
+                    f"statement seq {item.entry.seq}: TPM clock or restart count went "
+                    f"backwards ({prev.clock} ms -> {clock.clock} ms)"
+                )
+        prev = clock
+    if prev is not None and prev.reset_count == head.reset_count and (
+        prev.restart_count > head.restart_count
+        or (prev.restart_count == head.restart_count and prev.clock > head.clock)
+    ):
+        raise ClockError("a statement is dated after the quote that closes its segment")
+
+
+def verify_segment(
+    segment: Segment,
+    keys: SegmentKeys,
+    *,
+    expected_qualifying_data: bytes | None = None,
+    freshness_error: type[VerificationError] = QuoteError,
+    allow_software_tpm: bool = False,
+    on_statement: Callable[[LoggedStatement], None] | None = None,
+) -> VerifiedSegment:
+    """Verify ``segment`` and return its statements.
+
+    ``expected_qualifying_data`` is what the closing quote must be over: None means an
+    ordinary checkpoint (bound to the head entry); a caller's nonce gets
+    ``freshness_error=FreshnessError``.
+    """
+    checks: list[str] = []
+    entries = segment.entries
+    if not entries:
+        raise LogIntegrityError("segment has no entries")
+    head = segment.head
+    last = entries[-1]
+    if head.seq != last.seq or head.head != last.digest:
+        raise LogIntegrityError(
+            f"the closing quote is for entry seq {head.seq}, but the segment ends at seq "
+            f"{last.seq}: entries were dropped from or added to its end"
+        )
+    anchor = segment.anchor
+    start: dict[int, bytes] = {}
+    roles = (keys.embassy_pcr, keys.log_pcr)
+    if anchor is not None:
+        _verify_checkpoint_quote(
+            anchor, keys.ak, checkpoint_qualifying_data(anchor.seq, anchor.head), QuoteError
+        )
+        check_chain(entries, after_seq=anchor.seq, after=anchor.head)
+        start = {p: anchor.quote.pcrs[p] for p in roles if p in anchor.quote.pcrs}
+        if len(start) != len(roles):
+            raise QuoteError("the anchor quote does not cover the log's PCRs")
+        checks.append("anchor-quote")
+    else:
+        check_chain(entries, after_seq=None, after=None)
+    checks.append("hash-chain")
+
+    expected = (
+        checkpoint_qualifying_data(head.seq, head.head)
+        if expected_qualifying_data is None else expected_qualifying_data
+    )
+    head_clock = _verify_checkpoint_quote(head, keys.ak, expected, freshness_error)
+    checks.append("quote-signature")
+    boots = {e.reset_count for e in entries}
+    if boots != {head_clock.reset_count}:
+        raise LogIntegrityError(
+            f"segment entries are from TPM boot(s) {sorted(boots)} but the quote is from boot "
+            f"{head_clock.reset_count}; one segment covers one boot"
+        )
+
+    replayed = replay(entries, start, roles)
+    for pcr in roles:
+        quoted = head.quote.pcrs.get(pcr)
+        if quoted is None:
+            raise QuoteError(f"the quote does not cover log PCR {pcr}")
+        if quoted != replayed[pcr]:
+            raise PcrMismatchError(
+                f"PCR {pcr}: the log replays to {replayed[pcr].hex()[:16]}… but the TPM "
+                f"quoted {quoted.hex()[:16]}…: an entry was forged, dropped or reordered"
+            )
+    checks.append("pcr-replay")
+
+    statements: list[LoggedStatement] = []
+    for entry in entries:
+        if entry.type is not EntryType.STATEMENT:
+            continue
+        if entry.pcr != keys.log_pcr:
+            raise LogIntegrityError(f"statement seq {entry.seq} is not in the log PCR")
+        envelope = parse_envelope(entry.data)
+        statement = parse_statement(verify_envelope(envelope, keys.signing))
+        if statement.header.seq != entry.seq or statement.header.prev != entry.prev:
+            raise LogIntegrityError(
+                f"statement signed for log position {statement.header.seq} sits at "
+                f"seq {entry.seq}: it was moved"
+            )
+        if statement.header.tpm_mode is TpmMode.SOFTWARE and not allow_software_tpm:
+            raise SoftwareTpmError(
+                f"statement seq {entry.seq} was made with a software TPM (no hardware root "
+                "of trust); pass --allow-software-tpm to accept it for testing"
+            )
+        logged = LoggedStatement(entry, entry.data, statement)
+        if on_statement is not None:
+            on_statement(logged)
+        statements.append(logged)
+    checks.append("statement-signatures")
+    _check_clocks(statements, head_clock)
+    checks.append("tpm-clock")
+    return VerifiedSegment(tuple(statements), entries, head_clock, head_clock.reset_count,
+                           tuple(checks))

@@ -1,0 +1,1 @@
+"""Wire formats: each defined once, versioned, and pinned by tests/vectors."""

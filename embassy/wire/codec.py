@@ -1,0 +1,123 @@
+"""Canonical JSON out, strict JSON in, and base64 helpers.
+
+The embassy signs and hashes exact bytes. Bytes it *produces* are canonical (sorted keys,
+no whitespace, UTF-8, integers only), so the same value always has one encoding and test
+vectors are stable. Bytes it *receives* are parsed strictly, so that two parsers cannot read
+one document two ways: duplicate keys, NaN/Infinity, non-UTF-8 and non-object documents are
+refused. Nothing received is ever re-encoded before it is hashed or verified.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from embassy.errors import WireFormatError
+
+JsonObject = dict[str, Any]
+
+
+def canonical_json(value: Mapping[str, Any]) -> bytes:
+    """Encode ``value`` canonically. Floats are refused: they have no canonical form."""
+    _reject_floats(value)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _reject_floats(value: object) -> None:
+    if isinstance(value, float):
+        raise TypeError("floats have no canonical encoding; use integers or strings")
+    if isinstance(value, Mapping):
+        for item in value.values():
+            _reject_floats(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _reject_floats(item)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> JsonObject:
+    obj: JsonObject = {}
+    for key, item in pairs:
+        if key in obj:
+            raise WireFormatError(f"duplicate JSON key {key!r}")
+        obj[key] = item
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise WireFormatError(f"JSON constant {name} is not allowed")
+
+
+def parse_json_object(data: bytes, what: str) -> JsonObject:
+    """Strictly parse ``data`` as one JSON object; ``what`` names it in errors."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireFormatError(f"{what}: not UTF-8 at byte {exc.start}") from None
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+        )
+    except json.JSONDecodeError as exc:
+        raise WireFormatError(f"{what}: invalid JSON: {exc.msg} at offset {exc.pos}") from None
+    except RecursionError:
+        raise WireFormatError(f"{what}: JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise WireFormatError(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: object, what: str) -> bytes:
+    """Decode standard base64, refusing anything but canonical, padded input."""
+    if not isinstance(text, str):
+        raise WireFormatError(f"{what}: expected a base64 string")
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise WireFormatError(f"{what}: not valid base64") from None
+    if base64.b64encode(data).decode("ascii") != text:
+        raise WireFormatError(f"{what}: base64 is not in canonical form")
+    return data
+
+
+def hex_decode(text: object, what: str, *, size: int | None = None) -> bytes:
+    if not isinstance(text, str):
+        raise WireFormatError(f"{what}: expected a hex string")
+    try:
+        data = bytes.fromhex(text)
+    except ValueError:
+        raise WireFormatError(f"{what}: not valid hex") from None
+    if data.hex() != text:
+        raise WireFormatError(f"{what}: hex must be lower-case with no separators")
+    if size is not None and len(data) != size:
+        raise WireFormatError(f"{what}: expected {size} bytes, got {len(data)}")
+    return data
+
+
+def field(obj: JsonObject, key: str, kind: type, what: str) -> Any:
+    """Return ``obj[key]`` if present and of ``kind``; else a precise WireFormatError."""
+    if key not in obj:
+        raise WireFormatError(f"{what}: missing field {key!r}")
+    value = obj[key]
+    # bool is an int in Python; a wire integer field must not accept true/false.
+    if kind is int and isinstance(value, bool):
+        raise WireFormatError(f"{what}.{key}: expected int, got bool")
+    if not isinstance(value, kind):
+        raise WireFormatError(
+            f"{what}.{key}: expected {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def only_fields(obj: JsonObject, allowed: set[str], what: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise WireFormatError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}")

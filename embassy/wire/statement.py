@@ -1,0 +1,157 @@
+"""in-toto Statement v1 with the embassy's predicates.
+
+Every statement the embassy signs is an in-toto Statement whose predicate carries a common
+``header``: where the statement sits in the log, the TPM's clock, and the embassy's TPM mode.
+Binding the log position into the signed bytes means a statement moved elsewhere in the log
+no longer matches its entry, so reordering is caught even before any PCR replay.
+
+Predicate types are versioned URNs; a new shape of predicate gets a new version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from embassy.attest.types import ClockInfo, TpmMode
+from embassy.errors import WireFormatError
+from embassy.wire.codec import (
+    JsonObject,
+    canonical_json,
+    field,
+    hex_decode,
+    only_fields,
+    parse_json_object,
+)
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_PREFIX = "urn:embassy:predicate:"
+
+IDENTITY_V1 = PREDICATE_PREFIX + "identity:v1"
+LIFECYCLE_V1 = PREDICATE_PREFIX + "lifecycle:v1"
+SEAL_V1 = PREDICATE_PREFIX + "seal:v1"
+UNSEAL_V1 = PREDICATE_PREFIX + "unseal:v1"
+METER_READING_V1 = PREDICATE_PREFIX + "meter-reading:v1"
+
+KNOWN_PREDICATES = frozenset({IDENTITY_V1, LIFECYCLE_V1, SEAL_V1, UNSEAL_V1, METER_READING_V1})
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    name: str
+    sha256: bytes
+
+    def to_json(self) -> JsonObject:
+        return {"name": self.name, "digest": {"sha256": self.sha256.hex()}}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What every embassy predicate carries, signed with it."""
+
+    seq: int
+    prev: bytes
+    clock: ClockInfo
+    tpm_mode: TpmMode
+
+    def to_json(self) -> JsonObject:
+        return {
+            "log": {"seq": self.seq, "prev": self.prev.hex()},
+            "tpm_clock": self.clock.to_json(),
+            "tpm_mode": self.tpm_mode.value,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    predicate_type: str
+    subjects: tuple[Subject, ...]
+    header: Header
+    body: Mapping[str, Any]
+
+    def encode(self) -> bytes:
+        """The canonical payload bytes, which are what gets signed."""
+        if "header" in self.body:
+            raise ValueError("predicate body must not define 'header'")
+        predicate = {"header": self.header.to_json(), **self.body}
+        return canonical_json(
+            {
+                "_type": STATEMENT_TYPE,
+                "subject": [s.to_json() for s in self.subjects],
+                "predicateType": self.predicate_type,
+                "predicate": predicate,
+            }
+        )
+
+
+def _parse_clock(obj: object, what: str) -> ClockInfo:
+    if not isinstance(obj, dict):
+        raise WireFormatError(f"{what}: expected an object")
+    only_fields(obj, {"clock", "reset_count", "restart_count", "safe"}, what)
+    clock = ClockInfo(
+        clock=field(obj, "clock", int, what),
+        reset_count=field(obj, "reset_count", int, what),
+        restart_count=field(obj, "restart_count", int, what),
+        safe=field(obj, "safe", bool, what),
+    )
+    if min(clock.clock, clock.reset_count, clock.restart_count) < 0:
+        raise WireFormatError(f"{what}: negative counter")
+    return clock
+
+
+def _parse_header(obj: object) -> Header:
+    what = "statement.predicate.header"
+    if not isinstance(obj, dict):
+        raise WireFormatError(f"{what}: expected an object")
+    only_fields(obj, {"log", "tpm_clock", "tpm_mode"}, what)
+    log = field(obj, "log", dict, what)
+    only_fields(log, {"seq", "prev"}, f"{what}.log")
+    seq = field(log, "seq", int, f"{what}.log")
+    if seq < 0:
+        raise WireFormatError(f"{what}.log.seq: negative")
+    mode = field(obj, "tpm_mode", str, what)
+    try:
+        tpm_mode = TpmMode(mode)
+    except ValueError:
+        raise WireFormatError(f"{what}.tpm_mode: unknown mode {mode!r}") from None
+    return Header(
+        seq=seq,
+        prev=hex_decode(field(log, "prev", str, f"{what}.log"), f"{what}.log.prev", size=32),
+        clock=_parse_clock(obj.get("tpm_clock"), f"{what}.tpm_clock"),
+        tpm_mode=tpm_mode,
+    )
+
+
+def _parse_subject(obj: object, i: int) -> Subject:
+    what = f"statement.subject[{i}]"
+    if not isinstance(obj, dict):
+        raise WireFormatError(f"{what}: expected an object")
+    only_fields(obj, {"name", "digest"}, what)
+    digest = field(obj, "digest", dict, what)
+    return Subject(
+        name=field(obj, "name", str, what),
+        sha256=hex_decode(field(digest, "sha256", str, f"{what}.digest"), what, size=32),
+    )
+
+
+def parse_statement(payload: bytes) -> Statement:
+    """Strictly parse a statement payload (the exact bytes a DSSE envelope carried)."""
+    obj = parse_json_object(payload, "statement")
+    only_fields(obj, {"_type", "subject", "predicateType", "predicate"}, "statement")
+    if field(obj, "_type", str, "statement") != STATEMENT_TYPE:
+        raise WireFormatError(f"statement._type: expected {STATEMENT_TYPE!r}")
+    predicate_type = field(obj, "predicateType", str, "statement")
+    if predicate_type not in KNOWN_PREDICATES:
+        raise WireFormatError(f"statement.predicateType: unknown {predicate_type!r}")
+    subjects = tuple(
+        _parse_subject(s, i) for i, s in enumerate(field(obj, "subject", list, "statement"))
+    )
+    predicate = dict(field(obj, "predicate", dict, "statement"))
+    header = _parse_header(predicate.pop("header", None))
+    return Statement(predicate_type, subjects, header, predicate)
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()

@@ -1,0 +1,1 @@
+"""Client a sealed workload imports to talk to its embassy."""
