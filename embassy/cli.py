@@ -113,8 +113,10 @@ def _cmd_identity(args: argparse.Namespace) -> int:
     doc = call(socket_path, "GET", "/v1/identity")
     if not args.no_activate:
         _activate(socket_path, doc)
-        sys.stderr.write("identity: credential activation passed: the AK is in the TPM that "
-                         "holds the certified EK\n")
+        sys.stderr.write(
+            "identity: credential activation passed: the AK is in the TPM that "
+            "holds the certified EK\n"
+        )
     _write_out(canonical_json(doc), args.out)
     return 0
 
@@ -130,8 +132,12 @@ def _activate(socket_path: Path, doc: dict[str, Any]) -> None:
     ak_raw, ek_raw = identity_keys_unverified(doc)
     secret = os.urandom(32)
     blob, encrypted = make_credential(parse_public(ek_raw), parse_public(ak_raw).name(), secret)
-    answer = call(socket_path, "POST", "/v1/attestation/activate-credential",
-                  {"credential_blob": b64encode(blob), "encrypted_secret": b64encode(encrypted)})
+    answer = call(
+        socket_path,
+        "POST",
+        "/v1/attestation/activate-credential",
+        {"credential_blob": b64encode(blob), "encrypted_secret": b64encode(encrypted)},
+    )
     check_activation(secret, b64decode(answer.get("secret"), "secret"))
 
 
@@ -152,7 +158,8 @@ def _policy(args: argparse.Namespace) -> Any:
         ek_cas=tuple(cas),
         expected_measurement=(
             _hex(args.expect_measurement, "--expect-measurement", 32)
-            if args.expect_measurement else None
+            if args.expect_measurement
+            else None
         ),
         expected_pcrs=pcrs,
         allow_software_tpm=args.allow_software_tpm,
@@ -191,30 +198,42 @@ def _verify_parser(sub: Any) -> None:
     }
     for name, help_text in specs.items():
         p = kinds.add_parser(name, help=f"verify {help_text}")
-        p.add_argument("file", nargs="+" if name == "log" else None,
-                       help="the file to verify ('-' for stdin)")
+        p.add_argument(
+            "file", nargs="+" if name == "log" else None, help="the file to verify ('-' for stdin)"
+        )
         if name != "identity":
             p.add_argument("--identity", required=True, help="the identity document")
         if name == "statement":
             p.add_argument("--log", required=True, help="a log segment containing it")
         if name == "evidence":
             p.add_argument("--nonce", required=True, help="the nonce you sent (hex)")
-        p.add_argument("--ek-ca", action="append", help="PEM CA bundle the EK cert must "
-                       "chain to (repeatable)")
+        p.add_argument(
+            "--ek-ca", action="append", help="PEM CA bundle the EK cert must chain to (repeatable)"
+        )
         p.add_argument("--expect-measurement", help="the embassy measurement you rebuilt (hex)")
         p.add_argument("--expect-pcr", action="append", help="pin a boot PCR: N=HEX")
-        p.add_argument("--allow-software-tpm", action="store_true",
-                       help="INSECURE: accept evidence from a software TPM (testing only)")
-        p.add_argument("--insecure-skip-ek-ca", action="store_true",
-                       help="INSECURE: do not check the EK certificate's issuer")
-        p.add_argument("--insecure-any-measurement", action="store_true",
-                       help="INSECURE: accept any embassy measurement")
+        p.add_argument(
+            "--allow-software-tpm",
+            action="store_true",
+            help="INSECURE: accept evidence from a software TPM (testing only)",
+        )
+        p.add_argument(
+            "--insecure-skip-ek-ca",
+            action="store_true",
+            help="INSECURE: do not check the EK certificate's issuer",
+        )
+        p.add_argument(
+            "--insecure-any-measurement",
+            action="store_true",
+            help="INSECURE: accept any embassy measurement",
+        )
         p.add_argument("--json", action="store_true", help="machine-readable result")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embassy", description=__doc__.splitlines()[0]
-                                     if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="embassy", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", help="YAML config file (default: built-in defaults)")
@@ -222,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     identity = sub.add_parser("identity", help="fetch the identity document from a daemon")
     identity.add_argument("--socket", default="/run/embassy/embassy.sock")
     identity.add_argument("--out", help="write the document here (default stdout)")
-    identity.add_argument("--no-activate", action="store_true",
-                          help="skip the live credential-activation check of AK and EK")
+    identity.add_argument(
+        "--no-activate",
+        action="store_true",
+        help="skip the live credential-activation check of AK and EK",
+    )
     identity.set_defaults(func=_cmd_identity)
     measure = sub.add_parser("measure", help="print the reproducible measurement")
     measure.add_argument("--config", help="the config file the daemon runs with")
@@ -244,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbassyError as exc:
         code = exit_code_for(exc)
         if getattr(args, "json", False) and args.command == "verify":
-            sys.stdout.write(json.dumps({"ok": False, "error": {"code": exc.code,
-                                                               "message": exc.message}}) + "\n")
+            sys.stdout.write(
+                json.dumps({"ok": False, "error": {"code": exc.code, "message": exc.message}})
+                + "\n"
+            )
         sys.stderr.write(f"embassy: {exc.code}: {exc.message}\n")
         return code

@@ -39,8 +39,9 @@ class ApiError(RequestError):
         self.code = code
 
 
-def call(socket_path: Path, method: str, path: str, body: JsonObject | None = None,
-         timeout: float = 30.0) -> JsonObject:
+def call(
+    socket_path: Path, method: str, path: str, body: JsonObject | None = None, timeout: float = 30.0
+) -> JsonObject:
     """One request; returns the JSON body or raises :class:`ApiError`/``ConnectError``."""
     conn = _UnixConnection(socket_path, timeout)
     try:
@@ -56,6 +57,7 @@ def call(socket_path: Path, method: str, path: str, body: JsonObject | None = No
     obj = parse_json_object(raw, "daemon response")
     if response.status >= 400:
         err = obj.get("error", {})
-        raise ApiError(response.status, str(err.get("code", "unknown")),
-                       str(err.get("message", raw[:200])))
+        raise ApiError(
+            response.status, str(err.get("code", "unknown")), str(err.get("message", raw[:200]))
+        )
     return obj

@@ -32,25 +32,49 @@ class Key:
 
 
 SCHEMA: tuple[Key, ...] = (
-    Key("socket", "path", "/run/embassy/embassy.sock",
-        "Unix socket of the HTTP/JSON API; created owner-only (0600)."),
-    Key("data_dir", "path", "/var/lib/embassy",
-        "Durable state: statement log, checkpoints, TPM-sealed key blob, swtpm state."),
+    Key(
+        "socket",
+        "path",
+        "/run/embassy/embassy.sock",
+        "Unix socket of the HTTP/JSON API; created owner-only (0600).",
+    ),
+    Key(
+        "data_dir",
+        "path",
+        "/var/lib/embassy",
+        "Durable state: statement log, checkpoints, TPM-sealed key blob, swtpm state.",
+    ),
     Key("log_level", "level", "info", "One of debug, info, warning, error."),
-    Key("tpm.device", "str", None,
+    Key(
+        "tpm.device",
+        "str",
+        None,
         "TPM character device (e.g. /dev/tpmrm0). Null: the daemon starts its own swtpm, "
-        "a software TPM with no hardware root of trust (debug mode, said in every statement)."),
+        "a software TPM with no hardware root of trust (debug mode, said in every statement).",
+    ),
     Key("pcrs.embassy", "pcr", 13, "PCR that records each daemon start and its measurement."),
     Key("pcrs.log", "pcr", 14, "PCR that the statement log is extended into."),
-    Key("pcrs.boot", "pcr-list", [4, 11, 12],
-        "Boot-state PCRs included in every quote (UKI, its command line, boot path)."),
-    Key("statement_log.checkpoint_every", "int", 64,
-        "Take a TPM-quoted checkpoint after this many entries (>= 1)."),
+    Key(
+        "pcrs.boot",
+        "pcr-list",
+        [4, 11, 12],
+        "Boot-state PCRs included in every quote (UKI, its command line, boot path).",
+    ),
+    Key(
+        "statement_log.checkpoint_every",
+        "int",
+        64,
+        "Take a TPM-quoted checkpoint after this many entries (>= 1).",
+    ),
     Key("http.max_body_bytes", "int", 1 << 20, "Largest request body accepted (bytes)."),
     Key("http.timeout_seconds", "int", 30, "Per-connection read timeout (seconds)."),
-    Key("authorities", "authorities", [],
+    Key(
+        "authorities",
+        "authorities",
+        [],
         "Authorities: list of {name, ed25519} where ed25519 is a base64 raw public key. "
-        "Part of the policy, and so of the measurement."),
+        "Part of the policy, and so of the measurement.",
+    ),
 )
 
 
@@ -90,11 +114,16 @@ class Config:
             "data_dir": str(self.data_dir),
             "log_level": self.log_level,
             "tpm": {"device": self.tpm_device},
-            "pcrs": {"embassy": self.pcrs.embassy, "log": self.pcrs.log,
-                     "boot": list(self.pcrs.boot)},
+            "pcrs": {
+                "embassy": self.pcrs.embassy,
+                "log": self.pcrs.log,
+                "boot": list(self.pcrs.boot),
+            },
             "statement_log": {"checkpoint_every": self.checkpoint_every},
-            "http": {"max_body_bytes": self.max_body_bytes,
-                     "timeout_seconds": self.timeout_seconds},
+            "http": {
+                "max_body_bytes": self.max_body_bytes,
+                "timeout_seconds": self.timeout_seconds,
+            },
             "authorities": [
                 {"name": a.name, "ed25519": b64encode(a.ed25519)} for a in self.authorities
             ],
@@ -120,9 +149,12 @@ def _as_str(path: str, value: Any) -> str:
 def _as_pcr(path: str, value: Any) -> int:
     pcr = _as_int(path, value)
     if pcr not in EMBASSY_PCR_CHOICES:
-        raise _fail(path, f"PCR {pcr} cannot be the embassy's: software can reset 16 and 23, "
-                          "17-22 need a higher locality and 0-12 belong to the boot path; "
-                          f"choose one of {sorted(EMBASSY_PCR_CHOICES)}")
+        raise _fail(
+            path,
+            f"PCR {pcr} cannot be the embassy's: software can reset 16 and 23, "
+            "17-22 need a higher locality and 0-12 belong to the boot path; "
+            f"choose one of {sorted(EMBASSY_PCR_CHOICES)}",
+        )
     return pcr
 
 
@@ -176,7 +208,7 @@ _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
     "pcr": _as_pcr,
     "pcr-list": _as_pcr_list,
     "authorities": _as_authorities,
-    "level": lambda p, v: _as_level(p, v),
+    "level": _as_level,
 }
 
 
@@ -199,9 +231,12 @@ def parse_config(tree: Mapping[str, Any] | None) -> Config:
     """Validate a parsed YAML tree (None: all defaults) into a :class:`Config`."""
     known = {k.path for k in SCHEMA}
     flat = _flatten(tree or {}, "", known)
-    values = {
-        k.path: _CONVERT[k.kind](k.path, flat[k.path]) if k.path in flat
-        else _CONVERT[k.kind](k.path, k.default) if k.default is not None else None
+    values: dict[str, Any] = {
+        k.path: _CONVERT[k.kind](k.path, flat[k.path])
+        if k.path in flat
+        else _CONVERT[k.kind](k.path, k.default)
+        if k.default is not None
+        else None
         for k in SCHEMA
     }
     pcrs = PcrLayout(values["pcrs.embassy"], values["pcrs.log"], values["pcrs.boot"])

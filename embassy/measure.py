@@ -39,8 +39,12 @@ class Measurement:
     def digest(self) -> bytes:
         return hashlib.sha256(
             canonical_json(
-                {"v": MEASUREMENT_VERSION, "code": self.code.hex(),
-                 "config": self.config.hex(), "policy": self.policy.hex()}
+                {
+                    "v": MEASUREMENT_VERSION,
+                    "code": self.code.hex(),
+                    "config": self.config.hex(),
+                    "policy": self.policy.hex(),
+                }
             )
         ).digest()
 

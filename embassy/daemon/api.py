@@ -14,6 +14,7 @@ Routes (all JSON):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from embassy.daemon.http import Request, Response
@@ -63,7 +64,7 @@ def _from_seq(request: Request) -> int:
 class Api:
     def __init__(self, service: Service) -> None:
         self._service = service
-        self._routes = {
+        self._routes: dict[str, tuple[str, Callable[[Request], Response]]] = {
             "/v1/health": ("GET", lambda r: Response(200, service.health())),
             "/v1/identity": ("GET", lambda r: Response(200, service.identity_document())),
             "/v1/evidence": ("GET", lambda r: Response(200, service.evidence(_nonce(r)))),
@@ -75,10 +76,8 @@ class Api:
         body = parse_json_object(request.body, "request body")
         only_fields(body, {"credential_blob", "encrypted_secret"}, "request body")
         blob = b64decode(field(body, "credential_blob", str, "request body"), "credential_blob")
-        secret = b64decode(field(body, "encrypted_secret", str, "request body"),
-                           "encrypted_secret")
-        return Response(200, {"secret": b64encode(self._service.activate_credential(blob,
-                                                                                    secret))})
+        secret = b64decode(field(body, "encrypted_secret", str, "request body"), "encrypted_secret")
+        return Response(200, {"secret": b64encode(self._service.activate_credential(blob, secret))})
 
     def __call__(self, request: Request) -> Response:
         route = self._routes.get(request.path)

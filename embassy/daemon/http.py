@@ -8,6 +8,7 @@ internal detail.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -83,8 +84,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
     server: UnixHttpServer
 
     def setup(self) -> None:
-        self.timeout = self.server.timeout_seconds
         super().setup()
+        # A slow or stalled client must not hold a worker thread forever.
+        self.connection.settimeout(self.server.timeout_seconds)
 
     def _reply(self, response: Response) -> None:
         data = canonical_json(response.body)
@@ -121,14 +123,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
             response = error_response(exc)
         except Exception:
             _LOG.exception("unhandled error in %s %s", self.command, self.path)
-            response = Response(500, {"error": {"code": "internal",
-                                                "message": "internal error (see daemon log)"}})
+            response = Response(
+                500, {"error": {"code": "internal", "message": "internal error (see daemon log)"}}
+            )
         self._reply(response)
         _LOG.info("%s %s -> %d", self.command, urlsplit(self.path).path, response.status)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         _LOG.debug("http: " + format, *args)
 
 
@@ -136,8 +139,9 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, path: Path, handler: Handler, *, max_body_bytes: int,
-                 timeout_seconds: int) -> None:
+    def __init__(
+        self, path: Path, handler: Handler, *, max_body_bytes: int, timeout_seconds: int
+    ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.timeout_seconds = timeout_seconds
@@ -153,10 +157,8 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
 
     def server_close(self) -> None:
         super().server_close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -30,8 +30,10 @@ def identity_body(
 ) -> tuple[list[Subject], dict[str, Any]]:
     ak_public = tpm.ak_public()
     subjects = [
-        Subject("embassy-signing-key",
-                hashlib.sha256(raw_public_key(keys.signing.public_key())).digest()),
+        Subject(
+            "embassy-signing-key",
+            hashlib.sha256(raw_public_key(keys.signing.public_key())).digest(),
+        ),
         Subject("tpm-attestation-key", hashlib.sha256(ak_public).digest()),
     ]
     body = {

@@ -66,9 +66,7 @@ class EmbassyKeys:
                     "suite": "mlkem768-x25519",
                     "kem": "MLKEM768-X25519",
                     "mlkem768": b64encode(self.hpke_mlkem768.public_key().public_bytes_raw()),
-                    "x25519": b64encode(
-                        self.hpke_hybrid_x25519.public_key().public_bytes(*raw)
-                    ),
+                    "x25519": b64encode(self.hpke_hybrid_x25519.public_key().public_bytes(*raw)),
                 },
             ],
         }

@@ -43,7 +43,8 @@ class AppendFile(Generic[T]):
         if complete < len(data):
             _LOG.warning(
                 "%s: dropping a partial last record (%d bytes) left by a crash mid-write",
-                self.path.name, len(data) - complete,
+                self.path.name,
+                len(data) - complete,
             )
             os.ftruncate(self._fd, complete)
             os.fsync(self._fd)

@@ -35,25 +35,28 @@ from embassy.wire.statement import IDENTITY_V1, LIFECYCLE_V1
 _LOG = logging.getLogger(__name__)
 
 
-@dataclass
-class _Tpm:
+@dataclass(frozen=True)
+class TpmHandle:
+    """The TPM the embassy uses and, for the embedded default, the swtpm behind it."""
+
     device: Tpm
-    swtpm: Swtpm | None
+    swtpm: Swtpm | None = None
 
 
-def open_tpm(config: Config) -> _Tpm:
+def open_tpm(config: Config) -> TpmHandle:
     if config.tpm_device is not None:
-        return _Tpm(TpmDevice.open("device", config.tpm_device, TpmMode.HARDWARE), None)
+        return TpmHandle(TpmDevice.open("device", config.tpm_device, TpmMode.HARDWARE))
     swtpm = Swtpm(config.data_dir / "swtpm")
     name, conf = swtpm.ensure_running()
     _LOG.warning(
         "SOFTWARE TPM: no tpm.device configured, so this embassy runs its own swtpm (pid %s). "
         "It has no hardware root of trust: its evidence proves nothing about this machine. "
         "Every statement says tpm_mode=software; verifiers reject it unless told "
-        "--allow-software-tpm.", swtpm.pid,
+        "--allow-software-tpm.",
+        swtpm.pid,
     )
     try:
-        return _Tpm(TpmDevice.open(name, conf, TpmMode.SOFTWARE), swtpm)
+        return TpmHandle(TpmDevice.open(name, conf, TpmMode.SOFTWARE), swtpm)
     except BaseException:
         swtpm.stop()
         raise
@@ -62,30 +65,51 @@ def open_tpm(config: Config) -> _Tpm:
 class Embassy:
     """The running embassy: what the API's routes call."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, tpm: TpmHandle, *, measurement: Measurement | None = None
+    ) -> None:
+        """Start on an open TPM (see :meth:`open`); the embassy owns it from here on.
+
+        ``measurement`` defaults to measuring the installed code; tests that pin bytes
+        (test vectors) pass a fixed one.
+        """
         self.config = config
-        ensure_private_dir(config.data_dir)
-        self._tpm = open_tpm(config)
-        tpm = self._tpm.device
+        self._tpm = tpm
+        tpm_device = tpm.device
         try:
-            self.keys = load_or_create_keys(tpm, config.data_dir)
-            self.log = StatementLog(config.data_dir, tpm, self.keys, config.pcrs, tpm.mode,
-                                    config.checkpoint_every)
+            ensure_private_dir(config.data_dir)
+            self.keys = load_or_create_keys(tpm_device, config.data_dir)
+            self.log = StatementLog(
+                data_dir=config.data_dir,
+                tpm=tpm_device,
+                keys=self.keys,
+                pcrs=config.pcrs,
+                checkpoint_every=config.checkpoint_every,
+            )
             self.log.recover()
-            self.measurement: Measurement = measure(config)
+            self.measurement = measurement or measure(config)
             start = self.log.append_event(EntryType.EMBASSY_START, self.measurement.encode())
-            subjects, body = identity_body(self.keys, tpm, config.pcrs, self.measurement, start)
+            subjects, body = identity_body(
+                self.keys, tpm_device, config.pcrs, self.measurement, start
+            )
             appended = self.log.append_statement(IDENTITY_V1, subjects, body)
             payload = parse_envelope(appended.envelope).payload
             segment = self.log.current_segment(start.seq, hashlib.sha256(payload).digest())
-            self._identity = {"v": 1, "type": IDENTITY_DOCUMENT_TYPE,
-                              "segment": segment.to_json()}
+            self._identity = {"v": 1, "type": IDENTITY_DOCUMENT_TYPE, "segment": segment.to_json()}
             self.log.checkpoint()
         except BaseException:
             self._close_tpm(power_off=False)
             raise
-        _LOG.info("embassy started: measurement %s, log head seq %d",
-                  self.measurement.digest.hex(), appended.entry.seq)
+        _LOG.info(
+            "embassy started: measurement %s, log head seq %d",
+            self.measurement.digest.hex(),
+            appended.entry.seq,
+        )
+
+    @classmethod
+    def open(cls, config: Config) -> Embassy:
+        ensure_private_dir(config.data_dir)
+        return cls(config, open_tpm(config))
 
     @property
     def tpm(self) -> Tpm:
@@ -95,20 +119,30 @@ class Embassy:
 
     def health(self) -> dict[str, Any]:
         head = self.log.head
-        return {"status": "ok", "tpm_mode": self.tpm.mode.value,
-                "log_head": None if head is None else head.seq,
-                "measurement": self.measurement.digest.hex()}
+        return {
+            "status": "ok",
+            "tpm_mode": self.tpm.mode.value,
+            "log_head": None if head is None else head.seq,
+            "measurement": self.measurement.digest.hex(),
+        }
 
     def identity_document(self) -> dict[str, Any]:
         return self._identity
 
     def evidence(self, nonce: bytes) -> dict[str, Any]:
-        return {"v": 1, "type": "embassy-evidence", "nonce": nonce.hex(),
-                "segment": self.log.current_segment(0, nonce).to_json()}
+        return {
+            "v": 1,
+            "type": "embassy-evidence",
+            "nonce": nonce.hex(),
+            "segment": self.log.current_segment(0, nonce).to_json(),
+        }
 
     def log_segment(self, from_seq: int) -> dict[str, Any]:
-        return {"v": 1, "type": "embassy-log-segment",
-                "segment": self.log.current_segment(from_seq).to_json()}
+        return {
+            "v": 1,
+            "type": "embassy-log-segment",
+            "segment": self.log.current_segment(from_seq).to_json(),
+        }
 
     def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
         return self.tpm.activate_credential(blob, secret)
@@ -135,9 +169,13 @@ class Embassy:
 
 def serve(config: Config) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
-    embassy = Embassy(config)
-    server = UnixHttpServer(config.socket, Api(embassy), max_body_bytes=config.max_body_bytes,
-                            timeout_seconds=config.timeout_seconds)
+    embassy = Embassy.open(config)
+    server = UnixHttpServer(
+        config.socket,
+        Api(embassy),
+        max_body_bytes=config.max_body_bytes,
+        timeout_seconds=config.timeout_seconds,
+    )
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         del frame

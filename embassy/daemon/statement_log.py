@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embassy.attest.types import TpmMode
 from embassy.config import PcrLayout
 from embassy.daemon.keys import EmbassyKeys
 from embassy.daemon.logstore import AppendFile
@@ -50,17 +49,17 @@ class Appended:
 class StatementLog:
     def __init__(
         self,
+        *,
         data_dir: Path,
         tpm: Tpm,
         keys: EmbassyKeys,
         pcrs: PcrLayout,
-        mode: TpmMode,
         checkpoint_every: int,
     ) -> None:
         self._tpm = tpm
         self._keys = keys
         self._pcrs = pcrs
-        self._mode = mode
+        self._mode = tpm.mode
         self._every = checkpoint_every
         self._lock = threading.Lock()
         self._entries = AppendFile(data_dir / "log.jsonl", parse_entry)
@@ -86,8 +85,11 @@ class StatementLog:
         """Check the file against itself and the TPM; finish an interrupted extend."""
         with self._lock:
             records = self._entries.records
-            check_chain(records, after_seq=None if not records else records[0].seq - 1,
-                        after=GENESIS if records else None)
+            check_chain(
+                records,
+                after_seq=None if not records else records[0].seq - 1,
+                after=GENESIS if records else None,
+            )
             if records and records[0].seq != 0:
                 raise TamperError("log.jsonl does not start at seq 0")
             reset_count = self._tpm.clock().reset_count
@@ -107,23 +109,35 @@ class StatementLog:
                 last = boot[-1]
                 _LOG.warning(
                     "log: entry seq %d was written but not extended (crash in between); "
-                    "extending it now", last.seq,
+                    "extending it now",
+                    last.seq,
                 )
                 self._tpm.extend(last.pcr, last.digest)
                 return
             expected = replay(boot, {}, roles)
             diffs = ", ".join(
                 f"PCR {p} is {actual[p].hex()[:16]}… but the log replays to "
-                f"{expected[p].hex()[:16]}…" for p in roles if actual[p] != expected[p]
+                f"{expected[p].hex()[:16]}…"
+                for p in roles
+                if actual[p] != expected[p]
             )
             raise TamperError(f"the log does not match the TPM for boot {reset_count}: {diffs}")
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _append_locked(self, pcr: int, entry_type: EntryType, data: bytes, seq: int,
-                       prev: bytes, reset_count: int) -> LogEntry:
-        entry = encode_entry(seq=seq, prev=prev, reset_count=reset_count, pcr=pcr,
-                             type=entry_type, data=data)
+    def _append_locked(
+        self,
+        *,
+        pcr: int,
+        entry_type: EntryType,
+        data: bytes,
+        seq: int,
+        prev: bytes,
+        reset_count: int,
+    ) -> LogEntry:
+        entry = encode_entry(
+            seq=seq, prev=prev, reset_count=reset_count, pcr=pcr, type=entry_type, data=data
+        )
         self._entries.append(entry, entry.raw)
         self._tpm.extend(pcr, entry.digest)
         self._since_checkpoint += 1
@@ -139,8 +153,14 @@ class StatementLog:
         """Record a non-statement event (e.g. a daemon start) in the embassy PCR."""
         with self._lock:
             seq, prev = self._next()
-            return self._append_locked(self._pcrs.embassy, entry_type, data, seq, prev,
-                                       self._tpm.clock().reset_count)
+            return self._append_locked(
+                pcr=self._pcrs.embassy,
+                entry_type=entry_type,
+                data=data,
+                seq=seq,
+                prev=prev,
+                reset_count=self._tpm.clock().reset_count,
+            )
 
     def append_statement(
         self, predicate_type: str, subjects: Sequence[Subject], body: Mapping[str, Any]
@@ -152,8 +172,14 @@ class StatementLog:
             header = Header(seq=seq, prev=prev, clock=clock, tpm_mode=self._mode)
             payload = Statement(predicate_type, tuple(subjects), header, body).encode()
             envelope = sign_envelope(payload, self._keys.signing)
-            entry = self._append_locked(self._pcrs.log, EntryType.STATEMENT, envelope, seq,
-                                        prev, clock.reset_count)
+            entry = self._append_locked(
+                pcr=self._pcrs.log,
+                entry_type=EntryType.STATEMENT,
+                data=envelope,
+                seq=seq,
+                prev=prev,
+                reset_count=clock.reset_count,
+            )
             return Appended(envelope, entry)
 
     # -- checkpoints and segments ----------------------------------------------------------
@@ -162,8 +188,9 @@ class StatementLog:
         head = self.head
         if head is None:
             raise TamperError("cannot checkpoint an empty log")
-        quote = self._tpm.quote(self._pcrs.quoted, checkpoint_qualifying_data(head.seq,
-                                                                              head.digest))
+        quote = self._tpm.quote(
+            self._pcrs.quoted, checkpoint_qualifying_data(head.seq, head.digest)
+        )
         checkpoint = Checkpoint(head.seq, head.digest, quote)
         self._checkpoints.append(checkpoint, canonical_json(checkpoint.to_json()))
         self._since_checkpoint = 0

@@ -122,7 +122,12 @@ class Checkpoint:
     quote: Quote
 
     def to_json(self) -> JsonObject:
-        return {"v": ENTRY_VERSION, "seq": self.seq, "head": self.head.hex(), **quote_to_json(self.quote)}
+        return {
+            "v": ENTRY_VERSION,
+            "seq": self.seq,
+            "head": self.head.hex(),
+            **quote_to_json(self.quote),
+        }
 
 
 def quote_to_json(quote: Quote) -> JsonObject:

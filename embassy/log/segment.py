@@ -92,9 +92,7 @@ def check_chain(entries: Sequence[LogEntry], *, after_seq: int | None, after: by
             if entry.seq == prev_seq:
                 raise LogIntegrityError(f"entry seq {entry.seq} appears twice (duplicate)")
             if entry.seq < prev_seq:
-                raise LogIntegrityError(
-                    f"entry seq {entry.seq} follows seq {prev_seq} (reordered)"
-                )
+                raise LogIntegrityError(f"entry seq {entry.seq} follows seq {prev_seq} (reordered)")
             if entry.seq != prev_seq + 1:
                 missing = entry.seq - prev_seq - 1
                 raise LogIntegrityError(

@@ -82,12 +82,14 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
     policy.warn_insecure()
     doc = parse_json_object(data, "identity document")
     if doc.get("v") != 1 or doc.get("type") != IDENTITY_DOCUMENT_TYPE:
-        raise WireFormatError("identity document: expected v 1 and type "
-                              f"{IDENTITY_DOCUMENT_TYPE!r}")
+        raise WireFormatError(
+            f"identity document: expected v 1 and type {IDENTITY_DOCUMENT_TYPE!r}"
+        )
     segment = parse_segment(doc.get("segment"), "identity document.segment")
     if not segment.entries or segment.entries[-1].type is not EntryType.STATEMENT:
-        raise LogIntegrityError("identity document: its segment must end with the identity "
-                                "statement")
+        raise LogIntegrityError(
+            "identity document: its segment must end with the identity statement"
+        )
     envelope = parse_envelope(segment.entries[-1].data)
     claimed = parse_statement(envelope.payload)
     if claimed.predicate_type != IDENTITY_V1:
@@ -107,7 +109,8 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
     keys = SegmentKeys(signing_key, ak, embassy_pcr, log_pcr)
 
     verified = verify_segment(
-        segment, keys,
+        segment,
+        keys,
         expected_qualifying_data=hashlib.sha256(payload).digest(),
         allow_software_tpm=policy.allow_software_tpm,
     )
@@ -121,17 +124,28 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
     if policy.insecure_skip_ek_ca:
         pass
     elif not policy.ek_cas:
-        raise CertificateError("no EK CA certificate given: name the TPM manufacturer's CA "
-                               "(or swtpm's local CA for a software TPM)")
+        raise CertificateError(
+            "no EK CA certificate given: name the TPM manufacturer's CA "
+            "(or swtpm's local CA for a software TPM)"
+        )
     else:
         verify_ek_certificate(ek_cert, policy.ek_cas, ek, at=policy.at)
         checks.append("ek-certificate")
     return VerifiedIdentity(
-        statement=claimed, payload=payload, signing_key=signing_key,
+        statement=claimed,
+        payload=payload,
+        signing_key=signing_key,
         keys=dict(field(dict(claimed.body), "keys", dict, "identity predicate")),
-        ak=ak, ek=ek, ek_certificate=ek_cert, embassy_pcr=embassy_pcr, log_pcr=log_pcr,
-        boot_pcrs=boot, measurement=measurement, tpm_mode=claimed.header.tpm_mode,
-        segment=verified, checks=tuple(checks),
+        ak=ak,
+        ek=ek,
+        ek_certificate=ek_cert,
+        embassy_pcr=embassy_pcr,
+        log_pcr=log_pcr,
+        boot_pcrs=boot,
+        measurement=measurement,
+        tpm_mode=claimed.header.tpm_mode,
+        segment=verified,
+        checks=tuple(checks),
     )
 
 
@@ -150,8 +164,10 @@ def _verify_measurement(
         )
     measurement = parse_measurement(starts[-1].data)
     if measurement.digest != claimed:
-        raise MeasurementMismatchError("the identity statement's measurement differs from the "
-                                       "one its start event extended into the PCR")
+        raise MeasurementMismatchError(
+            "the identity statement's measurement differs from the "
+            "one its start event extended into the PCR"
+        )
     if policy.expected_measurement is not None:
         if measurement.digest != policy.expected_measurement:
             raise MeasurementMismatchError(
@@ -171,9 +187,7 @@ def _verify_boot_pcrs(quoted: dict[int, bytes], policy: TrustPolicy) -> None:
         if pcr not in quoted:
             raise PcrMismatchError(f"PCR {pcr} is pinned but the quote does not cover it")
         if quoted[pcr] != value:
-            raise PcrMismatchError(
-                f"PCR {pcr} is {quoted[pcr].hex()}, expected {value.hex()}"
-            )
+            raise PcrMismatchError(f"PCR {pcr} is {quoted[pcr].hex()}, expected {value.hex()}")
 
 
 def identity_keys_unverified(doc: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -32,8 +32,10 @@ class TrustPolicy:
 
     def warn_insecure(self) -> None:
         if self.allow_software_tpm:
-            _LOG.warning("allow_software_tpm: accepting evidence from a software TPM, which "
-                         "has no hardware root of trust")
+            _LOG.warning(
+                "allow_software_tpm: accepting evidence from a software TPM, which "
+                "has no hardware root of trust"
+            )
         if self.insecure_skip_ek_ca:
             _LOG.warning("insecure_skip_ek_ca: the EK certificate is not checked against a CA")
         if self.insecure_any_measurement:

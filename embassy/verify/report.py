@@ -38,8 +38,9 @@ def verify_segments(
     """Verify several segments in log order; contiguous ones must chain."""
     out: list[VerifiedSegment] = []
     for segment in segments:
-        verified = verify_segment(segment, identity.segment_keys,
-                                  allow_software_tpm=policy.allow_software_tpm)
+        verified = verify_segment(
+            segment, identity.segment_keys, allow_software_tpm=policy.allow_software_tpm
+        )
         if out:
             last = out[-1].entries[-1]
             first = verified.entries[0]
@@ -50,8 +51,9 @@ def verify_segments(
             if verified.reset_count < out[-1].reset_count:
                 raise LogIntegrityError("a later segment is from an earlier TPM boot")
             if first.seq == last.seq + 1 and first.prev != last.digest:
-                raise LogIntegrityError(f"segment starting at seq {first.seq} does not chain "
-                                        "to the one before it")
+                raise LogIntegrityError(
+                    f"segment starting at seq {first.seq} does not chain to the one before it"
+                )
         out.append(verified)
     return out
 
@@ -64,30 +66,47 @@ def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) 
     checks = [f"identity:{c}" for c in identity.checks]
     if kind == "log":
         segments = [_segment_file(read(f), "embassy-log-segment", f)[0] for f in args.file]
-        verified = verify_segments(segments, identity, policy)
-        count = sum(len(v.statements) for v in verified)
-        checks += sorted({c for v in verified for c in v.checks})
-        first, last = verified[0].entries[0].seq, verified[-1].entries[-1].seq
-        return {"ok": True, "checks": checks,
-                "facts": [f"{count} statements in entries {first}..{last}"]}
+        all_verified = verify_segments(segments, identity, policy)
+        count = sum(len(v.statements) for v in all_verified)
+        checks += sorted({c for v in all_verified for c in v.checks})
+        first, last = all_verified[0].entries[0].seq, all_verified[-1].entries[-1].seq
+        return {
+            "ok": True,
+            "checks": checks,
+            "facts": [f"{count} statements in entries {first}..{last}"],
+        }
     if kind == "evidence":
-        segment, obj = _segment_file(read(args.file), "embassy-evidence", args.file)
+        segment, _obj = _segment_file(read(args.file), "embassy-evidence", args.file)
         nonce = bytes.fromhex(args.nonce)
-        verified = verify_segment(segment, identity.segment_keys, expected_qualifying_data=nonce,
-                                  freshness_error=FreshnessError,
-                                  allow_software_tpm=policy.allow_software_tpm)
-        return {"ok": True, "checks": [*checks, *verified.checks, "nonce"],
-                "facts": [f"fresh quote over nonce {nonce.hex()}",
-                          f"log head seq {verified.entries[-1].seq}"]}
+        verified = verify_segment(
+            segment,
+            identity.segment_keys,
+            expected_qualifying_data=nonce,
+            freshness_error=FreshnessError,
+            allow_software_tpm=policy.allow_software_tpm,
+        )
+        return {
+            "ok": True,
+            "checks": [*checks, *verified.checks, "nonce"],
+            "facts": [
+                f"fresh quote over nonce {nonce.hex()}",
+                f"log head seq {verified.entries[-1].seq}",
+            ],
+        }
     if kind == "statement":
         envelope = read(args.file).rstrip(b"\n")
         segment, _ = _segment_file(read(args.log), "embassy-log-segment", args.log)
-        verified = verify_segment(segment, identity.segment_keys,
-                                  allow_software_tpm=policy.allow_software_tpm)
+        verified = verify_segment(
+            segment, identity.segment_keys, allow_software_tpm=policy.allow_software_tpm
+        )
         for logged in verified.statements:
             if logged.envelope == envelope:
-                return {"ok": True, "checks": [*checks, *verified.checks, "statement-in-log"],
-                        "facts": [f"{logged.statement.predicate_type} at seq {logged.entry.seq}"]}
-        raise LogIntegrityError("the statement is not in the verified log segment (changed, "
-                                "or from another log)")
+                return {
+                    "ok": True,
+                    "checks": [*checks, *verified.checks, "statement-in-log"],
+                    "facts": [f"{logged.statement.predicate_type} at seq {logged.entry.seq}"],
+                }
+        raise LogIntegrityError(
+            "the statement is not in the verified log segment (changed, or from another log)"
+        )
     raise WireFormatError(f"unknown verify kind {kind!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -82,11 +81,76 @@ def _check_clocks(statements: list[LoggedStatement], head: ClockInfo) -> None:
                     f"backwards ({prev.clock} ms -> {clock.clock} ms)"
                 )
         prev = clock
-    if prev is not None and prev.reset_count == head.reset_count and (
-        prev.restart_count > head.restart_count
-        or (prev.restart_count == head.restart_count and prev.clock > head.clock)
+    if (
+        prev is not None
+        and prev.reset_count == head.reset_count
+        and (
+            prev.restart_count > head.restart_count
+            or (prev.restart_count == head.restart_count and prev.clock > head.clock)
+        )
     ):
         raise ClockError("a statement is dated after the quote that closes its segment")
+
+
+def _verify_ends(segment: Segment, keys: SegmentKeys) -> dict[int, bytes]:
+    """Check the segment's closing quote names its last entry, and its anchor (if any) its
+    first; return the PCR values the replay starts from."""
+    entries = segment.entries
+    if not entries:
+        raise LogIntegrityError("segment has no entries")
+    head, last = segment.head, entries[-1]
+    if head.seq != last.seq or head.head != last.digest:
+        raise LogIntegrityError(
+            f"the closing quote is for entry seq {head.seq}, but the segment ends at seq "
+            f"{last.seq}: entries were dropped from or added to its end"
+        )
+    anchor = segment.anchor
+    if anchor is None:
+        check_chain(entries, after_seq=None, after=None)
+        return {}
+    anchor_clock = _verify_checkpoint_quote(
+        anchor, keys.ak, checkpoint_qualifying_data(anchor.seq, anchor.head), QuoteError
+    )
+    if anchor_clock.reset_count != entries[0].reset_count:
+        raise LogIntegrityError("the anchor checkpoint is from another TPM boot")
+    check_chain(entries, after_seq=anchor.seq, after=anchor.head)
+    roles = (keys.embassy_pcr, keys.log_pcr)
+    if any(p not in anchor.quote.pcrs for p in roles):
+        raise QuoteError("the anchor quote does not cover the log's PCRs")
+    return {p: anchor.quote.pcrs[p] for p in roles}
+
+
+def _verify_replay(segment: Segment, keys: SegmentKeys, start: dict[int, bytes]) -> None:
+    roles = (keys.embassy_pcr, keys.log_pcr)
+    replayed = replay(segment.entries, start, roles)
+    for pcr in roles:
+        quoted = segment.head.quote.pcrs.get(pcr)
+        if quoted is None:
+            raise QuoteError(f"the quote does not cover log PCR {pcr}")
+        if quoted != replayed[pcr]:
+            raise PcrMismatchError(
+                f"PCR {pcr}: the log replays to {replayed[pcr].hex()[:16]}… but the TPM "
+                f"quoted {quoted.hex()[:16]}…: an entry was forged, dropped or reordered"
+            )
+
+
+def _verify_statement(
+    entry: LogEntry, keys: SegmentKeys, allow_software_tpm: bool
+) -> LoggedStatement:
+    if entry.pcr != keys.log_pcr:
+        raise LogIntegrityError(f"statement seq {entry.seq} is not in the log PCR")
+    statement = parse_statement(verify_envelope(parse_envelope(entry.data), keys.signing))
+    if statement.header.seq != entry.seq or statement.header.prev != entry.prev:
+        raise LogIntegrityError(
+            f"statement signed for log position {statement.header.seq} sits at "
+            f"seq {entry.seq}: it was moved"
+        )
+    if statement.header.tpm_mode is TpmMode.SOFTWARE and not allow_software_tpm:
+        raise SoftwareTpmError(
+            f"statement seq {entry.seq} was made with a software TPM (no hardware root "
+            "of trust); pass --allow-software-tpm to accept it for testing"
+        )
+    return LoggedStatement(entry, entry.data, statement)
 
 
 def verify_segment(
@@ -96,90 +160,40 @@ def verify_segment(
     expected_qualifying_data: bytes | None = None,
     freshness_error: type[VerificationError] = QuoteError,
     allow_software_tpm: bool = False,
-    on_statement: Callable[[LoggedStatement], None] | None = None,
 ) -> VerifiedSegment:
-    """Verify ``segment`` and return its statements.
+    """Verify ``segment`` and return its statements, or raise the first reason it fails.
 
     ``expected_qualifying_data`` is what the closing quote must be over: None means an
-    ordinary checkpoint (bound to the head entry); a caller's nonce gets
+    ordinary checkpoint (bound to the head entry); a caller's nonce comes with
     ``freshness_error=FreshnessError``.
     """
-    checks: list[str] = []
-    entries = segment.entries
-    if not entries:
-        raise LogIntegrityError("segment has no entries")
-    head = segment.head
-    last = entries[-1]
-    if head.seq != last.seq or head.head != last.digest:
-        raise LogIntegrityError(
-            f"the closing quote is for entry seq {head.seq}, but the segment ends at seq "
-            f"{last.seq}: entries were dropped from or added to its end"
-        )
-    anchor = segment.anchor
-    start: dict[int, bytes] = {}
-    roles = (keys.embassy_pcr, keys.log_pcr)
-    if anchor is not None:
-        _verify_checkpoint_quote(
-            anchor, keys.ak, checkpoint_qualifying_data(anchor.seq, anchor.head), QuoteError
-        )
-        check_chain(entries, after_seq=anchor.seq, after=anchor.head)
-        start = {p: anchor.quote.pcrs[p] for p in roles if p in anchor.quote.pcrs}
-        if len(start) != len(roles):
-            raise QuoteError("the anchor quote does not cover the log's PCRs")
-        checks.append("anchor-quote")
-    else:
-        check_chain(entries, after_seq=None, after=None)
+    start = _verify_ends(segment, keys)
+    checks = ["anchor-quote"] if segment.anchor else []
     checks.append("hash-chain")
-
+    head = segment.head
     expected = (
         checkpoint_qualifying_data(head.seq, head.head)
-        if expected_qualifying_data is None else expected_qualifying_data
+        if expected_qualifying_data is None
+        else expected_qualifying_data
     )
     head_clock = _verify_checkpoint_quote(head, keys.ak, expected, freshness_error)
     checks.append("quote-signature")
-    boots = {e.reset_count for e in entries}
+    boots = {e.reset_count for e in segment.entries}
     if boots != {head_clock.reset_count}:
         raise LogIntegrityError(
             f"segment entries are from TPM boot(s) {sorted(boots)} but the quote is from boot "
             f"{head_clock.reset_count}; one segment covers one boot"
         )
-
-    replayed = replay(entries, start, roles)
-    for pcr in roles:
-        quoted = head.quote.pcrs.get(pcr)
-        if quoted is None:
-            raise QuoteError(f"the quote does not cover log PCR {pcr}")
-        if quoted != replayed[pcr]:
-            raise PcrMismatchError(
-                f"PCR {pcr}: the log replays to {replayed[pcr].hex()[:16]}… but the TPM "
-                f"quoted {quoted.hex()[:16]}…: an entry was forged, dropped or reordered"
-            )
+    _verify_replay(segment, keys, start)
     checks.append("pcr-replay")
-
-    statements: list[LoggedStatement] = []
-    for entry in entries:
-        if entry.type is not EntryType.STATEMENT:
-            continue
-        if entry.pcr != keys.log_pcr:
-            raise LogIntegrityError(f"statement seq {entry.seq} is not in the log PCR")
-        envelope = parse_envelope(entry.data)
-        statement = parse_statement(verify_envelope(envelope, keys.signing))
-        if statement.header.seq != entry.seq or statement.header.prev != entry.prev:
-            raise LogIntegrityError(
-                f"statement signed for log position {statement.header.seq} sits at "
-                f"seq {entry.seq}: it was moved"
-            )
-        if statement.header.tpm_mode is TpmMode.SOFTWARE and not allow_software_tpm:
-            raise SoftwareTpmError(
-                f"statement seq {entry.seq} was made with a software TPM (no hardware root "
-                "of trust); pass --allow-software-tpm to accept it for testing"
-            )
-        logged = LoggedStatement(entry, entry.data, statement)
-        if on_statement is not None:
-            on_statement(logged)
-        statements.append(logged)
+    statements = [
+        _verify_statement(e, keys, allow_software_tpm)
+        for e in segment.entries
+        if e.type is EntryType.STATEMENT
+    ]
     checks.append("statement-signatures")
     _check_clocks(statements, head_clock)
     checks.append("tpm-clock")
-    return VerifiedSegment(tuple(statements), entries, head_clock, head_clock.reset_count,
-                           tuple(checks))
+    return VerifiedSegment(
+        tuple(statements), segment.entries, head_clock, head_clock.reset_count, tuple(checks)
+    )

@@ -59,9 +59,7 @@ def parse_json_object(data: bytes, what: str) -> JsonObject:
     except UnicodeDecodeError as exc:
         raise WireFormatError(f"{what}: not UTF-8 at byte {exc.start}") from None
     try:
-        value = json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants
-        )
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
         raise WireFormatError(f"{what}: invalid JSON: {exc.msg} at offset {exc.pos}") from None
     except RecursionError:
@@ -111,9 +109,7 @@ def field(obj: JsonObject, key: str, kind: type, what: str) -> Any:
     if kind is int and isinstance(value, bool):
         raise WireFormatError(f"{what}.{key}: expected int, got bool")
     if not isinstance(value, kind):
-        raise WireFormatError(
-            f"{what}.{key}: expected {kind.__name__}, got {type(value).__name__}"
-        )
+        raise WireFormatError(f"{what}.{key}: expected {kind.__name__}, got {type(value).__name__}")
     return value
 
 

@@ -1,0 +1,186 @@
+"""A deterministic software stand-in for a TPM, for fast unit tests and test vectors.
+
+It is *not* a mock of behaviour we hope for: it produces real TPMS_ATTEST / TPMT_SIGNATURE
+bytes signed by a real (software) ECDSA key, real PCR extends and a real EK certificate
+chain, so the pure verifier checks it exactly as it checks a hardware TPM. Integration
+tests use the real swtpm instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+from embassy.attest.marshal import (
+    TPM_ALG_ECDSA,
+    TPM_ALG_SHA256,
+    TPM_GENERATED_VALUE,
+    TPM_ST_ATTEST_QUOTE,
+    Attest,
+    PcrSelection,
+    Signature,
+    ak_public_from_key,
+    ek_public_from_key,
+    encode_attest,
+    encode_signature,
+)
+from embassy.attest.quote import pcr_digest
+from embassy.attest.types import ClockInfo, Quote, TpmMode
+from embassy.errors import TpmError
+
+_EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+def _scalar(seed: bytes, label: str) -> int:
+    return int.from_bytes(hashlib.sha256(seed + label.encode()).digest(), "big") % (2**255) + 1
+
+
+def make_ca(seed: bytes, name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.derive_private_key(_scalar(seed, name), ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(int.from_bytes(hashlib.sha256(seed + name.encode()).digest()[:8], "big"))
+        .not_valid_before(_EPOCH)
+        .not_valid_after(_EPOCH + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256(), ecdsa_deterministic=True)
+    )
+    return key, cert
+
+
+class FakeTpm:
+    """Implements ``embassy.tpm.interface.Tpm`` in software, deterministically from ``seed``."""
+
+    def __init__(
+        self,
+        seed: bytes = b"fake-tpm",
+        *,
+        mode: TpmMode = TpmMode.SOFTWARE,
+        ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None,
+    ) -> None:
+        self._mode = mode
+        self._ak = ec.derive_private_key(_scalar(seed, "ak"), ec.SECP256R1())
+        self._ak_public = ak_public_from_key(self._ak.public_key())
+        # An ECC EK (TCG template L-2) so that every byte is derived from ``seed``.
+        self._ek = ec.derive_private_key(_scalar(seed, "ek"), ec.SECP256R1())
+        self._ek_public = ek_public_from_key(self._ek.public_key())
+        self.ca_key, self.ca_cert = ca or make_ca(seed, "fake-ek-ca")
+        self._ek_cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.ca_cert.subject)
+            .public_key(self._ek.public_key())
+            .serial_number(7)
+            .not_valid_before(_EPOCH)
+            .not_valid_after(_EPOCH + datetime.timedelta(days=3650))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DirectoryName(
+                            x509.Name(
+                                [
+                                    x509.NameAttribute(
+                                        x509.ObjectIdentifier("2.23.133.2.1"), "id:00001014"
+                                    ),
+                                ]
+                            )
+                        )
+                    ]
+                ),
+                critical=True,
+            )
+            .sign(self.ca_key, hashes.SHA256(), ecdsa_deterministic=True)
+        )
+        self.pcrs: dict[int, bytes] = {i: bytes(32) for i in range(24)}
+        self.reset_count = 1
+        self.restart_count = 0
+        self.ms = 1000
+        self.sealed: dict[bytes, bytes] = {}
+        self.extends = 0
+
+    @property
+    def mode(self) -> TpmMode:
+        return self._mode
+
+    def tick(self, ms: int = 1) -> None:
+        self.ms += ms
+
+    def reset(self) -> None:
+        """A TPM reset: a new boot, PCRs back to zero."""
+        self.pcrs = {i: bytes(32) for i in range(24)}
+        self.reset_count += 1
+        self.restart_count = 0
+
+    def clock(self) -> ClockInfo:
+        self.tick()
+        return ClockInfo(self.ms, self.reset_count, self.restart_count, True)
+
+    def extend(self, pcr: int, digest: bytes) -> None:
+        if len(digest) != 32:
+            raise TpmError("extend: digest must be 32 bytes")
+        self.pcrs[pcr] = hashlib.sha256(self.pcrs[pcr] + digest).digest()
+        self.extends += 1
+
+    def read_pcrs(self, pcrs: Sequence[int]) -> dict[int, bytes]:
+        return {p: self.pcrs[p] for p in pcrs}
+
+    def quote(self, pcrs: Sequence[int], qualifying_data: bytes) -> Quote:
+        selection = (PcrSelection(TPM_ALG_SHA256, tuple(sorted(set(pcrs)))),)
+        values = self.read_pcrs(sorted(set(pcrs)))
+        attest = encode_attest(
+            Attest(
+                magic=TPM_GENERATED_VALUE,
+                type=TPM_ST_ATTEST_QUOTE,
+                qualified_signer=self._ak_public.name(),
+                extra_data=qualifying_data,
+                clock=self.clock(),
+                firmware_version=0x20240125,
+                pcr_selection=selection,
+                pcr_digest=pcr_digest(selection, values),
+            )
+        )
+        der = self._ak.sign(attest, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+        r, s = decode_dss_signature(der)
+        return Quote(
+            attest, encode_signature(Signature(TPM_ALG_ECDSA, TPM_ALG_SHA256, r, s)), values
+        )
+
+    def ak_public(self) -> bytes:
+        return self._ak_public.raw
+
+    def ek_public(self) -> bytes:
+        return self._ek_public.raw
+
+    def ek_certificate(self) -> bytes:
+        return self._ek_cert.public_bytes(serialization.Encoding.DER)
+
+    def ca_pem(self) -> bytes:
+        return self.ca_cert.public_bytes(serialization.Encoding.PEM)
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        raise TpmError("FakeTpm does not implement ActivateCredential; use the swtpm tests")
+
+    def seal(self, data: bytes) -> bytes:
+        blob = b"FAKESEAL" + hashlib.sha256(data).digest()
+        self.sealed[blob] = data
+        return blob
+
+    def unseal(self, blob: bytes) -> bytes:
+        try:
+            return self.sealed[blob]
+        except KeyError:
+            raise TpmError("unseal: blob not sealed by this TPM") from None
+
+    def close(self) -> None:
+        pass
