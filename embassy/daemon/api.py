@@ -61,6 +61,21 @@ def _from_seq(request: Request) -> int:
     return int(text)
 
 
+def _check_credential_shape(blob: bytes, secret: bytes) -> None:
+    """Refuse what cannot be a MakeCredential output before it reaches the TPM.
+
+    ``blob`` is TPM2B_DIGEST(integrity HMAC) || encrypted identity; ``secret`` is an
+    RSA-2048 OAEP ciphertext or an ECC point, both within 2..512 bytes.
+    """
+    if len(blob) < 2:
+        raise RequestError("credential_blob: too short")
+    hmac_size = int.from_bytes(blob[:2], "big")
+    if hmac_size not in (32, 48, 64) or len(blob) < 2 + hmac_size + 3:
+        raise RequestError("credential_blob: not a TPM2B_ID_OBJECT payload (HMAC || identity)")
+    if not 2 <= len(secret) <= 512:
+        raise RequestError("encrypted_secret: must be 2 to 512 bytes")
+
+
 class Api:
     def __init__(self, service: Service) -> None:
         self._service = service
@@ -77,6 +92,7 @@ class Api:
         only_fields(body, {"credential_blob", "encrypted_secret"}, "request body")
         blob = b64decode(field(body, "credential_blob", str, "request body"), "credential_blob")
         secret = b64decode(field(body, "encrypted_secret", str, "request body"), "encrypted_secret")
+        _check_credential_shape(blob, secret)
         return Response(200, {"secret": b64encode(self._service.activate_credential(blob, secret))})
 
     def __call__(self, request: Request) -> Response:

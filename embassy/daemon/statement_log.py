@@ -20,7 +20,7 @@ from typing import Any
 from embassy.config import PcrLayout
 from embassy.daemon.keys import EmbassyKeys
 from embassy.daemon.logstore import AppendFile
-from embassy.errors import TamperError
+from embassy.errors import LogIntegrityError, TamperError
 from embassy.log.entry import (
     GENESIS,
     Checkpoint,
@@ -85,11 +85,12 @@ class StatementLog:
         """Check the file against itself and the TPM; finish an interrupted extend."""
         with self._lock:
             records = self._entries.records
-            check_chain(
-                records,
-                after_seq=None if not records else records[0].seq - 1,
-                after=GENESIS if records else None,
-            )
+            try:
+                check_chain(
+                    records, after_seq=-1 if records else None, after=GENESIS if records else None
+                )
+            except LogIntegrityError as exc:
+                raise TamperError(f"log.jsonl: {exc.message}") from None
             if records and records[0].seq != 0:
                 raise TamperError("log.jsonl does not start at seq 0")
             reset_count = self._tpm.clock().reset_count

@@ -51,7 +51,7 @@ def swtpm_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def _open(sw: Swtpm) -> TpmDevice:
     if os.environ.get("CI") != "true":
         pytest.importorskip("tpm2_pytss")
-    from embassy.tpm.device import TpmDevice  # noqa: PLC0415 - tpm2-pytss is optional here
+    from embassy.tpm.device import TpmDevice
 
     name, conf = sw.tcti()
     return TpmDevice.open(name, conf, TpmMode.SOFTWARE)
