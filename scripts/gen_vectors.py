@@ -1,0 +1,846 @@
+#!/usr/bin/env python3
+"""Generate the pinned verifier test vectors in tests/vectors/ (good and hostile).
+
+    python scripts/gen_vectors.py           # (re)write tests/vectors/
+    python scripts/gen_vectors.py --check   # exit 1 if any file differs, is missing or extra
+
+Everything is deterministic: a FakeTpm seeded with a constant (deterministic ECDSA quotes,
+a clock that ticks once per read), a fixed master secret (Ed25519 signing key) and a fixed
+measurement. Two runs write byte-identical files, so CI diffs them against the committed ones.
+
+Each vector is a JSON file::
+
+    {"description": ..., "kind": "identity"|"log"|"evidence"|"statement"|"envelope"|"entry"
+     |"statement-payload", "input": {...}, "policy": {...},
+     "expect": {"ok": true} | {"error": "<EmbassyError code>", "message": "<substring>"}}
+
+``input`` holds exact bytes as base64 (``*_b64`` keys). ``policy`` is what the verifier is
+told: the EK CA bundle (a file name in this directory), the expected measurement, whether a
+software TPM is allowed, the time certificates are checked at, and the caller's nonce.
+An oversize input is written as base64 bytes plus ``pad_to``: the bytes are padded with
+JSON whitespace (which a parser ignores) up to that many bytes, so only the size is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from embassy.attest.types import ClockInfo, TpmMode  # noqa: E402
+from embassy.config import parse_config  # noqa: E402
+from embassy.daemon.keys import derive_keys  # noqa: E402
+from embassy.daemon.runtime import Embassy, TpmHandle  # noqa: E402
+from embassy.log.entry import (  # noqa: E402
+    GENESIS,
+    EntryType,
+    LogEntry,
+    checkpoint_qualifying_data,
+    encode_entry,
+    quote_to_json,
+)
+from embassy.log.segment import Segment, parse_segment  # noqa: E402
+from embassy.measure import Measurement  # noqa: E402
+from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E402
+from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope  # noqa: E402
+from embassy.wire.statement import LIFECYCLE_V1, Header, Statement  # noqa: E402
+from tests.fakes import FakeTpm  # noqa: E402
+
+VECTOR_DIR = ROOT / "tests" / "vectors"
+CA_FILE = "ek-ca.pem"
+
+SEED = b"embassy-test-vectors"
+OTHER_SEED = b"embassy-test-vectors-other-tpm"
+MASTER = bytes(range(32))
+OTHER_MASTER = bytes(range(32, 64))
+MEASUREMENT = Measurement(code=bytes(32), config=bytes([1]) * 32, policy=bytes([2]) * 32)
+WRONG_MEASUREMENT = Measurement(code=bytes([9]) * 32, config=bytes([1]) * 32, policy=bytes([2]) * 32)
+NONCE = hashlib.sha256(b"auditor nonce 1").digest()
+STALE_NONCE = hashlib.sha256(b"auditor nonce 0").digest()
+AT = "2026-06-01T00:00:00+00:00"
+CHECKPOINT_EVERY = 3
+EMBASSY_PCR, LOG_PCR = 13, 14
+QUOTED_PCRS = (4, 11, 12, 13, 14)
+
+Vectors = dict[str, bytes]
+
+
+# -- building an embassy -------------------------------------------------------------------
+
+
+def start_embassy(data_dir: Path, tpm: FakeTpm, master: bytes = MASTER) -> Embassy:
+    """An in-process embassy on ``tpm``; reuses ``data_dir`` (a restart) if it exists."""
+    if not data_dir.exists():
+        data_dir.mkdir(mode=0o700)
+        (data_dir / "master.sealed").write_bytes(tpm.seal(master))
+    config = parse_config(
+        {
+            "data_dir": str(data_dir),
+            "socket": str(data_dir.parent / "s.sock"),
+            "statement_log": {"checkpoint_every": CHECKPOINT_EVERY},
+        }
+    )
+    return Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
+
+
+def append(embassy: Embassy, n: int) -> bytes:
+    return embassy.log.append_statement(LIFECYCLE_V1, [], {"event": "test", "n": n}).envelope
+
+
+def cj(value: JsonObject) -> bytes:
+    return canonical_json(value)
+
+
+def b64(data: bytes) -> str:
+    return b64encode(data)
+
+
+# -- forging (an attacker who can extend and quote the TPM) --------------------------------
+
+
+def sign_statement(
+    *, seq: int, prev: bytes, clock_ms: int, body: JsonObject, master: bytes = MASTER
+) -> bytes:
+    header = Header(
+        seq=seq, prev=prev, clock=ClockInfo(clock_ms, 1, 0, True), tpm_mode=TpmMode.SOFTWARE
+    )
+    payload = Statement(LIFECYCLE_V1, (), header, body).encode()
+    return sign_envelope(payload, derive_keys(master).signing)
+
+
+def forge_segment(items: list[tuple[EntryType, bytes]], *, quote_at_ms: int = 5000) -> JsonObject:
+    """A segment of boot 1 holding ``items`` in order, chained, extended into a fresh FakeTpm
+    with the vectors' seed (so its AK is the embassy's) and closed by a real quote."""
+    tpm = FakeTpm(SEED)
+    entries: list[LogEntry] = []
+    prev = GENESIS
+    for seq, (kind, data) in enumerate(items):
+        pcr = LOG_PCR if kind is EntryType.STATEMENT else EMBASSY_PCR
+        entry = encode_entry(seq=seq, prev=prev, reset_count=1, pcr=pcr, type=kind, data=data)
+        tpm.extend(pcr, entry.digest)
+        entries.append(entry)
+        prev = entry.digest
+    tpm.ms = quote_at_ms
+    head = entries[-1]
+    quote = tpm.quote(QUOTED_PCRS, checkpoint_qualifying_data(head.seq, head.digest))
+    return {
+        "v": 1,
+        "type": "embassy-log-segment",
+        "segment": {
+            "v": 1,
+            "anchor": None,
+            "entries": [b64(e.raw) for e in entries],
+            "head": {"v": 1, "seq": head.seq, "head": head.digest.hex(), **quote_to_json(quote)},
+        },
+    }
+
+
+def forged_log(order: list[int], signers: dict[int, bytes] | None = None) -> JsonObject:
+    """Statements signed for log positions 1, 2, 3 (clock rising), placed in ``order``.
+
+    The envelopes are signed as an honest log would have them; each is then put at the
+    position ``order`` names and the entries are re-chained and re-extended around them.
+    """
+    signers = signers or {}
+    start = encode_entry(
+        seq=0, prev=GENESIS, reset_count=1, pcr=EMBASSY_PCR, type=EntryType.EMBASSY_START,
+        data=MEASUREMENT.encode(),
+    )  # fmt: skip
+    honest: list[bytes] = []
+    prev = start.digest
+    for seq in (1, 2, 3):
+        env = sign_statement(
+            seq=seq,
+            prev=prev,
+            clock_ms=1000 + 100 * seq,
+            body={"event": "test", "n": seq},
+            master=signers.get(seq, MASTER),
+        )
+        honest.append(env)
+        prev = encode_entry(
+            seq=seq, prev=prev, reset_count=1, pcr=LOG_PCR, type=EntryType.STATEMENT, data=env
+        ).digest
+    items = [(EntryType.EMBASSY_START, MEASUREMENT.encode())]
+    items += [(EntryType.STATEMENT, honest[i - 1]) for i in order]
+    return forge_segment(items)
+
+
+def forged_clock_log() -> JsonObject:
+    start = encode_entry(
+        seq=0, prev=GENESIS, reset_count=1, pcr=EMBASSY_PCR, type=EntryType.EMBASSY_START,
+        data=MEASUREMENT.encode(),
+    )  # fmt: skip
+    items = [(EntryType.EMBASSY_START, MEASUREMENT.encode())]
+    prev = start.digest
+    for seq, clock_ms in ((1, 1500), (2, 1200)):
+        env = sign_statement(seq=seq, prev=prev, clock_ms=clock_ms, body={"event": "test"})
+        items.append((EntryType.STATEMENT, env))
+        prev = encode_entry(
+            seq=seq, prev=prev, reset_count=1, pcr=LOG_PCR, type=EntryType.STATEMENT, data=env
+        ).digest
+    return forge_segment(items)
+
+
+# -- the honest run ------------------------------------------------------------------------
+
+
+class Run:
+    """Everything an honest embassy served, plus what a second TPM served."""
+
+    def __init__(self, tmp: Path) -> None:
+        tpm = FakeTpm(SEED)
+        self.tpm = tpm
+        data = tmp / "embassy"
+        e1 = start_embassy(data, tpm)
+        self.identity1 = cj(e1.identity_document())
+        self.envelopes = [append(e1, n) for n in range(5)]  # seq 2..6; checkpoint at 4
+        self.segment_anchored = e1.log_segment(5)  # anchor at 4, entries 5, 6
+        self.segment_full = e1.log_segment(0)  # entries 0..6
+        self.evidence = e1.evidence(NONCE)
+        e1.log.close()  # a crash: same TPM boot, same data dir
+        e2 = start_embassy(data, tpm)
+        self.identity2 = cj(e2.identity_document())  # start 7, identity 8
+        self.envelopes += [append(e2, n) for n in range(5, 7)]  # seq 9, 10
+        self.segment_restart = e2.log_segment(0)  # entries 0..10, boot 1
+        e2.log.close()
+        tpm.reset()
+        e3 = start_embassy(data, tpm)
+        self.identity3 = cj(e3.identity_document())  # boot 2: start 11, identity 12
+        self.boot2_envelope = append(e3, 7)  # seq 13
+        self.segment_boot2 = e3.log_segment(0)  # entries 11..13
+        boot1_head = parse_segment(self.segment_restart["segment"]).head
+        # A quote taken in boot 2 over boot 1's head (TPM access in boot 2).
+        self.boot2_quote_on_boot1 = tpm.quote(
+            QUOTED_PCRS, checkpoint_qualifying_data(boot1_head.seq, boot1_head.head)
+        )
+        e3.log.close()
+        other_tpm = FakeTpm(OTHER_SEED)
+        e_other = start_embassy(tmp / "other", other_tpm)
+        self.identity_other = cj(e_other.identity_document())
+        e_other.log.close()
+        self.ca_pem = tpm.ca_pem()
+
+
+# -- vector assembly ----------------------------------------------------------------------
+
+
+def policy(
+    *,
+    measurement: Measurement = MEASUREMENT,
+    allow_software_tpm: bool = True,
+    nonce: bytes | None = None,
+) -> JsonObject:
+    out: JsonObject = {
+        "ek_ca": CA_FILE,
+        "expected_measurement": measurement.digest.hex(),
+        "allow_software_tpm": allow_software_tpm,
+        "at": AT,
+    }
+    if nonce is not None:
+        out["nonce"] = nonce.hex()
+    return out
+
+
+def ok() -> JsonObject:
+    return {"ok": True}
+
+
+def error(code: str, message: str) -> JsonObject:
+    return {"error": code, "message": message}
+
+
+def vector(
+    description: str, kind: str, inputs: JsonObject, expect: JsonObject, pol: JsonObject | None
+) -> bytes:
+    obj = {
+        "description": description,
+        "kind": kind,
+        "input": inputs,
+        "policy": pol if pol is not None else {},
+        "expect": expect,
+    }
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def mutate(doc: bytes, change: Callable[[JsonObject], None]) -> bytes:
+    obj = json.loads(doc)
+    change(obj)
+    return cj(obj)
+
+
+def seg_entries(obj: JsonObject) -> list[str]:
+    entries: list[str] = obj["segment"]["entries"]
+    return entries
+
+
+def entry_bytes(segment_file: JsonObject, i: int) -> bytes:
+    return base64.b64decode(seg_entries(segment_file)[i])
+
+
+def _replace_entries(segment_file: JsonObject, edit: Callable[[list[str]], list[str]]) -> bytes:
+    obj = json.loads(json.dumps(segment_file))
+    obj["segment"]["entries"] = edit(list(seg_entries(obj)))
+    return cj(obj)
+
+
+def _entry_json(raw: bytes) -> JsonObject:
+    value: JsonObject = json.loads(raw)
+    return value
+
+
+def build_vectors() -> Vectors:
+    with tempfile.TemporaryDirectory(prefix="embassy-vectors-") as tmp:
+        run = Run(Path(tmp))
+    out: Vectors = {CA_FILE: run.ca_pem}
+
+    def add(name: str, *args: Any) -> None:
+        out[f"{name}.json"] = vector(*args)
+
+    pol = policy()
+    id1 = run.identity1
+
+    def identity(name: str, desc: str, doc: bytes, expect: JsonObject, p: JsonObject = pol) -> None:
+        add(name, desc, "identity", {"document_b64": b64(doc)}, expect, p)
+
+    def log(name: str, desc: str, segments: list[bytes], expect: JsonObject, ident: bytes) -> None:
+        inputs = {"identity_b64": b64(ident), "segments_b64": [b64(s) for s in segments]}
+        add(name, desc, "log", inputs, expect, pol)
+
+    # ---- identity documents
+    identity("good-identity", "identity document of a fresh embassy", id1, ok())
+    identity(
+        "good-identity-after-restart",
+        "identity document after a daemon restart in the same TPM boot (anchored segment)",
+        run.identity2,
+        ok(),
+    )
+    identity(
+        "bad-identity-wrong-measurement",
+        "the auditor expects another measurement than the embassy's",
+        id1,
+        error("measurement-mismatch", "embassy measurement is"),
+        policy(measurement=WRONG_MEASUREMENT),
+    )
+    identity(
+        "bad-identity-software-tpm-not-allowed",
+        "software-TPM identity checked without allow_software_tpm",
+        id1,
+        error("software-tpm", "software TPM"),
+        policy(allow_software_tpm=False),
+    )
+    identity(
+        "bad-identity-ek-from-other-ca",
+        "identity of an embassy on another TPM, whose EK certificate is issued by another CA "
+        "(with the same name); checked against the first TPM's CA",
+        run.identity_other,
+        error("bad-ek-certificate", "does not verify with any trusted certificate"),
+    )
+
+    def change_identity_payload(obj: JsonObject) -> None:
+        entries = seg_entries(obj)
+        entry = _entry_json(base64.b64decode(entries[-1]))
+        env = json.loads(base64.b64decode(entry["data"]))
+        payload = base64.b64decode(env["payload"])
+        assert payload.count(b'"name":"embassy"') == 1
+        env["payload"] = b64(payload.replace(b'"name":"embassy"', b'"name":"embasy!"'))
+        entry["data"] = b64(cj(env))
+        entries[-1] = b64(cj(entry))
+
+    identity(
+        "bad-identity-payload-byte-changed",
+        "one byte of the identity statement's payload changed inside its envelope",
+        mutate(id1, change_identity_payload),
+        error("bad-signature", "does not verify"),
+    )
+
+    def swap_quote(obj: JsonObject) -> None:
+        other = json.loads(run.identity2)
+        obj["segment"]["head"]["quote"] = other["segment"]["head"]["quote"]
+
+    identity(
+        "bad-identity-swapped-quote",
+        "the closing quote replaced by the (genuine) quote of another identity document of "
+        "the same embassy: the quote is real but over another statement",
+        mutate(id1, swap_quote),
+        error("bad-quote", "qualifying data"),
+    )
+
+    def swap_foreign_quote(obj: JsonObject) -> None:
+        other = json.loads(run.identity_other)
+        obj["segment"]["head"]["quote"] = other["segment"]["head"]["quote"]
+
+    identity(
+        "bad-identity-quote-from-other-tpm",
+        "the closing quote replaced by one another TPM's AK signed",
+        mutate(id1, swap_foreign_quote),
+        error("bad-signature", "does not verify with the AK"),
+    )
+
+    def alter_pcr(obj: JsonObject) -> None:
+        pcrs = obj["segment"]["head"]["quote"]["pcrs"]
+        pcrs[str(LOG_PCR)] = hashlib.sha256(b"forged").hexdigest()
+
+    identity(
+        "bad-identity-pcr-altered",
+        "the value of the log PCR in the closing quote's pcrs map changed",
+        mutate(id1, alter_pcr),
+        error("pcr-mismatch", "do not hash to its pcrDigest"),
+    )
+    identity(
+        "bad-identity-truncated",
+        "the identity document cut in half",
+        id1[: len(id1) // 2],
+        error("malformed", "invalid JSON"),
+    )
+    identity(
+        "bad-identity-duplicate-key",
+        "a second 'segment' key (an empty object) after the real one: two parsers could read "
+        "two documents",
+        id1[:-1] + b',"segment":{}}',
+        error("malformed", "duplicate JSON key"),
+    )
+    identity(
+        "bad-identity-wrong-version",
+        "identity document version 2",
+        mutate(id1, lambda o: o.update(v=2)),
+        error("malformed", "expected v 1"),
+    )
+    identity(
+        "bad-identity-segment-wrong-version",
+        "the identity document's segment claims version 2",
+        mutate(id1, lambda o: o["segment"].update(v=2)),
+        error("malformed", "unsupported version 2"),
+    )
+    identity(
+        "bad-identity-non-utf8",
+        "a byte 0xff in the document type string",
+        id1.replace(b'"embassy-identity-document"', b'"embassy-identity-\xffocument"'),
+        error("malformed", "not UTF-8"),
+    )
+    identity(
+        "bad-identity-nan",
+        "NaN as the document version",
+        id1.replace(b'"v":1}', b'"v":NaN}'),
+        error("malformed", "NaN"),
+    )
+
+    # ---- log segments
+    full = run.segment_full
+    full_b = cj(full)
+    log("good-log", "the whole first run's log: start, identity, five statements", [full_b], ok(), id1)
+    log(
+        "good-log-anchored",
+        "a segment anchored at a checkpoint (checkpoint_every=3)",
+        [cj(run.segment_anchored)],
+        ok(),
+        id1,
+    )
+    log(
+        "good-log-restart",
+        "one TPM boot spanning a daemon restart: two start events, two identity statements",
+        [cj(run.segment_restart)],
+        ok(),
+        run.identity2,
+    )
+    log(
+        "good-log-two-boots",
+        "two segments across a TPM reset, chained",
+        [cj(run.segment_restart), cj(run.segment_boot2)],
+        ok(),
+        run.identity3,
+    )
+
+    def boot2_quote(obj: JsonObject) -> None:
+        obj["segment"]["head"].update(quote_to_json(run.boot2_quote_on_boot1))
+
+    log(
+        "bad-log-quote-from-other-boot",
+        "a boot-1 segment closed by a genuine boot-2 quote over boot 1's head",
+        [mutate(cj(run.segment_restart), boot2_quote)],
+        error("log-integrity", "one segment covers one boot"),
+        run.identity3,
+    )
+
+    # entries 0..6: 0 start, 1 identity, 2..6 lifecycle statements
+    forged_entry = _entry_json(entry_bytes(full, 4))
+    forged_env = sign_statement(seq=4, prev=bytes.fromhex(forged_entry["prev"]), clock_ms=1, body={})
+    forged_entry["data"] = b64(forged_env)
+
+    def insert_forged(entries: list[str]) -> list[str]:
+        # The attacker re-chains everything after the inserted entry.
+        out_entries = entries[:4]
+        prev = hashlib.sha256(base64.b64decode(out_entries[-1])).hexdigest()
+        for seq, raw in enumerate([cj(forged_entry)] + [base64.b64decode(e) for e in entries[4:]]):
+            obj = _entry_json(raw)
+            obj["seq"], obj["prev"] = 4 + seq, prev
+            raw = cj(obj)
+            out_entries.append(b64(raw))
+            prev = hashlib.sha256(raw).hexdigest()
+        return out_entries
+
+    log(
+        "bad-log-forged-entry-inserted",
+        "a forged statement inserted at seq 4 and the rest re-chained after it",
+        [_replace_entries(full, insert_forged)],
+        error("log-integrity", "entries were dropped from or added to its end"),
+        id1,
+    )
+    log(
+        "bad-log-dropped-middle",
+        "entry seq 3 dropped",
+        [_replace_entries(full, lambda e: e[:3] + e[4:])],
+        error("log-integrity", "1 entries missing"),
+        id1,
+    )
+    log(
+        "bad-log-dropped-last",
+        "the last entry dropped",
+        [_replace_entries(full, lambda e: e[:-1])],
+        error("log-integrity", "dropped from or added to its end"),
+        id1,
+    )
+    log(
+        "bad-log-reordered",
+        "entries seq 3 and 4 swapped",
+        [_replace_entries(full, lambda e: [*e[:3], e[4], e[3], *e[5:]])],
+        error("log-integrity", "entry seq 4 follows seq 2"),
+        id1,
+    )
+    log(
+        "bad-log-duplicated",
+        "entry seq 3 appears twice",
+        [_replace_entries(full, lambda e: [*e[:4], e[3], *e[4:]])],
+        error("log-integrity", "appears twice"),
+        id1,
+    )
+
+    def change_statement(entries: list[str]) -> list[str]:
+        obj = _entry_json(base64.b64decode(entries[3]))
+        env = json.loads(base64.b64decode(obj["data"]))
+        env["payload"] = b64(base64.b64decode(env["payload"]).replace(b'"n":1', b'"n":9'))
+        obj["data"] = b64(cj(env))
+        return [*entries[:3], b64(cj(obj)), *entries[4:]]
+
+    log(
+        "bad-log-statement-changed",
+        "one payload byte of the statement at seq 3 changed (its entry no longer chains)",
+        [_replace_entries(full, change_statement)],
+        error("log-integrity", "does not chain to its predecessor"),
+        id1,
+    )
+    log(
+        "bad-log-statement-moved",
+        "statements signed for positions 1, 2, 3 placed as 2, 1, 3 by an attacker who "
+        "re-chains the entries and extends the TPM to match (no signing key)",
+        [cj(forged_log([2, 1, 3]))],
+        error("log-integrity", "it was moved"),
+        id1,
+    )
+    log(
+        "bad-log-statement-other-key",
+        "a statement signed by another key, in a log whose PCR replay matches (the attacker "
+        "extends the TPM)",
+        [cj(forged_log([1, 2, 3], {2: OTHER_MASTER}))],
+        error("bad-signature", "no signature by key"),
+        id1,
+    )
+    log(
+        "bad-log-clock-backwards",
+        "two statements signed with the embassy key, the later one dated earlier (1500 ms "
+        "then 1200 ms) in one boot",
+        [cj(forged_clock_log())],
+        error("clock-backwards", "went backwards"),
+        id1,
+    )
+    log(
+        "bad-log-segment-wrong-version",
+        "a segment claiming version 2",
+        [mutate(full_b, lambda o: o["segment"].update(v=2))],
+        error("malformed", "unsupported version 2"),
+        id1,
+    )
+
+    # ---- evidence
+    evidence_inputs = {"identity_b64": b64(id1), "evidence_b64": b64(cj(run.evidence))}
+    add(
+        "good-evidence",
+        "evidence (a fresh quote over the log head) over the auditor's nonce",
+        "evidence",
+        evidence_inputs,
+        ok(),
+        policy(nonce=NONCE),
+    )
+    add(
+        "bad-evidence-stale-nonce",
+        "the same evidence checked against another (the auditor's current) nonce",
+        "evidence",
+        evidence_inputs,
+        error("stale-nonce", "qualifying data"),
+        policy(nonce=STALE_NONCE),
+    )
+
+    # ---- statements in a segment
+    statement_inputs = {
+        "identity_b64": b64(id1),
+        "statement_b64": b64(run.envelopes[1]),
+        "segment_b64": b64(full_b),
+    }
+    add(
+        "good-statement",
+        "a lifecycle statement (seq 3) found in a verified segment",
+        "statement",
+        statement_inputs,
+        ok(),
+        pol,
+    )
+    add(
+        "bad-statement-not-in-segment",
+        "a genuine statement from TPM boot 2 looked up in a boot-1 segment",
+        "statement",
+        {**statement_inputs, "statement_b64": b64(run.boot2_envelope)},
+        error("log-integrity", "not in the verified log segment"),
+        pol,
+    )
+
+    # ---- envelopes
+    keys = derive_keys(MASTER)
+    public = b64(raw_public_key(keys.signing.public_key()))
+    env = run.envelopes[0]
+    env_obj = json.loads(env)
+
+    def envelope(name: str, desc: str, data: bytes, expect: JsonObject, **extra: Any) -> None:
+        add(name, desc, "envelope", {"envelope_b64": b64(data), "public_key_b64": public, **extra},
+            expect, None)  # fmt: skip
+
+    envelope("good-envelope", "a DSSE envelope the embassy signed", env, ok())
+    payload = base64.b64decode(env_obj["payload"])
+    assert payload.count(b'"event":"test"') == 1
+    envelope(
+        "bad-envelope-payload-byte-changed",
+        "one byte of the payload changed",
+        cj({**env_obj, "payload": b64(payload.replace(b'"event":"test"', b'"event":"tesT"'))}),
+        error("bad-signature", "does not verify"),
+    )
+    envelope(
+        "bad-envelope-other-key",
+        "the same payload signed by another Ed25519 key",
+        sign_envelope(payload, derive_keys(OTHER_MASTER).signing),
+        error("bad-signature", "no signature by key"),
+    )
+    sig = env_obj["signatures"][0]["sig"]
+    assert sig.endswith("==")  # 64 bytes: the last symbol carries 4 unused bits
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    loose = alphabet[alphabet.index(sig[-3]) ^ 1]
+    envelope(
+        "bad-envelope-noncanonical-base64",
+        "the signature's base64 with a non-zero unused bit (decodes to the same bytes)",
+        cj({**env_obj, "signatures": [{**env_obj["signatures"][0], "sig": sig[:-3] + loose + "=="}]}),
+        error("malformed", "not in canonical form"),
+    )
+    envelope(
+        "bad-envelope-unknown-field",
+        "an unknown top-level field",
+        cj({**env_obj, "extra": 1}),
+        error("malformed", "unknown field"),
+    )
+    envelope(
+        "bad-envelope-duplicate-payload",
+        "two 'payload' keys: a parser keeping the first would read another statement",
+        env.replace(b'{"payload":', b'{"payload":"e30=","payload":', 1),
+        error("malformed", "duplicate JSON key 'payload'"),
+    )
+    pad_to = MAX_ENVELOPE_BYTES + 1
+    envelope(
+        "bad-envelope-oversize",
+        f"a valid envelope padded with trailing whitespace to {pad_to} bytes",
+        env,
+        error("malformed", "exceeds"),
+        pad_to=pad_to,
+    )
+
+    # ---- log entries
+    good_entry = entry_bytes(full, 2)
+    entry_obj = _entry_json(good_entry)
+
+    def entry(name: str, desc: str, raw: bytes, expect: JsonObject, **extra: Any) -> None:
+        add(name, desc, "entry", {"entry_b64": b64(raw), **extra}, expect, None)
+
+    entry("good-entry", "a log entry (a statement at seq 2)", good_entry, ok())
+    entry(
+        "bad-entry-negative-seq",
+        "seq -1",
+        cj({**entry_obj, "seq": -1}),
+        error("malformed", "out of range"),
+    )
+    entry(
+        "bad-entry-bool-seq",
+        "seq true (a bool is not an int on the wire)",
+        cj({**entry_obj, "seq": True}),
+        error("malformed", "expected int, got bool"),
+    )
+    entry(
+        "bad-entry-float-seq",
+        "seq 2.0",
+        good_entry.replace(b'"seq":2', b'"seq":2.0'),
+        error("malformed", "expected int, got float"),
+    )
+    entry(
+        "bad-entry-nan",
+        "reset_count NaN",
+        good_entry.replace(b'"reset_count":1', b'"reset_count":NaN'),
+        error("malformed", "NaN"),
+    )
+    entry(
+        "bad-entry-wrong-version",
+        "entry version 2",
+        cj({**entry_obj, "v": 2}),
+        error("malformed", "unsupported version 2"),
+    )
+    entry(
+        "bad-entry-unknown-field",
+        "an unknown field",
+        cj({**entry_obj, "note": "x"}),
+        error("malformed", "unknown field"),
+    )
+    entry(
+        "bad-entry-duplicate-key",
+        "two 'seq' keys",
+        good_entry.replace(b'"seq":2', b'"seq":2,"seq":3'),
+        error("malformed", "duplicate JSON key 'seq'"),
+    )
+    entry(
+        "bad-entry-non-utf8",
+        "a byte 0xff inside the type string",
+        good_entry.replace(b'"statement"', b'"st\xffement"'),
+        error("malformed", "not UTF-8"),
+    )
+    entry(
+        "bad-entry-truncated",
+        "the entry cut in half",
+        good_entry[: len(good_entry) // 2],
+        error("malformed", "invalid JSON"),
+    )
+    data_b64 = entry_obj["data"]
+    assert data_b64.endswith("=") and not data_b64.endswith("==")  # 2 unused bits
+    entry(
+        "bad-entry-noncanonical-base64",
+        "the data base64 without its padding",
+        cj({**entry_obj, "data": data_b64.rstrip("=")}),
+        error("malformed", "base64"),
+    )
+    entry(
+        "bad-entry-oversize",
+        "a valid entry padded with trailing whitespace past the 8 MiB limit",
+        good_entry,
+        error("malformed", "exceeds"),
+        pad_to=8 * 1024 * 1024 + 1,
+    )
+
+    # ---- statement payloads
+    good_payload = base64.b64decode(json.loads(run.envelopes[0])["payload"])
+
+    def statement(name: str, desc: str, raw: bytes, expect: JsonObject) -> None:
+        add(name, desc, "statement-payload", {"payload_b64": b64(raw)}, expect, None)
+
+    statement("good-statement-payload", "an in-toto statement the embassy signed", good_payload, ok())
+    statement(
+        "bad-statement-payload-negative-seq",
+        "header log seq -1",
+        good_payload.replace(b'"seq":2', b'"seq":-1'),
+        error("malformed", "negative"),
+    )
+    statement(
+        "bad-statement-payload-unknown-predicate",
+        "a predicate type the verifier does not know",
+        good_payload.replace(b"lifecycle:v1", b"lifecycle:v2"),
+        error("malformed", "unknown 'urn:embassy:predicate:lifecycle:v2'"),
+    )
+    statement(
+        "bad-statement-payload-wrong-type",
+        "in-toto Statement v0.1",
+        good_payload.replace(b"Statement/v1", b"Statement/v0.1"),
+        error("malformed", "statement._type"),
+    )
+    statement(
+        "bad-statement-payload-nan",
+        "NaN in the predicate body",
+        good_payload.replace(b'"n":0', b'"n":NaN'),
+        error("malformed", "NaN"),
+    )
+    statement(
+        "bad-statement-payload-unknown-field",
+        "an unknown top-level field",
+        cj({**json.loads(good_payload), "extra": True}),
+        error("malformed", "unknown field"),
+    )
+    statement(
+        "bad-statement-payload-unknown-header-field",
+        "an unknown field in the signed header",
+        good_payload.replace(b'"tpm_mode":', b'"x":1,"tpm_mode":'),
+        error("malformed", "unknown field"),
+    )
+    statement(
+        "bad-statement-payload-not-object",
+        "a JSON array instead of an object",
+        b"[" + good_payload + b"]",
+        error("malformed", "expected a JSON object"),
+    )
+    return out
+
+
+# -- writing and checking ----------------------------------------------------------------
+
+
+def check(directory: Path = VECTOR_DIR) -> list[str]:
+    """What differs between ``directory`` and a fresh generation (empty: up to date)."""
+    wanted = build_vectors()
+    present = {p.name for p in directory.glob("*")} if directory.is_dir() else set()
+    problems = []
+    for name in sorted(wanted):
+        if name not in present:
+            problems.append(f"missing: {name}")
+        elif (directory / name).read_bytes() != wanted[name]:
+            problems.append(f"differs: {name}")
+    problems += [f"extra: {name}" for name in sorted(present - set(wanted))]
+    return problems
+
+
+def write(directory: Path = VECTOR_DIR) -> None:
+    wanted = build_vectors()
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in directory.glob("*"):
+        if path.name not in wanted:
+            path.unlink()
+    for name, data in sorted(wanted.items()):
+        (directory / name).write_bytes(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--check", action="store_true", help="compare, do not write")
+    parser.add_argument("--dir", type=Path, default=VECTOR_DIR)
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = check(args.dir)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print("test vectors are stale: run python scripts/gen_vectors.py", file=sys.stderr)
+            return 1
+        return 0
+    write(args.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
