@@ -49,7 +49,7 @@ from embassy.log.entry import (  # noqa: E402
     encode_entry,
     quote_to_json,
 )
-from embassy.log.segment import Segment, parse_segment  # noqa: E402
+from embassy.log.segment import parse_segment  # noqa: E402
 from embassy.measure import Measurement  # noqa: E402
 from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E402
 from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope  # noqa: E402
@@ -64,7 +64,9 @@ OTHER_SEED = b"embassy-test-vectors-other-tpm"
 MASTER = bytes(range(32))
 OTHER_MASTER = bytes(range(32, 64))
 MEASUREMENT = Measurement(code=bytes(32), config=bytes([1]) * 32, policy=bytes([2]) * 32)
-WRONG_MEASUREMENT = Measurement(code=bytes([9]) * 32, config=bytes([1]) * 32, policy=bytes([2]) * 32)
+WRONG_MEASUREMENT = Measurement(
+    code=bytes([9]) * 32, config=bytes([1]) * 32, policy=bytes([2]) * 32
+)
 NONCE = hashlib.sha256(b"auditor nonce 1").digest()
 STALE_NONCE = hashlib.sha256(b"auditor nonce 0").digest()
 AT = "2026-06-01T00:00:00+00:00"
@@ -298,7 +300,7 @@ def _entry_json(raw: bytes) -> JsonObject:
     return value
 
 
-def build_vectors() -> Vectors:
+def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads best)
     with tempfile.TemporaryDirectory(prefix="embassy-vectors-") as tmp:
         run = Run(Path(tmp))
     out: Vectors = {CA_FILE: run.ca_pem}
@@ -437,7 +439,13 @@ def build_vectors() -> Vectors:
     # ---- log segments
     full = run.segment_full
     full_b = cj(full)
-    log("good-log", "the whole first run's log: start, identity, five statements", [full_b], ok(), id1)
+    log(
+        "good-log",
+        "the whole first run's log: start, identity, five statements",
+        [full_b],
+        ok(),
+        id1,
+    )
     log(
         "good-log-anchored",
         "a segment anchored at a checkpoint (checkpoint_every=3)",
@@ -473,19 +481,21 @@ def build_vectors() -> Vectors:
 
     # entries 0..6: 0 start, 1 identity, 2..6 lifecycle statements
     forged_entry = _entry_json(entry_bytes(full, 4))
-    forged_env = sign_statement(seq=4, prev=bytes.fromhex(forged_entry["prev"]), clock_ms=1, body={})
+    forged_env = sign_statement(
+        seq=4, prev=bytes.fromhex(forged_entry["prev"]), clock_ms=1, body={}
+    )
     forged_entry["data"] = b64(forged_env)
 
     def insert_forged(entries: list[str]) -> list[str]:
         # The attacker re-chains everything after the inserted entry.
         out_entries = entries[:4]
         prev = hashlib.sha256(base64.b64decode(out_entries[-1])).hexdigest()
-        for seq, raw in enumerate([cj(forged_entry)] + [base64.b64decode(e) for e in entries[4:]]):
-            obj = _entry_json(raw)
+        for seq, old in enumerate([cj(forged_entry)] + [base64.b64decode(e) for e in entries[4:]]):
+            obj = _entry_json(old)
             obj["seq"], obj["prev"] = 4 + seq, prev
-            raw = cj(obj)
-            out_entries.append(b64(raw))
-            prev = hashlib.sha256(raw).hexdigest()
+            new = cj(obj)
+            out_entries.append(b64(new))
+            prev = hashlib.sha256(new).hexdigest()
         return out_entries
 
     log(
@@ -644,7 +654,12 @@ def build_vectors() -> Vectors:
     envelope(
         "bad-envelope-noncanonical-base64",
         "the signature's base64 with a non-zero unused bit (decodes to the same bytes)",
-        cj({**env_obj, "signatures": [{**env_obj["signatures"][0], "sig": sig[:-3] + loose + "=="}]}),
+        cj(
+            {
+                **env_obj,
+                "signatures": [{**env_obj["signatures"][0], "sig": sig[:-3] + loose + "=="}],
+            }
+        ),
         error("malformed", "not in canonical form"),
     )
     envelope(
@@ -731,7 +746,8 @@ def build_vectors() -> Vectors:
         error("malformed", "invalid JSON"),
     )
     data_b64 = entry_obj["data"]
-    assert data_b64.endswith("=") and not data_b64.endswith("==")  # 2 unused bits
+    assert data_b64.endswith("=")  # the padding this vector strips
+    assert not data_b64.endswith("==")
     entry(
         "bad-entry-noncanonical-base64",
         "the data base64 without its padding",
@@ -752,7 +768,9 @@ def build_vectors() -> Vectors:
     def statement(name: str, desc: str, raw: bytes, expect: JsonObject) -> None:
         add(name, desc, "statement-payload", {"payload_b64": b64(raw)}, expect, None)
 
-    statement("good-statement-payload", "an in-toto statement the embassy signed", good_payload, ok())
+    statement(
+        "good-statement-payload", "an in-toto statement the embassy signed", good_payload, ok()
+    )
     statement(
         "bad-statement-payload-negative-seq",
         "header log seq -1",

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from embassy.errors import FreshnessError, LogIntegrityError, WireFormatError
+from embassy.errors import ConfigError, FreshnessError, LogIntegrityError, WireFormatError
 from embassy.log.segment import Segment, parse_segment
 from embassy.verify.identity import VerifiedIdentity, verify_identity_document
 from embassy.verify.policy import TrustPolicy
@@ -77,7 +77,10 @@ def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) 
         }
     if kind == "evidence":
         segment, _obj = _segment_file(read(args.file), "embassy-evidence", args.file)
-        nonce = bytes.fromhex(args.nonce)
+        try:
+            nonce = bytes.fromhex(args.nonce)
+        except ValueError:
+            raise ConfigError(f"--nonce: not hex: {args.nonce!r}") from None
         verified = verify_segment(
             segment,
             identity.segment_keys,

@@ -1,0 +1,94 @@
+"""Fixtures for an in-process embassy on a deterministic FakeTpm, and its verifier policy."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+# tests/unit has no __init__.py, so pytest puts tests/unit (not the repo root) on sys.path;
+# the shared FakeTpm lives in tests/fakes.py.
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from embassy.attest.ek import load_pem_bundle  # noqa: E402
+from embassy.config import parse_config  # noqa: E402
+from embassy.daemon.runtime import Embassy, TpmHandle  # noqa: E402
+from embassy.measure import Measurement  # noqa: E402
+from embassy.verify.policy import TrustPolicy  # noqa: E402
+from tests.fakes import FakeTpm  # noqa: E402
+
+MASTER = bytes(range(32))
+MEASUREMENT = Measurement(code=bytes(32), config=bytes([1]) * 32, policy=bytes([2]) * 32)
+AT = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def tpm() -> FakeTpm:
+    return FakeTpm(b"seed")
+
+
+class EmbassyFactory:
+    """Starts embassies on FakeTpms under ``tmp``; :meth:`crash` stops one without a word."""
+
+    def __init__(self, tmp: Path) -> None:
+        self._tmp = tmp
+        self._running: list[Embassy] = []
+
+    def __call__(self, tpm: FakeTpm, name: str = "embassy", checkpoint_every: int = 3) -> Embassy:
+        """Start (or, if ``name``'s data dir exists, restart) an embassy on ``tpm``."""
+        data_dir = self._tmp / name
+        if not data_dir.exists():
+            data_dir.mkdir(mode=0o700)
+            (data_dir / "master.sealed").write_bytes(tpm.seal(MASTER))
+        config = parse_config(
+            {
+                "data_dir": str(data_dir),
+                "socket": str(self._tmp / f"{name}.sock"),
+                "statement_log": {"checkpoint_every": checkpoint_every},
+            }
+        )
+        embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
+        self._running.append(embassy)
+        return embassy
+
+    def crash(self, embassy: Embassy) -> None:
+        """Close the log files only: no stop statement, the TPM boot goes on."""
+        self._running.remove(embassy)
+        embassy.log.close()
+
+    def close_all(self) -> None:
+        while self._running:
+            self.crash(self._running[-1])
+
+
+@pytest.fixture
+def make_embassy(tmp_path: Path) -> Iterator[EmbassyFactory]:
+    factory = EmbassyFactory(tmp_path)
+    yield factory
+    factory.close_all()
+
+
+@pytest.fixture
+def embassy(make_embassy: EmbassyFactory, tpm: FakeTpm) -> Embassy:
+    return make_embassy(tpm)
+
+
+def policy_for(tpm: FakeTpm, **changes: object) -> TrustPolicy:
+    fields: dict[str, object] = {
+        "ek_cas": tuple(load_pem_bundle(tpm.ca_pem())),
+        "expected_measurement": MEASUREMENT.digest,
+        "allow_software_tpm": True,
+        "at": AT,
+    }
+    fields.update(changes)
+    return TrustPolicy(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def policy(tpm: FakeTpm) -> TrustPolicy:
+    return policy_for(tpm)

@@ -1,0 +1,153 @@
+"""Run every pinned vector in tests/vectors/ through the verifier and check its outcome.
+
+Good vectors must verify; hostile ones must fail with exactly the error code they name (and
+a message naming the right reason). A last test regenerates the vectors in memory, so a
+change in any wire format or check that moves a vector fails here until it is regenerated
+(``python scripts/gen_vectors.py``) and the diff reviewed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import json
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from embassy.attest.ek import load_pem_bundle
+from embassy.errors import EmbassyError
+from embassy.log.entry import parse_entry
+from embassy.verify.policy import TrustPolicy
+from embassy.verify.report import run
+from embassy.wire.dsse import parse_envelope, verify_envelope
+from embassy.wire.statement import parse_statement
+
+ROOT = Path(__file__).resolve().parents[2]
+VECTOR_DIR = ROOT / "tests" / "vectors"
+VECTORS = sorted(VECTOR_DIR.glob("*.json"))
+KINDS = {"identity", "log", "evidence", "statement", "envelope", "entry", "statement-payload"}
+
+
+def _load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "gen_vectors", ROOT / "scripts" / "gen_vectors.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bytes(inputs: dict[str, Any], key: str) -> bytes:
+    data = base64.b64decode(inputs[key], validate=True)
+    pad_to = inputs.get("pad_to")
+    if pad_to is not None:
+        assert pad_to > len(data)
+        data += b" " * (pad_to - len(data))
+    return data
+
+
+def _policy(spec: dict[str, Any]) -> TrustPolicy:
+    measurement = spec.get("expected_measurement")
+    return TrustPolicy(
+        ek_cas=tuple(load_pem_bundle((VECTOR_DIR / spec["ek_ca"]).read_bytes())),
+        expected_measurement=None if measurement is None else bytes.fromhex(measurement),
+        allow_software_tpm=spec["allow_software_tpm"],
+        at=datetime.fromisoformat(spec["at"]),
+    )
+
+
+def _run_report(kind: str, files: dict[str, bytes], policy: TrustPolicy, **args: Any) -> None:
+    result = run(kind, argparse.Namespace(**args), policy, files.__getitem__)
+    assert result["ok"] is True
+
+
+def run_vector(vector: dict[str, Any]) -> None:
+    """Verify one vector's input as its kind says; raise whatever the verifier raises."""
+    kind, inputs, spec = vector["kind"], vector["input"], vector["policy"]
+    if kind == "envelope":
+        key = base64.b64decode(inputs["public_key_b64"])
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        verify_envelope(
+            parse_envelope(_bytes(inputs, "envelope_b64")),
+            Ed25519PublicKey.from_public_bytes(key),
+        )
+    elif kind == "entry":
+        parse_entry(_bytes(inputs, "entry_b64"))
+    elif kind == "statement-payload":
+        parse_statement(_bytes(inputs, "payload_b64"))
+    elif kind == "identity":
+        _run_report("identity", {"doc": _bytes(inputs, "document_b64")}, _policy(spec), file="doc")
+    elif kind == "log":
+        files = {"identity": _bytes(inputs, "identity_b64")}
+        names = []
+        for i, segment in enumerate(inputs["segments_b64"]):
+            names.append(f"segment-{i}")
+            files[names[-1]] = base64.b64decode(segment)
+        _run_report("log", files, _policy(spec), identity="identity", file=names)
+    elif kind == "evidence":
+        files = {"identity": _bytes(inputs, "identity_b64"), "ev": _bytes(inputs, "evidence_b64")}
+        _run_report(
+            "evidence", files, _policy(spec), identity="identity", file="ev", nonce=spec["nonce"]
+        )
+    elif kind == "statement":
+        files = {
+            "identity": _bytes(inputs, "identity_b64"),
+            "statement": _bytes(inputs, "statement_b64"),
+            "segment": _bytes(inputs, "segment_b64"),
+        }
+        _run_report(
+            "statement", files, _policy(spec), identity="identity", file="statement", log="segment"
+        )
+    else:
+        raise AssertionError(f"unknown vector kind {kind!r}")
+
+
+def test_vectors_exist() -> None:
+    names = {p.stem for p in VECTORS}
+    assert any(n.startswith("good-") for n in names)
+    assert any(n.startswith("bad-") for n in names)
+    kinds = {json.loads(p.read_bytes())["kind"] for p in VECTORS}
+    assert kinds == KINDS
+
+
+@pytest.mark.parametrize("path", VECTORS, ids=[p.stem for p in VECTORS])
+def test_vector(path: Path) -> None:
+    vector = json.loads(path.read_bytes())
+    assert set(vector) == {"description", "kind", "input", "policy", "expect"}
+    expect = vector["expect"]
+    assert path.stem.startswith("good-" if "ok" in expect else "bad-")
+    if expect.get("ok"):
+        run_vector(vector)
+        return
+    with pytest.raises(EmbassyError) as caught:
+        run_vector(vector)
+    assert caught.value.code == expect["error"], caught.value.message
+    assert expect["message"] in caught.value.message
+
+
+def test_vectors_are_up_to_date() -> None:
+    problems = _load_generator().check(VECTOR_DIR)
+    assert problems == [], "run python scripts/gen_vectors.py and review the diff"
+
+
+def test_check_reports_drift(tmp_path: Path) -> None:
+    generator = _load_generator()
+    generator.write(tmp_path)
+    assert generator.check(tmp_path) == []
+    (tmp_path / "good-entry.json").write_bytes(b"{}\n")
+    (tmp_path / "good-log.json").unlink()
+    (tmp_path / "stray.json").write_bytes(b"{}\n")
+    assert generator.check(tmp_path) == [
+        "differs: good-entry.json",
+        "missing: good-log.json",
+        "extra: stray.json",
+    ]
+    assert generator.main(["--check", "--dir", str(tmp_path)]) == 1
