@@ -26,6 +26,8 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── CertificateError         the EK certificate does not chain to the named CA
     │   ├── KeyBindingError          a key does not match the one the evidence binds
     │   └── SoftwareTpmError         software-TPM evidence without allow_software_tpm
+    ├── PolicyError                  refused by policy (e.g. a workload that could lift its seal)
+    ├── SealError                    the firewall could not be put in (or out of) the sealed state
     ├── TpmError                     the TPM (or swtpm) failed or is unreachable
     └── StorageError                 durable state is unreadable or inconsistent
         └── TamperError              durable state disagrees with the TPM: refuse to continue
@@ -114,6 +116,14 @@ class KeyBindingError(VerificationError):
 
 class SoftwareTpmError(VerificationError):
     code = "software-tpm"
+
+
+class PolicyError(EmbassyError):
+    code = "policy-refused"
+
+
+class SealError(EmbassyError):
+    code = "seal-failed"
 
 
 class TpmError(EmbassyError):
