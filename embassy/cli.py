@@ -111,7 +111,12 @@ def _cmd_identity(args: argparse.Namespace) -> int:
 
     socket_path = Path(args.socket)
     doc = call(socket_path, "GET", "/v1/identity")
-    if not args.no_activate:
+    if args.no_activate:
+        sys.stderr.write(
+            "identity: WARNING --no-activate: the AK is not proven to live in the TPM whose "
+            "EK certificate the document carries\n"
+        )
+    else:
         _activate(socket_path, doc)
         sys.stderr.write(
             "identity: credential activation passed: the AK is in the TPM that "

@@ -22,7 +22,14 @@ from typing import Any
 import embassy
 from embassy.config import Config
 from embassy.errors import WireFormatError
-from embassy.wire.codec import canonical_json, field, hex_decode, only_fields, parse_json_object
+from embassy.wire.codec import (
+    JsonObject,
+    canonical_json,
+    field,
+    hex_decode,
+    only_fields,
+    parse_json_object,
+)
 
 MEASUREMENT_VERSION = 1
 _SKIP_DIRS = {"__pycache__"}
@@ -48,20 +55,24 @@ class Measurement:
             )
         ).digest()
 
+    def to_json(self) -> JsonObject:
+        return {
+            "v": MEASUREMENT_VERSION,
+            "code": self.code.hex(),
+            "config": self.config.hex(),
+            "policy": self.policy.hex(),
+            "measurement": self.digest.hex(),
+        }
+
     def encode(self) -> bytes:
-        return canonical_json(
-            {
-                "v": MEASUREMENT_VERSION,
-                "code": self.code.hex(),
-                "config": self.config.hex(),
-                "policy": self.policy.hex(),
-                "measurement": self.digest.hex(),
-            }
-        )
+        return canonical_json(self.to_json())
 
 
 def parse_measurement(data: bytes) -> Measurement:
-    obj = parse_json_object(data, "measurement")
+    return measurement_from_json(parse_json_object(data, "measurement"))
+
+
+def measurement_from_json(obj: JsonObject) -> Measurement:
     only_fields(obj, {"v", "code", "config", "policy", "measurement"}, "measurement")
     if field(obj, "v", int, "measurement") != MEASUREMENT_VERSION:
         raise WireFormatError("measurement: unsupported version")

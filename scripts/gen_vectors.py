@@ -49,6 +49,7 @@ from embassy.log.entry import (  # noqa: E402
     encode_entry,
     quote_to_json,
 )
+from embassy.log.event import EVENT_PAYLOAD_TYPE, encode_event  # noqa: E402
 from embassy.log.segment import parse_segment  # noqa: E402
 from embassy.measure import Measurement  # noqa: E402
 from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E402
@@ -120,6 +121,12 @@ def sign_statement(
     return sign_envelope(payload, derive_keys(master).signing)
 
 
+def signed_start(master: bytes = MASTER) -> bytes:
+    """The embassy-start event at seq 0, signed as an honest embassy signs it."""
+    payload = encode_event(EntryType.EMBASSY_START.value, 0, GENESIS, MEASUREMENT.to_json())
+    return sign_envelope(payload, derive_keys(master).signing, EVENT_PAYLOAD_TYPE)
+
+
 def forge_segment(items: list[tuple[EntryType, bytes]], *, quote_at_ms: int = 5000) -> JsonObject:
     """A segment of boot 1 holding ``items`` in order, chained, extended into a fresh FakeTpm
     with the vectors' seed (so its AK is the embassy's) and closed by a real quote."""
@@ -156,7 +163,7 @@ def forged_log(order: list[int], signers: dict[int, bytes] | None = None) -> Jso
     signers = signers or {}
     start = encode_entry(
         seq=0, prev=GENESIS, reset_count=1, pcr=EMBASSY_PCR, type=EntryType.EMBASSY_START,
-        data=MEASUREMENT.encode(),
+        data=signed_start(),
     )  # fmt: skip
     honest: list[bytes] = []
     prev = start.digest
@@ -172,7 +179,7 @@ def forged_log(order: list[int], signers: dict[int, bytes] | None = None) -> Jso
         prev = encode_entry(
             seq=seq, prev=prev, reset_count=1, pcr=LOG_PCR, type=EntryType.STATEMENT, data=env
         ).digest
-    items = [(EntryType.EMBASSY_START, MEASUREMENT.encode())]
+    items = [(EntryType.EMBASSY_START, signed_start())]
     items += [(EntryType.STATEMENT, honest[i - 1]) for i in order]
     return forge_segment(items)
 
@@ -180,9 +187,9 @@ def forged_log(order: list[int], signers: dict[int, bytes] | None = None) -> Jso
 def forged_clock_log() -> JsonObject:
     start = encode_entry(
         seq=0, prev=GENESIS, reset_count=1, pcr=EMBASSY_PCR, type=EntryType.EMBASSY_START,
-        data=MEASUREMENT.encode(),
+        data=signed_start(),
     )  # fmt: skip
-    items = [(EntryType.EMBASSY_START, MEASUREMENT.encode())]
+    items = [(EntryType.EMBASSY_START, signed_start())]
     prev = start.digest
     for seq, clock_ms in ((1, 1500), (2, 1200)):
         env = sign_statement(seq=seq, prev=prev, clock_ms=clock_ms, body={"event": "test"})

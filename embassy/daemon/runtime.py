@@ -88,7 +88,7 @@ class Embassy:
             )
             self.log.recover()
             self.measurement = measurement or measure(config)
-            start = self.log.append_event(EntryType.EMBASSY_START, self.measurement.encode())
+            start = self.log.append_event(EntryType.EMBASSY_START, self.measurement.to_json())
             subjects, body = identity_body(
                 self.keys, tpm_device, config.pcrs, self.measurement, start
             )

@@ -20,7 +20,7 @@ from typing import Any
 from embassy.config import PcrLayout
 from embassy.daemon.keys import EmbassyKeys
 from embassy.daemon.logstore import AppendFile
-from embassy.errors import LogIntegrityError, TamperError
+from embassy.errors import EmbassyError, LogIntegrityError, TamperError
 from embassy.log.entry import (
     GENESIS,
     Checkpoint,
@@ -31,7 +31,9 @@ from embassy.log.entry import (
     parse_checkpoint_bytes,
     parse_entry,
 )
+from embassy.log.event import EVENT_PAYLOAD_TYPE, encode_event
 from embassy.log.segment import Segment, check_chain, replay
+from embassy.log.verify_entry import authenticate_entry
 from embassy.tpm.interface import Tpm
 from embassy.wire.codec import canonical_json
 from embassy.wire.dsse import sign_envelope
@@ -108,6 +110,15 @@ class StatementLog:
                 return
             if boot and actual == replay(boot[:-1], {}, roles):
                 last = boot[-1]
+                # Only an entry this embassy signed for exactly this position is repaired;
+                # a line appended to the file by someone else is tampering.
+                try:
+                    authenticate_entry(last, self._keys.signing.public_key())
+                except EmbassyError as exc:
+                    raise TamperError(
+                        f"log.jsonl: unextended last entry seq {last.seq} is not one this "
+                        f"embassy signed ({exc.message})"
+                    ) from None
                 _LOG.warning(
                     "log: entry seq %d was written but not extended (crash in between); "
                     "extending it now",
@@ -150,10 +161,16 @@ class StatementLog:
         head = self.head
         return (0, GENESIS) if head is None else (head.seq + 1, head.digest)
 
-    def append_event(self, entry_type: EntryType, data: bytes) -> LogEntry:
-        """Record a non-statement event (e.g. a daemon start) in the embassy PCR."""
+    def append_event(self, entry_type: EntryType, body: Mapping[str, Any]) -> LogEntry:
+        """Record a signed, position-bound event (a daemon start, a launch input) in the
+        embassy PCR."""
         with self._lock:
             seq, prev = self._next()
+            data = sign_envelope(
+                encode_event(entry_type.value, seq, prev, body),
+                self._keys.signing,
+                EVENT_PAYLOAD_TYPE,
+            )
             return self._append_locked(
                 pcr=self._pcrs.embassy,
                 entry_type=entry_type,

@@ -44,6 +44,13 @@ class EntryType(enum.StrEnum):
     """What an entry records. Each type goes to exactly one PCR role."""
 
     EMBASSY_START = "embassy-start"  # the measurement, at every daemon start
+    LAUNCH_IMAGE = "launch-image"  # workload launch inputs, before it starts ...
+    LAUNCH_COMMAND = "launch-command"
+    LAUNCH_ENV = "launch-env"
+    LAUNCH_PORTS = "launch-ports"
+    LAUNCH_LIMITS = "launch-limits"
+    LAUNCH_SEAL_POLICY = "launch-seal-policy"
+    LAUNCH_SEPARATOR = "launch-separator"  # ... closed by a separator
     STATEMENT = "statement"  # a DSSE envelope the embassy signed
 
 

@@ -96,7 +96,8 @@ def check_chain(entries: Sequence[LogEntry], *, after_seq: int | None, after: by
             if entry.seq != prev_seq + 1:
                 missing = entry.seq - prev_seq - 1
                 raise LogIntegrityError(
-                    f"entry seq {entry.seq} follows seq {prev_seq}: {missing} entries missing"
+                    f"entry seq {entry.seq} follows seq {prev_seq}: {missing} entries missing "
+                    "or out of order"
                 )
         if prev_digest is not None and entry.prev != prev_digest:
             raise LogIntegrityError(

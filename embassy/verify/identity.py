@@ -26,9 +26,11 @@ from embassy.errors import (
     PcrMismatchError,
     WireFormatError,
 )
-from embassy.log.entry import EntryType
+from embassy.log.entry import EntryType, LogEntry
+from embassy.log.event import Event
 from embassy.log.segment import parse_segment
-from embassy.measure import Measurement, parse_measurement
+from embassy.log.verify_entry import authenticate_entry
+from embassy.measure import Measurement, measurement_from_json
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.segment import SegmentKeys, VerifiedSegment, verify_segment
 from embassy.wire.codec import b64decode, field, hex_decode, parse_json_object
@@ -116,7 +118,7 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
     )
     checks += [c for c in verified.checks if c not in checks]
 
-    measurement = _verify_measurement(claimed, segment.entries, embassy_pcr, policy)
+    measurement = _verify_measurement(claimed, segment.entries, embassy_pcr, signing_key, policy)
     checks.append("measurement")
     _verify_boot_pcrs(segment.head.quote.pcrs, policy)
     if policy.expected_pcrs:
@@ -150,7 +152,11 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
 
 
 def _verify_measurement(
-    statement: Statement, entries: tuple[Any, ...], embassy_pcr: int, policy: TrustPolicy
+    statement: Statement,
+    entries: tuple[LogEntry, ...],
+    embassy_pcr: int,
+    signing_key: Ed25519PublicKey,
+    policy: TrustPolicy,
 ) -> Measurement:
     what = "identity predicate.measurement"
     m = field(dict(statement.body), "measurement", dict, "identity predicate")
@@ -162,7 +168,9 @@ def _verify_measurement(
             f"identity names start entry seq {start_seq}, but the latest start event in its "
             "segment is not that entry"
         )
-    measurement = parse_measurement(starts[-1].data)
+    event = authenticate_entry(starts[-1], signing_key)
+    assert isinstance(event, Event)
+    measurement = measurement_from_json(event.body)
     if measurement.digest != claimed:
         raise MeasurementMismatchError(
             "the identity statement's measurement differs from the "

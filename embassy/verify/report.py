@@ -11,14 +11,15 @@ from embassy.log.segment import Segment, parse_segment
 from embassy.verify.identity import VerifiedIdentity, verify_identity_document
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.segment import VerifiedSegment, verify_segment
-from embassy.wire.codec import parse_json_object
+from embassy.wire.codec import field, only_fields, parse_json_object
 
 Reader = Callable[[str], bytes]
 
 
 def _segment_file(data: bytes, kind: str, what: str) -> tuple[Segment, dict[str, Any]]:
     obj = parse_json_object(data, what)
-    if obj.get("v") != 1 or obj.get("type") != kind:
+    only_fields(obj, {"v", "type", "segment", "nonce"}, what)
+    if field(obj, "v", int, what) != 1 or field(obj, "type", str, what) != kind:
         raise WireFormatError(f"{what}: expected v 1 and type {kind!r}")
     return parse_segment(obj.get("segment"), f"{what}.segment"), obj
 
@@ -29,6 +30,8 @@ def _identity_facts(identity: VerifiedIdentity) -> list[str]:
         f"signing key {identity.keys['signing']['keyid']}",
         f"AK name {identity.ak.name().hex()}",
         f"TPM mode {identity.tpm_mode.value}, boot {identity.segment.reset_count}",
+        "AK-EK link: not provable offline; `embassy identity` proves it live by credential "
+        "activation (a document alone could pair a real EK certificate with another TPM's AK)",
     ]
 
 

@@ -19,8 +19,8 @@ from embassy.errors import (
 )
 from embassy.log.entry import Checkpoint, EntryType, LogEntry, checkpoint_qualifying_data
 from embassy.log.segment import Segment, check_chain, replay
-from embassy.wire.dsse import parse_envelope, verify_envelope
-from embassy.wire.statement import Statement, parse_statement
+from embassy.log.verify_entry import authenticate_entry
+from embassy.wire.statement import Statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +60,12 @@ def _verify_checkpoint_quote(
     return attest.clock
 
 
-def _check_clocks(statements: list[LoggedStatement], head: ClockInfo) -> None:
-    prev: ClockInfo | None = None
+def _check_clocks(
+    statements: list[LoggedStatement], head: ClockInfo, *, floor: ClockInfo | None
+) -> None:
+    """Within a boot, TPM time only moves forward: from the anchor's quote (``floor``),
+    through each statement, to the quote that closes the segment."""
+    prev: ClockInfo | None = floor
     for item in statements:
         clock = item.statement.header.clock
         if clock.reset_count != item.entry.reset_count:
@@ -92,9 +96,9 @@ def _check_clocks(statements: list[LoggedStatement], head: ClockInfo) -> None:
         raise ClockError("a statement is dated after the quote that closes its segment")
 
 
-def _verify_ends(segment: Segment, keys: SegmentKeys) -> dict[int, bytes]:
+def _verify_ends(segment: Segment, keys: SegmentKeys) -> tuple[dict[int, bytes], ClockInfo | None]:
     """Check the segment's closing quote names its last entry, and its anchor (if any) its
-    first; return the PCR values the replay starts from."""
+    first; return the PCR values the replay starts from and the anchor's TPM clock."""
     entries = segment.entries
     if not entries:
         raise LogIntegrityError("segment has no entries")
@@ -107,7 +111,7 @@ def _verify_ends(segment: Segment, keys: SegmentKeys) -> dict[int, bytes]:
     anchor = segment.anchor
     if anchor is None:
         check_chain(entries, after_seq=None, after=None)
-        return {}
+        return {}, None
     anchor_clock = _verify_checkpoint_quote(
         anchor, keys.ak, checkpoint_qualifying_data(anchor.seq, anchor.head), QuoteError
     )
@@ -117,7 +121,7 @@ def _verify_ends(segment: Segment, keys: SegmentKeys) -> dict[int, bytes]:
     roles = (keys.embassy_pcr, keys.log_pcr)
     if any(p not in anchor.quote.pcrs for p in roles):
         raise QuoteError("the anchor quote does not cover the log's PCRs")
-    return {p: anchor.quote.pcrs[p] for p in roles}
+    return {p: anchor.quote.pcrs[p] for p in roles}, anchor_clock
 
 
 def _verify_replay(segment: Segment, keys: SegmentKeys, start: dict[int, bytes]) -> None:
@@ -134,23 +138,28 @@ def _verify_replay(segment: Segment, keys: SegmentKeys, start: dict[int, bytes])
             )
 
 
-def _verify_statement(
-    entry: LogEntry, keys: SegmentKeys, allow_software_tpm: bool
-) -> LoggedStatement:
-    if entry.pcr != keys.log_pcr:
-        raise LogIntegrityError(f"statement seq {entry.seq} is not in the log PCR")
-    statement = parse_statement(verify_envelope(parse_envelope(entry.data), keys.signing))
-    if statement.header.seq != entry.seq or statement.header.prev != entry.prev:
-        raise LogIntegrityError(
-            f"statement signed for log position {statement.header.seq} sits at "
-            f"seq {entry.seq}: it was moved"
-        )
-    if statement.header.tpm_mode is TpmMode.SOFTWARE and not allow_software_tpm:
-        raise SoftwareTpmError(
-            f"statement seq {entry.seq} was made with a software TPM (no hardware root "
-            "of trust); pass --allow-software-tpm to accept it for testing"
-        )
-    return LoggedStatement(entry, entry.data, statement)
+def _verify_entries(
+    entries: tuple[LogEntry, ...], keys: SegmentKeys, allow_software_tpm: bool
+) -> list[LoggedStatement]:
+    """Authenticate every entry (statements and events) and return the statements."""
+    statements = []
+    for entry in entries:
+        wanted_pcr = keys.log_pcr if entry.type is EntryType.STATEMENT else keys.embassy_pcr
+        if entry.pcr != wanted_pcr:
+            raise LogIntegrityError(
+                f"entry seq {entry.seq} ({entry.type.value}) is extended into PCR {entry.pcr}, "
+                f"not PCR {wanted_pcr}"
+            )
+        authenticated = authenticate_entry(entry, keys.signing)
+        if not isinstance(authenticated, Statement):
+            continue
+        if authenticated.header.tpm_mode is TpmMode.SOFTWARE and not allow_software_tpm:
+            raise SoftwareTpmError(
+                f"statement seq {entry.seq} was made with a software TPM (no hardware root "
+                "of trust); pass --allow-software-tpm to accept it for testing"
+            )
+        statements.append(LoggedStatement(entry, entry.data, authenticated))
+    return statements
 
 
 def verify_segment(
@@ -167,7 +176,7 @@ def verify_segment(
     ordinary checkpoint (bound to the head entry); a caller's nonce comes with
     ``freshness_error=FreshnessError``.
     """
-    start = _verify_ends(segment, keys)
+    start, start_clock = _verify_ends(segment, keys)
     checks = ["anchor-quote"] if segment.anchor else []
     checks.append("hash-chain")
     head = segment.head
@@ -186,13 +195,9 @@ def verify_segment(
         )
     _verify_replay(segment, keys, start)
     checks.append("pcr-replay")
-    statements = [
-        _verify_statement(e, keys, allow_software_tpm)
-        for e in segment.entries
-        if e.type is EntryType.STATEMENT
-    ]
-    checks.append("statement-signatures")
-    _check_clocks(statements, head_clock)
+    statements = _verify_entries(segment.entries, keys, allow_software_tpm)
+    checks.append("entry-signatures")
+    _check_clocks(statements, head_clock, floor=start_clock)
     checks.append("tpm-clock")
     return VerifiedSegment(
         tuple(statements), segment.entries, head_clock, head_clock.reset_count, tuple(checks)

@@ -25,8 +25,10 @@ from embassy.log.entry import (
 )
 from embassy.log.segment import Segment, check_chain, extend, parse_segment, replay
 from embassy.wire.codec import canonical_json
+from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import LIFECYCLE_V1
 from tests.fakes import FakeTpm
+from tests.unit.conftest import EmbassyFactory
 
 
 def chain(n: int, reset_count: int = 1) -> list[LogEntry]:
@@ -273,3 +275,56 @@ def test_recover_refuses_a_log_from_a_later_boot(tmp_path: Path, tpm: FakeTpm) -
     with pytest.raises(TamperError, match="after the TPM's current boot 0"):
         reopened.recover()
     reopened.close()
+
+
+def test_recover_refuses_to_extend_a_line_it_did_not_sign(
+    make_embassy: EmbassyFactory, tpm: FakeTpm
+) -> None:
+    """Someone who can write log.jsonl (but not sign) appends a chained, well-formed start
+    event. Repair would extend it into the PCR and make it part of the verified log; it must
+    be refused as tampering instead."""
+    embassy = make_embassy(tpm)
+    head = embassy.log.head
+    assert head is not None
+    make_embassy.crash(embassy)
+    forged = encode_entry(
+        seq=head.seq + 1, prev=head.digest, reset_count=tpm.reset_count, pcr=13,
+        type=EntryType.EMBASSY_START, data=b'{"v":1}',
+    )  # fmt: skip
+    log_file = embassy.config.data_dir / "log.jsonl"
+    log_file.write_bytes(log_file.read_bytes() + forged.raw + b"\n")
+    before = tpm.read_pcrs([13, 14])
+    with pytest.raises(TamperError, match="not one this embassy signed"):
+        make_embassy(tpm)
+    assert tpm.read_pcrs([13, 14]) == before, "nothing was extended"
+
+
+def test_recover_extends_its_own_unextended_entry_after_a_crash(
+    make_embassy: EmbassyFactory, tpm: FakeTpm
+) -> None:
+    embassy = make_embassy(tpm)
+    head = embassy.log.head
+    assert head is not None
+    real_extend = tpm.extend
+
+    def crash_before_extend(pcr: int, digest: bytes) -> None:
+        raise RuntimeError("killed between fsync and extend")
+
+    tpm.extend = crash_before_extend  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        embassy.log.append_statement(LIFECYCLE_V1, [], {"event": "half-done"})
+    tpm.extend = real_extend  # type: ignore[method-assign]
+    make_embassy.crash(embassy)
+    assert (
+        tpm.read_pcrs([14])
+        != replay(
+            [e for e in embassy.log.entries if e.reset_count == tpm.reset_count], {}, (13, 14)
+        )[14]
+    ), "the crash left the PCR one entry behind the file"
+    restarted = make_embassy(tpm)  # recover() repairs, then the start event is appended
+    entries = restarted.log.entries
+    half_done = entries[head.seq + 1]
+    assert half_done.type is EntryType.STATEMENT
+    assert b"half-done" in parse_envelope(half_done.data).payload
+    boot = [e for e in entries if e.reset_count == tpm.reset_count]
+    assert tpm.read_pcrs([13, 14]) == replay(boot, {}, (13, 14))

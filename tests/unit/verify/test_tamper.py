@@ -33,8 +33,8 @@ from embassy.log.entry import (
     encode_entry,
     quote_to_json,
 )
+from embassy.log.event import EVENT_PAYLOAD_TYPE, encode_event
 from embassy.log.segment import parse_segment
-from embassy.measure import Measurement
 from embassy.verify.identity import VerifiedIdentity, verify_identity_document
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.report import verify_segments
@@ -100,12 +100,16 @@ def signed(
     return sign_envelope(Statement(LIFECYCLE_V1, (), header, {"event": "x"}).encode(), key)
 
 
-def forge(
-    tpm: FakeTpm, measurement: Measurement, envelopes: list[bytes], quote_ms: int = 10_000
-) -> Doc:
+def start_event(embassy: Embassy) -> bytes:
+    """The embassy-start event at seq 0 as the embassy signs it (events are signed too)."""
+    payload = encode_event(EntryType.EMBASSY_START.value, 0, GENESIS, embassy.measurement.to_json())
+    return sign_envelope(payload, embassy.keys.signing, EVENT_PAYLOAD_TYPE)
+
+
+def forge(tpm: FakeTpm, start: bytes, envelopes: list[bytes], quote_ms: int = 10_000) -> Doc:
     """A boot's log (start event, then ``envelopes``) extended into ``tpm`` and closed by a
     genuine checkpoint quote: what an attacker who can extend and quote the TPM produces."""
-    items = [(EntryType.EMBASSY_START, 13, measurement.encode())]
+    items = [(EntryType.EMBASSY_START, 13, start)]
     items += [(EntryType.STATEMENT, 14, env) for env in envelopes]
     prev, entries = GENESIS, []
     for seq, (kind, pcr, data) in enumerate(items):
@@ -205,10 +209,10 @@ def test_statement_by_another_key_in_a_replayed_log(
     other = Ed25519PrivateKey.from_private_bytes(bytes(32))
     start = encode_entry(
         seq=0, prev=GENESIS, reset_count=1, pcr=13, type=EntryType.EMBASSY_START,
-        data=embassy.measurement.encode(),
+        data=start_event(embassy),
     )  # fmt: skip
     forged = forge(
-        attacker, embassy.measurement, [signed(other, seq=1, prev=start.digest, clock_ms=2000)]
+        attacker, start_event(embassy), [signed(other, seq=1, prev=start.digest, clock_ms=2000)]
     )
     with pytest.raises(SignatureError, match="carries no signature by key"):
         check_log(forged, ident)
@@ -317,16 +321,16 @@ def test_statement_moved_to_another_position(embassy: Embassy, ident: VerifiedId
     key = embassy.keys.signing
     start = encode_entry(
         seq=0, prev=GENESIS, reset_count=1, pcr=13, type=EntryType.EMBASSY_START,
-        data=embassy.measurement.encode(),
+        data=start_event(embassy),
     )  # fmt: skip
     first = signed(key, seq=1, prev=start.digest, clock_ms=2000)
     first_entry = encode_entry(
         seq=1, prev=start.digest, reset_count=1, pcr=14, type=EntryType.STATEMENT, data=first
     )
     second = signed(key, seq=2, prev=first_entry.digest, clock_ms=3000)
-    honest = forge(FakeTpm(b"seed"), embassy.measurement, [first, second])
+    honest = forge(FakeTpm(b"seed"), start_event(embassy), [first, second])
     assert len(check_log(honest, ident).statements) == 2  # the forging itself is sound
-    moved = forge(FakeTpm(b"seed"), embassy.measurement, [second, first])
+    moved = forge(FakeTpm(b"seed"), start_event(embassy), [second, first])
     with pytest.raises(LogIntegrityError, match="signed for log position 2 sits at seq 1"):
         check_log(moved, ident)
 
@@ -339,7 +343,7 @@ def _clock_log(embassy: Embassy, clocks: list[int], quote_ms: int) -> Doc:
     envelopes = []
     start = encode_entry(
         seq=0, prev=GENESIS, reset_count=1, pcr=13, type=EntryType.EMBASSY_START,
-        data=embassy.measurement.encode(),
+        data=start_event(embassy),
     )  # fmt: skip
     prev = start.digest
     for seq, ms in enumerate(clocks, start=1):
@@ -348,7 +352,7 @@ def _clock_log(embassy: Embassy, clocks: list[int], quote_ms: int) -> Doc:
         prev = encode_entry(
             seq=seq, prev=prev, reset_count=1, pcr=14, type=EntryType.STATEMENT, data=env
         ).digest
-    return forge(FakeTpm(b"seed"), embassy.measurement, envelopes, quote_ms)
+    return forge(FakeTpm(b"seed"), start_event(embassy), envelopes, quote_ms)
 
 
 def test_clock_going_backwards(embassy: Embassy, ident: VerifiedIdentity) -> None:
@@ -365,11 +369,11 @@ def test_statement_dated_after_its_closing_quote(embassy: Embassy, ident: Verifi
 def test_statement_claims_another_boot(embassy: Embassy, ident: VerifiedIdentity) -> None:
     start = encode_entry(
         seq=0, prev=GENESIS, reset_count=1, pcr=13, type=EntryType.EMBASSY_START,
-        data=embassy.measurement.encode(),
+        data=start_event(embassy),
     )  # fmt: skip
     env = signed(embassy.keys.signing, seq=1, prev=start.digest, clock_ms=2000, reset_count=7)
     with pytest.raises(ClockError, match="claims TPM boot 7 but its entry is in boot 1"):
-        check_log(forge(FakeTpm(b"seed"), embassy.measurement, [env]), ident)
+        check_log(forge(FakeTpm(b"seed"), start_event(embassy), [env]), ident)
 
 
 # -- identity policy ----------------------------------------------------------------------
