@@ -5,9 +5,9 @@ Exit codes (the one place they are decided):
 ====  ===========================================================
 0     everything checked / the command did what it says
 1     verification failed (the reason is printed)
-2     usage or config error
+2     usage or config error, or a launch refused by policy
 3     malformed input (a file that is not what it claims)
-4     TPM error
+4     TPM or firewall error
 5     durable state unreadable or tampered
 6     the daemon refused the request
 7     cannot reach the daemon
@@ -27,7 +27,9 @@ from typing import Any
 from embassy.errors import (
     ConfigError,
     EmbassyError,
+    PolicyError,
     RequestError,
+    SealError,
     StorageError,
     TpmError,
     VerificationError,
@@ -37,8 +39,10 @@ from embassy.errors import (
 _EXIT: tuple[tuple[type[EmbassyError], int], ...] = (
     (VerificationError, 1),
     (ConfigError, 2),
+    (PolicyError, 2),
     (WireFormatError, 3),
     (TpmError, 4),
+    (SealError, 4),
     (StorageError, 5),
     (RequestError, 6),
 )

@@ -14,6 +14,7 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── NotFoundError            no such route or object
     │   ├── MethodNotAllowedError
     │   ├── PayloadTooLargeError
+    │   ├── ForbiddenError           the caller does not hold what the request needs (a session)
     │   └── ConflictError            the request contradicts stored state
     ├── VerificationError            evidence that does not check; the verifier raises these
     │   ├── SignatureError           a DSSE or quote signature does not verify
@@ -68,6 +69,10 @@ class MethodNotAllowedError(RequestError):
 
 class PayloadTooLargeError(RequestError):
     code = "payload-too-large"
+
+
+class ForbiddenError(RequestError):
+    code = "forbidden"
 
 
 class ConflictError(RequestError):

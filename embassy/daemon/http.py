@@ -24,10 +24,13 @@ from urllib.parse import parse_qs, urlsplit
 from embassy.errors import (
     ConflictError,
     EmbassyError,
+    ForbiddenError,
     MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
+    PolicyError,
     RequestError,
+    SealError,
     StorageError,
     TpmError,
     VerificationError,
@@ -42,11 +45,14 @@ _STATUS: tuple[tuple[type[EmbassyError], int], ...] = (
     (NotFoundError, 404),
     (MethodNotAllowedError, 405),
     (PayloadTooLargeError, 413),
+    (ForbiddenError, 403),
+    (PolicyError, 403),
     (ConflictError, 409),
     (RequestError, 400),
     (WireFormatError, 400),
     (VerificationError, 422),
     (TpmError, 503),
+    (SealError, 503),
     (StorageError, 500),
 )
 
