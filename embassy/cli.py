@@ -7,7 +7,7 @@ Exit codes (the one place they are decided):
 1     verification failed (the reason is printed)
 2     usage or config error, or a launch refused by policy
 3     malformed input (a file that is not what it claims)
-4     TPM or firewall error
+4     TPM, firewall or Docker error
 5     durable state unreadable or tampered
 6     the daemon refused the request
 7     cannot reach the daemon
@@ -34,6 +34,7 @@ from embassy.errors import (
     TpmError,
     VerificationError,
     WireFormatError,
+    WorkloadError,
 )
 
 _EXIT: tuple[tuple[type[EmbassyError], int], ...] = (
@@ -43,6 +44,7 @@ _EXIT: tuple[tuple[type[EmbassyError], int], ...] = (
     (WireFormatError, 3),
     (TpmError, 4),
     (SealError, 4),
+    (WorkloadError, 4),
     (StorageError, 5),
     (RequestError, 6),
 )
@@ -94,7 +96,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from embassy.config import load_config
     from embassy.daemon.runtime import serve
 
-    config = load_config(Path(args.config) if args.config else None)
+    config = load_config(Path(args.config) if args.config else None, os.environ)
     logs.configure(config.log_level)
     serve(config)
     return 0

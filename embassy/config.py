@@ -16,6 +16,7 @@ import yaml
 
 from embassy.errors import ConfigError
 from embassy.wire.codec import b64decode, b64encode
+from embassy.workload.spec import ENV_PREFIX, WORKLOAD_SCHEMA, WorkloadSpec, parse_workload
 
 # PCRs the embassy may own: not reset by software (16, 23), not locality-restricted
 # (17-22), not precomputed or used by the boot path (0-12: firmware, boot loader, UKI).
@@ -69,6 +70,20 @@ SCHEMA: tuple[Key, ...] = (
     Key("http.max_body_bytes", "int", 1 << 20, "Largest request body accepted (bytes)."),
     Key("http.timeout_seconds", "int", 30, "Per-connection read timeout (seconds)."),
     Key(
+        "debug.failpoint",
+        "str",
+        None,
+        "TESTS ONLY: the daemon kills itself (SIGKILL) at this named point of seal or unseal "
+        "(e.g. seal:after-rules). Measured, so such a daemon cannot pass for a production one.",
+    ),
+    Key(
+        "workload",
+        "workload",
+        None,
+        "The workload the embassy launches and seals (see the workload.* keys below). "
+        "Recorded as launch events in the log, not in the measurement.",
+    ),
+    Key(
         "authorities",
         "authorities",
         [],
@@ -106,6 +121,8 @@ class Config:
     max_body_bytes: int
     timeout_seconds: int
     authorities: tuple[Authority, ...]
+    failpoint: str | None = None
+    workload: WorkloadSpec | None = None
 
     def effective(self) -> dict[str, Any]:
         """The config as measured: every key, defaults filled, in schema names."""
@@ -124,6 +141,7 @@ class Config:
                 "max_body_bytes": self.max_body_bytes,
                 "timeout_seconds": self.timeout_seconds,
             },
+            "debug": {"failpoint": self.failpoint},
             "authorities": [
                 {"name": a.name, "ed25519": b64encode(a.ed25519)} for a in self.authorities
             ],
@@ -209,6 +227,7 @@ _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
     "pcr-list": _as_pcr_list,
     "authorities": _as_authorities,
     "level": _as_level,
+    "workload": lambda p, v: v,  # validated by embassy.workload.spec.parse_workload
 }
 
 
@@ -227,10 +246,17 @@ def _flatten(tree: Mapping[str, Any], prefix: str, known: set[str]) -> dict[str,
     return flat
 
 
-def parse_config(tree: Mapping[str, Any] | None) -> Config:
-    """Validate a parsed YAML tree (None: all defaults) into a :class:`Config`."""
+def parse_config(
+    tree: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a parsed YAML tree (None: all defaults) into a :class:`Config`.
+
+    ``environ`` carries the runtime metadata that may override the ``workload`` section
+    (``EMBASSY_WORKLOAD_*``); the caller passes ``os.environ`` at the edge.
+    """
     known = {k.path for k in SCHEMA}
     flat = _flatten(tree or {}, "", known)
+    workload = parse_workload(flat.pop("workload", None), environ or {})
     values: dict[str, Any] = {
         k.path: _CONVERT[k.kind](k.path, flat[k.path])
         if k.path in flat
@@ -258,13 +284,15 @@ def parse_config(tree: Mapping[str, Any] | None) -> Config:
         max_body_bytes=values["http.max_body_bytes"],
         timeout_seconds=values["http.timeout_seconds"],
         authorities=values["authorities"],
+        failpoint=values["debug.failpoint"],
+        workload=workload,
     )
 
 
-def load_config(path: Path | None) -> Config:
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML config file (None: all defaults)."""
     if path is None:
-        return parse_config(None)
+        return parse_config(None, environ)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -275,7 +303,7 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
     if tree is not None and not isinstance(tree, dict):
         raise ConfigError(f"config: {path}: top level must be a mapping")
-    return parse_config(tree)
+    return parse_config(tree, environ)
 
 
 def render_docs() -> str:
@@ -291,4 +319,17 @@ def render_docs() -> str:
     for k in SCHEMA:
         default = "null" if k.default is None else f"`{k.default}`"
         lines.append(f"| `{k.path}` | {k.kind} | {default} | {k.doc} |")
+    lines += [
+        "",
+        "## The workload section",
+        "",
+        f"Each key may also come from the environment (`{ENV_PREFIX}<VAR>`), which wins, as a",
+        "NixOS image passes runtime metadata at boot.",
+        "",
+        "| key | environment | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for w in WORKLOAD_SCHEMA:
+        env = f"`{ENV_PREFIX}{w.env}`" if w.env else ""
+        lines.append(f"| `workload.{w.name}` | {env} | {w.doc} |")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   └── SoftwareTpmError         software-TPM evidence without allow_software_tpm
     ├── PolicyError                  refused by policy (e.g. a workload that could lift its seal)
     ├── SealError                    the firewall could not be put in (or out of) the sealed state
+    ├── WorkloadError                Docker failed to do what the embassy asked
     ├── TpmError                     the TPM (or swtpm) failed or is unreachable
     └── StorageError                 durable state is unreadable or inconsistent
         └── TamperError              durable state disagrees with the TPM: refuse to continue
@@ -129,6 +130,10 @@ class PolicyError(EmbassyError):
 
 class SealError(EmbassyError):
     code = "seal-failed"
+
+
+class WorkloadError(EmbassyError):
+    code = "workload-error"
 
 
 class TpmError(EmbassyError):

@@ -14,6 +14,14 @@ mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' \
 mirror=${mirror:-http://deb.debian.org/debian}
 
 have() { [ "${FORCE:-0}" != 1 ] && docker image inspect "$1" >/dev/null 2>&1; }
+# The base image says what an operator may override (the embassy refuses anything else).
+if have "$base_tag" && [ -z "$(docker image inspect -f \
+    '{{index .Config.Labels "org.embassy.allow-override"}}' "$base_tag" 2>/dev/null)" ]; then
+  cid=$(docker create "$base_tag")
+  docker commit --change 'LABEL org.embassy.allow-override=command,env' "$cid" "$base_tag" \
+    >/dev/null
+  docker rm "$cid" >/dev/null
+fi
 work=$(mktemp -d /var/tmp/embassy-images.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
@@ -29,6 +37,7 @@ else
   tar --numeric-owner -C "$work/rootfs" -c . | docker import \
     --change 'CMD ["/usr/bin/python3"]' \
     --change 'LABEL org.embassy.role=workload-base' \
+    --change 'LABEL org.embassy.allow-override=command,env' \
     - "$base_tag" >/dev/null
   echo "images: built $base_tag"
 fi

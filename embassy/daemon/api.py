@@ -10,6 +10,11 @@ Routes (all JSON):
   before it), closed by a new checkpoint.
 - ``POST /v1/attestation/activate-credential``: ``{"credential_blob", "encrypted_secret"}``
   (base64); returns ``{"secret"}``, proving the AK lives in the TPM holding the EK.
+- ``POST /v1/sessions``: ``{"deadline_seconds"}``; seals the workload, then returns
+  ``{"session", "token", "deadline_unix", "statement"}`` (the seal statement, base64).
+- ``POST /v1/sessions/close``: ``{"session", "token", "output_sha256"|null}``; returns
+  ``{"statement"}`` (the unseal statement, base64); unseals after the last open session.
+- ``GET  /v1/seal``: the seal's state: open sessions, the kernel's state, the rules digest.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from typing import Any, Protocol
 
 from embassy.daemon.http import Request, Response
 from embassy.errors import MethodNotAllowedError, NotFoundError, RequestError
-from embassy.wire.codec import b64decode, b64encode, field, only_fields, parse_json_object
+from embassy.wire.codec import (
+    b64decode,
+    b64encode,
+    field,
+    hex_decode,
+    only_fields,
+    parse_json_object,
+)
 
 MIN_NONCE, MAX_NONCE = 16, 64
 
@@ -30,6 +42,11 @@ class Service(Protocol):
     def evidence(self, nonce: bytes) -> dict[str, Any]: ...
     def log_segment(self, from_seq: int) -> dict[str, Any]: ...
     def activate_credential(self, blob: bytes, secret: bytes) -> bytes: ...
+    def open_session(self, deadline_seconds: int) -> dict[str, Any]: ...
+    def close_session(
+        self, session: bytes, token: bytes, output_sha256: bytes | None
+    ) -> dict[str, Any]: ...
+    def seal_status(self) -> dict[str, Any]: ...
 
 
 def _one(request: Request, name: str) -> str:
@@ -85,6 +102,9 @@ class Api:
             "/v1/evidence": ("GET", lambda r: Response(200, service.evidence(_nonce(r)))),
             "/v1/log": ("GET", lambda r: Response(200, service.log_segment(_from_seq(r)))),
             "/v1/attestation/activate-credential": ("POST", self._activate),
+            "/v1/sessions": ("POST", self._open),
+            "/v1/sessions/close": ("POST", self._close),
+            "/v1/seal": ("GET", lambda r: Response(200, service.seal_status())),
         }
 
     def _activate(self, request: Request) -> Response:
@@ -94,6 +114,22 @@ class Api:
         secret = b64decode(field(body, "encrypted_secret", str, "request body"), "encrypted_secret")
         _check_credential_shape(blob, secret)
         return Response(200, {"secret": b64encode(self._service.activate_credential(blob, secret))})
+
+    def _open(self, request: Request) -> Response:
+        body = parse_json_object(request.body or b"{}", "request body")
+        only_fields(body, {"deadline_seconds"}, "request body")
+        deadline = field(body, "deadline_seconds", int, "request body")
+        return Response(201, self._service.open_session(deadline))
+
+    def _close(self, request: Request) -> Response:
+        body = parse_json_object(request.body, "request body")
+        what = "request body"
+        only_fields(body, {"session", "token", "output_sha256"}, what)
+        session = hex_decode(field(body, "session", str, what), "session", size=16)
+        token = b64decode(field(body, "token", str, what), "token")
+        output = body.get("output_sha256")
+        output_sha256 = None if output is None else hex_decode(output, "output_sha256", size=32)
+        return Response(200, self._service.close_session(session, token, output_sha256))
 
     def __call__(self, request: Request) -> Response:
         route = self._routes.get(request.path)

@@ -35,6 +35,7 @@ from embassy.errors import (
     TpmError,
     VerificationError,
     WireFormatError,
+    WorkloadError,
 )
 from embassy.wire.codec import canonical_json
 
@@ -53,6 +54,7 @@ _STATUS: tuple[tuple[type[EmbassyError], int], ...] = (
     (VerificationError, 422),
     (TpmError, 503),
     (SealError, 503),
+    (WorkloadError, 503),
     (StorageError, 500),
 )
 

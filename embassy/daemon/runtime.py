@@ -14,7 +14,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embassy.attest.types import TpmMode
 from embassy.config import Config
@@ -24,12 +24,17 @@ from embassy.daemon.http import UnixHttpServer
 from embassy.daemon.identity import IDENTITY_DOCUMENT_TYPE, identity_body
 from embassy.daemon.keys import load_or_create_keys
 from embassy.daemon.statement_log import StatementLog
+from embassy.errors import ConflictError
 from embassy.log.entry import EntryType
 from embassy.measure import Measurement, measure
 from embassy.tpm.device import TpmDevice
 from embassy.tpm.interface import Tpm
 from embassy.tpm.swtpm import Swtpm
+from embassy.wire.codec import b64encode
 from embassy.wire.dsse import parse_envelope
+
+if TYPE_CHECKING:
+    from embassy.daemon.sealed_workload import SealedWorkload
 from embassy.wire.statement import IDENTITY_V1, LIFECYCLE_V1
 
 _LOG = logging.getLogger(__name__)
@@ -89,6 +94,13 @@ class Embassy:
             self.log.recover()
             self.measurement = measurement or measure(config)
             start = self.log.append_event(EntryType.EMBASSY_START, self.measurement.to_json())
+            # The workload's launch inputs are logged before the identity statement, so the
+            # identity document says exactly what runs beside this embassy.
+            self.workload: SealedWorkload | None = None
+            if config.workload is not None:
+                from embassy.daemon.sealed_workload import SealedWorkload
+
+                self.workload = SealedWorkload(config, config.workload, self.log)
             subjects, body = identity_body(
                 self.keys, tpm_device, config.pcrs, self.measurement, start
             )
@@ -147,6 +159,29 @@ class Embassy:
     def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
         return self.tpm.activate_credential(blob, secret)
 
+    def _sealed(self) -> SealedWorkload:
+        if self.workload is None:
+            raise ConflictError("no workload is configured: there is nothing to seal")
+        return self.workload
+
+    def open_session(self, deadline_seconds: int) -> dict[str, Any]:
+        opened = self._sealed().sessions.open(deadline_seconds)
+        return {
+            "session": opened.session.hex(),
+            "token": b64encode(opened.token),
+            "deadline_unix": opened.deadline,
+            "statement": b64encode(opened.envelope),
+        }
+
+    def close_session(
+        self, session: bytes, token: bytes, output_sha256: bytes | None
+    ) -> dict[str, Any]:
+        envelope = self._sealed().sessions.close(session, token, output_sha256)
+        return {"statement": b64encode(envelope)}
+
+    def seal_status(self) -> dict[str, Any]:
+        return self._sealed().status()
+
     # -- shutdown --------------------------------------------------------------------------
 
     def _close_tpm(self, *, power_off: bool) -> None:
@@ -157,6 +192,8 @@ class Embassy:
     def close(self) -> None:
         """Clean stop: a signed stop statement and a checkpoint close this run's log."""
         try:
+            if self.workload is not None:
+                self.workload.close()
             self.log.append_statement(LIFECYCLE_V1, [], {"event": "stop"})
             self.log.checkpoint()
         finally:

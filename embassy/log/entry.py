@@ -49,6 +49,7 @@ class EntryType(enum.StrEnum):
     LAUNCH_ENV = "launch-env"
     LAUNCH_PORTS = "launch-ports"
     LAUNCH_LIMITS = "launch-limits"
+    LAUNCH_OPTIONS = "launch-options"
     LAUNCH_SEAL_POLICY = "launch-seal-policy"
     LAUNCH_SEPARATOR = "launch-separator"  # ... closed by a separator
     STATEMENT = "statement"  # a DSSE envelope the embassy signed

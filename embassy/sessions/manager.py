@@ -27,12 +27,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from embassy.daemon.logstore import AppendFile
 from embassy.daemon.statement_log import StatementLog
 from embassy.errors import ConflictError, ForbiddenError, NotFoundError, RequestError
 from embassy.log.entry import EntryType
+from embassy.seal.firewall import Firewall
 from embassy.sessions.journal import Op, Phase, Record, SessionState, parse_record, replay
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
@@ -46,18 +47,6 @@ from embassy.wire.statement import (
 
 _LOG = logging.getLogger(__name__)
 MAX_DEADLINE_SECONDS = 24 * 3600
-
-
-class SealedState(Protocol):
-    """What the manager needs from a firewall's state enum."""
-
-    value: str
-
-
-class Firewall(Protocol):
-    def seal(self, netns: Path) -> Any: ...  # returns rules with a ``digest`` (bytes)
-    def unseal(self, netns: Path) -> None: ...
-    def state(self, netns: Path) -> Any: ...  # an enum whose value is sealed/unsealed/partial
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +117,7 @@ class SessionManager:
         return [s for s in self._states().values() if s.is_open]
 
     def _seal(self) -> bytes:
-        rules = self._firewall.seal(self._netns())
-        digest: bytes = rules.digest
+        digest = bytes.fromhex(self._firewall.seal(self._netns()).digest)
         self._rules_sha256 = digest
         return digest
 
@@ -240,6 +228,18 @@ class SessionManager:
             for state in expired:
                 self._abort_locked(state, "deadline passed")
             return len(expired)
+
+    def reseal_if_open(self, reason: str) -> bool:
+        """Seal again if any session is open (a new network namespace appeared)."""
+        with self._lock:
+            if not self._open_sessions():
+                return False
+            before = self._firewall.state(self._netns()).value
+            self._seal()
+            self._log.append_statement(
+                LIFECYCLE_V1, [], {"event": "reseal", "reason": reason, "kernel_before": before}
+            )
+            return True
 
     def status(self) -> dict[str, Any]:
         with self._lock:

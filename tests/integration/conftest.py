@@ -44,7 +44,8 @@ class Daemon:
 
     @property
     def socket(self) -> Path:
-        return self.root / "embassy.sock"
+        # A directory of its own: it is bind-mounted into the workload.
+        return self.root / "run" / "embassy.sock"
 
     @property
     def data_dir(self) -> Path:

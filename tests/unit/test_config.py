@@ -15,8 +15,12 @@ def test_defaults_are_valid_and_complete() -> None:
     assert config.pcrs.quoted == (4, 11, 12, 13, 14)
     assert config.tpm_device is None
     effective = config.effective()
-    # Every schema key appears in the effective (measured) config.
+    # Every schema key but the workload appears in the effective (measured) config; the
+    # workload is recorded as launch events instead, so the measurement does not reveal it.
+    assert "workload" not in effective
     for key in SCHEMA:
+        if key.path == "workload":
+            continue
         node = effective
         for part in key.path.split("."):
             node = node[part]
@@ -85,3 +89,28 @@ def test_config_docs_are_generated_from_the_schema() -> None:
     assert docs.read_text() == render_docs()
     for key in SCHEMA:
         assert f"`{key.path}`" in render_docs()
+
+
+def test_workload_comes_from_the_section_and_the_environment() -> None:
+    config = parse_config(
+        {"workload": {"image": "embassy/workload-base:bookworm", "memory": "512m"}},
+        {"EMBASSY_WORKLOAD_IMAGE": "other:tag"},
+    )
+    assert config.workload is not None
+    assert (config.workload.image, config.workload.limits.memory_bytes) == (
+        "other:tag",
+        512 * 1024 * 1024,
+    )
+    assert parse_config(None).workload is None
+    with pytest.raises(ConfigError, match=r"workload\.imagee"):
+        parse_config({"workload": {"imagee": "x"}})
+
+
+def test_a_failpoint_changes_the_measured_config() -> None:
+    from embassy.measure import measure_config
+
+    plain = measure_config(parse_config(None).effective())
+    with_failpoint = measure_config(
+        parse_config({"debug": {"failpoint": "seal:after-rules"}}).effective()
+    )
+    assert plain[0] != with_failpoint[0]

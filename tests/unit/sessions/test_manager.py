@@ -6,9 +6,7 @@ firewall only records the state so every crash point can be replayed quickly.
 
 from __future__ import annotations
 
-import enum
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,8 @@ import pytest
 from embassy.daemon.runtime import Embassy
 from embassy.errors import ConflictError, ForbiddenError, NotFoundError, RequestError
 from embassy.log.entry import EntryType
+from embassy.seal.firewall import SealState
+from embassy.seal.rules import SealRules, seal_rules
 from embassy.sessions.manager import SessionManager, WorkloadIdentity
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
@@ -32,15 +32,8 @@ NETNS = Path("/proc/1/ns/net")
 WORKLOAD = WorkloadIdentity("sha256:" + "ab" * 32, "c0ffee", "h01d", bytes(32))
 
 
-class State(enum.Enum):
-    SEALED = "sealed"
-    UNSEALED = "unsealed"
-    PARTIAL = "partial"
-
-
-@dataclass(frozen=True)
-class Rules:
-    digest: bytes = hashlib.sha256(b"rules").digest()
+State = SealState
+RULES = seal_rules()
 
 
 class MemoryFirewall:
@@ -48,10 +41,13 @@ class MemoryFirewall:
         self.current = State.UNSEALED
         self.history: list[str] = []
 
-    def seal(self, netns: Path) -> Rules:
+    def prepare(self, netns: Path) -> None:
+        self.history.append("prepare")
+
+    def seal(self, netns: Path) -> SealRules:
         self.current = State.SEALED
         self.history.append("seal")
-        return Rules()
+        return RULES
 
     def unseal(self, netns: Path) -> None:
         self.current = State.UNSEALED
@@ -119,7 +115,7 @@ def test_open_seals_before_the_statement_and_close_unseals(
     assert kind == SEAL_V1
     assert body["session"] == opened.session.hex()
     assert body["seal"] == {
-        "rules_sha256": Rules().digest.hex(),
+        "rules_sha256": RULES.digest,
         "backend": "iptables-legacy-netns",
     }
     assert body["workload"] == WORKLOAD.to_json()

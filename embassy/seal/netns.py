@@ -1,0 +1,154 @@
+"""Run a function inside another network namespace, on one dedicated thread.
+
+``setns(2)`` with ``CLONE_NEWNET`` moves only the *calling thread*. python-iptables opens
+libiptc's raw socket in the calling thread's netns when a table is ``refresh()``-ed, and
+keeps one ``Table`` object per table name process-wide, so every firewall operation of the
+process runs on the single worker thread of :class:`NetnsWorker`: it enters the target
+netns, runs the function, and always returns to its home netns (the one it started in).
+
+Fail closed: if the worker cannot get home (``setns`` back fails, or it lands in a netns
+other than home), it is marked broken, the operation raises
+:class:`embassy.errors.SealError`, and every later call is refused: a thread stuck in a
+workload's netns must never run anything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from embassy.errors import SealError
+
+CLONE_NEWNET = 0x40000000
+_HOME = "/proc/thread-self/ns/net"
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_setns = _libc.setns
+_setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_setns.restype = ctypes.c_int
+
+
+def setns(fd: int) -> None:
+    """``setns(fd, CLONE_NEWNET)`` for the calling thread; OSError on failure."""
+    if _setns(fd, CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _ns_id(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+class NetnsWorker:
+    """One long-lived thread that runs functions inside network namespaces."""
+
+    def __init__(self, name: str = "embassy-netns") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._home_fd: int | None = None
+        self._home_id: tuple[int, int] | None = None
+        self._broken: str | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def broken(self) -> str | None:
+        """Why the worker refuses work, or None while it is usable."""
+        return self._broken
+
+    def run(self, netns: Path, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` inside ``netns`` on the worker thread; return or raise what it does."""
+        with self._lock:
+            if self._closed:
+                raise SealError(f"netns worker is closed (netns {netns})")
+            if self._broken is not None:
+                raise SealError(f"netns worker is unusable: {self._broken} (netns {netns})")
+            future = self._executor.submit(self._enter_and_run, netns, fn)
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the thread and close the home fd. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._executor.shutdown(wait=True)
+        if self._home_fd is not None:
+            os.close(self._home_fd)
+            self._home_fd = None
+
+    # Everything below runs on the worker thread.
+
+    def _home(self) -> int:
+        if self._home_fd is None:
+            fd = os.open(_HOME, os.O_RDONLY | os.O_CLOEXEC)
+            self._home_fd = fd
+            self._home_id = _ns_id(os.fstat(fd))
+        return self._home_fd
+
+    def _enter_and_run(self, netns: Path, fn: Callable[[], T]) -> T:
+        if self._broken is not None:
+            raise SealError(f"netns worker is unusable: {self._broken} (netns {netns})")
+        home = self._home()
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SealError(f"netns {netns}: cannot open: {exc.strerror}") from exc
+        try:
+            try:
+                setns(fd)
+            except OSError as exc:
+                raise SealError(f"netns {netns}: setns failed: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        try:
+            return fn()
+        finally:
+            self._go_home(home, netns)
+
+    def _go_home(self, home: int, netns: Path) -> None:
+        try:
+            setns(home)
+            here = _ns_id(os.stat(_HOME))
+        except OSError as exc:
+            self._broken = f"could not return home from netns {netns}: {exc.strerror}"
+            raise SealError(self._broken) from exc
+        if here != self._home_id:
+            self._broken = f"returned from netns {netns} to a netns other than home"
+            raise SealError(self._broken)
+
+
+_default: NetnsWorker | None = None
+_default_lock = threading.Lock()
+
+
+def default_worker() -> NetnsWorker:
+    """The process-wide worker (python-iptables' tables are process-wide too).
+
+    A broken worker stays the default: every later call raises (fail closed).
+    """
+    global _default  # noqa: PLW0603 - one worker per process is the point
+    with _default_lock:
+        if _default is None:
+            _default = NetnsWorker()
+        return _default
+
+
+def close_default_worker() -> None:
+    """Stop the process-wide worker (tests, benchmarks, daemon shutdown)."""
+    global _default
+    with _default_lock:
+        worker, _default = _default, None
+    if worker is not None:
+        worker.close()
+
+
+def run_in_netns(path: Path, fn: Callable[[], T]) -> T:
+    """Run ``fn()`` inside the network namespace at ``path`` on the process-wide worker."""
+    return default_worker().run(path, fn)

@@ -1,0 +1,247 @@
+"""The daemon with a real workload: launch, sessions from inside the container, fail closed.
+
+The workload talks to the embassy through the socket mounted into its container, as a
+real workload does; a canary container the test starts on the embassy's network is the
+only thing a probe ever tries to reach.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Daemon, require
+
+pytestmark = pytest.mark.integration
+
+docker = pytest.importorskip("docker")
+
+WORKLOAD = """
+workload:
+  image: embassy/workload-base:bookworm
+  command: ["python3", "-c", "import time; time.sleep(100000)"]
+"""
+
+# Runs inside the workload: one request to the embassy over the mounted Unix socket.
+CLIENT = r"""
+import http.client, json, socket, sys
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX); self.sock.connect("/run/embassy/embassy.sock")
+c = C("embassy", timeout=30)
+c.request(sys.argv[1], sys.argv[2], body=sys.argv[3] if len(sys.argv) > 3 else None)
+r = c.getresponse(); print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
+"""
+
+PROBE = r"""
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 8080), timeout=2).close(); print("open")
+except OSError as e:
+    print("blocked", e)
+"""
+
+
+@pytest.fixture
+def client() -> Iterator[Any]:
+    require("docker", "iptables-legacy-save")
+    c = docker.from_env()
+    try:
+        c.ping()
+    except docker.errors.DockerException as exc:
+        pytest.fail(f"dockerd is not running: {exc}")
+    yield c
+    c.close()
+
+
+def _embassy_id(daemon: Daemon) -> str:
+    return (daemon.data_dir / "embassy-id").read_text().strip()
+
+
+def _ours(client: Any, daemon: Daemon, role: str) -> Any:
+    found = client.containers.list(
+        all=True,
+        filters={"label": [f"org.embassy.id={_embassy_id(daemon)}", f"org.embassy.role={role}"]},
+    )
+    assert len(found) == 1, found
+    return found[0]
+
+
+class Scene:
+    """A daemon with its workload, and a canary on the embassy's network."""
+
+    def __init__(self, client: Any, daemon: Daemon) -> None:
+        self.client, self.daemon = client, daemon
+        self.workload = _ours(client, daemon, "workload")
+        network = f"embassy-{_embassy_id(daemon)}"
+        self.canary = client.containers.run(
+            "embassy/canary:latest",
+            ["sh", "-c", "mkdir -p /www && echo ok > /www/index.html && httpd -f -p 8080 -h /www"],
+            detach=True,
+            network=network,
+            labels={"org.embassy.test": "canary"},
+        )
+        self.canary.reload()
+        self.canary_ip = self.canary.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        argv = ["python3", "-c", CLIENT, method, path]
+        if body is not None:
+            argv.append(json.dumps(body))
+        code, out = self.workload.exec_run(argv)
+        assert code == 0, out.decode()
+        return json.loads(out.decode().strip().splitlines()[-1])
+
+    def reachable(self) -> bool:
+        code, out = self.workload.exec_run(["python3", "-c", PROBE, self.canary_ip])
+        assert code == 0, out.decode()
+        return out.decode().startswith("open")
+
+    def close(self) -> None:
+        self.canary.remove(force=True)
+
+
+@pytest.fixture
+def scene(client: Any, daemon_factory: type[Daemon]) -> Iterator[Scene]:
+    daemon = daemon_factory(WORKLOAD)
+    daemon.start()
+    s = Scene(client, daemon)
+    yield s
+    s.close()
+    _remove_ours(client, daemon)
+
+
+def _remove_ours(client: Any, daemon: Daemon) -> None:
+    if not (daemon.data_dir / "embassy-id").exists():
+        return
+    for c in client.containers.list(
+        all=True, filters={"label": f"org.embassy.id={_embassy_id(daemon)}"}
+    ):
+        c.remove(force=True)
+    for n in client.networks.list(names=[f"embassy-{_embassy_id(daemon)}"]):
+        n.remove()
+
+
+def test_a_session_seals_the_workload_and_the_socket_still_works(scene: Scene) -> None:
+    assert scene.reachable(), "the probe must work unsealed, or it proves nothing"
+    opened = scene.call("POST", "/v1/sessions", {"deadline_seconds": 60})
+    assert opened["status"] == 201, opened
+    assert not scene.reachable(), "sealed: no new flow to the canary"
+    status = scene.call("GET", "/v1/seal")["body"]
+    assert (status["open_sessions"], status["kernel"]) == (1, "sealed")
+    wrong = scene.call(
+        "POST",
+        "/v1/sessions/close",
+        {"session": opened["body"]["session"], "token": "AAAA" * 11, "output_sha256": None},
+    )
+    assert (wrong["status"], wrong["body"]["error"]["code"]) == (403, "forbidden")
+    assert not scene.reachable()
+    closed = scene.call(
+        "POST",
+        "/v1/sessions/close",
+        {
+            "session": opened["body"]["session"],
+            "token": opened["body"]["token"],
+            "output_sha256": "00" * 32,
+        },
+    )
+    assert closed["status"] == 200, closed
+    assert scene.reachable(), "unsealed after the last session closed"
+
+
+def test_a_sealed_workload_stays_sealed_across_a_daemon_kill(scene: Scene) -> None:
+    opened = scene.call("POST", "/v1/sessions", {"deadline_seconds": 120})["body"]
+    scene.daemon.stop(signal.SIGKILL)
+    assert not scene.reachable(), "the rules outlive the daemon"
+    scene.daemon.start()
+    assert not scene.reachable(), "restart reconciled to sealed: the session is still open"
+    closed = scene.call(
+        "POST",
+        "/v1/sessions/close",
+        {"session": opened["session"], "token": opened["token"], "output_sha256": None},
+    )
+    assert closed["status"] == 200, closed
+    assert scene.reachable()
+
+
+def test_a_refused_workload_never_starts(client: Any, daemon_factory: type[Daemon]) -> None:
+    daemon = daemon_factory(WORKLOAD.replace("  command:", "  privileged: true\n  command:"))
+    with pytest.raises(AssertionError, match="daemon exited 2"):
+        daemon.start()
+    assert "privileged" in daemon.log_text()
+    if (daemon.data_dir / "embassy-id").exists():
+        found = client.containers.list(
+            all=True, filters={"label": f"org.embassy.id={_embassy_id(daemon)}"}
+        )
+        assert found == []
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "seal:after-intent",
+        "seal:after-rules",
+        "seal:after-statement",
+        "unseal:after-intent",
+        "unseal:after-rules",
+        "unseal:after-statement",
+    ],
+)
+def test_kill_at_each_step_never_leaves_an_open_session_unsealed(
+    client: Any, daemon_factory: type[Daemon], point: str
+) -> None:
+    daemon = daemon_factory(WORKLOAD + f"debug:\n  failpoint: {point}\n")
+    daemon.start()
+    s = Scene(client, daemon)
+    try:
+        assert s.reachable()
+        delivered = None
+        if point.startswith("unseal"):
+            delivered = s.call("POST", "/v1/sessions", {"deadline_seconds": 120})["body"]
+            assert not s.reachable()
+            argv = [
+                "python3",
+                "-c",
+                CLIENT,
+                "POST",
+                "/v1/sessions/close",
+                json.dumps(
+                    {
+                        "session": delivered["session"],
+                        "token": delivered["token"],
+                        "output_sha256": None,
+                    }
+                ),
+            ]
+        else:
+            argv = ["python3", "-c", CLIENT, "POST", "/v1/sessions", '{"deadline_seconds":120}']
+        s.workload.exec_run(argv)  # the daemon dies at the failpoint, mid-request
+        assert daemon.proc is not None
+        assert daemon.proc.wait(timeout=30) == -signal.SIGKILL
+        daemon.proc = None
+        # Sealed while the daemon is down wherever the kernel was sealed at the kill: after the
+        # rules went in, and until the closing holder's unseal took them out.
+        sealed_at_kill = point in (
+            "seal:after-rules",
+            "seal:after-statement",
+            "unseal:after-intent",
+        )
+        assert s.reachable() is not sealed_at_kill
+        daemon.config_extra = WORKLOAD
+        daemon.start()
+        status = s.call("GET", "/v1/seal")["body"]
+        # Either the holder had asked to close (the session ended), or the token never left
+        # the daemon (the half-open session was aborted): nothing is open, nothing sealed.
+        assert (status["open_sessions"], status["kernel"]) == (0, "unsealed")
+        assert s.reachable()
+        # And a new session seals again after the recovery.
+        again = s.call("POST", "/v1/sessions", {"deadline_seconds": 60})
+        assert again["status"] == 201
+        assert not s.reachable()
+    finally:
+        s.close()
+        _remove_ours(client, daemon)
