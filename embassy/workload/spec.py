@@ -27,6 +27,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 from embassy.errors import ConfigError, PolicyError, WireFormatError
+from embassy.log.entry import EntryType
 from embassy.wire.codec import canonical_json
 
 Protocol = Literal["tcp", "udp"]
@@ -667,14 +668,15 @@ def check_launch_policy(
 
 # --------------------------------------------------------------------------- launch events
 
-LAUNCH_IMAGE = "launch-image"
-LAUNCH_COMMAND = "launch-command"
-LAUNCH_ENV = "launch-env"
-LAUNCH_PORTS = "launch-ports"
-LAUNCH_LIMITS = "launch-limits"
-LAUNCH_OPTIONS = "launch-options"
-LAUNCH_SEAL_POLICY = "launch-seal-policy"
-LAUNCH_SEPARATOR = "launch-separator"
+# The event names are the log's entry types: defined once, in embassy.log.entry.
+LAUNCH_IMAGE = EntryType.LAUNCH_IMAGE.value
+LAUNCH_COMMAND = EntryType.LAUNCH_COMMAND.value
+LAUNCH_ENV = EntryType.LAUNCH_ENV.value
+LAUNCH_PORTS = EntryType.LAUNCH_PORTS.value
+LAUNCH_LIMITS = EntryType.LAUNCH_LIMITS.value
+LAUNCH_OPTIONS = EntryType.LAUNCH_OPTIONS.value
+LAUNCH_SEAL_POLICY = EntryType.LAUNCH_SEAL_POLICY.value
+LAUNCH_SEPARATOR = EntryType.LAUNCH_SEPARATOR.value
 LAUNCH_EVENT_TYPES = (
     LAUNCH_IMAGE,
     LAUNCH_COMMAND,
