@@ -206,6 +206,7 @@ def _verify_parser(sub: Any) -> None:
         "log": "log segments (GET /v1/log), against an identity document",
         "statement": "one statement envelope, found in a verified log segment",
         "evidence": "fresh evidence (GET /v1/evidence) over your nonce",
+        "result": "a result bundle: output, seal and unseal statements, and their log",
     }
     for name, help_text in specs.items():
         p = kinds.add_parser(name, help=f"verify {help_text}")
@@ -218,6 +219,8 @@ def _verify_parser(sub: Any) -> None:
             p.add_argument("--log", required=True, help="a log segment containing it")
         if name == "evidence":
             p.add_argument("--nonce", required=True, help="the nonce you sent (hex)")
+        if name == "result":
+            p.add_argument("--payload-id", help="your payload's id (hex): the session opened it")
         p.add_argument(
             "--ek-ca", action="append", help="PEM CA bundle the EK cert must chain to (repeatable)"
         )

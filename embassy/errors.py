@@ -26,6 +26,7 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── ClockError               a TPM clock or counter went backwards
     │   ├── CertificateError         the EK certificate does not chain to the named CA
     │   ├── KeyBindingError          a key does not match the one the evidence binds
+    │   ├── ResultMismatchError      an output, seal and unseal that do not belong together
     │   └── SoftwareTpmError         software-TPM evidence without allow_software_tpm
     ├── PolicyError                  refused by policy (e.g. a workload that could lift its seal)
     ├── SealError                    the firewall could not be put in (or out of) the sealed state
@@ -118,6 +119,10 @@ class CertificateError(VerificationError):
 
 class KeyBindingError(VerificationError):
     code = "key-binding"
+
+
+class ResultMismatchError(VerificationError):
+    code = "result-mismatch"
 
 
 class SoftwareTpmError(VerificationError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +35,10 @@ from embassy.attest.marshal import (
 from embassy.attest.quote import pcr_digest
 from embassy.attest.types import ClockInfo, Quote, TpmMode
 from embassy.errors import TpmError
+from embassy.seal.firewall import SealState
+from embassy.seal.rules import SealRules, seal_rules
+
+RULES = seal_rules()
 
 _EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
@@ -184,3 +189,29 @@ class FakeTpm:
 
     def close(self) -> None:
         pass
+
+
+class MemoryFirewall:
+    """The seal's state in memory: for ordering and crash tests of the session manager.
+
+    The real netfilter seal is tested from the attacker's side in tests/integration.
+    """
+
+    def __init__(self) -> None:
+        self.current = SealState.UNSEALED
+        self.history: list[str] = []
+
+    def prepare(self, netns: Path) -> None:
+        self.history.append("prepare")
+
+    def seal(self, netns: Path) -> SealRules:
+        self.current = SealState.SEALED
+        self.history.append("seal")
+        return RULES
+
+    def unseal(self, netns: Path) -> None:
+        self.current = SealState.UNSEALED
+        self.history.append("unseal")
+
+    def state(self, netns: Path) -> SealState:
+        return self.current

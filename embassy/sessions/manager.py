@@ -134,7 +134,7 @@ class SessionManager:
 
     # -- API --------------------------------------------------------------------------------
 
-    def open(self, deadline_seconds: int) -> Opened:
+    def open(self, deadline_seconds: int, payload_id: bytes | None = None) -> Opened:
         if not 1 <= deadline_seconds <= MAX_DEADLINE_SECONDS:
             raise RequestError(f"deadline_seconds must be 1 to {MAX_DEADLINE_SECONDS}")
         with self._lock:
@@ -149,6 +149,7 @@ class SessionManager:
                 self._subject(session),
                 {
                     "session": session.hex(),
+                    "payload_id": None if payload_id is None else payload_id.hex(),
                     "workload": self._workload.to_json(),
                     "seal": {"rules_sha256": rules.hex(), "backend": "iptables-legacy-netns"},
                     "deadline_unix": deadline,
@@ -220,6 +221,14 @@ class SessionManager:
         )  # fmt: skip
         _LOG.warning("session %s aborted: %s", state.session.hex(), reason)
         return appended.envelope
+
+    def abort(self, session: bytes, reason: str) -> bytes:
+        """Abort an open session from inside the embassy (e.g. its payload did not open)."""
+        with self._lock:
+            state = self._states().get(session)
+            if state is None or not state.is_open:
+                raise ConflictError(f"session {session.hex()} is not open")
+            return self._abort_locked(state, reason)
 
     def abort_expired(self) -> int:
         """Abort every open session past its deadline; its output cannot be certified."""

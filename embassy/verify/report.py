@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ from embassy.errors import ConfigError, FreshnessError, LogIntegrityError, WireF
 from embassy.log.segment import Segment, parse_segment
 from embassy.verify.identity import VerifiedIdentity, verify_identity_document
 from embassy.verify.policy import TrustPolicy
+from embassy.verify.result import verify_result
 from embassy.verify.segment import VerifiedSegment, verify_segment
 from embassy.wire.codec import field, only_fields, parse_json_object
 
@@ -115,4 +117,23 @@ def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) 
         raise LogIntegrityError(
             "the statement is not in the verified log segment (changed, or from another log)"
         )
+    if kind == "result":
+        payload_id = None
+        if args.payload_id:
+            try:
+                payload_id = bytes.fromhex(args.payload_id)
+            except ValueError:
+                raise ConfigError(f"--payload-id: not hex: {args.payload_id!r}") from None
+        result = verify_result(read(args.file), identity, policy, expected_payload_id=payload_id)
+        return {
+            "ok": True,
+            "checks": [*checks, *result.checks],
+            "facts": [
+                f"output sha256 {hashlib.sha256(result.output).hexdigest()} "
+                f"({len(result.output)} bytes)",
+                f"made in session {result.session} (payload {result.payload_id}), sealed at "
+                f"log seq {result.seal.entry.seq}, unsealed at seq {result.unseal.entry.seq}",
+                f"workload image {result.workload.get('image_digest')}",
+            ],
+        }
     raise WireFormatError(f"unknown verify kind {kind!r}")

@@ -15,7 +15,7 @@ from embassy.daemon.runtime import Embassy
 from embassy.errors import ConflictError, ForbiddenError, NotFoundError, RequestError
 from embassy.log.entry import EntryType
 from embassy.seal.firewall import SealState
-from embassy.seal.rules import SealRules, seal_rules
+from embassy.seal.rules import seal_rules
 from embassy.sessions.manager import SessionManager, WorkloadIdentity
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
@@ -25,7 +25,7 @@ from embassy.wire.statement import (
     UNSEAL_V1,
     parse_statement,
 )
-from tests.fakes import FakeTpm
+from tests.fakes import FakeTpm, MemoryFirewall
 from tests.unit.conftest import EmbassyFactory
 
 NETNS = Path("/proc/1/ns/net")
@@ -34,27 +34,6 @@ WORKLOAD = WorkloadIdentity("sha256:" + "ab" * 32, "c0ffee", "h01d", bytes(32))
 
 State = SealState
 RULES = seal_rules()
-
-
-class MemoryFirewall:
-    def __init__(self) -> None:
-        self.current = State.UNSEALED
-        self.history: list[str] = []
-
-    def prepare(self, netns: Path) -> None:
-        self.history.append("prepare")
-
-    def seal(self, netns: Path) -> SealRules:
-        self.current = State.SEALED
-        self.history.append("seal")
-        return RULES
-
-    def unseal(self, netns: Path) -> None:
-        self.current = State.UNSEALED
-        self.history.append("unseal")
-
-    def state(self, netns: Path) -> State:
-        return self.current
 
 
 class Crash(Exception):
