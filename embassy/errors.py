@@ -15,7 +15,12 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── MethodNotAllowedError
     │   ├── PayloadTooLargeError
     │   ├── ForbiddenError           the caller does not hold what the request needs (a session)
+    │   ├── PayloadExpiredError      the payload's expiry has passed
+    │   ├── WrongEmbassyError        the payload is for another embassy
+    │   ├── UnsupportedSuiteError    the payload's HPKE suite is not one this embassy has
+    │   ├── BadPayloadError          the payload does not unwrap (other key, tampered field)
     │   └── ConflictError            the request contradicts stored state
+    │       └── PayloadReplayedError a payload opens once
     ├── VerificationError            evidence that does not check; the verifier raises these
     │   ├── SignatureError           a DSSE or quote signature does not verify
     │   ├── QuoteError               a quote is malformed, of the wrong type, or over the wrong data
@@ -77,8 +82,28 @@ class ForbiddenError(RequestError):
     code = "forbidden"
 
 
+class PayloadExpiredError(RequestError):
+    code = "payload-expired"
+
+
+class WrongEmbassyError(RequestError):
+    code = "wrong-embassy"
+
+
+class UnsupportedSuiteError(RequestError):
+    code = "unsupported-suite"
+
+
+class BadPayloadError(RequestError):
+    code = "bad-payload"
+
+
 class ConflictError(RequestError):
     code = "conflict"
+
+
+class PayloadReplayedError(ConflictError):
+    code = "payload-replayed"
 
 
 class VerificationError(EmbassyError):

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Build the local images the embassy's tests and demo use (no registry is reachable here).
 #
-#   embassy/workload-base:bookworm  debootstrap'd Debian minbase + python3 + python3-numpy
+#   embassy/workload-base:bookworm-v2  debootstrap'd Debian minbase + python3 + python3-numpy
+#                                      + python3-cryptography (the workload SDK's AEAD)
 #   embassy/canary:latest           busybox-static only: a tiny server for escape probes
 #
 # Idempotent: an image that exists under its tag is kept (FORCE=1 rebuilds). Needs root,
 # debootstrap, a Debian mirror (the one apt uses) and a running dockerd.
 set -euo pipefail
-base_tag=${EMBASSY_BASE_IMAGE:-embassy/workload-base:bookworm}
+base_tag=${EMBASSY_BASE_IMAGE:-embassy/workload-base:bookworm-v2}
 canary_tag=${EMBASSY_CANARY_IMAGE:-embassy/canary:latest}
 mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' \
   /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)}
@@ -29,7 +30,10 @@ if have "$base_tag"; then
   echo "images: $base_tag present"
 else
   echo "images: building $base_tag (debootstrap, about a minute)"
-  debootstrap --variant=minbase --include=python3,python3-numpy bookworm \
+  # python3-cffi-backend by name: cryptography depends on it through a virtual package,
+  # which debootstrap does not resolve.
+  debootstrap --variant=minbase \
+    --include=python3,python3-numpy,python3-cryptography,python3-cffi-backend bookworm \
     "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
   # Nothing of the build host's apt caches or logs goes into the image.

@@ -16,6 +16,7 @@ if [ -f scripts/gen_vectors.py ]; then $py scripts/gen_vectors.py --check; fi
 echo "== real components: dockerd and the locally built images"
 bash scripts/ensure_dockerd.sh
 bash scripts/build_images.sh
+bash examples/sealed_service/build.sh
 echo "== pytest"
 # TSS2_LOG silences tpm2-tss's own stderr chatter on expected TPM errors.
 TSS2_LOG=all+none $py -m pytest -p no:cacheprovider "$@"

@@ -42,7 +42,9 @@ class Service(Protocol):
     def evidence(self, nonce: bytes) -> dict[str, Any]: ...
     def log_segment(self, from_seq: int) -> dict[str, Any]: ...
     def activate_credential(self, blob: bytes, secret: bytes) -> bytes: ...
-    def open_session(self, deadline_seconds: int) -> dict[str, Any]: ...
+    def open_session(
+        self, deadline_seconds: int, payload: dict[str, Any] | None = None
+    ) -> dict[str, Any]: ...
     def close_session(
         self, session: bytes, token: bytes, output_sha256: bytes | None
     ) -> dict[str, Any]: ...
@@ -117,9 +119,10 @@ class Api:
 
     def _open(self, request: Request) -> Response:
         body = parse_json_object(request.body or b"{}", "request body")
-        only_fields(body, {"deadline_seconds"}, "request body")
+        only_fields(body, {"deadline_seconds", "payload"}, "request body")
         deadline = field(body, "deadline_seconds", int, "request body")
-        return Response(201, self._service.open_session(deadline))
+        payload = field(body, "payload", dict, "request body") if "payload" in body else None
+        return Response(201, self._service.open_session(deadline, payload))
 
     def _close(self, request: Request) -> Response:
         body = parse_json_object(request.body, "request body")

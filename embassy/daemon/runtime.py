@@ -12,6 +12,7 @@ import hashlib
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -24,14 +25,16 @@ from embassy.daemon.http import UnixHttpServer
 from embassy.daemon.identity import IDENTITY_DOCUMENT_TYPE, identity_body
 from embassy.daemon.keys import load_or_create_keys
 from embassy.daemon.statement_log import StatementLog
-from embassy.errors import ConflictError
+from embassy.errors import ConflictError, EmbassyError, SealError
 from embassy.log.entry import EntryType
 from embassy.measure import Measurement, measure
+from embassy.payload.envelope import PayloadEnvelope, open_payload
+from embassy.sessions.replay import ReplayStore
 from embassy.tpm.device import TpmDevice
 from embassy.tpm.interface import Tpm
 from embassy.tpm.swtpm import Swtpm
 from embassy.wire.codec import b64encode
-from embassy.wire.dsse import parse_envelope
+from embassy.wire.dsse import keyid, parse_envelope
 
 if TYPE_CHECKING:
     from embassy.daemon.sealed_workload import SealedWorkload
@@ -101,6 +104,7 @@ class Embassy:
                 from embassy.daemon.sealed_workload import SealedWorkload
 
                 self.workload = SealedWorkload(config, config.workload, self.log)
+            self._replay = ReplayStore(config.data_dir / "payloads.sqlite")
             subjects, body = identity_body(
                 self.keys, tpm_device, config.pcrs, self.measurement, start
             )
@@ -164,14 +168,44 @@ class Embassy:
             raise ConflictError("no workload is configured: there is nothing to seal")
         return self.workload
 
-    def open_session(self, deadline_seconds: int) -> dict[str, Any]:
-        opened = self._sealed().sessions.open(deadline_seconds)
-        return {
+    def open_session(
+        self, deadline_seconds: int, payload: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Seal, then (with a payload) unwrap its input key: never the other way round."""
+        sealed = self._sealed()
+        envelope = None if payload is None else PayloadEnvelope.from_json(payload)
+        opened = sealed.sessions.open(
+            deadline_seconds, None if envelope is None else envelope.payload_id
+        )
+        response: dict[str, Any] = {
             "session": opened.session.hex(),
             "token": b64encode(opened.token),
             "deadline_unix": opened.deadline,
             "statement": b64encode(opened.envelope),
         }
+        if envelope is not None:
+            try:
+                response["input_key"] = b64encode(self._unwrap(sealed, envelope, opened.session))
+            except EmbassyError as exc:
+                sealed.sessions.abort(opened.session, f"payload refused: {exc.code}")
+                raise
+        return response
+
+    def _unwrap(self, sealed: SealedWorkload, envelope: PayloadEnvelope, session: bytes) -> bytes:
+        if not sealed.in_sealed_netns():
+            raise SealError("the workload is not in the sealed network namespace; no key")
+        now = time.time()
+        self._replay.claim(envelope.payload_id, session, int(now))
+        input_key, _action_key = open_payload(
+            envelope,
+            private_keys={
+                "x25519": self.keys.hpke_x25519,
+                "mlkem768-x25519": self.keys.hpke_hybrid,
+            },
+            own_keyid=keyid(self.keys.signing.public_key()),
+            now=now,
+        )
+        return input_key
 
     def close_session(
         self, session: bytes, token: bytes, output_sha256: bytes | None
@@ -194,6 +228,7 @@ class Embassy:
         try:
             if self.workload is not None:
                 self.workload.close()
+            self._replay.close()
             self.log.append_statement(LIFECYCLE_V1, [], {"event": "stop"})
             self.log.checkpoint()
         finally:

@@ -141,6 +141,11 @@ class SealedWorkload:
             except Exception:
                 _LOG.exception("aborting expired sessions failed")
 
+    def in_sealed_netns(self) -> bool:
+        """Whether the running workload is in the namespace the seal was applied to."""
+        self.launched = self._docker.refresh(self.launched)
+        return self._docker.in_sealed_netns(self.launched)
+
     def status(self) -> dict[str, Any]:
         return {**self.sessions.status(), "workload": self.launched.workload_id}
 

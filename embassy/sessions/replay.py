@@ -10,11 +10,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from embassy.errors import ConflictError, StorageError
-
-
-class PayloadReplayedError(ConflictError):
-    code = "payload-replayed"
+from embassy.errors import PayloadReplayedError, StorageError
 
 
 class ReplayStore:

@@ -22,7 +22,7 @@ docker = pytest.importorskip("docker")
 
 WORKLOAD = """
 workload:
-  image: embassy/workload-base:bookworm
+  image: embassy/workload-base:bookworm-v2
   command: ["python3", "-c", "import time; time.sleep(100000)"]
 """
 

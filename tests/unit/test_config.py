@@ -93,7 +93,7 @@ def test_config_docs_are_generated_from_the_schema() -> None:
 
 def test_workload_comes_from_the_section_and_the_environment() -> None:
     config = parse_config(
-        {"workload": {"image": "embassy/workload-base:bookworm", "memory": "512m"}},
+        {"workload": {"image": "embassy/workload-base:bookworm-v2", "memory": "512m"}},
         {"EMBASSY_WORKLOAD_IMAGE": "other:tag"},
     )
     assert config.workload is not None

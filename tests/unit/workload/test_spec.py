@@ -26,7 +26,7 @@ DIGEST = "sha256:" + "ab" * 32
 ALLOW_ALL = {"org.embassy.allow-override": "command, env, mounts, user"}
 GOOD: dict[str, Any] = {
     "name": "model",
-    "image": "embassy/workload-base:bookworm",
+    "image": "embassy/workload-base:bookworm-v2",
     "command": ["python3", "-m", "serve"],
     "env": {"MODEL": "minilm", "TOKEN": "s3cret"},
     "ports": ["8080:80/tcp", "127.0.0.1:9000:9000/udp", {"container_port": 7, "host_port": 0}],
@@ -55,7 +55,7 @@ def test_good_section_parses_to_canonical_spec() -> None:
     got = parse_workload(GOOD, {})
     assert got == WorkloadSpec(
         name="model",
-        image="embassy/workload-base:bookworm",
+        image="embassy/workload-base:bookworm-v2",
         command=("python3", "-m", "serve"),
         env=(("MODEL", "minilm"), ("TOKEN", "s3cret")),
         ports=(
@@ -405,7 +405,7 @@ def test_launch_events_are_typed_canonical_and_ordered() -> None:
             ).encode()
         )
     assert bodies["launch-image"]["digest"] == DIGEST
-    assert bodies["launch-image"]["image"] == "embassy/workload-base:bookworm"
+    assert bodies["launch-image"]["image"] == "embassy/workload-base:bookworm-v2"
     assert bodies["launch-command"]["command"] == ["python3", "-m", "serve"]
     assert bodies["launch-seal-policy"] == SEAL_POLICY
     assert bodies["launch-env"]["env"] == [

@@ -1,0 +1,1 @@
+"""The sealed input's payload envelope (docs/protocol.md, section 2)."""

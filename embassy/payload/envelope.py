@@ -1,0 +1,307 @@
+"""The payload envelope: the input key, HPKE-wrapped to one embassy (docs/protocol.md §2).
+
+::
+
+    {"v":1,"payload_id":"<hex16>","expires_unix":N,"embassy_keyid":"<hex32>",
+     "suite":"x25519" | "mlkem768-x25519","has_action_key":false,"wrapped":"<b64>"}
+
+    wrapped   = HPKE base mode (KEM of the suite, HKDF-SHA256, AES-256-GCM) of
+                input_key (32 B) || action_key (32 B, only if has_action_key)
+    info      = b"embassy-payload-v1\\0" || canonical JSON of every field but ``wrapped``
+
+The user side (:func:`make_payload`, :func:`seal_input`) wraps to the public keys of an
+identity the user has verified; the embassy side (:func:`open_payload`) unwraps with its
+private keys. Both are pure: no clock, no disk, no replay store (the daemon keeps that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from embassy.errors import (
+    BadPayloadError,
+    PayloadExpiredError,
+    UnsupportedSuiteError,
+    WireFormatError,
+    WrongEmbassyError,
+)
+from embassy.wire.codec import (
+    JsonObject,
+    b64decode,
+    b64encode,
+    canonical_json,
+    field,
+    hex_decode,
+    only_fields,
+    parse_json_object,
+)
+from workload_sdk.stream import DEFAULT_CHUNK_SIZE, encrypt_stream
+
+VERSION = 1
+INFO_PREFIX = b"embassy-payload-v1\0"
+PAYLOAD_ID_LEN = 16
+KEY_LEN = 32
+KEYID_LEN = 32
+SUITE_X25519 = "x25519"
+SUITE_MLKEM768_X25519 = "mlkem768-x25519"
+# The longest ``wrapped`` a supported suite makes is 1,120 (enc) + 64 + 16 (tag) bytes.
+MAX_WRAPPED_LEN = 4096
+MAX_SUITE_LEN = 64
+
+_AEAD = hpke.AEAD.AES_256_GCM
+_KDF = hpke.KDF.HKDF_SHA256
+SUITES: Mapping[str, hpke.Suite] = {
+    SUITE_X25519: hpke.Suite(hpke.KEM.X25519, _KDF, _AEAD),
+    SUITE_MLKEM768_X25519: hpke.Suite(hpke.KEM.MLKEM768_X25519, _KDF, _AEAD),
+}
+
+HpkePublicKey = X25519PublicKey | hpke.MLKEM768X25519PublicKey
+HpkePrivateKey = X25519PrivateKey | hpke.MLKEM768X25519PrivateKey
+_PRIVATE_TYPES: Mapping[str, type] = {
+    SUITE_X25519: X25519PrivateKey,
+    SUITE_MLKEM768_X25519: hpke.MLKEM768X25519PrivateKey,
+}
+
+_FIELDS = {"v", "payload_id", "expires_unix", "embassy_keyid", "suite", "has_action_key", "wrapped"}
+
+
+@dataclass(frozen=True)
+class PayloadEnvelope:
+    payload_id: bytes
+    expires_unix: int
+    embassy_keyid: str
+    suite: str
+    has_action_key: bool
+    wrapped: bytes
+
+    def bound_fields(self) -> JsonObject:
+        """Every field but ``wrapped``: what the HPKE ``info`` binds."""
+        return {
+            "v": VERSION,
+            "payload_id": self.payload_id.hex(),
+            "expires_unix": self.expires_unix,
+            "embassy_keyid": self.embassy_keyid,
+            "suite": self.suite,
+            "has_action_key": self.has_action_key,
+        }
+
+    def to_json(self) -> JsonObject:
+        return {**self.bound_fields(), "wrapped": b64encode(self.wrapped)}
+
+    def to_bytes(self) -> bytes:
+        """The canonical JSON encoding."""
+        return canonical_json(self.to_json())
+
+    @classmethod
+    def from_json(cls, obj: object, what: str = "payload envelope") -> PayloadEnvelope:
+        """Strictly parse an already-decoded JSON value (e.g. the ``payload`` of a request)."""
+        if not isinstance(obj, dict):
+            raise WireFormatError(f"{what}: expected a JSON object")
+        only_fields(obj, _FIELDS, what)
+        version = field(obj, "v", int, what)
+        if version != VERSION:
+            raise WireFormatError(f"{what}: unsupported version {version}")
+        payload_id = hex_decode(
+            field(obj, "payload_id", str, what), f"{what}.payload_id", size=PAYLOAD_ID_LEN
+        )
+        expires = field(obj, "expires_unix", int, what)
+        if not 0 <= expires < 2**63:
+            raise WireFormatError(f"{what}.expires_unix: out of range")
+        keyid = field(obj, "embassy_keyid", str, what)
+        hex_decode(keyid, f"{what}.embassy_keyid", size=KEYID_LEN)
+        suite = field(obj, "suite", str, what)
+        # An unknown suite is well-formed: open_payload refuses it as unsupported-suite.
+        if not suite or len(suite) > MAX_SUITE_LEN or not suite.isascii():
+            raise WireFormatError(f"{what}.suite: expected a short ASCII suite name")
+        has_action_key = field(obj, "has_action_key", bool, what)
+        wrapped = b64decode(field(obj, "wrapped", str, what), f"{what}.wrapped")
+        if not 0 < len(wrapped) <= MAX_WRAPPED_LEN:
+            raise WireFormatError(f"{what}.wrapped: {len(wrapped)} bytes is out of range")
+        return cls(payload_id, expires, keyid, suite, has_action_key, wrapped)
+
+    @classmethod
+    def parse(cls, data: bytes) -> PayloadEnvelope:
+        """Strictly parse the envelope's JSON bytes."""
+        return cls.from_json(parse_json_object(data, "payload envelope"))
+
+
+def info_for(envelope: PayloadEnvelope) -> bytes:
+    """The HPKE ``info``: the prefix and the canonical JSON of every field but ``wrapped``."""
+    return INFO_PREFIX + canonical_json(envelope.bound_fields())
+
+
+def suite_for(name: str) -> hpke.Suite:
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise UnsupportedSuiteError(
+            f"unsupported HPKE suite {name!r}; supported: {', '.join(sorted(SUITES))}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# The identity's public keys
+
+
+def _raw_key(entry: Mapping[str, Any], name: str, size: int, what: str) -> bytes:
+    raw = b64decode(field(dict(entry), name, str, what), f"{what}.{name}")
+    if len(raw) != size:
+        raise WireFormatError(f"{what}.{name}: expected {size} bytes, got {len(raw)}")
+    return raw
+
+
+def hpke_public_keys(identity_keys_json: Mapping[str, Any]) -> dict[str, HpkePublicKey]:
+    """The HPKE public keys an identity's ``keys`` JSON publishes, by suite name.
+
+    Entries of suites this code does not know are skipped; a suite listed twice is an error.
+    """
+    what = "identity keys"
+    entries = field(dict(identity_keys_json), "hpke", list, what)
+    keys: dict[str, HpkePublicKey] = {}
+    for i, entry in enumerate(entries):
+        where = f"{what}.hpke[{i}]"
+        if not isinstance(entry, dict):
+            raise WireFormatError(f"{where}: expected an object")
+        suite = field(entry, "suite", str, where)
+        if suite in keys:
+            raise WireFormatError(f"{where}: suite {suite!r} is listed twice")
+        if suite == SUITE_X25519:
+            keys[suite] = X25519PublicKey.from_public_bytes(_raw_key(entry, "x25519", 32, where))
+        elif suite == SUITE_MLKEM768_X25519:
+            mlkem = MLKEM768PublicKey.from_public_bytes(_raw_key(entry, "mlkem768", 1184, where))
+            x25519 = X25519PublicKey.from_public_bytes(_raw_key(entry, "x25519", 32, where))
+            keys[suite] = hpke.MLKEM768X25519PublicKey(mlkem, x25519)
+    return keys
+
+
+def embassy_keyid(identity_keys_json: Mapping[str, Any]) -> str:
+    """The embassy's signing keyid, checked against the signing public key it names."""
+    what = "identity keys.signing"
+    signing = field(dict(identity_keys_json), "signing", dict, "identity keys")
+    keyid: str = field(signing, "keyid", str, what)
+    hex_decode(keyid, f"{what}.keyid", size=KEYID_LEN)
+    public = b64decode(field(signing, "public", str, what), f"{what}.public")
+    if hashlib.sha256(public).hexdigest() != keyid:
+        raise WireFormatError(f"{what}.keyid: is not SHA-256 of the signing public key")
+    return keyid
+
+
+# ---------------------------------------------------------------------------------------
+# User side
+
+
+def make_payload(
+    identity_keys_json: Mapping[str, Any],
+    *,
+    suite: str = SUITE_MLKEM768_X25519,
+    ttl_seconds: int = 3600,
+    now: float | None = None,
+    action_key: bool = False,
+    payload_id: bytes | None = None,
+) -> tuple[PayloadEnvelope, bytes, bytes | None]:
+    """Wrap a fresh input key (and action key) to the embassy of a *verified* identity.
+
+    Returns (envelope, input_key, action_key or None). ``identity_keys_json`` is
+    :attr:`embassy.verify.identity.VerifiedIdentity.keys`.
+    """
+    hpke_suite = suite_for(suite)
+    public = hpke_public_keys(identity_keys_json).get(suite)
+    if public is None:
+        raise UnsupportedSuiteError(f"the embassy's identity offers no {suite!r} HPKE key")
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
+        raise ValueError(f"ttl_seconds must be a positive int, got {ttl_seconds!r}")
+    if payload_id is None:
+        payload_id = os.urandom(PAYLOAD_ID_LEN)
+    elif len(payload_id) != PAYLOAD_ID_LEN:
+        raise ValueError(f"payload_id must be {PAYLOAD_ID_LEN} bytes")
+    input_key = os.urandom(KEY_LEN)
+    action = os.urandom(KEY_LEN) if action_key else None
+    unsigned = PayloadEnvelope(
+        payload_id=bytes(payload_id),
+        expires_unix=int(time.time() if now is None else now) + ttl_seconds,
+        embassy_keyid=embassy_keyid(identity_keys_json),
+        suite=suite,
+        has_action_key=action_key,
+        wrapped=b"",
+    )
+    wrapped = hpke_suite.encrypt(input_key + (action or b""), public, info=info_for(unsigned))
+    return dataclasses.replace(unsigned, wrapped=wrapped), input_key, action
+
+
+def seal_input(
+    identity_keys_json: Mapping[str, Any],
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    suite: str = SUITE_MLKEM768_X25519,
+    ttl_seconds: int = 3600,
+    now: float | None = None,
+    payload_id: bytes | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[PayloadEnvelope, bytes]:
+    """Make a payload and encrypt ``src`` to ``dst`` as its stream: (envelope, input_key).
+
+    For an action key too, call :func:`make_payload` and ``encrypt_stream`` yourself.
+    """
+    envelope, input_key, _ = make_payload(
+        identity_keys_json, suite=suite, ttl_seconds=ttl_seconds, now=now, payload_id=payload_id
+    )
+    encrypt_stream(input_key, envelope.payload_id, src, dst, chunk_size=chunk_size)
+    return envelope, input_key
+
+
+# ---------------------------------------------------------------------------------------
+# Embassy side
+
+
+def open_payload(
+    envelope: PayloadEnvelope,
+    *,
+    private_keys: Mapping[str, HpkePrivateKey],
+    own_keyid: str,
+    now: float,
+) -> tuple[bytes, bytes | None]:
+    """Unwrap (input_key, action_key or None), or raise, checking in this order:
+
+    expired (:class:`PayloadExpiredError`), another embassy's keyid
+    (:class:`WrongEmbassyError`), a suite without a key here (:class:`UnsupportedSuiteError`),
+    then HPKE (:class:`BadPayloadError`). The first three read fields HPKE has not yet
+    authenticated; a forged field there can only make the embassy refuse, never accept.
+    Replay is not checked here.
+    """
+    if now >= envelope.expires_unix:
+        raise PayloadExpiredError(
+            f"payload {envelope.payload_id.hex()} expired at {envelope.expires_unix} "
+            f"(now {int(now)})"
+        )
+    if envelope.embassy_keyid != own_keyid:
+        raise WrongEmbassyError(
+            f"payload is for embassy {envelope.embassy_keyid}, this embassy is {own_keyid}"
+        )
+    hpke_suite = suite_for(envelope.suite)
+    private = private_keys.get(envelope.suite)
+    if private is None:
+        raise UnsupportedSuiteError(f"this embassy has no {envelope.suite!r} HPKE key")
+    if not isinstance(private, _PRIVATE_TYPES[envelope.suite]):
+        raise TypeError(f"private key for {envelope.suite!r} is a {type(private).__name__}")
+    try:
+        plain = hpke_suite.decrypt(envelope.wrapped, private, info=info_for(envelope))
+    except InvalidTag:
+        raise BadPayloadError(
+            "payload does not unwrap: wrapped to another key, or a field was changed"
+        ) from None
+    expected = 2 * KEY_LEN if envelope.has_action_key else KEY_LEN
+    if len(plain) != expected:
+        raise BadPayloadError(f"payload unwraps to {len(plain)} bytes, expected {expected}")
+    return plain[:KEY_LEN], (plain[KEY_LEN:] if envelope.has_action_key else None)

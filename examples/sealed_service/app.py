@@ -1,0 +1,329 @@
+"""An example sealed workload: an HTTP service that computes over a user's sealed input.
+
+Runs in the workload container as ``python3 /app/app.py`` (Debian bookworm's python3 and
+python3-cryptography; ``workload_sdk`` sits next to this file in ``/app``). Routes:
+
+- ``GET /health``: the service is up, and whether its embassy answers.
+- ``POST /infer``: a sealed request, in one of two forms:
+
+  * JSON ``{"envelope": {...}, "input": "<base64 of the encrypted stream>"}``;
+  * the encrypted stream itself as the body (``Content-Length`` required), with the
+    envelope as base64 of its JSON in the ``X-Embassy-Envelope`` header. The body is
+    decrypted as it arrives, chunk by chunk, never held whole.
+
+  The service opens a session (the embassy seals the workload, then unwraps the input key),
+  decrypts and authenticates the stream, computes its output, and finishes the session
+  with the output, which the embassy certifies by its SHA-256 in the unseal statement. It
+  answers ``{"output", "seal_statement", "unseal_statement", "output_sha256", "session"}``
+  (bytes as base64). Any failure after the session opened closes it certifying nothing.
+
+The computation is a placeholder for the model: canonical JSON of the plaintext's length,
+SHA-256, whitespace-separated word count and its first 200 characters upper-cased.
+
+Environment: ``EMBASSY_SOCKET`` (default ``/run/embassy/embassy.sock``), ``PORT`` (8080),
+``SESSION_DEADLINE_SECONDS`` (300), ``MAX_JSON_BODY_BYTES`` (64 MiB).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, BinaryIO, cast
+
+from workload_sdk.client import EmbassyClient, Result
+from workload_sdk.errors import (
+    EmbassyError,
+    PayloadRejected,
+    SealFailed,
+    Unavailable,
+)
+from workload_sdk.stream import StreamError
+
+_LOG = logging.getLogger("sealed_service")
+PREVIEW_CHARS = 200
+ENVELOPE_HEADER = "X-Embassy-Envelope"
+MAX_ENVELOPE_HEADER = 16 * 1024
+CONNECTION_TIMEOUT = 600.0
+
+
+class RequestProblem(Exception):
+    """The caller's request is unusable; refused before any session is opened."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# ---------------------------------------------------------------------------------------
+# The computation (the model arrives later): one pass, O(1) memory.
+
+
+class Summary:
+    """Deterministic facts about the plaintext, fed chunk by chunk."""
+
+    def __init__(self) -> None:
+        self._size = 0
+        self._sha256 = hashlib.sha256()
+        self._words = 0
+        self._in_word = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._preview = ""
+
+    def update(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self._size += len(chunk)
+        self._sha256.update(chunk)
+        self._words += len(chunk.split())
+        if self._in_word and not chunk[:1].isspace():
+            self._words -= 1  # a word cut by the chunk boundary was counted twice
+        self._in_word = not chunk[-1:].isspace()
+        if len(self._preview) < PREVIEW_CHARS:
+            # 4 bytes per character at most: no need to decode further than that.
+            self._preview += self._decoder.decode(chunk[: 4 * PREVIEW_CHARS])
+
+    def output(self) -> bytes:
+        """The output bytes: canonical JSON (sorted keys, no spaces, UTF-8)."""
+        preview = (self._preview + self._decoder.decode(b"", final=True))[:PREVIEW_CHARS]
+        value = {
+            "bytes": self._size,
+            "sha256": self._sha256.hexdigest(),
+            "words": self._words,
+            "upper_preview": preview.upper(),
+        }
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def summarize(plaintext: bytes) -> bytes:
+    """:class:`Summary` of bytes in memory (what a user can recompute to compare)."""
+    summary = Summary()
+    summary.update(plaintext)
+    return summary.output()
+
+
+# ---------------------------------------------------------------------------------------
+# The sealed request
+
+
+def run_sealed(
+    client: EmbassyClient, envelope: Mapping[str, Any], src: BinaryIO, deadline_seconds: int
+) -> tuple[bytes, Result, str]:
+    """Open a session, decrypt ``src`` through :class:`Summary`, finish with its output."""
+    with client.open(envelope, deadline_seconds=deadline_seconds) as session:
+        summary = Summary()
+        for chunk in session.decrypt(src):
+            summary.update(chunk)
+        # The stream authenticated to its last chunk: only now is the output trustworthy.
+        output = summary.output()
+        result = session.finish(output)
+    return output, result, session.session_id
+
+
+def _embassy_status(error: EmbassyError) -> int:
+    if isinstance(error, PayloadRejected):
+        return error.status if error.status is not None and 400 <= error.status < 500 else 400
+    if isinstance(error, SealFailed | Unavailable):
+        return 503
+    return 502  # the embassy refused what the service asked: the service's fault, upstream
+
+
+class _BodyReader(io.RawIOBase):
+    """Exactly ``length`` bytes of the request body, read through ``rfile`` on demand."""
+
+    def __init__(self, rfile: BinaryIO, length: int) -> None:
+        super().__init__()
+        self._rfile = rfile
+        self.remaining = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self.remaining == 0 or len(view) == 0:
+            return 0
+        data = self._rfile.read(min(len(view), self.remaining))
+        if not data:
+            raise ConnectionError(f"request body ended {self.remaining} bytes early")
+        view[: len(data)] = data
+        self.remaining -= len(data)
+        return len(data)
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _b64decode(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise RequestProblem(400, "bad-request", f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestProblem(400, "bad-request", f"{what} is not valid base64") from None
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise RequestProblem(400, "bad-request", f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise RequestProblem(400, "bad-request", f"{what} must be a JSON object")
+    return value
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sealed-service/1"
+    server: Service
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(CONNECTION_TIMEOUT)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _LOG.info("%s " + format, self.address_string(), *args)
+
+    def _reply(self, status: int, body: Mapping[str, Any]) -> None:
+        data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, code: str, message: str, **extra: Any) -> None:
+        self._reply(status, {"error": {"code": code, "message": message, **extra}})
+
+    def do_GET(self) -> None:
+        if self.path != "/health":
+            self._error(404, "not-found", f"no route {self.path!r}")
+            return
+        try:
+            embassy = self.server.client.health()
+        except EmbassyError as exc:
+            self._reply(503, {"status": "degraded", "embassy": exc.to_json()})
+            return
+        self._reply(200, {"status": "ok", "embassy": embassy})
+
+    def do_POST(self) -> None:
+        if self.path != "/infer":
+            self.close_connection = True  # the body is not read
+            self._error(404, "not-found", f"no route {self.path!r}")
+            return
+        try:
+            self._infer()
+        except RequestProblem as exc:
+            self.close_connection = True
+            self._error(exc.status, exc.code, exc.message)
+        except StreamError as exc:
+            self.close_connection = True
+            self._error(400, "bad-stream", exc.message, reason=exc.reason)
+        except EmbassyError as exc:
+            self.close_connection = True
+            self._error(_embassy_status(exc), exc.code, exc.message, source="embassy")
+        except (ConnectionError, TimeoutError) as exc:
+            _LOG.warning("request body lost: %s", exc)
+            self.close_connection = True
+        except Exception:
+            _LOG.exception("unexpected failure in /infer")
+            self.close_connection = True
+            self._error(500, "internal", "internal error")
+
+    def _content_length(self) -> int:
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestProblem(411, "length-required", "send Content-Length, not chunked")
+        text = self.headers.get("Content-Length")
+        if text is None or not text.isdigit():
+            raise RequestProblem(411, "length-required", "a Content-Length is required")
+        return int(text)
+
+    def _infer(self) -> None:
+        length = self._content_length()
+        header = self.headers.get(ENVELOPE_HEADER)
+        src: BinaryIO
+        if header is not None:
+            if len(header) > MAX_ENVELOPE_HEADER:
+                raise RequestProblem(431, "bad-request", f"{ENVELOPE_HEADER} is too large")
+            envelope = _json_object(_b64decode(header, ENVELOPE_HEADER), ENVELOPE_HEADER)
+            body = _BodyReader(cast(BinaryIO, self.rfile), length)
+            # decrypt_stream reads to the end of the body: data after the stream's last
+            # chunk fails authentication, so nothing is left unread on the connection.
+            src = cast(BinaryIO, io.BufferedReader(body, buffer_size=64 * 1024))
+        else:
+            if length > self.server.max_json_body:
+                raise RequestProblem(
+                    413,
+                    "payload-too-large",
+                    f"JSON body over {self.server.max_json_body} bytes: send the stream raw "
+                    f"with {ENVELOPE_HEADER}",
+                )
+            request = _json_object(self.rfile.read(length), "request body")
+            if not isinstance(request.get("envelope"), dict):
+                raise RequestProblem(400, "bad-request", "'envelope' must be a JSON object")
+            envelope = request["envelope"]
+            src = io.BytesIO(_b64decode(request.get("input"), "input"))
+        output, result, session_id = run_sealed(
+            self.server.client, envelope, src, self.server.deadline_seconds
+        )
+        self._reply(
+            200,
+            {
+                "output": _b64(output),
+                "session": session_id,
+                **result.to_json(),
+                "result": result.bundle(output),
+            },
+        )
+
+
+class Service(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        client: EmbassyClient,
+        *,
+        deadline_seconds: int = 300,
+        max_json_body: int = 64 * 1024 * 1024,
+    ) -> None:
+        super().__init__(address, Handler)
+        self.client = client
+        self.deadline_seconds = deadline_seconds
+        self.max_json_body = max_json_body
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    client = EmbassyClient(os.environ.get("EMBASSY_SOCKET", "/run/embassy/embassy.sock"))
+    service = Service(
+        ("", int(os.environ.get("PORT", "8080"))),
+        client,
+        deadline_seconds=int(os.environ.get("SESSION_DEADLINE_SECONDS", "300")),
+        max_json_body=int(os.environ.get("MAX_JSON_BODY_BYTES", str(64 * 1024 * 1024))),
+    )
+    _LOG.info("listening on port %d, embassy at %s", service.server_address[1], client.socket_path)
+    try:
+        service.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

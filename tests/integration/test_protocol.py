@@ -1,0 +1,189 @@
+"""The sealed-request protocol end to end, as a user lives it.
+
+A user verifies the embassy's identity, seals an input to it, sends it to the example
+workload's HTTP port (published on loopback), gets the output and its statements back, and
+verifies them offline. Every hostile variant fails with its own reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import secrets
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embassy.attest.ek import load_pem_bundle
+from embassy.cli import main
+from embassy.daemon.keys import derive_keys
+from embassy.payload.envelope import seal_input
+from embassy.verify.identity import verify_identity_document
+from embassy.verify.policy import TrustPolicy
+from tests.integration.conftest import Daemon, require
+
+pytestmark = pytest.mark.integration
+docker = pytest.importorskip("docker")
+
+IMAGE = "embassy/sealed-service:latest"
+REPO = Path(__file__).resolve().parents[2]
+WORKLOAD = f"""
+workload:
+  image: {IMAGE}
+  ports: ["127.0.0.1:0:8080/tcp"]
+"""
+
+
+class User:
+    def __init__(self, daemon: Daemon, tmp: Path) -> None:
+        self.daemon, self.tmp = daemon, tmp
+        self.doc = tmp / "identity.json"
+        assert main(["identity", "--socket", str(daemon.socket), "--out", str(self.doc)]) == 0
+        self.ca = daemon.ca_pem()
+        identity = verify_identity_document(
+            self.doc.read_bytes(),
+            TrustPolicy(
+                ek_cas=tuple(load_pem_bundle(self.ca.read_bytes())),
+                allow_software_tpm=True,
+                insecure_any_measurement=True,
+            ),
+        )
+        self.keys = identity.keys
+        self.measurement = identity.measurement.digest.hex()
+
+    def policy(self) -> list[str]:
+        return [
+            "--identity",
+            str(self.doc),
+            "--ek-ca",
+            str(self.ca),
+            "--allow-software-tpm",
+            "--expect-measurement",
+            self.measurement,
+        ]
+
+    def seal(
+        self, data: bytes, keys: dict[str, Any] | None = None, **kw: Any
+    ) -> tuple[dict[str, Any], bytes]:
+        out = io.BytesIO()
+        envelope, _ = seal_input(keys or self.keys, io.BytesIO(data), out, **kw)
+        return envelope.to_json(), out.getvalue()
+
+
+def _port(client: Any, daemon: Daemon) -> int:
+    eid = (daemon.data_dir / "embassy-id").read_text().strip()
+    holder = client.containers.list(
+        filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=netns-holder"]}
+    )[0]
+    holder.reload()
+    return int(holder.attrs["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostPort"])
+
+
+def _post(port: int, envelope: dict[str, Any], stream: bytes) -> tuple[int, dict[str, Any]]:
+    body = json.dumps({"envelope": envelope, "input": base64.b64encode(stream).decode()}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/infer", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture
+def world(daemon_factory: type[Daemon], tmp_path: Path) -> Iterator[tuple[User, int]]:
+    require("docker")
+    client = docker.from_env()
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run(
+            ["bash", str(REPO / "examples/sealed_service/build.sh")], check=True, timeout=600
+        )
+    daemon = daemon_factory(WORKLOAD)
+    daemon.start()
+    port = _port(client, daemon)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the service inside the container comes up
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield User(daemon, tmp_path), port
+    eid = (daemon.data_dir / "embassy-id").read_text().strip()
+    for c in client.containers.list(all=True, filters={"label": f"org.embassy.id={eid}"}):
+        c.remove(force=True)
+    for n in client.networks.list(names=[f"embassy-{eid}"]):
+        n.remove()
+    client.close()
+
+
+def test_a_sealed_request_verifies_and_every_forgery_fails(
+    world: tuple[User, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user, port = world
+    secret_input = b"the quick brown fox " * 5000  # 100 kB: several stream chunks
+    envelope, stream = user.seal(secret_input)
+    status, reply = _post(port, envelope, stream)
+    assert status == 200, reply
+    output = base64.b64decode(reply["output"])
+    assert json.loads(output)["words"] == 20_000
+    bundle = tmp_path / "result.json"
+    bundle.write_text(json.dumps(reply["result"]))
+    assert (
+        main(
+            [
+                "verify",
+                "result",
+                str(bundle),
+                "--payload-id",
+                envelope["payload_id"],
+                *user.policy(),
+            ]
+        )
+        == 0
+    )
+
+    forged = dict(reply["result"])
+    forged["output"] = base64.b64encode(output.replace(b"20000", b"20001")).decode()
+    bundle.write_text(json.dumps(forged))
+    assert main(["verify", "result", str(bundle), *user.policy()]) == 1
+    assert "result-mismatch" in capsys.readouterr().err
+
+    bundle.write_text(json.dumps(reply["result"]))
+    assert main(["verify", "result", str(bundle), "--payload-id", "00" * 16, *user.policy()]) == 1
+    assert "not yours" in capsys.readouterr().err
+
+    # The same payload again: refused, durably.
+    status, again = _post(port, envelope, stream)
+    assert (status, again["error"]["code"]) == (409, "payload-replayed"), again
+
+
+def test_expired_and_foreign_payloads_are_refused(world: tuple[User, int]) -> None:
+    user, port = world
+    envelope, stream = user.seal(b"x", now=time.time() - 7200, ttl_seconds=60)
+    status, reply = _post(port, envelope, stream)
+    assert (status, reply["error"]["code"]) == (400, "payload-expired"), reply
+
+    other = derive_keys(secrets.token_bytes(32)).public_json()
+    envelope, stream = user.seal(b"x", keys=other)
+    status, reply = _post(port, envelope, stream)
+    assert (status, reply["error"]["code"]) == (400, "wrong-embassy"), reply
+
+    # Wrapped to another embassy's key while claiming this one: it does not open.
+    envelope, stream = user.seal(b"x", keys={**other, "signing": user.keys["signing"]})
+    status, reply = _post(port, envelope, stream)
+    assert (status, reply["error"]["code"]) == (400, "bad-payload"), reply
+
+    # After all that, the workload is unsealed and serves a good request.
+    envelope, stream = user.seal(b"still works", suite="x25519")
+    assert _post(port, envelope, stream)[0] == 200
