@@ -197,6 +197,71 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------
 
 
+def _add_policy_args(p: Any) -> None:
+    """What an auditor or user trusts: the same flags wherever evidence is checked."""
+    p.add_argument(
+        "--ek-ca", action="append", help="PEM CA bundle the EK cert must chain to (repeatable)"
+    )
+    p.add_argument("--expect-measurement", help="the embassy measurement you rebuilt (hex)")
+    p.add_argument("--expect-pcr", action="append", help="pin a boot PCR: N=HEX")
+    p.add_argument(
+        "--allow-software-tpm",
+        action="store_true",
+        help="INSECURE: accept evidence from a software TPM (testing only)",
+    )
+    p.add_argument(
+        "--insecure-skip-ek-ca",
+        action="store_true",
+        help="INSECURE: do not check the EK certificate's issuer",
+    )
+    p.add_argument(
+        "--insecure-any-measurement",
+        action="store_true",
+        help="INSECURE: accept any embassy measurement",
+    )
+
+
+def _cmd_payload_seal(args: argparse.Namespace) -> int:
+    from embassy.payload.envelope import seal_input
+    from embassy.verify.identity import verify_identity_document
+    from embassy.wire.codec import canonical_json
+
+    # Never wrap a key to an embassy whose identity does not verify under your policy.
+    identity = verify_identity_document(_read(args.identity), _policy(args))
+    try:
+        with open(args.input, "rb") as src, open(args.out, "wb") as dst:
+            envelope, _key = seal_input(
+                identity.keys, src, dst, suite=args.suite, ttl_seconds=args.ttl
+            )
+    except OSError as exc:
+        raise ConfigError(f"payload: {exc.filename}: {exc.strerror}") from None
+    _write_out(canonical_json(envelope.to_json()), args.envelope)
+    sys.stderr.write(
+        f"payload {envelope.payload_id.hex()} sealed to embassy {envelope.embassy_keyid[:16]}… "
+        f"({envelope.suite}); expires at {envelope.expires_unix}\n"
+    )
+    return 0
+
+
+def _payload_parser(sub: Any) -> None:
+    payload = sub.add_parser("payload", help="make sealed payloads (user side)")
+    kinds = payload.add_subparsers(dest="what", required=True)
+    seal = kinds.add_parser(
+        "seal", help="encrypt an input to a verified embassy: a stream and its envelope"
+    )
+    seal.add_argument("--identity", required=True, help="the embassy's identity document")
+    seal.add_argument("--in", dest="input", required=True, help="the plaintext input file")
+    seal.add_argument("--out", required=True, help="where to write the encrypted stream")
+    seal.add_argument("--envelope", required=True, help="where to write the envelope (JSON)")
+    seal.add_argument(
+        "--suite", choices=["mlkem768-x25519", "x25519"], default="mlkem768-x25519",
+        help="HPKE suite (default: the post-quantum hybrid)",
+    )  # fmt: skip
+    seal.add_argument("--ttl", type=int, default=3600, help="seconds until the payload expires")
+    _add_policy_args(seal)
+    seal.set_defaults(func=_cmd_payload_seal)
+
+
 def _verify_parser(sub: Any) -> None:
     verify = sub.add_parser("verify", help="check evidence offline (no TPM, root or Docker)")
     verify.set_defaults(func=_cmd_verify)
@@ -221,26 +286,7 @@ def _verify_parser(sub: Any) -> None:
             p.add_argument("--nonce", required=True, help="the nonce you sent (hex)")
         if name == "result":
             p.add_argument("--payload-id", help="your payload's id (hex): the session opened it")
-        p.add_argument(
-            "--ek-ca", action="append", help="PEM CA bundle the EK cert must chain to (repeatable)"
-        )
-        p.add_argument("--expect-measurement", help="the embassy measurement you rebuilt (hex)")
-        p.add_argument("--expect-pcr", action="append", help="pin a boot PCR: N=HEX")
-        p.add_argument(
-            "--allow-software-tpm",
-            action="store_true",
-            help="INSECURE: accept evidence from a software TPM (testing only)",
-        )
-        p.add_argument(
-            "--insecure-skip-ek-ca",
-            action="store_true",
-            help="INSECURE: do not check the EK certificate's issuer",
-        )
-        p.add_argument(
-            "--insecure-any-measurement",
-            action="store_true",
-            help="INSECURE: accept any embassy measurement",
-        )
+        _add_policy_args(p)
         p.add_argument("--json", action="store_true", help="machine-readable result")
 
 
@@ -266,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--json", action="store_true", help="print all components")
     measure.set_defaults(func=_cmd_measure)
     _verify_parser(sub)
+    _payload_parser(sub)
     return parser
 
 

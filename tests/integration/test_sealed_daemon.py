@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -245,3 +246,36 @@ def test_kill_at_each_step_never_leaves_an_open_session_unsealed(
     finally:
         s.close()
         _remove_ours(client, daemon)
+
+
+def test_concurrent_sessions_and_a_deadline(scene: Scene) -> None:
+    first = scene.call("POST", "/v1/sessions", {"deadline_seconds": 120})["body"]
+    second = scene.call("POST", "/v1/sessions", {"deadline_seconds": 120})["body"]
+    assert not scene.reachable()
+    closed = scene.call(
+        "POST",
+        "/v1/sessions/close",
+        {"session": first["session"], "token": first["token"], "output_sha256": None},
+    )
+    assert closed["status"] == 200
+    assert not scene.reachable(), "another session is still open: still sealed"
+    scene.call(
+        "POST",
+        "/v1/sessions/close",
+        {"session": second["session"], "token": second["token"], "output_sha256": None},
+    )
+    assert scene.reachable(), "unsealed only after the last session closed"
+
+    short = scene.call("POST", "/v1/sessions", {"deadline_seconds": 2})["body"]
+    assert not scene.reachable()
+    deadline = time.monotonic() + 15
+    while scene.call("GET", "/v1/seal")["body"]["open_sessions"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert scene.reachable(), "past its deadline the session was aborted and the seal lifted"
+    late = scene.call(
+        "POST",
+        "/v1/sessions/close",
+        {"session": short["session"], "token": short["token"], "output_sha256": "00" * 32},
+    )
+    assert (late["status"], late["body"]["error"]["code"]) == (409, "conflict")
+    assert "aborted" in late["body"]["error"]["message"]
