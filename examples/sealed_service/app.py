@@ -16,6 +16,11 @@ python3-cryptography; ``workload_sdk`` sits next to this file in ``/app``). Rout
   with the output, which the embassy certifies by its SHA-256 in the unseal statement. It
   answers ``{"output", "seal_statement", "unseal_statement", "output_sha256", "session"}``
   (bytes as base64). Any failure after the session opened closes it certifying nothing.
+- ``POST /baseline``: BENCHMARKS ONLY, not a production path. The same computation over a
+  PLAINTEXT body (``Content-Length`` required), with no embassy involved: no session, no
+  seal, no decryption. It answers ``{"output"}`` (base64), the bytes ``/infer`` would give
+  for the same plaintext. ``benchmarks/protocol.py`` times it against ``/infer`` to show
+  what the protocol adds to a request.
 
 The computation is a placeholder for the model: canonical JSON of the plaintext's length,
 SHA-256, whitespace-separated word count and its first 200 characters upper-cased.
@@ -53,6 +58,7 @@ PREVIEW_CHARS = 200
 ENVELOPE_HEADER = "X-Embassy-Envelope"
 MAX_ENVELOPE_HEADER = 16 * 1024
 CONNECTION_TIMEOUT = 600.0
+BASELINE_CHUNK = 64 * 1024  # the stream's default chunk size: /infer's unit of work
 
 
 class RequestProblem(Exception):
@@ -219,12 +225,15 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(200, {"status": "ok", "embassy": embassy})
 
     def do_POST(self) -> None:
-        if self.path != "/infer":
+        if self.path not in ("/infer", "/baseline"):
             self.close_connection = True  # the body is not read
             self._error(404, "not-found", f"no route {self.path!r}")
             return
         try:
-            self._infer()
+            if self.path == "/baseline":
+                self._baseline()
+            else:
+                self._infer()
         except RequestProblem as exc:
             self.close_connection = True
             self._error(exc.status, exc.code, exc.message)
@@ -238,7 +247,7 @@ class Handler(BaseHTTPRequestHandler):
             _LOG.warning("request body lost: %s", exc)
             self.close_connection = True
         except Exception:
-            _LOG.exception("unexpected failure in /infer")
+            _LOG.exception("unexpected failure in %s", self.path)
             self.close_connection = True
             self._error(500, "internal", "internal error")
 
@@ -249,6 +258,22 @@ class Handler(BaseHTTPRequestHandler):
         if text is None or not text.isdigit():
             raise RequestProblem(411, "length-required", "a Content-Length is required")
         return int(text)
+
+    def _baseline(self) -> None:
+        """The benchmarks' baseline: :class:`Summary` of a plaintext body, no embassy.
+
+        Not a production path: the input arrives in the clear and nothing is sealed or
+        certified. It reads the body in chunks of the stream's size, as ``/infer`` does.
+        """
+        length = self._content_length()
+        body = _BodyReader(cast(BinaryIO, self.rfile), length)
+        summary = Summary()
+        buffer = bytearray(BASELINE_CHUNK)
+        view = memoryview(buffer)
+        while body.remaining:
+            n = body.readinto(view)
+            summary.update(bytes(view[:n]))
+        self._reply(200, {"output": _b64(summary.output())})
 
     def _infer(self) -> None:
         length = self._content_length()

@@ -1,0 +1,228 @@
+"""A 1 GiB sealed input streams through the real daemon and the example workload.
+
+The workload runs with a 192 MiB memory limit, so a service (or SDK) that held the input,
+or even a large part of it, would be OOM-killed. The plaintext is generated on the fly,
+encrypted to a temporary file on disk, and posted raw (``X-Embassy-Envelope`` header) with
+``http.client`` reading the file as it sends. The output's byte count, SHA-256 and word
+count must equal what the test computed while generating; the result verifies; and the
+container's peak memory (cgroup v1 ``max_usage``) stays under its limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import random
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import pytest
+
+from embassy.attest.ek import load_pem_bundle
+from embassy.cli import main
+from embassy.payload.envelope import make_payload
+from embassy.verify.identity import verify_identity_document
+from embassy.verify.policy import TrustPolicy
+from tests.integration.conftest import Daemon, require
+from workload_sdk.stream import encrypt_stream
+
+pytestmark = pytest.mark.integration
+docker = pytest.importorskip("docker")
+
+IMAGE = "embassy/sealed-service:latest"
+REPO = Path(__file__).resolve().parents[2]
+MEMORY_LIMIT = 192 * 1024 * 1024
+WORKLOAD = f"""
+workload:
+  image: {IMAGE}
+  ports: ["127.0.0.1:0:8080/tcp"]
+  memory: "192m"
+"""
+BLOCK = 1024 * 1024
+BLOCKS = 1024  # 1 GiB
+TAG = b"block0000000000 "  # each block starts with its own index: no two blocks are equal
+
+
+def _base_block() -> tuple[bytes, int]:
+    """A deterministic 1 MiB block of text (after a 16-byte tag) and its word count.
+
+    Long words keep the service's word count (``bytes.split``) cheap; the block ends with a
+    newline and starts with a word, so the words of consecutive blocks add up.
+    """
+    rng = random.Random(20261122)
+    words, size = [], len(TAG)
+    while size < BLOCK - 80:
+        word = rng.randbytes(rng.randrange(16, 36)).hex()
+        words.append(word)
+        size += len(word) + 1
+    text = " ".join(words).encode()
+    text += b"\n" * (BLOCK - len(TAG) - len(text))
+    return TAG + text, 1 + len(words)
+
+
+class Plaintext:
+    """``BLOCKS`` blocks of ``BLOCK`` bytes, made as they are read; hashed on the way."""
+
+    def __init__(self) -> None:
+        self._base, self.words_per_block = _base_block()
+        self._next = 0
+        self._pending = memoryview(b"")
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._pending:
+            if self._next == BLOCKS:
+                return b""
+            block = b"block%010d " % self._next + self._base[len(TAG) :]
+            self._next += 1
+            self.sha256.update(block)
+            self.size += len(block)
+            self._pending = memoryview(block)
+        n = len(self._pending) if n < 0 else n
+        out, self._pending = bytes(self._pending[:n]), self._pending[n:]
+        return out
+
+    @property
+    def words(self) -> int:
+        return self.words_per_block * self._next
+
+
+def _holder_port(client: Any, eid: str) -> int:
+    holder = client.containers.list(
+        filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=netns-holder"]}
+    )[0]
+    holder.reload()
+    return int(holder.attrs["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostPort"])
+
+
+def _peak_memory(container: Any) -> int:
+    """The container's peak memory use: cgroup v1 ``memory.max_usage_in_bytes``."""
+    cgroup = Path(f"/sys/fs/cgroup/memory/docker/{container.id}")
+    if cgroup.is_dir():
+        assert int((cgroup / "memory.limit_in_bytes").read_text()) == MEMORY_LIMIT
+        return int((cgroup / "memory.max_usage_in_bytes").read_text())
+    stats = container.stats(stream=False)["memory_stats"]
+    return int(stats.get("max_usage") or stats["usage"])
+
+
+@pytest.fixture
+def world(daemon_factory: Callable[[str], Daemon]) -> Iterator[tuple[Daemon, Any, int]]:
+    require("docker")
+    client = docker.from_env()
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run(
+            ["bash", str(REPO / "examples/sealed_service/build.sh")], check=True, timeout=600
+        )
+    daemon = daemon_factory(WORKLOAD)
+    eid = ""
+    try:
+        daemon.start()
+        eid = (daemon.data_dir / "embassy-id").read_text().strip()
+        port = _holder_port(client, eid)
+        workload = client.containers.list(
+            filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=workload"]}
+        )[0]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the service inside the container comes up
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield daemon, workload, port
+    finally:
+        if eid:
+            for c in client.containers.list(all=True, filters={"label": f"org.embassy.id={eid}"}):
+                c.remove(force=True)
+            for n in client.networks.list(names=[f"embassy-{eid}"]):
+                n.remove()
+        client.close()
+
+
+def test_one_gib_streams_through_with_bounded_memory(
+    world: tuple[Daemon, Any, int], tmp_path: Path
+) -> None:
+    daemon, workload, port = world
+    workload.reload()
+    assert workload.attrs["HostConfig"]["Memory"] == MEMORY_LIMIT
+
+    # The user verifies the identity, makes a payload, and encrypts the input to disk.
+    doc, ca = tmp_path / "identity.json", daemon.ca_pem()
+    assert main(["identity", "--socket", str(daemon.socket), "--out", str(doc)]) == 0
+    identity = verify_identity_document(
+        doc.read_bytes(),
+        TrustPolicy(
+            ek_cas=tuple(load_pem_bundle(ca.read_bytes())),
+            allow_software_tpm=True,
+            insecure_any_measurement=True,
+        ),
+    )
+    envelope, input_key, _ = make_payload(identity.keys)
+    plaintext = Plaintext()
+    stream = tmp_path / "input.embstrm"
+    try:
+        t0 = time.monotonic()
+        with stream.open("wb") as dst:
+            size = encrypt_stream(input_key, envelope.payload_id, cast(BinaryIO, plaintext), dst)
+        t_encrypt = time.monotonic() - t0
+        assert plaintext.size == BLOCK * BLOCKS
+        assert size == stream.stat().st_size > plaintext.size
+
+        # POST it raw: http.client reads the file as it sends it.
+        header = base64.b64encode(json.dumps(envelope.to_json()).encode()).decode()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120, blocksize=BLOCK)
+        t0 = time.monotonic()
+        try:
+            with stream.open("rb") as body:
+                conn.request(
+                    "POST",
+                    "/infer",
+                    body=body,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(size),
+                        "X-Embassy-Envelope": header,
+                    },
+                )
+            response = conn.getresponse()
+            status, reply = response.status, json.loads(response.read())
+        finally:
+            conn.close()
+        t_request = time.monotonic() - t0
+    finally:
+        stream.unlink(missing_ok=True)
+
+    assert status == 200, reply
+    output = base64.b64decode(reply["output"])
+    facts = json.loads(output)
+    assert facts["bytes"] == plaintext.size == 1 << 30
+    assert facts["sha256"] == plaintext.sha256.hexdigest()
+    assert facts["words"] == plaintext.words
+    assert facts["upper_preview"].startswith("BLOCK0000000000 ")
+
+    bundle = tmp_path / "result.json"
+    bundle.write_text(json.dumps(reply["result"]))
+    policy = ["--identity", str(doc), "--ek-ca", str(ca), "--allow-software-tpm"]
+    policy += ["--expect-measurement", identity.measurement.digest.hex()]
+    verify = ["verify", "result", str(bundle), "--payload-id", envelope.payload_id.hex()]
+    assert main([*verify, *policy]) == 0
+
+    workload.reload()
+    assert workload.status == "running"
+    assert not workload.attrs["State"]["OOMKilled"]
+    peak = _peak_memory(workload)
+    print(
+        f"\n1 GiB sealed input: encrypt to disk {t_encrypt:.1f} s, request {t_request:.1f} s "
+        f"({size / t_request / 2**20:.0f} MiB/s); workload peak memory "
+        f"{peak / 2**20:.1f} MiB of {MEMORY_LIMIT / 2**20:.0f} MiB"
+    )
+    assert 0 < peak < MEMORY_LIMIT
