@@ -7,8 +7,8 @@ cd "$here"
 bash scripts/setup.sh
 py=.venv/bin/python
 
-echo "== ruff";    .venv/bin/ruff check embassy workload_sdk tests scripts benchmarks
-echo "== format";  .venv/bin/ruff format --check embassy workload_sdk tests scripts benchmarks
+echo "== ruff";    .venv/bin/ruff check embassy workload_sdk examples tests scripts benchmarks
+echo "== format";  .venv/bin/ruff format --check embassy workload_sdk examples tests scripts benchmarks
 echo "== mypy";    .venv/bin/mypy
 echo "== generated files are current"
 $py scripts/gen_config_docs.py --check
