@@ -22,8 +22,6 @@ from embassy.wire.codec import b64encode
 from embassy.wire.dsse import raw_public_key
 from embassy.wire.statement import Subject
 
-IDENTITY_DOCUMENT_TYPE = "embassy-identity-document"
-
 
 def identity_body(
     keys: EmbassyKeys, tpm: Tpm, pcrs: PcrLayout, measurement: Measurement, start: LogEntry

@@ -22,11 +22,12 @@ from embassy.config import Config
 from embassy.daemon.api import Api
 from embassy.daemon.atomic import ensure_private_dir
 from embassy.daemon.http import UnixHttpServer
-from embassy.daemon.identity import IDENTITY_DOCUMENT_TYPE, identity_body
+from embassy.daemon.identity import identity_body
 from embassy.daemon.keys import load_or_create_keys
 from embassy.daemon.statement_log import StatementLog
 from embassy.errors import ConflictError, EmbassyError, SealError
 from embassy.log.entry import EntryType
+from embassy.log.segment import EVIDENCE_TYPE, IDENTITY_DOCUMENT_TYPE, LOG_SEGMENT_TYPE
 from embassy.measure import Measurement, measure
 from embassy.payload.envelope import PayloadEnvelope, open_payload
 from embassy.sessions.replay import ReplayStore
@@ -148,7 +149,7 @@ class Embassy:
     def evidence(self, nonce: bytes) -> dict[str, Any]:
         return {
             "v": 1,
-            "type": "embassy-evidence",
+            "type": EVIDENCE_TYPE,
             "nonce": nonce.hex(),
             "segment": self.log.current_segment(0, nonce).to_json(),
         }
@@ -156,7 +157,7 @@ class Embassy:
     def log_segment(self, from_seq: int) -> dict[str, Any]:
         return {
             "v": 1,
-            "type": "embassy-log-segment",
+            "type": LOG_SEGMENT_TYPE,
             "segment": self.log.current_segment(from_seq).to_json(),
         }
 

@@ -36,6 +36,12 @@ from embassy.wire.codec import (
 
 MAX_SEGMENT_ENTRIES = 1_000_000
 
+# The documents that carry a segment out of the daemon: {"v":1,"type":<one of these>,
+# "segment":{...}} (evidence adds "nonce"). Defined once, for the daemon and the verifier.
+IDENTITY_DOCUMENT_TYPE = "embassy-identity-document"
+EVIDENCE_TYPE = "embassy-evidence"
+LOG_SEGMENT_TYPE = "embassy-log-segment"
+
 
 @dataclass(frozen=True, slots=True)
 class Segment:

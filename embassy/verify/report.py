@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from embassy.errors import ConfigError, FreshnessError, LogIntegrityError, WireFormatError
-from embassy.log.segment import Segment, parse_segment
+from embassy.log.segment import EVIDENCE_TYPE, LOG_SEGMENT_TYPE, Segment, parse_segment
 from embassy.verify.identity import VerifiedIdentity, verify_identity_document
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.result import verify_result
@@ -70,7 +70,7 @@ def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) 
     identity = verify_identity_document(read(args.identity), policy)
     checks = [f"identity:{c}" for c in identity.checks]
     if kind == "log":
-        segments = [_segment_file(read(f), "embassy-log-segment", f)[0] for f in args.file]
+        segments = [_segment_file(read(f), LOG_SEGMENT_TYPE, f)[0] for f in args.file]
         all_verified = verify_segments(segments, identity, policy)
         count = sum(len(v.statements) for v in all_verified)
         checks += sorted({c for v in all_verified for c in v.checks})
@@ -81,7 +81,7 @@ def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) 
             "facts": [f"{count} statements in entries {first}..{last}"],
         }
     if kind == "evidence":
-        segment, _obj = _segment_file(read(args.file), "embassy-evidence", args.file)
+        segment, _obj = _segment_file(read(args.file), EVIDENCE_TYPE, args.file)
         try:
             nonce = bytes.fromhex(args.nonce)
         except ValueError:
@@ -103,7 +103,7 @@ def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) 
         }
     if kind == "statement":
         envelope = read(args.file).rstrip(b"\n")
-        segment, _ = _segment_file(read(args.log), "embassy-log-segment", args.log)
+        segment, _ = _segment_file(read(args.log), LOG_SEGMENT_TYPE, args.log)
         verified = verify_segment(
             segment, identity.segment_keys, allow_software_tpm=policy.allow_software_tpm
         )
