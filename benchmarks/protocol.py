@@ -39,11 +39,9 @@ import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -57,11 +55,18 @@ from embassy.cli import main as embassy_main
 from embassy.payload.envelope import seal_input
 from embassy.verify.identity import verify_identity_document
 from embassy.verify.policy import TrustPolicy
-from tests.integration.conftest import Daemon
+from tests.integration.conftest import (
+    SEALED_SERVICE_IMAGE,
+    Daemon,
+    embassy_id,
+    ensure_sealed_service_image,
+    published_port,
+    remove_embassy_containers,
+    wait_for_http,
+)
 from workload_sdk.client import EmbassyClient
 
-IMAGE = "embassy/sealed-service:latest"
-REPO = Path(__file__).resolve().parents[1]
+IMAGE = SEALED_SERVICE_IMAGE
 WORKLOAD = f"""
 workload:
   image: {IMAGE}
@@ -116,27 +121,6 @@ class World:
     keys: dict[str, Any]
 
 
-def _port(client: Any, eid: str) -> int:
-    holder = client.containers.list(
-        filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=netns-holder"]}
-    )[0]
-    holder.reload()
-    return int(holder.attrs["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostPort"])
-
-
-def _wait_healthy(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-        else:
-            return
-
-
 def _verified_keys(daemon: Daemon, tmp: Path) -> dict[str, Any]:
     doc = tmp / "identity.json"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -161,31 +145,18 @@ def running_world(base_dir: str | None) -> Iterator[World]:
     root = Path(tempfile.mkdtemp(prefix="emb-proto-", dir=base_dir))
     daemon = Daemon(root, WORKLOAD)
     try:
-        try:
-            client.images.get(IMAGE)
-        except docker.errors.ImageNotFound:
-            subprocess.run(
-                ["bash", str(REPO / "examples/sealed_service/build.sh")], check=True, timeout=600
-            )
+        ensure_sealed_service_image(client)
         daemon.start()
-        eid = (daemon.data_dir / "embassy-id").read_text().strip()
-        port = _port(client, eid)
-        _wait_healthy(port)
+        port = published_port(client, embassy_id(daemon))
+        wait_for_http(port)
         yield World(daemon, port, _verified_keys(daemon, root))
     finally:
         try:
             if daemon.proc is not None and daemon.proc.poll() is None:
                 with contextlib.suppress(Exception):
                     daemon.stop(signal.SIGTERM)
-            id_file = daemon.data_dir / "embassy-id"
-            if id_file.exists():
-                eid = id_file.read_text().strip()
-                for c in client.containers.list(
-                    all=True, filters={"label": f"org.embassy.id={eid}"}
-                ):
-                    c.remove(force=True)
-                for net in client.networks.list(names=[f"embassy-{eid}"]):
-                    net.remove()
+            if (daemon.data_dir / "embassy-id").exists():
+                remove_embassy_containers(client, embassy_id(daemon))
         finally:
             daemon.cleanup()
             client.close()

@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,3 +129,56 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     daemon.start()
     yield daemon
     daemon.cleanup()
+
+
+# -- the embassy's containers, for tests that run a workload ---------------------------------
+
+SEALED_SERVICE_IMAGE = "embassy/sealed-service:latest"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def embassy_id(daemon: Daemon) -> str:
+    """The id the daemon labels its containers and network with."""
+    return (daemon.data_dir / "embassy-id").read_text().strip()
+
+
+def ensure_sealed_service_image(client: Any) -> None:
+    """Build the example workload image locally if it is missing (nothing is pulled)."""
+    import docker
+
+    try:
+        client.images.get(SEALED_SERVICE_IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run(
+            ["bash", str(REPO / "examples/sealed_service/build.sh")], check=True, timeout=600
+        )
+
+
+def published_port(client: Any, eid: str, container_port: str = "8080/tcp") -> int:
+    """The loopback port the netns holder publishes the workload's service on."""
+    holder = client.containers.list(
+        filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=netns-holder"]}
+    )[0]
+    holder.reload()
+    return int(holder.attrs["NetworkSettings"]["Ports"][container_port][0]["HostPort"])
+
+
+def wait_for_http(port: int, timeout: float = 30.0) -> None:
+    """Wait until the workload's service answers /health on loopback."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+        except OSError:
+            time.sleep(0.2)
+            continue
+        return
+    raise AssertionError(f"the workload's service on port {port} did not come up")
+
+
+def remove_embassy_containers(client: Any, eid: str) -> None:
+    """Remove everything a daemon launched: its containers and its network."""
+    for container in client.containers.list(all=True, filters={"label": f"org.embassy.id={eid}"}):
+        container.remove(force=True)
+    for network in client.networks.list(names=[f"embassy-{eid}"]):
+        network.remove()

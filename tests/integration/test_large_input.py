@@ -15,9 +15,7 @@ import hashlib
 import http.client
 import json
 import random
-import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -29,18 +27,25 @@ from embassy.cli import main
 from embassy.payload.envelope import make_payload
 from embassy.verify.identity import verify_identity_document
 from embassy.verify.policy import TrustPolicy
-from tests.integration.conftest import Daemon, require
+from tests.integration.conftest import (
+    SEALED_SERVICE_IMAGE,
+    Daemon,
+    embassy_id,
+    ensure_sealed_service_image,
+    published_port,
+    remove_embassy_containers,
+    require,
+    wait_for_http,
+)
 from workload_sdk.stream import encrypt_stream
 
 pytestmark = pytest.mark.integration
 docker = pytest.importorskip("docker")
 
-IMAGE = "embassy/sealed-service:latest"
-REPO = Path(__file__).resolve().parents[2]
 MEMORY_LIMIT = 192 * 1024 * 1024
 WORKLOAD = f"""
 workload:
-  image: {IMAGE}
+  image: {SEALED_SERVICE_IMAGE}
   ports: ["127.0.0.1:0:8080/tcp"]
   memory: "192m"
 """
@@ -94,14 +99,6 @@ class Plaintext:
         return self.words_per_block * self._next
 
 
-def _holder_port(client: Any, eid: str) -> int:
-    holder = client.containers.list(
-        filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=netns-holder"]}
-    )[0]
-    holder.reload()
-    return int(holder.attrs["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostPort"])
-
-
 def _peak_memory(container: Any) -> int:
     """The container's peak memory use: cgroup v1 ``memory.max_usage_in_bytes``."""
     cgroup = Path(f"/sys/fs/cgroup/memory/docker/{container.id}")
@@ -116,35 +113,21 @@ def _peak_memory(container: Any) -> int:
 def world(daemon_factory: Callable[[str], Daemon]) -> Iterator[tuple[Daemon, Any, int]]:
     require("docker")
     client = docker.from_env()
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(
-            ["bash", str(REPO / "examples/sealed_service/build.sh")], check=True, timeout=600
-        )
+    ensure_sealed_service_image(client)
     daemon = daemon_factory(WORKLOAD)
     eid = ""
     try:
         daemon.start()
-        eid = (daemon.data_dir / "embassy-id").read_text().strip()
-        port = _holder_port(client, eid)
+        eid = embassy_id(daemon)
+        port = published_port(client, eid)
         workload = client.containers.list(
             filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=workload"]}
         )[0]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the service inside the container comes up
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_for_http(port)
         yield daemon, workload, port
     finally:
         if eid:
-            for c in client.containers.list(all=True, filters={"label": f"org.embassy.id={eid}"}):
-                c.remove(force=True)
-            for n in client.networks.list(names=[f"embassy-{eid}"]):
-                n.remove()
+            remove_embassy_containers(client, eid)
         client.close()
 
 

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import secrets
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -27,16 +26,23 @@ from embassy.daemon.keys import derive_keys
 from embassy.payload.envelope import seal_input
 from embassy.verify.identity import verify_identity_document
 from embassy.verify.policy import TrustPolicy
-from tests.integration.conftest import Daemon, require
+from tests.integration.conftest import (
+    SEALED_SERVICE_IMAGE,
+    Daemon,
+    embassy_id,
+    ensure_sealed_service_image,
+    published_port,
+    remove_embassy_containers,
+    require,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.integration
 docker = pytest.importorskip("docker")
 
-IMAGE = "embassy/sealed-service:latest"
-REPO = Path(__file__).resolve().parents[2]
 WORKLOAD = f"""
 workload:
-  image: {IMAGE}
+  image: {SEALED_SERVICE_IMAGE}
   ports: ["127.0.0.1:0:8080/tcp"]
 """
 
@@ -77,15 +83,6 @@ class User:
         return envelope.to_json(), out.getvalue()
 
 
-def _port(client: Any, daemon: Daemon) -> int:
-    eid = (daemon.data_dir / "embassy-id").read_text().strip()
-    holder = client.containers.list(
-        filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=netns-holder"]}
-    )[0]
-    holder.reload()
-    return int(holder.attrs["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostPort"])
-
-
 def _post(port: int, envelope: dict[str, Any], stream: bytes) -> tuple[int, dict[str, Any]]:
     body = json.dumps({"envelope": envelope, "input": base64.b64encode(stream).decode()}).encode()
     request = urllib.request.Request(
@@ -102,29 +99,16 @@ def _post(port: int, envelope: dict[str, Any], stream: bytes) -> tuple[int, dict
 def world(daemon_factory: type[Daemon], tmp_path: Path) -> Iterator[tuple[User, int]]:
     require("docker")
     client = docker.from_env()
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(
-            ["bash", str(REPO / "examples/sealed_service/build.sh")], check=True, timeout=600
-        )
+    ensure_sealed_service_image(client)
     daemon = daemon_factory(WORKLOAD)
     daemon.start()
-    port = _port(client, daemon)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # the service inside the container comes up
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    yield User(daemon, tmp_path), port
-    eid = (daemon.data_dir / "embassy-id").read_text().strip()
-    for c in client.containers.list(all=True, filters={"label": f"org.embassy.id={eid}"}):
-        c.remove(force=True)
-    for n in client.networks.list(names=[f"embassy-{eid}"]):
-        n.remove()
-    client.close()
+    try:
+        port = published_port(client, embassy_id(daemon))
+        wait_for_http(port)
+        yield User(daemon, tmp_path), port
+    finally:
+        remove_embassy_containers(client, embassy_id(daemon))
+        client.close()
 
 
 def test_a_sealed_request_verifies_and_every_forgery_fails(

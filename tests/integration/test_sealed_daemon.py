@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Daemon, require
+from tests.integration.conftest import Daemon, embassy_id, remove_embassy_containers, require
 
 pytestmark = pytest.mark.integration
 
@@ -59,14 +59,10 @@ def client() -> Iterator[Any]:
     c.close()
 
 
-def _embassy_id(daemon: Daemon) -> str:
-    return (daemon.data_dir / "embassy-id").read_text().strip()
-
-
 def _ours(client: Any, daemon: Daemon, role: str) -> Any:
     found = client.containers.list(
         all=True,
-        filters={"label": [f"org.embassy.id={_embassy_id(daemon)}", f"org.embassy.role={role}"]},
+        filters={"label": [f"org.embassy.id={embassy_id(daemon)}", f"org.embassy.role={role}"]},
     )
     assert len(found) == 1, found
     return found[0]
@@ -78,7 +74,7 @@ class Scene:
     def __init__(self, client: Any, daemon: Daemon) -> None:
         self.client, self.daemon = client, daemon
         self.workload = _ours(client, daemon, "workload")
-        network = f"embassy-{_embassy_id(daemon)}"
+        network = f"embassy-{embassy_id(daemon)}"
         self.canary = client.containers.run(
             "embassy/canary:latest",
             ["sh", "-c", "mkdir -p /www && echo ok > /www/index.html && httpd -f -p 8080 -h /www"],
@@ -117,14 +113,8 @@ def scene(client: Any, daemon_factory: type[Daemon]) -> Iterator[Scene]:
 
 
 def _remove_ours(client: Any, daemon: Daemon) -> None:
-    if not (daemon.data_dir / "embassy-id").exists():
-        return
-    for c in client.containers.list(
-        all=True, filters={"label": f"org.embassy.id={_embassy_id(daemon)}"}
-    ):
-        c.remove(force=True)
-    for n in client.networks.list(names=[f"embassy-{_embassy_id(daemon)}"]):
-        n.remove()
+    if (daemon.data_dir / "embassy-id").exists():
+        remove_embassy_containers(client, embassy_id(daemon))
 
 
 def test_a_session_seals_the_workload_and_the_socket_still_works(scene: Scene) -> None:
@@ -176,7 +166,7 @@ def test_a_refused_workload_never_starts(client: Any, daemon_factory: type[Daemo
     assert "privileged" in daemon.log_text()
     if (daemon.data_dir / "embassy-id").exists():
         found = client.containers.list(
-            all=True, filters={"label": f"org.embassy.id={_embassy_id(daemon)}"}
+            all=True, filters={"label": f"org.embassy.id={embassy_id(daemon)}"}
         )
         assert found == []
 
