@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from embassy.errors import (
+    ActivationError,
     ConfigError,
     EmbassyError,
     PolicyError,
@@ -42,6 +43,7 @@ _EXIT: tuple[tuple[type[EmbassyError], int], ...] = (
     (ConfigError, 2),
     (PolicyError, 2),
     (WireFormatError, 3),
+    (ActivationError, 3),
     (TpmError, 4),
     (SealError, 4),
     (WorkloadError, 4),

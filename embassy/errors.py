@@ -19,8 +19,14 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── WrongEmbassyError        the payload is for another embassy
     │   ├── UnsupportedSuiteError    the payload's HPKE suite is not one this embassy has
     │   ├── BadPayloadError          the payload does not unwrap (other key, tampered field)
-    │   └── ConflictError            the request contradicts stored state
-    │       └── PayloadReplayedError a payload opens once
+    │   ├── ConflictError            the request contradicts stored state
+    │   │   ├── PayloadReplayedError a payload opens once
+    │   │   └── InstructionReplayedError an authority's instruction is carried out once
+    │   └── InstructionError         an authority's instruction that is not carried out
+    │       ├── InstructionUnsignedError  no authority's signature on it
+    │       ├── InstructionSignatureError signed, but not by the authority it names
+    │       ├── InstructionExpiredError   past its expiry, or for another embassy
+    │       └── NotOwnerError             the authority does not own the capability
     ├── VerificationError            evidence that does not check; the verifier raises these
     │   ├── SignatureError           a DSSE or quote signature does not verify
     │   ├── QuoteError               a quote is malformed, of the wrong type, or over the wrong data
@@ -33,6 +39,12 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── KeyBindingError          a key does not match the one the evidence binds
     │   ├── ResultMismatchError      an output, seal and unseal that do not belong together
     │   └── SoftwareTpmError         software-TPM evidence without allow_software_tpm
+    ├── ActivationError              an activation file the intake rejects (a statement says why)
+    │   ├── ActivationCorruptError   bad magic, version, header field or checksum
+    │   ├── ActivationTruncatedError shorter than its header says
+    │   ├── ActivationOversizedError larger than the configured limit
+    │   ├── ActivationForeignError   not a regular file, or for a session that is not open
+    │   └── ActivationSequenceError  a sequence number out of order for its session
     ├── PolicyError                  refused by policy (e.g. a workload that could lift its seal)
     ├── SealError                    the firewall could not be put in (or out of) the sealed state
     ├── WorkloadError                Docker failed to do what the embassy asked
@@ -106,6 +118,30 @@ class PayloadReplayedError(ConflictError):
     code = "payload-replayed"
 
 
+class InstructionReplayedError(ConflictError):
+    code = "instruction-replayed"
+
+
+class InstructionError(RequestError):
+    code = "instruction-refused"
+
+
+class InstructionUnsignedError(InstructionError):
+    code = "instruction-unsigned"
+
+
+class InstructionSignatureError(InstructionError):
+    code = "instruction-bad-signature"
+
+
+class InstructionExpiredError(InstructionError):
+    code = "instruction-expired"
+
+
+class NotOwnerError(InstructionError):
+    code = "not-capability-owner"
+
+
 class VerificationError(EmbassyError):
     code = "verification-failed"
 
@@ -152,6 +188,30 @@ class ResultMismatchError(VerificationError):
 
 class SoftwareTpmError(VerificationError):
     code = "software-tpm"
+
+
+class ActivationError(EmbassyError):
+    code = "activation-rejected"
+
+
+class ActivationCorruptError(ActivationError):
+    code = "activation-corrupt"
+
+
+class ActivationTruncatedError(ActivationError):
+    code = "activation-truncated"
+
+
+class ActivationOversizedError(ActivationError):
+    code = "activation-oversized"
+
+
+class ActivationForeignError(ActivationError):
+    code = "activation-foreign"
+
+
+class ActivationSequenceError(ActivationError):
+    code = "activation-out-of-sequence"
 
 
 class PolicyError(EmbassyError):

@@ -22,11 +22,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from embassy.errors import (
+    ActivationError,
     ConflictError,
     EmbassyError,
     ForbiddenError,
+    InstructionSignatureError,
     MethodNotAllowedError,
     NotFoundError,
+    NotOwnerError,
     PayloadTooLargeError,
     PolicyError,
     RequestError,
@@ -47,10 +50,13 @@ _STATUS: tuple[tuple[type[EmbassyError], int], ...] = (
     (MethodNotAllowedError, 405),
     (PayloadTooLargeError, 413),
     (ForbiddenError, 403),
+    (InstructionSignatureError, 403),
+    (NotOwnerError, 403),
     (PolicyError, 403),
     (ConflictError, 409),
     (RequestError, 400),
     (WireFormatError, 400),
+    (ActivationError, 422),
     (VerificationError, 422),
     (TpmError, 503),
     (SealError, 503),
