@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from embassy.errors import ConfigError
+from embassy.metering.instruction import CAPABILITY_PATTERN
 from embassy.wire.codec import b64decode, b64encode
 from embassy.workload.spec import ENV_PREFIX, WORKLOAD_SCHEMA, WorkloadSpec, parse_workload
 
@@ -87,8 +88,27 @@ SCHEMA: tuple[Key, ...] = (
         "authorities",
         "authorities",
         [],
-        "Authorities: list of {name, ed25519} where ed25519 is a base64 raw public key. "
+        "Authorities: list of {name, ed25519, capabilities} where ed25519 is a base64 raw "
+        "public key and capabilities the names it alone may write, update and read. "
         "Part of the policy, and so of the measurement.",
+    ),
+    Key(
+        "metering.max_activation_bytes",
+        "int",
+        64 << 20,
+        "Largest activation file the intake reads (bytes); larger ones are rejected unread.",
+    ),
+    Key(
+        "metering.max_files_per_session",
+        "int",
+        4096,
+        "Activation files one session may hand in; the rest are rejected.",
+    ),
+    Key(
+        "metering.drain_timeout_seconds",
+        "int",
+        60,
+        "How long closing a session waits for its activation files to be handled.",
     ),
 )
 
@@ -97,6 +117,14 @@ SCHEMA: tuple[Key, ...] = (
 class Authority:
     name: str
     ed25519: bytes
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Metering:
+    max_activation_bytes: int = 64 << 20
+    max_files_per_session: int = 4096
+    drain_timeout_seconds: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +151,7 @@ class Config:
     authorities: tuple[Authority, ...]
     failpoint: str | None = None
     workload: WorkloadSpec | None = None
+    metering: Metering = Metering()
 
     def effective(self) -> dict[str, Any]:
         """The config as measured: every key, defaults filled, in schema names."""
@@ -142,8 +171,18 @@ class Config:
                 "timeout_seconds": self.timeout_seconds,
             },
             "debug": {"failpoint": self.failpoint},
+            "metering": {
+                "max_activation_bytes": self.metering.max_activation_bytes,
+                "max_files_per_session": self.metering.max_files_per_session,
+                "drain_timeout_seconds": self.metering.drain_timeout_seconds,
+            },
             "authorities": [
-                {"name": a.name, "ed25519": b64encode(a.ed25519)} for a in self.authorities
+                {
+                    "name": a.name,
+                    "ed25519": b64encode(a.ed25519),
+                    "capabilities": list(a.capabilities),
+                }
+                for a in self.authorities
             ],
         }
 
@@ -194,7 +233,7 @@ def _as_authorities(path: str, value: Any) -> tuple[Authority, ...]:
         where = f"{path}[{i}]"
         if not isinstance(item, dict):
             raise _fail(where, "expected a mapping with name and ed25519")
-        unknown = sorted(set(item) - {"name", "ed25519"})
+        unknown = sorted(set(item) - {"name", "ed25519", "capabilities"})
         if unknown:
             raise _fail(f"{where}.{unknown[0]}", "unknown key")
         name = _as_str(f"{where}.name", item.get("name"))
@@ -206,8 +245,29 @@ def _as_authorities(path: str, value: Any) -> tuple[Authority, ...]:
             raise _fail(f"{where}.ed25519", f"expected 32 bytes, got {len(key)}")
         if any(a.name == name for a in out):
             raise _fail(f"{where}.name", f"duplicate authority {name!r}")
-        out.append(Authority(name, key))
+        capabilities = _as_capabilities(f"{where}.capabilities", item.get("capabilities", []))
+        for cap in capabilities:
+            owner = next((a.name for a in out if cap in a.capabilities), None)
+            if owner is not None:
+                raise _fail(
+                    f"{where}.capabilities",
+                    f"capability {cap!r} is already owned by {owner!r} (one owner each)",
+                )
+        out.append(Authority(name, key, capabilities))
     return tuple(out)
+
+
+def _as_capabilities(path: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _fail(path, "expected a list of capability names")
+    names = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not CAPABILITY_PATTERN.fullmatch(item):
+            raise _fail(f"{path}[{i}]", f"capability names match {CAPABILITY_PATTERN.pattern}")
+        if item in names:
+            raise _fail(f"{path}[{i}]", f"duplicate capability {item!r}")
+        names.append(item)
+    return tuple(sorted(names))
 
 
 _LEVELS = ("debug", "info", "warning", "error")
@@ -274,6 +334,17 @@ def parse_config(
         raise _fail("http.max_body_bytes", "must be between 1 KiB and 1 GiB")
     if not 1 <= values["http.timeout_seconds"] <= 3600:
         raise _fail("http.timeout_seconds", "must be between 1 and 3600")
+    metering = Metering(
+        values["metering.max_activation_bytes"],
+        values["metering.max_files_per_session"],
+        values["metering.drain_timeout_seconds"],
+    )
+    if not 4096 <= metering.max_activation_bytes <= 1 << 30:
+        raise _fail("metering.max_activation_bytes", "must be between 4 KiB and 1 GiB")
+    if not 1 <= metering.max_files_per_session <= 1 << 20:
+        raise _fail("metering.max_files_per_session", "must be between 1 and 1048576")
+    if not 1 <= metering.drain_timeout_seconds <= 3600:
+        raise _fail("metering.drain_timeout_seconds", "must be between 1 and 3600")
     return Config(
         socket=values["socket"],
         data_dir=values["data_dir"],
@@ -286,6 +357,7 @@ def parse_config(
         authorities=values["authorities"],
         failpoint=values["debug.failpoint"],
         workload=workload,
+        metering=metering,
     )
 
 
