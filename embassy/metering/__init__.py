@@ -1,0 +1,1 @@
+"""Metering: activation files, instructions, scoring, registry."""
