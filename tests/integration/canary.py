@@ -36,7 +36,7 @@ import pytest
 
 IN_CI = os.environ.get("CI") == "true"
 CANARY_IMAGE = "embassy/canary:latest"
-WORKLOAD_IMAGE = "embassy/workload-base:bookworm-v2"
+WORKLOAD_IMAGE = "embassy/workload-base:bookworm-v3"
 HTTP_PORT = 80
 UDP_PORT = 9999
 ECHO_PORT = 7007

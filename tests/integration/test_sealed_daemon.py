@@ -23,7 +23,7 @@ docker = pytest.importorskip("docker")
 
 WORKLOAD = """
 workload:
-  image: embassy/workload-base:bookworm-v2
+  image: embassy/workload-base:bookworm-v3
   command: ["python3", "-c", "import time; time.sleep(100000)"]
 """
 

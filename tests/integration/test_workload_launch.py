@@ -28,7 +28,7 @@ from tests.integration.conftest import IN_CI
 
 pytestmark = pytest.mark.integration
 
-BASE_IMAGE = "embassy/workload-base:bookworm-v2"
+BASE_IMAGE = "embassy/workload-base:bookworm-v3"
 HOLDER_IMAGE = "embassy/canary:latest"
 TEST_IMAGE = "embassy/workload-test:allow-command-mounts"
 SLEEP = ["python3", "-c", "import time; time.sleep(600)"]
