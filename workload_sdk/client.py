@@ -30,9 +30,12 @@ import json
 import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
+if TYPE_CHECKING:
+    from workload_sdk.activations import ActivationWriter
 from workload_sdk.errors import (
     EmbassyError,
     PayloadRejected,
@@ -42,6 +45,8 @@ from workload_sdk.errors import (
 )
 
 DEFAULT_SOCKET = "/run/embassy/embassy.sock"
+# Where the embassy mounts the shared activation directory into the workload.
+DEFAULT_ACTIVATION_DIR = "/var/lib/embassy/activations"
 KEY_SIZE = 32
 DIGEST_SIZE = 32
 PAYLOAD_ID_SIZE = 16
@@ -147,8 +152,18 @@ class EmbassyClient:
         """``GET /v1/health``: liveness, TPM mode, log head."""
         return self.request("GET", "/v1/health")
 
-    def open(self, envelope: Mapping[str, Any], deadline_seconds: int = 300) -> Session:
+    def open(
+        self,
+        envelope: Mapping[str, Any],
+        deadline_seconds: int = 300,
+        *,
+        actions: bytes | None = None,
+    ) -> Session:
         """Seal the workload and unwrap the user's payload: ``POST /v1/sessions``.
+
+        ``actions`` is the opaque blob the user sealed under the payload's action key
+        (authorities' instructions); relay it exactly as received. Meter readings the
+        instructions asked for come back in :attr:`Session.readings`.
 
         Raises :class:`PayloadRejected` if the embassy refuses the envelope (expired,
         replayed, for another embassy, ...), :class:`SealFailed` if it could not seal,
@@ -162,11 +177,10 @@ class EmbassyClient:
             or deadline_seconds <= 0
         ):
             raise ValueError(f"deadline_seconds must be a positive int, got {deadline_seconds!r}")
-        reply = self.request(
-            "POST",
-            "/v1/sessions",
-            {"payload": dict(envelope), "deadline_seconds": deadline_seconds},
-        )
+        body: dict[str, Any] = {"payload": dict(envelope), "deadline_seconds": deadline_seconds}
+        if actions is not None:
+            body["actions"] = base64.b64encode(actions).decode("ascii")
+        reply = self.request("POST", "/v1/sessions", body)
         return Session._from_reply(self, reply, payload_id)
 
     def request(
@@ -222,6 +236,7 @@ class Session:
         "_token",
         "deadline_unix",
         "payload_id",
+        "readings",
         "seal_statement",
         "session_id",
     )
@@ -236,6 +251,7 @@ class Session:
         seal_statement: bytes,
         deadline_unix: int,
         payload_id: bytes,
+        readings: tuple[bytes, ...] = (),
     ) -> None:
         self._client = client
         self._token = token
@@ -246,6 +262,7 @@ class Session:
         self.seal_statement = seal_statement
         self.deadline_unix = deadline_unix
         self.payload_id = payload_id
+        self.readings = readings
 
     @classmethod
     def _from_reply(
@@ -262,6 +279,10 @@ class Session:
             if len(key) != KEY_SIZE:
                 raise _bad_reply(f"input_key is {len(key)} bytes, not {KEY_SIZE}")
             statement = _b64(reply.get("statement"), "statement")
+            raw_readings = reply.get("readings", [])
+            if not isinstance(raw_readings, list):
+                raise _bad_reply("readings is not a list")
+            readings = tuple(_b64(r, "readings[]") for r in raw_readings)
         except EmbassyError as exc:
             # The session is open on the embassy's side: end it rather than wait for its
             # deadline, certifying nothing.
@@ -282,7 +303,18 @@ class Session:
             seal_statement=statement,
             deadline_unix=deadline,
             payload_id=payload_id,
+            readings=readings,
         )
+
+    def activations(self, directory: str = DEFAULT_ACTIVATION_DIR) -> ActivationWriter:
+        """A writer of this session's activation files into the shared directory.
+
+        Write them before :meth:`finish`: closing the session makes the embassy handle
+        every file it has, and files for a closed session are rejected.
+        """
+        from workload_sdk.activations import ActivationWriter  # numpy only when used
+
+        return ActivationWriter(Path(directory), bytes.fromhex(self.session_id))
 
     def __repr__(self) -> str:
         return (
