@@ -10,8 +10,10 @@ Routes (all JSON):
   before it), closed by a new checkpoint.
 - ``POST /v1/attestation/activate-credential``: ``{"credential_blob", "encrypted_secret"}``
   (base64); returns ``{"secret"}``, proving the AK lives in the TPM holding the EK.
-- ``POST /v1/sessions``: ``{"deadline_seconds"}``; seals the workload, then returns
-  ``{"session", "token", "deadline_unix", "statement"}`` (the seal statement, base64).
+- ``POST /v1/sessions``: ``{"deadline_seconds", "payload"?, "actions"?}``; seals the
+  workload, then returns ``{"session", "token", "deadline_unix", "statement"}`` (the seal
+  statement, base64), with a payload its ``input_key``, and with read instructions among
+  the actions their ``readings`` (meter-reading statements, base64).
 - ``POST /v1/sessions/close``: ``{"session", "token", "output_sha256"|null}``; returns
   ``{"statement"}`` (the unseal statement, base64); unseals after the last open session.
 - ``GET  /v1/seal``: the seal's state: open sessions, the kernel's state, the rules digest.
@@ -43,7 +45,10 @@ class Service(Protocol):
     def log_segment(self, from_seq: int) -> dict[str, Any]: ...
     def activate_credential(self, blob: bytes, secret: bytes) -> bytes: ...
     def open_session(
-        self, deadline_seconds: int, payload: dict[str, Any] | None = None
+        self,
+        deadline_seconds: int,
+        payload: dict[str, Any] | None = None,
+        actions: bytes | None = None,
     ) -> dict[str, Any]: ...
     def close_session(
         self, session: bytes, token: bytes, output_sha256: bytes | None
@@ -119,10 +124,15 @@ class Api:
 
     def _open(self, request: Request) -> Response:
         body = parse_json_object(request.body or b"{}", "request body")
-        only_fields(body, {"deadline_seconds", "payload"}, "request body")
+        only_fields(body, {"deadline_seconds", "payload", "actions"}, "request body")
         deadline = field(body, "deadline_seconds", int, "request body")
         payload = field(body, "payload", dict, "request body") if "payload" in body else None
-        return Response(201, self._service.open_session(deadline, payload))
+        actions = None
+        if body.get("actions") is not None:
+            actions = b64decode(field(body, "actions", str, "request body"), "actions")
+        if actions is not None and payload is None:
+            raise RequestError("actions ride with a payload (sealed under its action key)")
+        return Response(201, self._service.open_session(deadline, payload, actions))
 
     def _close(self, request: Request) -> Response:
         body = parse_json_object(request.body, "request body")

@@ -23,12 +23,15 @@ from embassy.daemon.api import Api
 from embassy.daemon.atomic import ensure_private_dir
 from embassy.daemon.http import UnixHttpServer
 from embassy.daemon.identity import identity_body
+from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.keys import load_or_create_keys
+from embassy.daemon.metering import MeteringService
 from embassy.daemon.statement_log import StatementLog
 from embassy.errors import ConflictError, EmbassyError, SealError
 from embassy.log.entry import EntryType
 from embassy.log.segment import EVIDENCE_TYPE, IDENTITY_DOCUMENT_TYPE, LOG_SEGMENT_TYPE
 from embassy.measure import Measurement, measure
+from embassy.metering.registry import Registry
 from embassy.payload.envelope import PayloadEnvelope, open_payload
 from embassy.sessions.replay import ReplayStore
 from embassy.tpm.device import TpmDevice
@@ -97,14 +100,27 @@ class Embassy:
             )
             self.log.recover()
             self.measurement = measurement or measure(config)
+            self.registry = Registry.open(config.data_dir / "registry.sqlite")
+            self.metering = MeteringService(
+                registry=self.registry,
+                log=self.log,
+                authorities=config.authorities,
+                own_keyid=keyid(self.keys.signing.public_key()),
+                limits=config.metering,
+            )
+            # Before anything new is signed: batches a crash left pending follow the log.
+            self.metering.recover()
             start = self.log.append_event(EntryType.EMBASSY_START, self.measurement.to_json())
             # The workload's launch inputs are logged before the identity statement, so the
             # identity document says exactly what runs beside this embassy.
             self.workload: SealedWorkload | None = None
+            self._intake: ActivationIntake | None = None
             if config.workload is not None:
                 from embassy.daemon.sealed_workload import SealedWorkload
 
-                self.workload = SealedWorkload(config, config.workload, self.log)
+                self.workload = SealedWorkload(
+                    config, config.workload, self.log, on_abort=self.metering.forget
+                )
             self._replay = ReplayStore(config.data_dir / "payloads.sqlite")
             subjects, body = identity_body(
                 self.keys, tpm_device, config.pcrs, self.measurement, start
@@ -114,6 +130,11 @@ class Embassy:
             segment = self.log.current_segment(start.seq, hashlib.sha256(payload).digest())
             self._identity = {"v": 1, "type": IDENTITY_DOCUMENT_TYPE, "segment": segment.to_json()}
             self.log.checkpoint()
+            if self.workload is not None:
+                activations = config.data_dir / "activations"
+                ensure_private_dir(activations)
+                self._intake = ActivationIntake(activations, self.metering.handle)
+                self._intake.start()
         except BaseException:
             self._close_tpm(power_off=False)
             raise
@@ -170,9 +191,17 @@ class Embassy:
         return self.workload
 
     def open_session(
-        self, deadline_seconds: int, payload: dict[str, Any] | None = None
+        self,
+        deadline_seconds: int,
+        payload: dict[str, Any] | None = None,
+        actions: bytes | None = None,
     ) -> dict[str, Any]:
-        """Seal, then (with a payload) unwrap its input key: never the other way round."""
+        """Seal, then (with a payload) unwrap its input key: never the other way round.
+
+        The payload's actions (authorities' instructions) are checked before the input key
+        is returned; a refusal aborts the session unless the user accepted running it
+        unmetered.
+        """
         sealed = self._sealed()
         envelope = None if payload is None else PayloadEnvelope.from_json(payload)
         opened = sealed.sessions.open(
@@ -184,20 +213,33 @@ class Embassy:
             "deadline_unix": opened.deadline,
             "statement": b64encode(opened.envelope),
         }
-        if envelope is not None:
-            try:
-                response["input_key"] = b64encode(self._unwrap(sealed, envelope, opened.session))
-            except EmbassyError as exc:
-                sealed.sessions.abort(opened.session, f"payload refused: {exc.code}")
-                raise
+        try:
+            if envelope is None:
+                self.metering.begin(opened.session)
+            else:
+                input_key, action_key = self._unwrap(sealed, envelope, opened.session)
+                readings = self.metering.begin(
+                    opened.session,
+                    payload_id=envelope.payload_id,
+                    action_key=action_key,
+                    actions=actions,
+                )
+                response["input_key"] = b64encode(input_key)
+                if readings:
+                    response["readings"] = [b64encode(r) for r in readings]
+        except EmbassyError as exc:
+            sealed.sessions.abort(opened.session, f"payload refused: {exc.code}")
+            raise
         return response
 
-    def _unwrap(self, sealed: SealedWorkload, envelope: PayloadEnvelope, session: bytes) -> bytes:
+    def _unwrap(
+        self, sealed: SealedWorkload, envelope: PayloadEnvelope, session: bytes
+    ) -> tuple[bytes, bytes | None]:
         if not sealed.in_sealed_netns():
             raise SealError("the workload is not in the sealed network namespace; no key")
         now = time.time()
         self._replay.claim(envelope.payload_id, session, int(now))
-        input_key, _action_key = open_payload(
+        return open_payload(
             envelope,
             private_keys={
                 "x25519": self.keys.hpke_x25519,
@@ -206,12 +248,16 @@ class Embassy:
             own_keyid=keyid(self.keys.signing.public_key()),
             now=now,
         )
-        return input_key
 
     def close_session(
         self, session: bytes, token: bytes, output_sha256: bytes | None
     ) -> dict[str, Any]:
-        envelope = self._sealed().sessions.close(session, token, output_sha256)
+        sessions = self._sealed().sessions
+        # Only the session's holder may make the embassy wait for its activation files.
+        sessions.authenticate(session, token)
+        drain = self._intake.drain if self._intake is not None else lambda: 0
+        summary = self.metering.finish(session, drain)
+        envelope = sessions.close(session, token, output_sha256, summary)
         return {"statement": b64encode(envelope)}
 
     def seal_status(self) -> dict[str, Any]:
@@ -227,9 +273,12 @@ class Embassy:
     def close(self) -> None:
         """Clean stop: a signed stop statement and a checkpoint close this run's log."""
         try:
+            if self._intake is not None:
+                self._intake.stop()
             if self.workload is not None:
                 self.workload.close()
             self._replay.close()
+            self.registry.close()
             self.log.append_statement(LIFECYCLE_V1, [], {"event": "stop"})
             self.log.checkpoint()
         finally:

@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,13 @@ def dedicated_socket_dir(config: Config) -> Path:
 
 
 class SealedWorkload:
-    def __init__(self, config: Config, spec: WorkloadSpec, log: StatementLog) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spec: WorkloadSpec,
+        log: StatementLog,
+        on_abort: Callable[[bytes], None] = lambda session: None,
+    ) -> None:
         self._log = log
         self._docker = DockerRuntime()
         self._firewall = IptablesFirewall()
@@ -73,6 +80,7 @@ class SealedWorkload:
                     launch_digest=bytes.fromhex(self.launched.launch_digest),
                 ),
                 failpoint=config.failpoint,
+                on_abort=on_abort,
             )
             report = self.sessions.reconcile()
             _LOG.info("seal reconciled: %s", json.dumps(report))

@@ -24,7 +24,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ class SessionManager:
         workload: WorkloadIdentity,
         failpoint: str | None = None,
         now: Callable[[], float] = time.time,
+        on_abort: Callable[[bytes], None] = lambda session: None,
     ) -> None:
         self._journal = AppendFile(journal_path, parse_record)
         self._firewall = firewall
@@ -96,6 +97,7 @@ class SessionManager:
         self._workload = workload
         self._failpoint = failpoint
         self._now = now
+        self._on_abort = on_abort
         self._lock = threading.Lock()
         self._rules_sha256: bytes | None = None
 
@@ -176,8 +178,23 @@ class SessionManager:
             raise ConflictError(f"session {session.hex()} is already {state.phase.value}")
         return state
 
-    def close(self, session: bytes, token: bytes, output_sha256: bytes | None) -> bytes:
-        """Close a session; unseal if it was the last open one; return the unseal statement."""
+    def authenticate(self, session: bytes, token: bytes) -> None:
+        """Raise unless the caller holds this open session (checked again by close)."""
+        with self._lock:
+            self._holder(session, token)
+
+    def close(
+        self,
+        session: bytes,
+        token: bytes,
+        output_sha256: bytes | None,
+        metering: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        """Close a session; unseal if it was the last open one; return the unseal statement.
+
+        ``metering`` is what was metered during the session (counts and digests), or None
+        when this daemon run did not meter it.
+        """
         with self._lock:
             state = self._holder(session, token)
             if state.phase is not Phase.SEALED:
@@ -193,6 +210,7 @@ class SessionManager:
                     "seal_statement_sha256": (state.seal_statement_sha256 or b"").hex(),
                     "output_sha256": None if output_sha256 is None else output_sha256.hex(),
                     "workload": self._workload.to_json(),
+                    "metering": None if metering is None else dict(metering),
                     "firewall": firewall,
                     "wall_time_unix": int(self._now()),
                 },
@@ -220,6 +238,7 @@ class SessionManager:
             },
         )  # fmt: skip
         _LOG.warning("session %s aborted: %s", state.session.hex(), reason)
+        self._on_abort(state.session)
         return appended.envelope
 
     def abort(self, session: bytes, reason: str) -> bytes:

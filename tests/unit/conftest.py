@@ -39,7 +39,13 @@ class EmbassyFactory:
         self._tmp = tmp
         self._running: list[Embassy] = []
 
-    def __call__(self, tpm: FakeTpm, name: str = "embassy", checkpoint_every: int = 3) -> Embassy:
+    def __call__(
+        self,
+        tpm: FakeTpm,
+        name: str = "embassy",
+        checkpoint_every: int = 3,
+        extra: dict[str, object] | None = None,
+    ) -> Embassy:
         """Start (or, if ``name``'s data dir exists, restart) an embassy on ``tpm``."""
         data_dir = self._tmp / name
         if not data_dir.exists():
@@ -50,6 +56,7 @@ class EmbassyFactory:
                 "data_dir": str(data_dir),
                 "socket": str(self._tmp / f"{name}.sock"),
                 "statement_log": {"checkpoint_every": checkpoint_every},
+                **(extra or {}),
             }
         )
         embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
@@ -57,9 +64,10 @@ class EmbassyFactory:
         return embassy
 
     def crash(self, embassy: Embassy) -> None:
-        """Close the log files only: no stop statement, the TPM boot goes on."""
+        """Close the files only, as a kill -9 would: no stop statement, the TPM boot goes on."""
         self._running.remove(embassy)
         embassy.log.close()
+        embassy.registry.close()
 
     def close_all(self) -> None:
         while self._running:

@@ -220,9 +220,7 @@ def test_reading_round_trip() -> None:
 
 def test_reading_is_opaque_and_padded() -> None:
     small = _reading_statement(READING, reply_public_bytes(AISI), EMBASSY)
-    more = Reading(
-        "aisi", bytes(32), "f", 8, tuple(Meter(f"c{i}", i, i, i) for i in range(5))
-    )
+    more = Reading("aisi", bytes(32), "f", 8, tuple(Meter(f"c{i}", i, i, i) for i in range(5)))
     big = _reading_statement(more, reply_public_bytes(AISI), EMBASSY)
     assert b"exploit-design" not in base64.b64decode(json.loads(small)["payload"])
     assert len(small) == len(big)

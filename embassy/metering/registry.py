@@ -1,0 +1,576 @@
+"""The registry: signatures, meters, their history and instruction nonces, in one SQLite file.
+
+An edge (stdlib ``sqlite3``): the daemon's durable metering state. The file is opened with
+``journal_mode=WAL`` and ``synchronous=FULL`` (a returned COMMIT survives kill -9 and power
+loss), foreign keys on, and one connection shared by the daemon's threads behind a lock.
+The schema is versioned in ``meta``; a file of another version is refused, never migrated
+in place silently.
+
+Atomicity with the statement log
+--------------------------------
+A signature write or a meter update and the signed statement that reports it must commit
+together: no meter may move without its statement, and an acknowledged statement's change
+must survive a crash. Two files cannot share a transaction, so the statement log (append
+only, fsync'd, PCR-extended) is the source of truth for "acknowledged", and the registry
+follows it in two phases:
+
+1. :meth:`Registry.stage_signatures` / :meth:`Registry.stage_update` insert the rows in
+   state ``pending`` under a fresh batch id (16 random bytes, hex) in one transaction and
+   return it. Nothing a reader sees changes: meters and signature sets read committed rows.
+2. The caller appends the statement, which names the batch id, to the log.
+3. :meth:`Registry.commit` (batch, the statement's log seq), in ONE transaction, marks the
+   batch's rows committed with that seq and applies an update's deltas to the meters
+   (``value += delta``, ``count += 1``, ``last_seq = max(last_seq, seq)``; a missing meter
+   is created with its capability's authority). Committing a committed batch again with
+   the same seq is a no-op, so a retry after a crash between 2 and 3 is safe.
+4. At start, the caller takes :meth:`Registry.pending_batches`, looks for their batch ids
+   in the log and passes what it found (batch id → seq) to :meth:`Registry.recover`: found
+   batches are committed (their statement was acknowledged), the others deleted (it never
+   was). A crash at any point thus ends with registry and log agreeing.
+
+:meth:`Registry.discard` deletes a pending batch at once; call it only when the statement
+is known NOT to be in the log (the append was refused before writing). When the outcome of
+an append is unknown, leave the batch pending: recovery decides from the log.
+
+Ownership, defence in depth (the policy check comes first, in the instruction): a
+capability belongs to ONE authority, the one its meter or its first signatures name.
+Staging signatures for it under another authority raises ``NotOwnerError`` (pending rows
+count, so two authorities cannot race for a new name); an update's rows take the owner from
+the registry, so a meter is always created for the authority whose signatures scored it.
+
+Instruction nonces (``claim_nonce``) are committed before the instruction is carried out:
+a crash may burn an instruction, never run it twice.
+
+Signature sets are cached per (tensor, dim) so matching does not touch SQLite; committing
+a signatures batch drops the cache entries it changes. Vectors are stored as given, as
+little-endian float32; :mod:`embassy.metering.score` normalises them when it builds a set.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from embassy.errors import InstructionReplayedError, NotOwnerError, StorageError
+from embassy.metering.score import Polarity, SignatureSet
+
+SCHEMA_VERSION = 1
+_HEX = re.compile(r"(?:[0-9a-f]{2})+")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_VECTOR_DTYPE = np.dtype("<f4")  # float32, little-endian, whatever the host's byte order
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE batches (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('signatures', 'update')),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'committed')),
+    statement_seq INTEGER CHECK ((state = 'pending') = (statement_seq IS NULL))
+);
+CREATE TABLE signatures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+    capability TEXT NOT NULL,
+    authority TEXT NOT NULL,
+    polarity TEXT NOT NULL CHECK (polarity IN ('positive', 'negative')),
+    tensor TEXT NOT NULL,
+    dim INTEGER NOT NULL CHECK (dim > 0),
+    vector BLOB NOT NULL CHECK (length(vector) = 4 * dim),
+    session TEXT,
+    statement_seq INTEGER,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'committed'))
+);
+CREATE INDEX signatures_by_tensor ON signatures (tensor, dim, state);
+CREATE INDEX signatures_by_capability ON signatures (capability);
+CREATE INDEX signatures_by_batch ON signatures (batch);
+CREATE TABLE meters (
+    capability TEXT PRIMARY KEY,
+    authority TEXT NOT NULL,
+    -- SQLite turns an overflowing integer sum into REAL: refuse that instead.
+    value INTEGER NOT NULL CHECK (typeof(value) = 'integer'),
+    count INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+CREATE INDEX meters_by_authority ON meters (authority);
+CREATE TABLE updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+    capability TEXT NOT NULL,
+    authority TEXT NOT NULL,
+    delta INTEGER NOT NULL,
+    session TEXT NOT NULL,
+    activation_sha256 TEXT NOT NULL,
+    statement_seq INTEGER,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'committed'))
+);
+CREATE INDEX updates_by_capability ON updates (capability, state);
+CREATE INDEX updates_by_batch ON updates (batch);
+CREATE TABLE instruction_nonces (
+    nonce TEXT PRIMARY KEY,
+    authority TEXT NOT NULL,
+    expires_unix INTEGER NOT NULL
+);
+CREATE INDEX nonces_by_expiry ON instruction_nonces (expires_unix);
+"""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SignatureRow:
+    """One signature to stage: ``vector`` is stored as given (float32), normalised on use."""
+
+    capability: str
+    authority: str
+    polarity: Polarity
+    tensor: str
+    vector: npt.NDArray[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    capability: str
+    authority: str
+    value: int  # cumulative, micro-units
+    count: int  # committed updates applied
+    last_seq: int  # log seq of the latest statement that moved it
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    id: int
+    batch: str
+    capability: str
+    authority: str
+    delta: int
+    session: str
+    activation_sha256: str
+    statement_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    committed: tuple[str, ...]
+    discarded: tuple[str, ...]
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"registry: {what} must be a non-empty string")
+    return value
+
+
+def _hex(value: object, what: str, pattern: re.Pattern[str] = _HEX) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"registry: {what} must be lowercase hex")
+    return value
+
+
+class Registry:
+    """One open registry file. Every method is thread-safe."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, int], SignatureSet | None] = {}
+        self._generation = 0  # bumped by every signatures commit (see signature_set)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> Registry:
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"registry {path}: cannot open: {exc}") from None
+        try:
+            _configure(conn, path)
+            _ensure_schema(conn, path)
+            path.chmod(0o600)  # signatures are the authorities' secrets
+        except (sqlite3.Error, OSError) as exc:
+            conn.close()
+            raise StorageError(f"registry {path}: unreadable: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, conn)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+                self._cache.clear()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock; any sqlite error becomes a StorageError."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StorageError(f"registry {self._path}: closed")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(f"registry {self._path}: {exc}") from None
+
+    # --- staging and the commit protocol ---------------------------------------------------
+
+    def stage_signatures(self, rows: Sequence[SignatureRow], session: str | None = None) -> str:
+        """Insert ``rows`` as one pending batch; returns its id. Nothing is visible yet."""
+        if not rows:
+            raise ValueError("registry: a signatures batch needs at least one row")
+        if session is not None:
+            _hex(session, "session")
+        prepared = [_prepare_signature(row) for row in rows]
+        owners: dict[str, str] = {}
+        for row in rows:
+            if owners.setdefault(row.capability, row.authority) != row.authority:
+                raise NotOwnerError(
+                    f"registry: capability {row.capability!r} named for two authorities"
+                )
+        batch = secrets.token_hex(16)
+        with self._tx() as conn:
+            for capability, authority in owners.items():
+                owner = _owner(conn, capability, pending=True)
+                if owner is not None and owner != authority:
+                    raise NotOwnerError(
+                        f"registry: capability {capability!r} belongs to {owner!r}, "
+                        f"not {authority!r}"
+                    )
+            conn.execute("INSERT INTO batches VALUES (?, 'signatures', 'pending', NULL)", (batch,))
+            conn.executemany(
+                "INSERT INTO signatures (batch, capability, authority, polarity, tensor, dim,"
+                " vector, session, statement_seq, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, 'pending')",
+                [(batch, *fields, session) for fields in prepared],
+            )
+        return batch
+
+    def stage_update(self, session: str, activation_sha256: str, deltas: Mapping[str, int]) -> str:
+        """Stage meter deltas (micro-units) for one activation; returns the batch id.
+
+        Each capability's authority is the one its meter or committed signatures name.
+        """
+        _hex(session, "session")
+        _hex(activation_sha256, "activation_sha256", _SHA256_HEX)
+        for capability, delta in deltas.items():
+            _text(capability, "capability")
+            if type(delta) is not int or delta < 0:
+                raise ValueError(f"registry: delta for {capability!r} must be an int >= 0")
+        batch = secrets.token_hex(16)
+        with self._tx() as conn:
+            rows = []
+            for capability, delta in sorted(deltas.items()):
+                owner = _owner(conn, capability, pending=False)
+                if owner is None:
+                    raise StorageError(
+                        f"registry {self._path}: capability {capability!r} has no signatures"
+                    )
+                rows.append((batch, capability, owner, delta, session, activation_sha256))
+            conn.execute("INSERT INTO batches VALUES (?, 'update', 'pending', NULL)", (batch,))
+            conn.executemany(
+                "INSERT INTO updates (batch, capability, authority, delta, session,"
+                " activation_sha256, statement_seq, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, NULL, 'pending')",
+                rows,
+            )
+        return batch
+
+    def commit(self, batch: str, statement_seq: int) -> None:
+        """Apply a staged batch, its statement now in the log at ``statement_seq``."""
+        if type(statement_seq) is not int or statement_seq < 0:
+            raise ValueError("registry: statement_seq must be an int >= 0")
+        with self._tx() as conn:
+            self._commit_in(conn, batch, statement_seq)
+
+    def discard(self, batch: str) -> None:
+        """Delete a pending batch whose statement is known not to be in the log."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT state FROM batches WHERE id = ?", (batch,)).fetchone()
+            if row is not None and row[0] == "committed":
+                raise StorageError(
+                    f"registry {self._path}: batch {batch} is committed; it cannot be discarded"
+                )
+            conn.execute("DELETE FROM batches WHERE id = ?", (batch,))  # rows cascade
+
+    def pending_batches(self) -> list[str]:
+        """Batches staged but neither committed nor discarded, oldest first."""
+        return [
+            r[0]
+            for r in self._query("SELECT id FROM batches WHERE state = 'pending' ORDER BY rowid")
+        ]
+
+    def recover(self, found: Mapping[str, int]) -> Recovery:
+        """At start: commit pending batches found in the log, delete the rest, atomically.
+
+        ``found`` maps batch ids to the seq of the statement naming them; ids that are not
+        pending here (already committed, or unknown) are ignored.
+        """
+        committed: list[str] = []
+        discarded: list[str] = []
+        with self._tx() as conn:
+            pending = [r[0] for r in conn.execute("SELECT id FROM batches WHERE state = 'pending'")]
+            # In log order, so each meter's last_seq is the seq of its last statement.
+            for batch in sorted(pending, key=lambda b: (b not in found, found.get(b, 0), b)):
+                if batch in found:
+                    self._commit_in(conn, batch, found[batch])
+                    committed.append(batch)
+                else:
+                    conn.execute("DELETE FROM batches WHERE id = ?", (batch,))
+                    discarded.append(batch)
+        return Recovery(tuple(committed), tuple(discarded))
+
+    def _commit_in(self, conn: sqlite3.Connection, batch: str, seq: int) -> None:
+        row = conn.execute(
+            "SELECT kind, state, statement_seq FROM batches WHERE id = ?", (batch,)
+        ).fetchone()
+        if row is None:
+            raise StorageError(f"registry {self._path}: no batch {batch}")
+        kind, state, old_seq = row
+        if state == "committed":
+            if old_seq != seq:
+                raise StorageError(
+                    f"registry {self._path}: batch {batch} committed at seq {old_seq}, not {seq}"
+                )
+            return
+        conn.execute(
+            "UPDATE batches SET state = 'committed', statement_seq = ? WHERE id = ?", (seq, batch)
+        )
+        if kind == "signatures":
+            conn.execute(
+                "UPDATE signatures SET state = 'committed', statement_seq = ? WHERE batch = ?",
+                (seq, batch),
+            )
+            changed = conn.execute(
+                "SELECT DISTINCT tensor, dim FROM signatures WHERE batch = ?", (batch,)
+            ).fetchall()
+            for tensor, dim in changed:
+                self._cache.pop((tensor, dim), None)
+            self._generation += 1
+            return
+        conn.execute(
+            "UPDATE updates SET state = 'committed', statement_seq = ? WHERE batch = ?",
+            (seq, batch),
+        )
+        for capability, authority, delta in conn.execute(
+            "SELECT capability, authority, delta FROM updates WHERE batch = ?", (batch,)
+        ).fetchall():
+            moved = conn.execute(
+                "INSERT INTO meters (capability, authority, value, count, last_seq)"
+                " VALUES (?, ?, ?, 1, ?)"
+                " ON CONFLICT (capability) DO UPDATE SET value = value + excluded.value,"
+                " count = count + 1, last_seq = max(last_seq, excluded.last_seq)"
+                " WHERE authority = excluded.authority",
+                (capability, authority, delta, seq),
+            ).rowcount
+            if moved != 1:
+                raise NotOwnerError(
+                    f"registry: meter {capability!r} belongs to an authority other than "
+                    f"{authority!r}"
+                )
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        with self._lock:
+            return self._query_locked(sql, params)
+
+    def _query_locked(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        if self._conn is None:
+            raise StorageError(f"registry {self._path}: closed")
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"registry {self._path}: {exc}") from None
+
+    def signature_set(self, tensor: str, dim: int) -> SignatureSet | None:
+        """The committed signatures for (tensor, dim), or None if there are none (cached)."""
+        key = (tensor, dim)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+            generation = self._generation
+            rows = self._query_locked(
+                "SELECT capability, polarity, vector FROM signatures"
+                " WHERE tensor = ? AND dim = ? AND state = 'committed' ORDER BY id",
+                (tensor, dim),
+            )
+        sigs = None
+        if rows:  # built outside the lock: matching on other tensors need not wait
+            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=_VECTOR_DTYPE)
+            matrix = matrix.reshape(len(rows), dim)
+            try:
+                sigs = SignatureSet.build(
+                    [(r[0], Polarity(r[1]), matrix[i]) for i, r in enumerate(rows)]
+                )
+            except ValueError as exc:  # staging refuses such vectors: the file was altered
+                raise StorageError(
+                    f"registry {self._path}: signatures of {tensor!r}/{dim}: {exc}"
+                ) from None
+        with self._lock:
+            # A signatures commit since the read would make this set stale: then use it for
+            # this call only, and let the next call read again.
+            if self._generation == generation and self._conn is not None:
+                self._cache[key] = sigs
+        return sigs
+
+    def signature_counts(self, capability: str) -> dict[Polarity, int]:
+        counts = dict.fromkeys(Polarity, 0)
+        for polarity, n in self._query(
+            "SELECT polarity, count(*) FROM signatures"
+            " WHERE capability = ? AND state = 'committed' GROUP BY polarity",
+            (capability,),
+        ):
+            counts[Polarity(polarity)] = n
+        return counts
+
+    def meters(self, authority: str) -> list[Meter]:
+        return [
+            Meter(*r)
+            for r in self._query(
+                "SELECT capability, authority, value, count, last_seq FROM meters"
+                " WHERE authority = ? ORDER BY capability",
+                (authority,),
+            )
+        ]
+
+    def history(self, capability: str) -> list[Update]:
+        """The committed updates of one capability, in log order."""
+        return [
+            Update(*r)
+            for r in self._query(
+                "SELECT id, batch, capability, authority, delta, session, activation_sha256,"
+                " statement_seq FROM updates WHERE capability = ? AND state = 'committed'"
+                " ORDER BY statement_seq, id",
+                (capability,),
+            )
+        ]
+
+    # --- instruction nonces ----------------------------------------------------------------
+
+    def claim_nonce(self, nonce: bytes, authority: str, expires_unix: int, now: int) -> None:
+        """Record an instruction's nonce, durably, before it is carried out; once only.
+
+        Nonces past their expiry are pruned: their instructions are refused as expired before
+        they reach here, so forgetting them cannot let one run twice.
+        """
+        if not nonce:
+            raise ValueError("registry: empty nonce")
+        _text(authority, "authority")
+        with self._tx() as conn:
+            conn.execute("DELETE FROM instruction_nonces WHERE expires_unix < ?", (now,))
+            try:
+                conn.execute(
+                    "INSERT INTO instruction_nonces VALUES (?, ?, ?)",
+                    (nonce.hex(), authority, expires_unix),
+                )
+            except sqlite3.IntegrityError:
+                raise InstructionReplayedError(
+                    f"instruction: nonce {nonce.hex()} was already carried out"
+                ) from None
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        raise StorageError(f"registry {path}: journal_mode is {mode}, not wal")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the schema in a new file, or check an existing file's version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _create_or_check(conn, path)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _create_or_check(conn: sqlite3.Connection, path: Path) -> None:
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        # Statement by statement: executescript would commit half a schema on failure.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        return
+    if "meta" not in tables:
+        raise StorageError(f"registry {path}: not an embassy registry (no meta table)")
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None or row[0] != str(SCHEMA_VERSION):
+        found = None if row is None else row[0]
+        raise StorageError(
+            f"registry {path}: schema version {found!r}; this embassy reads {SCHEMA_VERSION} only"
+        )
+
+
+def _owner(conn: sqlite3.Connection, capability: str, *, pending: bool) -> str | None:
+    """The authority a capability belongs to: its meter's, else its signatures'."""
+    row = conn.execute(
+        "SELECT authority FROM meters WHERE capability = ?", (capability,)
+    ).fetchone()
+    if row is not None:
+        return str(row[0])
+    # Staging signatures also checks pending rows: two authorities must not race for a name.
+    sql = "SELECT authority FROM signatures WHERE capability = ?"
+    if not pending:
+        sql += " AND state = 'committed'"
+    row = conn.execute(sql + " LIMIT 1", (capability,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _prepare_signature(row: SignatureRow) -> tuple[str, str, str, str, int, bytes]:
+    _text(row.capability, "capability")
+    _text(row.authority, "authority")
+    _text(row.tensor, "tensor")
+    if not isinstance(row.polarity, Polarity):
+        raise TypeError("registry: polarity must be a score.Polarity")
+    vector = np.asarray(row.vector, dtype=_VECTOR_DTYPE)
+    if vector.ndim != 1 or vector.size == 0:
+        raise ValueError(f"registry: a signature vector is 1-D, not of shape {vector.shape}")
+    if not np.isfinite(vector).all() or not vector.any():
+        raise ValueError("registry: a signature vector must be finite and not all zero")
+    return (
+        row.capability,
+        row.authority,
+        row.polarity.value,
+        row.tensor,
+        int(vector.size),
+        vector.tobytes(),
+    )
