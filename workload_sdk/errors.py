@@ -68,6 +68,13 @@ PAYLOAD_CODES = frozenset(
         "unsupported-suite",
         "bad-payload",
         "malformed",
+        # An authority's instruction among the payload's actions, refused.
+        "instruction-refused",
+        "instruction-unsigned",
+        "instruction-bad-signature",
+        "instruction-expired",
+        "instruction-replayed",
+        "not-capability-owner",
     }
 )
 SEAL_CODES = frozenset({"seal-failed"})

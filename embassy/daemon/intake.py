@@ -20,7 +20,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 _LOG = logging.getLogger(__name__)
@@ -36,6 +42,13 @@ def _wanted(path: str | bytes) -> Path | None:
     return candidate
 
 
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return True  # gone already: nothing to do
+
+
 class _Events(FileSystemEventHandler):
     def __init__(self, enqueue: Callable[[Path], None]) -> None:
         self._enqueue = enqueue
@@ -47,6 +60,13 @@ class _Events(FileSystemEventHandler):
             path = _wanted(event.dest_path)
         elif isinstance(event, FileClosedEvent):
             path = _wanted(event.src_path)
+        elif isinstance(event, FileCreatedEvent):
+            # A regular file is handled once closed or renamed into place (handling it at
+            # creation would read it half-written); anything else (a symlink, FIFO, device
+            # or socket) is never written-and-closed, so it is handled (refused) now.
+            path = _wanted(event.src_path)
+            if path is not None and _is_regular(path):
+                return
         else:
             return
         if path is not None:

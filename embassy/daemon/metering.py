@@ -45,6 +45,7 @@ from embassy.errors import (
     BadPayloadError,
     EmbassyError,
     InstructionError,
+    InstructionReplayedError,
     WireFormatError,
 )
 from embassy.log.entry import EntryType
@@ -192,7 +193,7 @@ class MeteringService:
             for raw in opened.instructions:
                 try:
                     accepted.append(self._accept(raw))
-                except (InstructionError, WireFormatError) as exc:
+                except (InstructionError, InstructionReplayedError, WireFormatError) as exc:
                     state.refused += 1
                     self._refused(session, raw, exc, continues=opened.unmetered_ok)
                     if not opened.unmetered_ok:
