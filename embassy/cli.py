@@ -20,9 +20,10 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embassy.errors import (
     ActivationError,
@@ -37,6 +38,9 @@ from embassy.errors import (
     WireFormatError,
     WorkloadError,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 _EXIT: tuple[tuple[type[EmbassyError], int], ...] = (
     (VerificationError, 1),
@@ -81,13 +85,92 @@ def _hex(text: str, what: str, size: int | None = None) -> bytes:
     return value
 
 
-def _write_out(data: bytes, out: str | None) -> None:
+def _write_out(data: bytes, out: str | None, *, newline: bool = True) -> None:
     if out is None or out == "-":
-        sys.stdout.buffer.write(data + b"\n")
+        sys.stdout.buffer.write(data + b"\n" if newline else data)
     else:
         from embassy.daemon.atomic import write_atomic
 
         write_atomic(Path(out), data, mode=0o644)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a count of seconds, so a bad value is a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+# -- private keys ----------------------------------------------------------------------
+
+PASSPHRASE_ENV = "EMBASSY_KEY_PASSPHRASE"  # noqa: S105 (the variable's name, not a secret)
+
+
+def _passphrase() -> bytes | None:
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is None:
+        return None
+    if not value:
+        raise ConfigError(f"{PASSPHRASE_ENV} is set but empty: unset it or give a passphrase")
+    return value.encode("utf-8")
+
+
+def _load_signing_key(path: str) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PKCS#8 PEM file, decrypted with the env passphrase."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    data, passphrase = _read(path), _passphrase()
+    encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data
+    if encrypted and passphrase is None:
+        raise ConfigError(f"{path}: the key is encrypted: set {PASSPHRASE_ENV}")
+    if not encrypted and passphrase is not None:
+        sys.stderr.write(f"embassy: WARNING {path} is not encrypted; {PASSPHRASE_ENV} unused\n")
+        passphrase = None
+    try:
+        key = load_pem_private_key(data, passphrase)
+    except ValueError:
+        if encrypted:
+            raise ConfigError(f"{path}: wrong passphrase in {PASSPHRASE_ENV}") from None
+        raise ConfigError(f"{path}: not a PEM (PKCS#8) private key") from None
+    except TypeError as exc:  # cannot happen after the checks above; never a traceback
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: a {type(key).__name__} key, not an Ed25519 key")
+    return key
+
+
+def _write_new_private(path: Path, data: bytes) -> None:
+    """Write a secret once: 0600 from creation, fsync'd, never over an existing file.
+
+    The temp file is linked into place (``link`` refuses an existing target atomically,
+    where ``replace`` would silently overwrite one created meanwhile).
+    """
+    from embassy.daemon.atomic import fsync_dir
+
+    if os.path.lexists(path):
+        raise ConfigError(f"{path}: exists; refusing to overwrite a key")
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise ConfigError(f"{path}: exists; refusing to overwrite a key") from None
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # -- commands --------------------------------------------------------------------------
@@ -224,23 +307,222 @@ def _add_policy_args(p: Any) -> None:
 
 
 def _cmd_payload_seal(args: argparse.Namespace) -> int:
-    from embassy.payload.envelope import seal_input
+    from embassy.metering.actions import MAX_INSTRUCTIONS, seal_actions
+    from embassy.payload.envelope import make_payload
     from embassy.verify.identity import verify_identity_document
     from embassy.wire.codec import canonical_json
+    from workload_sdk.stream import encrypt_stream
 
+    paths: list[str] = args.instruction or []
+    if paths and not args.actions:
+        raise ConfigError(
+            "payload seal: --instruction needs --actions (where the sealed actions go)"
+        )
+    if args.actions and not paths:
+        raise ConfigError("payload seal: --actions needs at least one --instruction")
+    if args.unmetered_ok and not paths:
+        raise ConfigError("payload seal: --unmetered-ok applies only with --instruction")
+    if len(paths) > MAX_INSTRUCTIONS:
+        raise ConfigError(f"payload seal: at most {MAX_INSTRUCTIONS} --instruction per payload")
     # Never wrap a key to an embassy whose identity does not verify under your policy.
     identity = verify_identity_document(_read(args.identity), _policy(args))
+    instructions = _instructions_for(paths, identity.keys, args.ttl)
+    envelope, input_key, action_key = make_payload(
+        identity.keys, suite=args.suite, ttl_seconds=args.ttl, action_key=bool(paths)
+    )
     try:
         with open(args.input, "rb") as src, open(args.out, "wb") as dst:
-            envelope, _key = seal_input(
-                identity.keys, src, dst, suite=args.suite, ttl_seconds=args.ttl
-            )
+            encrypt_stream(input_key, envelope.payload_id, src, dst)
     except OSError as exc:
         raise ConfigError(f"payload: {exc.filename}: {exc.strerror}") from None
     _write_out(canonical_json(envelope.to_json()), args.envelope)
+    if action_key is not None:
+        blob = seal_actions(
+            action_key, envelope.payload_id, instructions, unmetered_ok=args.unmetered_ok
+        )
+        _write_out(blob, args.actions, newline=False)
     sys.stderr.write(
         f"payload {envelope.payload_id.hex()} sealed to embassy {envelope.embassy_keyid[:16]}… "
-        f"({envelope.suite}); expires at {envelope.expires_unix}\n"
+        f"({envelope.suite}); expires at {envelope.expires_unix}"
+        + (
+            f"; {len(instructions)} instruction(s) sealed in its actions"
+            + (" (unmetered if refused)" if args.unmetered_ok else "")
+            if instructions
+            else ""
+        )
+        + "\n"
+    )
+    return 0
+
+
+def _instructions_for(paths: Sequence[str], identity_keys: Any, ttl: int) -> list[bytes]:
+    """Read signed instructions and refuse any the embassy would refuse for the asking."""
+    from embassy.metering.instruction import (
+        INSTRUCTION_PAYLOAD_TYPE,
+        parse_instruction_payload,
+    )
+    from embassy.payload.envelope import embassy_keyid
+    from embassy.wire.dsse import parse_envelope
+
+    own, now = embassy_keyid(identity_keys), int(time.time())
+    out = []
+    for path in paths:
+        data = _read(path).strip()  # JSON: trailing whitespace (a newline) means nothing
+        envelope = parse_envelope(data)
+        if envelope.payload_type != INSTRUCTION_PAYLOAD_TYPE:
+            raise WireFormatError(f"{path}: not an instruction ({envelope.payload_type!r})")
+        instruction = parse_instruction_payload(envelope.payload)
+        if instruction.embassy_keyid != own:
+            raise ConfigError(
+                f"{path}: the instruction is for embassy {instruction.embassy_keyid[:16]}…, "
+                f"not this one ({own[:16]}…)"
+            )
+        if instruction.expires_unix <= now:
+            raise ConfigError(f"{path}: the instruction expired at {instruction.expires_unix}")
+        if instruction.expires_unix < now + ttl:
+            sys.stderr.write(
+                f"embassy: WARNING {path}: the instruction expires at "
+                f"{instruction.expires_unix}, before the payload does; a session opened later "
+                "is refused\n"
+            )
+        out.append(data)
+    return out
+
+
+# -- metering: authorities' side -------------------------------------------------------
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        BestAvailableEncryption,
+        Encoding,
+        KeySerializationEncryption,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    from embassy.wire.codec import b64encode
+    from embassy.wire.dsse import keyid, raw_public_key
+
+    passphrase = _passphrase()
+    encryption: KeySerializationEncryption = (
+        NoEncryption() if passphrase is None else BestAvailableEncryption(passphrase)
+    )
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, encryption)
+    _write_new_private(Path(args.out), pem)
+    if passphrase is None:
+        sys.stderr.write(
+            f"keygen: WARNING {args.out} is NOT encrypted: anyone who reads it can sign as "
+            f"this key. Set {PASSPHRASE_ENV} to encrypt it.\n"
+        )
+    else:
+        sys.stderr.write(f"keygen: wrote {args.out} (encrypted with {PASSPHRASE_ENV})\n")
+    public = key.public_key()
+    entry = {
+        "name": args.name,
+        "ed25519": b64encode(raw_public_key(public)),
+        "keyid": keyid(public),
+    }
+    sys.stdout.write(json.dumps(entry, sort_keys=True) + "\n")
+    return 0
+
+
+def _cmd_meters_instruct(args: argparse.Namespace) -> int:
+    from embassy.metering.instruction import Op, Polarity, make_instruction
+    from embassy.metering.reading import reply_public_bytes
+    from embassy.payload.envelope import embassy_keyid
+    from embassy.verify.identity import verify_identity_document
+
+    key = _load_signing_key(args.key)
+    op = Op(args.op)
+    # Never instruct an embassy whose identity does not verify under your policy.
+    identity = verify_identity_document(_read(args.identity), _policy(args))
+    target = embassy_keyid(identity.keys)
+    expires = int(time.time()) + args.ttl
+    try:
+        data = make_instruction(
+            key,
+            op=op,
+            authority=args.authority,
+            capabilities=args.capability or [],
+            embassy_keyid=target,
+            expires_unix=expires,
+            polarity=None if args.polarity is None else Polarity(args.polarity),
+            reply_key=reply_public_bytes(key) if op is Op.READ else None,
+        )
+    except WireFormatError as exc:  # the shape the user asked for, not a malformed file
+        raise ConfigError(f"meters instruct: {exc.message}") from None
+    _write_out(data, args.out)
+    sys.stderr.write(
+        f"instruction {op.value} {sorted(args.capability or [])} by {args.authority!r} "
+        f"for embassy {target[:16]}…; expires at {expires}\n"
+    )
+    return 0
+
+
+def _reading_bytes(path: str) -> bytes:
+    """A meter-reading statement: its DSSE JSON, or that in base64 as the daemon returns it."""
+    from embassy.wire.codec import b64decode
+
+    data = _read(path).strip()
+    if data.startswith(b"{"):
+        return data
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise WireFormatError(f"{path}: neither a DSSE envelope nor its base64") from None
+    return b64decode(text, f"{path}: meter reading")
+
+
+def _cmd_meters_read(args: argparse.Namespace) -> int:
+    from embassy.metering.instruction import (
+        INSTRUCTION_PAYLOAD_TYPE,
+        Op,
+        parse_instruction_payload,
+    )
+    from embassy.metering.reading import open_reading
+    from embassy.verify.identity import verify_identity_document
+    from embassy.wire.dsse import keyid, parse_envelope
+
+    key = _load_signing_key(args.key)
+    digest = None
+    if args.instruction:
+        envelope = parse_envelope(_read(args.instruction).strip())
+        if envelope.payload_type != INSTRUCTION_PAYLOAD_TYPE:
+            raise WireFormatError(f"{args.instruction}: not an instruction")
+        instruction = parse_instruction_payload(envelope.payload)
+        if instruction.op is not Op.READ or instruction.authority != args.authority:
+            raise ConfigError(
+                f"{args.instruction}: a {instruction.op.value} instruction of "
+                f"{instruction.authority!r}, not a read of {args.authority!r}"
+            )
+        digest = instruction.digest
+    reading_data = _reading_bytes(args.reading)
+    identity = verify_identity_document(_read(args.identity), _policy(args))
+    reading = open_reading(
+        reading_data,
+        embassy_key=identity.signing_key,
+        embassy_keyid=keyid(identity.signing_key),
+        signing_key=key,
+        authority=args.authority,
+        instruction_sha256=digest,
+    )
+    assert reading.header is not None  # open_reading sets it from the verified statement
+    result = {
+        "authority": reading.authority,
+        "instruction_sha256": reading.instruction_sha256.hex(),
+        "formula": reading.formula,
+        "as_of_seq": reading.as_of_seq,
+        "statement_seq": reading.header.seq,
+        "meters": [m.to_json() for m in reading.meters],
+    }
+    sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+    sys.stderr.write(
+        f"meters read: signed by embassy {keyid(identity.signing_key)[:16]}… and decrypted"
+        + ("" if digest is None else ", answering your instruction")
+        + f"; check its log position (seq {reading.header.seq}) with `embassy verify statement`\n"
     )
     return 0
 
@@ -259,9 +541,84 @@ def _payload_parser(sub: Any) -> None:
         "--suite", choices=["mlkem768-x25519", "x25519"], default="mlkem768-x25519",
         help="HPKE suite (default: the post-quantum hybrid)",
     )  # fmt: skip
-    seal.add_argument("--ttl", type=int, default=3600, help="seconds until the payload expires")
+    seal.add_argument(
+        "--ttl", type=_positive_int, default=3600, help="seconds until the payload expires"
+    )
+    seal.add_argument(
+        "--instruction",
+        action="append",
+        metavar="FILE",
+        help="an authority's signed instruction to seal into the payload's actions (repeatable)",
+    )
+    seal.add_argument(
+        "--actions", metavar="OUT", help="where to write the sealed actions (with --instruction)"
+    )
+    seal.add_argument(
+        "--unmetered-ok",
+        action="store_true",
+        help="if the embassy refuses an instruction, run the session unmetered (default: abort)",
+    )
     _add_policy_args(seal)
     seal.set_defaults(func=_cmd_payload_seal)
+
+
+def _keygen_parser(sub: Any) -> None:
+    keygen = sub.add_parser(
+        "keygen",
+        help="make an Ed25519 key for an authority (encrypted with $EMBASSY_KEY_PASSPHRASE)",
+    )
+    keygen.add_argument(
+        "--out", required=True, metavar="FILE", help="the new private key file (PKCS#8 PEM)"
+    )
+    keygen.add_argument(
+        "--name", metavar="NAME", help="the authority's name, for the printed config entry"
+    )
+    keygen.set_defaults(func=_cmd_keygen)
+
+
+def _meters_parser(sub: Any) -> None:
+    meters = sub.add_parser("meters", help="instruct an embassy and read its meters (authority)")
+    kinds = meters.add_subparsers(dest="what", required=True)
+    instruct = kinds.add_parser("instruct", help="sign an instruction for a verified embassy")
+    read = kinds.add_parser("read", help="verify and decrypt a meter-reading statement")
+    for p in (instruct, read):
+        p.add_argument(
+            "--key", required=True, metavar="FILE", help="the authority's private key (PEM)"
+        )
+        p.add_argument(
+            "--authority", required=True, metavar="NAME", help="the authority's name in the policy"
+        )
+        p.add_argument(
+            "--identity", required=True, metavar="FILE", help="the embassy's identity document"
+        )
+    instruct.add_argument("--op", required=True, choices=["write", "update", "read"])
+    instruct.add_argument(
+        "--capability",
+        action="append",
+        metavar="C",
+        help="a capability (repeatable; write names one)",
+    )
+    instruct.add_argument(
+        "--polarity", choices=["positive", "negative"], help="write only: the samples' kind"
+    )
+    instruct.add_argument(
+        "--ttl",
+        type=_positive_int,
+        default=3600,
+        metavar="SECONDS",
+        help="seconds until the instruction expires (default 3600)",
+    )
+    instruct.add_argument(
+        "--out", metavar="FILE", help="write the instruction here (default stdout)"
+    )
+    instruct.set_defaults(func=_cmd_meters_instruct)
+    read.add_argument("--instruction", metavar="FILE", help="the read instruction it must answer")
+    read.add_argument(
+        "reading", metavar="READING", help="the meter-reading statement (JSON or base64; '-' stdin)"
+    )
+    read.set_defaults(func=_cmd_meters_read)
+    for p in (instruct, read):
+        _add_policy_args(p)
 
 
 def _verify_parser(sub: Any) -> None:
@@ -315,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     measure.set_defaults(func=_cmd_measure)
     _verify_parser(sub)
     _payload_parser(sub)
+    _keygen_parser(sub)
+    _meters_parser(sub)
     return parser
 
 
