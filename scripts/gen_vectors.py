@@ -4,6 +4,8 @@
     python scripts/gen_vectors.py           # (re)write tests/vectors/
     python scripts/gen_vectors.py --check   # exit 1 if any file differs, is missing or extra
 
+(``--check`` looks at every file under the directory, subdirectories included.)
+
 Everything is deterministic: a FakeTpm seeded with a constant (deterministic ECDSA quotes,
 a clock that ticks once per read), a fixed master secret (Ed25519 signing key) and a fixed
 measurement. Two runs write byte-identical files, so CI diffs them against the committed ones.
@@ -19,6 +21,14 @@ told: the EK CA bundle (a file name in this directory), the expected measurement
 software TPM is allowed, the time certificates are checked at, and the caller's nonce.
 An oversize input is written as base64 bytes plus ``pad_to``: the bytes are padded with
 JSON whitespace (which a parser ignores) up to that many bytes, so only the size is wrong.
+
+The activation files of ``scripts/activation_vectors.py`` are pinned under ``activations/``:
+each as ``<name>.act`` (its exact bytes), plus ``activations/expected.json``, canonical JSON
+(and a newline) that maps each name to ``{"sha256": <hex SHA-256 of the file>, "expect":
+<ActivationError code> | "ok"}``, a good file adding its header's ``session`` (hex), ``seq``,
+``tensor``, ``dtype`` and ``shape``. These are decoded with the SDK's header struct, not the
+embassy's parser (which tests/unit/test_activation_vectors.py checks against them), and are
+what ``parse_activation(data, max_bytes=VECTOR_MAX_BYTES)`` must return.
 """
 
 from __future__ import annotations
@@ -26,11 +36,15 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import importlib.util
 import json
+import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +70,12 @@ from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E4
 from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope  # noqa: E402
 from embassy.wire.statement import LIFECYCLE_V1, Header, Statement  # noqa: E402
 from tests.fakes import FakeTpm  # noqa: E402
+from workload_sdk.activations import DTYPES, FIXED_HEADER_LEN, HEADER  # noqa: E402
 
 VECTOR_DIR = ROOT / "tests" / "vectors"
 CA_FILE = "ek-ca.pem"
+ACTIVATION_DIR = "activations"
+ACTIVATION_EXPECTED = f"{ACTIVATION_DIR}/expected.json"
 
 SEED = b"embassy-test-vectors"
 OTHER_SEED = b"embassy-test-vectors-other-tpm"
@@ -823,13 +840,73 @@ def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads b
     return out
 
 
+# -- activation files ----------------------------------------------------------------------
+
+
+def _load_activation_vectors() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "activation_vectors", ROOT / "scripts" / "activation_vectors.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _activation_fields(data: bytes) -> JsonObject:
+    """A good file's header fields, decoded with the SDK's struct alone (not the parser)."""
+    (_, _, dtype_code, ndim, name_len, _, _, _, session, seq, *slots, _) = HEADER.unpack_from(data)
+    return {
+        "session": session.hex(),
+        "seq": seq,
+        "tensor": data[FIXED_HEADER_LEN : FIXED_HEADER_LEN + name_len].decode("ascii"),
+        "dtype": DTYPES[dtype_code],
+        "shape": list(slots[:ndim]),
+    }
+
+
+def build_activation_vectors() -> Vectors:
+    """``activations/<name>.act`` for every activation vector, and ``expected.json``."""
+    out: Vectors = {}
+    expected: JsonObject = {}
+    for name, (data, code) in sorted(_load_activation_vectors().activation_vectors().items()):
+        assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", name), name
+        out[f"{ACTIVATION_DIR}/{name}.act"] = data
+        verdict: JsonObject = {"sha256": hashlib.sha256(data).hexdigest(), "expect": code or "ok"}
+        if code is None:
+            verdict.update(_activation_fields(data))
+        expected[name] = verdict
+    out[ACTIVATION_EXPECTED] = cj(expected) + b"\n"
+    return out
+
+
+def build_all() -> Vectors:
+    """Every file of the vector directory, by path relative to it."""
+    return {**build_vectors(), **build_activation_vectors()}
+
+
 # -- writing and checking ----------------------------------------------------------------
+
+
+def _present(directory: Path) -> set[str]:
+    """Every file under ``directory``, subdirectories included, as a relative POSIX path.
+
+    A symlink counts as a file (and is never followed)."""
+    found: set[str] = set()
+    if not directory.is_dir():
+        return found
+    for root, dirs, files in os.walk(directory):
+        base = Path(root).relative_to(directory)
+        links = [d for d in dirs if (Path(root) / d).is_symlink()]
+        found.update((base / name).as_posix() for name in (*files, *links))
+    return found
 
 
 def check(directory: Path = VECTOR_DIR) -> list[str]:
     """What differs between ``directory`` and a fresh generation (empty: up to date)."""
-    wanted = build_vectors()
-    present = {p.name for p in directory.glob("*")} if directory.is_dir() else set()
+    wanted = build_all()
+    present = _present(directory)
     problems = []
     for name in sorted(wanted):
         if name not in present:
@@ -841,13 +918,17 @@ def check(directory: Path = VECTOR_DIR) -> list[str]:
 
 
 def write(directory: Path = VECTOR_DIR) -> None:
-    wanted = build_vectors()
+    wanted = build_all()
     directory.mkdir(parents=True, exist_ok=True)
-    for path in directory.glob("*"):
-        if path.name not in wanted:
-            path.unlink()
+    for name in _present(directory) - set(wanted):
+        (directory / name).unlink()
+    for root, dirs, files in os.walk(directory, topdown=False):
+        if Path(root) != directory and not dirs and not files:
+            Path(root).rmdir()  # emptied above: nothing in it is a vector
     for name, data in sorted(wanted.items()):
-        (directory / name).write_bytes(data)
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def main(argv: list[str] | None = None) -> int:
