@@ -78,7 +78,8 @@ def test_each_op_verifies() -> None:
         own_keyid=EMBASSY_ID,
         now=NOW,
     )
-    assert u.op is Op.UPDATE and u.polarity is None
+    assert u.op is Op.UPDATE
+    assert u.polarity is None
     reply = reply_public_bytes(AISI)
     r = verify_instruction(
         instr(op=Op.READ, capabilities=[], polarity=None, reply_key=reply),
@@ -86,13 +87,15 @@ def test_each_op_verifies() -> None:
         own_keyid=EMBASSY_ID,
         now=NOW,
     )
-    assert r.reply_key == reply and len(r.digest) == 32
+    assert r.reply_key == reply
+    assert len(r.digest) == 32
 
 
 def test_two_instructions_never_share_a_nonce() -> None:
     a = verify_instruction(instr(), POLICY, own_keyid=EMBASSY_ID, now=NOW)
     b = verify_instruction(instr(), POLICY, own_keyid=EMBASSY_ID, now=NOW)
-    assert a.nonce != b.nonce and a.digest != b.digest
+    assert a.nonce != b.nonce
+    assert a.digest != b.digest
 
 
 def _resign(data: bytes, edit: object, key: Ed25519PrivateKey = AISI) -> bytes:
@@ -174,7 +177,8 @@ def test_actions_round_trip_and_binding() -> None:
     blob = seal_actions(key, pid, [instr(), b"anything"], unmetered_ok=True)
     actions = open_actions(key, pid, blob)
     assert len(actions.instructions) == 2
-    assert actions.instructions[1] == b"anything" and actions.unmetered_ok
+    assert actions.instructions[1] == b"anything"
+    assert actions.unmetered_ok
     with pytest.raises(BadPayloadError, match="another payload"):
         open_actions(key, os.urandom(16), blob)
     with pytest.raises(BadPayloadError):
@@ -214,8 +218,10 @@ def test_reading_round_trip() -> None:
         authority="aisi",
         instruction_sha256=bytes(range(32)),
     )
-    assert got.meters == READING.meters and got.as_of_seq == 8
-    assert got.header is not None and got.header.seq == 9
+    assert got.meters == READING.meters
+    assert got.as_of_seq == 8
+    assert got.header is not None
+    assert got.header.seq == 9
 
 
 def test_reading_is_opaque_and_padded() -> None:
