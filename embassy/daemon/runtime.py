@@ -88,6 +88,8 @@ class Embassy:
         self.config = config
         self._tpm = tpm
         tpm_device = tpm.device
+        registry: Registry | None = None  # closed here if start-up fails after opening it
+        self._intake: ActivationIntake | None = None
         try:
             ensure_private_dir(config.data_dir)
             self.keys = load_or_create_keys(tpm_device, config.data_dir)
@@ -100,7 +102,7 @@ class Embassy:
             )
             self.log.recover()
             self.measurement = measurement or measure(config)
-            self.registry = Registry.open(config.data_dir / "registry.sqlite")
+            self.registry = registry = Registry.open(config.data_dir / "registry.sqlite")
             self.metering = MeteringService(
                 registry=self.registry,
                 log=self.log,
@@ -114,7 +116,6 @@ class Embassy:
             # The workload's launch inputs are logged before the identity statement, so the
             # identity document says exactly what runs beside this embassy.
             self.workload: SealedWorkload | None = None
-            self._intake: ActivationIntake | None = None
             if config.workload is not None:
                 from embassy.daemon.sealed_workload import SealedWorkload
 
@@ -136,6 +137,10 @@ class Embassy:
                 self._intake = ActivationIntake(activations, self.metering.handle)
                 self._intake.start()
         except BaseException:
+            if self._intake is not None:
+                self._intake.stop()
+            if registry is not None:
+                registry.close()
             self._close_tpm(power_off=False)
             raise
         _LOG.info(

@@ -264,8 +264,3 @@ def verify_instruction(
     if foreign:
         raise NotOwnerError(f"instruction: authority {policy.name!r} does not own {foreign}")
     return instruction
-
-
-def instruction_digest_hint(data: bytes) -> str:
-    """SHA-256 of the raw bytes, for audit statements about instructions that did not parse."""
-    return hashlib.sha256(data).hexdigest()

@@ -24,7 +24,6 @@ an authority keeps one secret. Pure: no clock, no disk.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -232,7 +231,3 @@ def open_reading(
     if reading.authority != named or reading.instruction_sha256 != digest:
         raise KeyBindingError("meter reading: encrypted content disagrees with its statement")
     return reading
-
-
-def instruction_sha256(payload: bytes) -> bytes:
-    return hashlib.sha256(payload).digest()
