@@ -74,6 +74,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import embassy.daemon.metering as metering_module
 import embassy.daemon.statement_log as statement_log_module
 import embassy.metering.activation as activation_module
+from benchmarks.stats import percentile
 from embassy.config import parse_config
 from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.runtime import Embassy, TpmHandle
@@ -512,13 +513,6 @@ def split(bench: Bench, shape: tuple[int, int], counts: tuple[int, int]) -> dict
 # -- reporting -----------------------------------------------------------------------------
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile, as in benchmarks.run."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), -(-len(ordered) * q // 100)))
-    return ordered[int(rank) - 1]
-
-
 def _fmt_us(us: float) -> str:
     return f"{us / 1000:,.2f} ms" if us >= 1000 else f"{us:,.0f} µs"
 
@@ -665,12 +659,12 @@ def main(argv: list[str] | None = None) -> int:
         for shape, phase in ((SMALL, counts.latency_small), (LARGE, counts.latency_large)):
             lat = latency(bench, shape, phase)
             print(
-                f"  {shape!s:<12} {phase[1]:>6}  {_fmt_us(_percentile(lat.total_us, 50)):>9}"
-                f"  {_fmt_us(_percentile(lat.total_us, 99)):>9}"
+                f"  {shape!s:<12} {phase[1]:>6}  {_fmt_us(percentile(lat.total_us, 50)):>9}"
+                f"  {_fmt_us(percentile(lat.total_us, 99)):>9}"
                 f"  {_fmt_us(statistics.fmean(lat.total_us)):>9}"
                 f"  {_fmt_us(max(lat.total_us)):>9}"
-                f"  {_fmt_us(_percentile(lat.handoff_us, 50)):>12}"
-                f"  {_fmt_us(_percentile(lat.handle_us, 50)):>10}"
+                f"  {_fmt_us(percentile(lat.handoff_us, 50)):>12}"
+                f"  {_fmt_us(percentile(lat.handle_us, 50)):>10}"
                 f"  {sum(us >= STALL_US for us in lat.handoff_us):>6}"
             )
 

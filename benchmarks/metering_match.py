@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.stats import percentile
 from embassy.metering.registry import Registry, SignatureRow
 from embassy.metering.score import F32, Polarity, SignatureSet, pool, score, score_many
 
@@ -43,12 +44,6 @@ DIM = 384
 CAPABILITIES = 20
 SIZES = (100, 1_000, 10_000)
 BATCH = 64
-
-
-def _percentile(sorted_us: list[float], q: float) -> float:
-    """Nearest-rank percentile, as in benchmarks.run."""
-    rank = max(1, min(len(sorted_us), -(-len(sorted_us) * q // 100)))
-    return sorted_us[int(rank) - 1]
 
 
 def _timed(fns: Sequence[Callable[[int], object]], n: int, warmup: int) -> list[list[float]]:
@@ -92,8 +87,8 @@ class Table:
         self.p50: dict[str, float] = {}
 
     def add(self, key: str, label: str, samples: list[float], per: int = 1) -> None:
-        p50 = _percentile(samples, 50) / per
-        p99 = _percentile(samples, 99) / per
+        p50 = percentile(samples, 50) / per
+        p99 = percentile(samples, 99) / per
         self.p50[key] = p50
         mean = statistics.fmean(samples) / per
         self.lines.append(

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import embassy.daemon.statement_log as statement_log_module
+from benchmarks.stats import percentile
 from embassy.attest.ek import load_pem_bundle
 from embassy.attest.types import TpmMode
 from embassy.config import Config, parse_config
@@ -102,12 +103,6 @@ class Stats:
     max_us: float
 
 
-def _percentile(sorted_ns: list[int], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of sorted nanosecond samples, in ns."""
-    rank = max(1, min(len(sorted_ns), -(-len(sorted_ns) * q // 100)))
-    return float(sorted_ns[int(rank) - 1])
-
-
 def measure(fn: Callable[[], object], warmup: int, n: int) -> Stats:
     """Call ``fn`` ``warmup`` times untimed, then ``n`` times, timing each call."""
     for _ in range(warmup):
@@ -132,8 +127,8 @@ def measure(fn: Callable[[], object], warmup: int, n: int) -> Stats:
         wall_s=wall / 1e9,
         ops_per_s=n / (wall / 1e9),
         mean_us=statistics.fmean(samples) / 1e3,
-        p50_us=_percentile(samples, 50) / 1e3,
-        p99_us=_percentile(samples, 99) / 1e3,
+        p50_us=percentile(samples, 50) / 1e3,
+        p99_us=percentile(samples, 99) / 1e3,
         min_us=samples[0] / 1e3,
         max_us=samples[-1] / 1e3,
     )
