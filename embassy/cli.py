@@ -191,7 +191,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from embassy.config import load_config
     from embassy.measure import measure
 
-    m = measure(load_config(Path(args.config) if args.config else None))
+    m = measure(load_config(Path(args.config) if args.config else None, read_metadata=False))
     sys.stdout.write(m.encode().decode() + "\n" if args.json else m.digest.hex() + "\n")
     return 0
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from embassy.errors import ConfigError
+from embassy.errors import ConfigError, WireFormatError
 from embassy.metering.instruction import CAPABILITY_PATTERN
-from embassy.wire.codec import b64decode, b64encode
+from embassy.wire.codec import JsonObject, b64decode, b64encode, parse_json_object
 from embassy.workload.spec import ENV_PREFIX, WORKLOAD_SCHEMA, WorkloadSpec, parse_workload
 
 # PCRs the embassy may own: not reset by software (16, 23), not locality-restricted
@@ -83,6 +83,14 @@ SCHEMA: tuple[Key, ...] = (
         None,
         "The workload the embassy launches and seals (see the workload.* keys below). "
         "Recorded as launch events in the log, not in the measurement.",
+    ),
+    Key(
+        "workload_metadata",
+        "path",
+        None,
+        "JSON file with the workload section chosen at boot (runtime metadata: a file on a "
+        "config partition, or fetched from a cloud metadata server). Its keys override "
+        "workload:, and EMBASSY_WORKLOAD_* variables override it. Null: no such file.",
     ),
     Key(
         "authorities",
@@ -152,6 +160,7 @@ class Config:
     failpoint: str | None = None
     workload: WorkloadSpec | None = None
     metering: Metering = Metering()
+    workload_metadata: Path | None = None
 
     def effective(self) -> dict[str, Any]:
         """The config as measured: every key, defaults filled, in schema names."""
@@ -171,6 +180,9 @@ class Config:
                 "timeout_seconds": self.timeout_seconds,
             },
             "debug": {"failpoint": self.failpoint},
+            "workload_metadata": None
+            if self.workload_metadata is None
+            else str(self.workload_metadata),
             "metering": {
                 "max_activation_bytes": self.metering.max_activation_bytes,
                 "max_files_per_session": self.metering.max_files_per_session,
@@ -307,24 +319,35 @@ def _flatten(tree: Mapping[str, Any], prefix: str, known: set[str]) -> dict[str,
 
 
 def parse_config(
-    tree: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+    tree: Mapping[str, Any] | None,
+    environ: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Config:
     """Validate a parsed YAML tree (None: all defaults) into a :class:`Config`.
 
-    ``environ`` carries the runtime metadata that may override the ``workload`` section
-    (``EMBASSY_WORKLOAD_*``); the caller passes ``os.environ`` at the edge.
+    ``metadata`` is the parsed ``workload_metadata`` file (None: not read) and ``environ`` the
+    ``EMBASSY_WORKLOAD_*`` variables, both runtime metadata layered over the ``workload``
+    section; :func:`load_config` reads them at the edge.
     """
     known = {k.path for k in SCHEMA}
     flat = _flatten(tree or {}, "", known)
-    workload = parse_workload(flat.pop("workload", None), environ or {})
+    workload_tree = flat.pop("workload", None)
+    # An explicit null is the same as an absent key, for the keys whose default is null.
     values: dict[str, Any] = {
         k.path: _CONVERT[k.kind](k.path, flat[k.path])
-        if k.path in flat
+        if flat.get(k.path) is not None or (k.path in flat and k.default is not None)
         else _CONVERT[k.kind](k.path, k.default)
         if k.default is not None
         else None
         for k in SCHEMA
+        if k.path != "workload"
     }
+    layer = (
+        None
+        if metadata is None
+        else (f"config: workload_metadata {values['workload_metadata']}: workload", metadata)
+    )
+    workload = parse_workload(workload_tree, environ or {}, metadata=layer)
     pcrs = PcrLayout(values["pcrs.embassy"], values["pcrs.log"], values["pcrs.boot"])
     if pcrs.embassy == pcrs.log:
         raise _fail("pcrs.log", f"must differ from pcrs.embassy ({pcrs.embassy})")
@@ -357,12 +380,19 @@ def parse_config(
         authorities=values["authorities"],
         failpoint=values["debug.failpoint"],
         workload=workload,
+        workload_metadata=values["workload_metadata"],
         metering=metering,
     )
 
 
-def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a YAML config file (None: all defaults)."""
+def load_config(
+    path: Path | None, environ: Mapping[str, str] | None = None, *, read_metadata: bool = True
+) -> Config:
+    """Read and validate a YAML config file (None: all defaults) and its metadata file.
+
+    ``read_metadata=False`` skips the ``workload_metadata`` file: ``embassy measure`` needs
+    only what is measured, and the workload is not (it is logged at launch).
+    """
     if path is None:
         return parse_config(None, environ)
     try:
@@ -375,7 +405,30 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
     if tree is not None and not isinstance(tree, dict):
         raise ConfigError(f"config: {path}: top level must be a mapping")
-    return parse_config(tree, environ)
+    raw = tree.get("workload_metadata") if tree else None
+    metadata = None
+    if read_metadata and isinstance(raw, str) and raw:  # parse_config reports a bad value
+        metadata = read_workload_metadata(Path(raw))
+    return parse_config(tree, environ, metadata)
+
+
+def read_workload_metadata(path: Path) -> JsonObject:
+    """The workload chosen at boot: one strict JSON object (the keys of ``workload:``).
+
+    A configured file that is missing or unreadable stops the daemon: the operator said the
+    workload comes from there, and launching another (or none) silently would fail open.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"config: workload_metadata: cannot read {path}: {exc.strerror}"
+        ) from None
+    try:
+        return parse_json_object(data, str(path))
+    except WireFormatError as exc:
+        detail = exc.message if exc.message.startswith(str(path)) else f"{path}: {exc.message}"
+        raise ConfigError(f"config: workload_metadata: {detail}") from None
 
 
 def render_docs() -> str:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh Debian machine, as root: the Debian packages the embassy
 # drives for real (Docker, netfilter, swtpm, tpm2-tools, the TSS library tpm2-pytss binds
-# to) and a virtual environment with the project and its dev tools.
+# to; Nix to parse and evaluate nix/; QEMU, OVMF and systemd's UKI stub to boot a measured
+# unified kernel image) and a virtual environment with the project and its dev tools.
 #
 #   scripts/setup.sh            # system packages + .venv
 #   EMBASSY_VENV=/path ...      # put the venv elsewhere
@@ -14,6 +15,7 @@ packages=(
   docker.io iptables iproute2 curl
   swtpm swtpm-tools tpm2-tools libtss2-dev
   debootstrap busybox-static nix-bin
+  qemu-system-x86 ovmf systemd-boot-efi binutils pesign
   python3-venv python3-dev pkg-config gcc
 )
 

@@ -2,8 +2,9 @@
 
 Pure: no Docker, no I/O. ``docker_runtime`` turns a :class:`WorkloadSpec` into containers.
 
-The spec comes from runtime metadata: the ``workload:`` section of the YAML config, overridden
-by ``EMBASSY_WORKLOAD_*`` environment variables (how a NixOS image passes it at boot).
+The spec comes from three layers: the ``workload:`` section of the YAML config, the runtime
+metadata file named by ``workload_metadata`` (how a NixOS image is told its workload at boot),
+and ``EMBASSY_WORKLOAD_*`` environment variables, each overriding the one before.
 ``WORKLOAD_SCHEMA`` lists every key once; unknown keys and bad values are refused with the
 key's dotted path (``config: workload.ports[1]: ...``) or the variable's name
 (``env EMBASSY_WORKLOAD_COMMAND: ...``).
@@ -452,25 +453,39 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
 
 
 def parse_workload(
-    tree: Mapping[str, Any] | None, environ: Mapping[str, str], path: str = "workload"
+    tree: Mapping[str, Any] | None,
+    environ: Mapping[str, str],
+    path: str = "workload",
+    metadata: tuple[str, Mapping[str, Any]] | None = None,
 ) -> WorkloadSpec | None:
-    """Validate the ``workload:`` section and its environment overrides.
+    """Validate the ``workload:`` section and the runtime metadata layered over it.
 
-    None (no section, no ``EMBASSY_WORKLOAD_*`` variable) means the embassy runs no workload.
+    Three layers, each overriding the one before key by key (``env`` maps are merged): the
+    config's ``workload:`` section, then ``metadata`` (``(name, mapping)``: the workload
+    chosen at boot, read from the ``workload_metadata`` file), then the
+    ``EMBASSY_WORKLOAD_*`` variables. None (no layer says anything) means the embassy runs
+    no workload.
     """
-    if tree is not None and not isinstance(tree, Mapping):
-        raise _fail(f"config: {path}", f"expected a mapping, got {type(tree).__name__}")
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
-    for key, value in (tree or {}).items():
-        key_path = f"config: {path}.{key}"
-        if key not in _KEYS:
-            raise _fail(key_path, "unknown key (see docs/config.md)")
-        if value is not None:  # an explicit null is the same as an absent key
-            values[key] = _CONVERT[key](key_path, value)
-            where[key] = key_path
+    layers = [(f"config: {path}", tree)]
+    if metadata is not None:
+        layers.append(metadata)
+    for prefix, layer in layers:
+        if layer is not None and not isinstance(layer, Mapping):
+            raise _fail(prefix, f"expected a mapping, got {type(layer).__name__}")
+        for key, value in (layer or {}).items():
+            key_path = f"{prefix}.{key}"
+            if key not in _KEYS:
+                raise _fail(key_path, "unknown key (see docs/config.md)")
+            if value is not None:  # an explicit null is the same as an absent key
+                converted = _CONVERT[key](key_path, value)
+                if key == "env":
+                    converted = {**values.get("env", {}), **converted}
+                values[key] = converted
+                where[key] = key_path
     overrides = _from_environ(environ)
-    if tree is None and not overrides:
+    if tree is None and metadata is None and not overrides:
         return None
     for key, (var, value) in overrides.items():
         values[key] = {**values.get("env", {}), **value} if key == "env" else value

@@ -114,3 +114,75 @@ def test_a_failpoint_changes_the_measured_config() -> None:
         parse_config({"debug": {"failpoint": "seal:after-rules"}}).effective()
     )
     assert plain[0] != with_failpoint[0]
+
+
+def _write_config(tmp_path: Path, metadata: Path, workload: str = "") -> Path:
+    config = tmp_path / "embassy.yaml"
+    config.write_text(f"workload_metadata: {metadata}\n{workload}")
+    return config
+
+
+def test_workload_metadata_file_layers_between_the_section_and_the_environment(
+    tmp_path: Path,
+) -> None:
+    metadata = tmp_path / "workload.json"
+    metadata.write_text('{"image": "chosen:at-boot", "env": {"B": "2"}, "memory": "1g"}')
+    config = _write_config(
+        tmp_path, metadata, "workload:\n  image: baked:in\n  env: {A: '1', B: '1'}\n  pids: 64\n"
+    )
+    spec = load_config(config, {}).workload
+    assert spec is not None
+    assert spec.image == "chosen:at-boot"
+    assert dict(spec.env) == {"A": "1", "B": "2"}  # env maps merge, the later layer wins
+    assert spec.limits.pids == 64
+    assert spec.limits.memory_bytes == 1 << 30
+    spec = load_config(config, {"EMBASSY_WORKLOAD_IMAGE": "from:env"}).workload
+    assert spec is not None
+    assert spec.image == "from:env"
+
+
+def test_workload_metadata_alone_chooses_the_workload(tmp_path: Path) -> None:
+    metadata = tmp_path / "workload.json"
+    metadata.write_text('{"image": "chosen:at-boot"}')
+    spec = load_config(_write_config(tmp_path, metadata), {}).workload
+    assert spec is not None
+    assert spec.image == "chosen:at-boot"
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (None, "cannot read"),
+        (b'["image"]', "expected a JSON object"),
+        (b'{"image": "a:b", "image": "c:d"}', "duplicate"),
+        (b"\xff", "not UTF-8"),
+        (b'{"imgae": "a:b"}', "workload.json: workload.imgae: unknown key"),
+        (b'{"privileged": "yes"}', "workload.json: workload.privileged"),
+        (b'{"env": {"A": "1"}}', "image: required"),
+    ],
+)
+def test_bad_workload_metadata_is_a_precise_config_error(
+    tmp_path: Path, content: bytes | None, fragment: str
+) -> None:
+    metadata = tmp_path / "workload.json"
+    if content is not None:
+        metadata.write_bytes(content)
+    with pytest.raises(ConfigError, match="workload") as info:
+        load_config(_write_config(tmp_path, metadata), {})
+    assert fragment in info.value.message
+
+
+def test_measure_does_not_need_the_metadata_file_but_measures_its_path(tmp_path: Path) -> None:
+    # The auditor measures the image's config on another machine, where the file chosen at
+    # boot does not exist; the workload is logged at launch, not measured.
+    absent = load_config(_write_config(tmp_path, tmp_path / "absent.json"), read_metadata=False)
+    assert absent.workload is None
+    other = load_config(_write_config(tmp_path, tmp_path / "other.json"), read_metadata=False)
+    assert absent.effective() != other.effective()
+    assert absent.effective()["workload_metadata"] == str(tmp_path / "absent.json")
+
+
+def test_explicit_null_is_absent_for_keys_whose_default_is_null() -> None:
+    assert parse_config({"workload_metadata": None, "tpm": {"device": None}}) == parse_config(None)
+    with pytest.raises(ConfigError, match="socket"):
+        parse_config({"socket": None})
