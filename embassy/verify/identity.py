@@ -118,7 +118,7 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
 
     measurement = _verify_measurement(claimed, segment.entries, embassy_pcr, signing_key, policy)
     checks.append("measurement")
-    _verify_boot_pcrs(segment.head.quote.pcrs, policy)
+    _verify_boot_pcrs(segment.head.quote.pcrs, policy, claimed.header.tpm_mode)
     if policy.expected_pcrs:
         checks.append("boot-pcrs")
     if policy.insecure_skip_ek_ca:
@@ -188,7 +188,15 @@ def _verify_measurement(
     return measurement
 
 
-def _verify_boot_pcrs(quoted: dict[int, bytes], policy: TrustPolicy) -> None:
+def _verify_boot_pcrs(quoted: dict[int, bytes], policy: TrustPolicy, mode: TpmMode) -> None:
+    # PCRs 13 and 14 are extended by software; they mean something only if the boot that
+    # ran that software is pinned (docs/image.md). A software TPM's boot PCRs prove nothing
+    # either way, and such evidence already needs allow_software_tpm.
+    if mode is TpmMode.HARDWARE and not policy.expected_pcrs and not policy.insecure_any_boot:
+        raise PcrMismatchError(
+            "no boot PCRs pinned for hardware-TPM evidence: pass the image's expected.json "
+            "(--expected) or --expect-pcr N=HEX for PCRs 4, 11 and 12"
+        )
     for pcr, value in sorted(policy.expected_pcrs.items()):
         if pcr not in quoted:
             raise PcrMismatchError(f"PCR {pcr} is pinned but the quote does not cover it")

@@ -18,8 +18,9 @@ class TrustPolicy:
 
     ``ek_cas``: CA certificates the EK certificate must chain to. ``expected_measurement``:
     the measurement the auditor rebuilt. ``expected_pcrs``: boot PCR values to pin (e.g.
-    from the image's expected.json). The two ``insecure_*``/``allow_*`` switches are named
-    for what they give up; each use logs a warning.
+    from the image's expected.json); hardware-TPM evidence needs at least one, since the
+    embassy's own PCRs mean something only on a known boot. The ``insecure_*``/``allow_*``
+    switches are named for what they give up; each use logs a warning.
     """
 
     ek_cas: tuple[x509.Certificate, ...] = ()
@@ -28,6 +29,7 @@ class TrustPolicy:
     allow_software_tpm: bool = False
     insecure_skip_ek_ca: bool = False
     insecure_any_measurement: bool = False
+    insecure_any_boot: bool = False
     at: datetime | None = None
 
     def warn_insecure(self) -> None:
@@ -40,3 +42,8 @@ class TrustPolicy:
             _LOG.warning("insecure_skip_ek_ca: the EK certificate is not checked against a CA")
         if self.insecure_any_measurement:
             _LOG.warning("insecure_any_measurement: any embassy measurement is accepted")
+        if self.insecure_any_boot:
+            _LOG.warning(
+                "insecure_any_boot: hardware-TPM evidence is accepted without pinned boot "
+                "PCRs, so any kernel and system could have measured the embassy"
+            )

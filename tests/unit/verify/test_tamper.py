@@ -43,6 +43,7 @@ from embassy.wire.codec import b64encode, canonical_json
 from embassy.wire.dsse import parse_envelope, sign_envelope, verify_envelope
 from embassy.wire.statement import LIFECYCLE_V1, Header, Statement
 from tests.fakes import FakeTpm
+from tests.unit.conftest import policy_for
 
 Doc = dict[str, Any]
 
@@ -444,10 +445,24 @@ def test_offline_identity_does_not_bind_the_ak_to_the_ek(
             return tpm.ek_certificate()
 
     impostor = make_embassy(Impostor(b"attacker", mode=TpmMode.HARDWARE), name="impostor")
-    verified = identity(impostor, replace(policy, allow_software_tpm=False))
+    zeros = dict.fromkeys((4, 11, 12), bytes(32))  # it can claim any boot it likes, too
+    verified = identity(impostor, replace(policy, allow_software_tpm=False, expected_pcrs=zeros))
     assert verified.tpm_mode is TpmMode.HARDWARE
     assert verified.ak.raw != tpm.ak_public()
     assert "ek-certificate" in verified.checks
+
+
+def test_hardware_evidence_needs_pinned_boot_pcrs(make_embassy: Any) -> None:
+    tpm = FakeTpm(b"hw", mode=TpmMode.HARDWARE)
+    hardware = make_embassy(tpm, name="hw")
+    policy = policy_for(tpm, allow_software_tpm=False)
+    with pytest.raises(PcrMismatchError, match="no boot PCRs pinned"):
+        identity(hardware, policy)
+    with pytest.raises(PcrMismatchError, match="PCR 4 is 0000"):
+        identity(hardware, replace(policy, expected_pcrs={4: b"\x01" * 32}))
+    pinned = identity(hardware, replace(policy, expected_pcrs={4: bytes(32), 12: bytes(32)}))
+    assert "boot-pcrs" in pinned.checks
+    assert "boot-pcrs" not in identity(hardware, replace(policy, insecure_any_boot=True)).checks
 
 
 # -- restarts and TPM resets ----------------------------------------------------------------
