@@ -10,6 +10,7 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     EmbassyError
     ├── ConfigError                  bad config file or value (the key's path is in the message)
     ├── WireFormatError              bytes that do not parse as the versioned format they claim
+    │   └── ImageFormatError         a PE/UKI the boot model cannot parse or does not cover
     ├── RequestError                 a well-formed request the API refuses
     │   ├── NotFoundError            no such route or object
     │   ├── MethodNotAllowedError
@@ -72,6 +73,10 @@ class ConfigError(EmbassyError):
 
 class WireFormatError(EmbassyError):
     code = "malformed"
+
+
+class ImageFormatError(WireFormatError):
+    code = "image-malformed"
 
 
 class RequestError(EmbassyError):

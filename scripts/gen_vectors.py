@@ -29,6 +29,16 @@ each as ``<name>.act`` (its exact bytes), plus ``activations/expected.json``, ca
 ``tensor``, ``dtype`` and ``shape``. These are decoded with the SDK's header struct, not the
 embassy's parser (which tests/unit/test_activation_vectors.py checks against them), and are
 what ``parse_activation(data, max_bytes=VECTOR_MAX_BYTES)`` must return.
+
+The PE images and UKIs of ``tests/unit/image/image_vectors.py`` are pinned under ``image/``:
+each as ``<name>.efi``, plus ``image/expected.json``, canonical JSON (and a newline) that
+maps each name to ``{"kind": "pe"|"uki", "expect": "ok" | <error code>}``, adding the
+error's exact ``message``; a good PE adds its ``authenticode_sha256`` and ``sections``
+(``[name, VirtualSize, SizeOfRawData]``), a good UKI its ``authenticode_sha256``,
+``stub_version``, predicted ``pcrs`` and ``events`` (``"<pcr> <type> <digest>"`` in boot
+order, default phases). ``image/uki-252.expected.json`` is the ``expected.json`` document
+(``ExpectedImage.encode()``) of ``uki-252`` with the vectors' measurement. The digests come
+from ``embassy.image``; the integration tests check the good files against ``pesign``.
 """
 
 from __future__ import annotations
@@ -55,6 +65,13 @@ from embassy.attest.types import ClockInfo, TpmMode  # noqa: E402
 from embassy.config import parse_config  # noqa: E402
 from embassy.daemon.keys import derive_keys  # noqa: E402
 from embassy.daemon.runtime import Embassy, TpmHandle  # noqa: E402
+from embassy.errors import ImageFormatError  # noqa: E402
+from embassy.image import (  # noqa: E402
+    authenticode_digest,
+    expected_image,
+    pe_sections,
+    predict_boot_pcrs,
+)
 from embassy.log.entry import (  # noqa: E402
     GENESIS,
     EntryType,
@@ -70,12 +87,16 @@ from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E4
 from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope  # noqa: E402
 from embassy.wire.statement import LIFECYCLE_V1, Header, Statement  # noqa: E402
 from tests.fakes import FakeTpm  # noqa: E402
+from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
 from workload_sdk.activations import DTYPES, FIXED_HEADER_LEN, HEADER  # noqa: E402
 
 VECTOR_DIR = ROOT / "tests" / "vectors"
 CA_FILE = "ek-ca.pem"
 ACTIVATION_DIR = "activations"
 ACTIVATION_EXPECTED = f"{ACTIVATION_DIR}/expected.json"
+IMAGE_DIR = "image"
+IMAGE_EXPECTED = f"{IMAGE_DIR}/expected.json"
+IMAGE_EXPECTED_DOCUMENT = f"{IMAGE_DIR}/uki-252.expected.json"
 
 SEED = b"embassy-test-vectors"
 OTHER_SEED = b"embassy-test-vectors-other-tpm"
@@ -881,9 +902,52 @@ def build_activation_vectors() -> Vectors:
     return out
 
 
+# -- PE images and UKIs --------------------------------------------------------------------
+
+
+def _image_verdict(kind: str, data: bytes) -> JsonObject:
+    verdict: JsonObject = {"kind": kind}
+    try:
+        if kind == "pe":
+            sections = [[s.name, s.virtual_size, s.raw_size] for s in pe_sections(data)]
+            verdict.update(authenticode_sha256=authenticode_digest(data).hex(), sections=sections)
+        else:
+            prediction = predict_boot_pcrs(data)
+            verdict.update(
+                authenticode_sha256=authenticode_digest(data).hex(),
+                stub_version=prediction.stub_version,
+                pcrs={str(pcr): value.hex() for pcr, value in prediction.pcrs.items()},
+                events=[f"{e.pcr} {e.event_type} {e.digest.hex()}" for e in prediction.events],
+            )
+    except ImageFormatError as exc:
+        verdict.update(expect=exc.code, message=exc.message)
+    else:
+        verdict["expect"] = "ok"
+    return verdict
+
+
+def build_image_vectors() -> Vectors:
+    """``image/<name>.efi`` for every PE and UKI vector, ``expected.json``, and one
+    ``expected.json`` document."""
+    out: Vectors = {}
+    expected: JsonObject = {}
+    for kind, vectors in (("pe", pe_vectors()), ("uki", uki_vectors())):
+        for name, data in sorted(vectors.items()):
+            assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", name), name
+            assert name not in expected, name
+            verdict = _image_verdict(kind, data)
+            assert (verdict["expect"] == "ok") != name.startswith("bad-"), (name, verdict)
+            out[f"{IMAGE_DIR}/{name}.efi"] = data
+            expected[name] = verdict
+    out[IMAGE_EXPECTED] = cj(expected) + b"\n"
+    uki = uki_vectors()["uki-252"]
+    out[IMAGE_EXPECTED_DOCUMENT] = expected_image(uki, MEASUREMENT).encode()
+    return out
+
+
 def build_all() -> Vectors:
     """Every file of the vector directory, by path relative to it."""
-    return {**build_vectors(), **build_activation_vectors()}
+    return {**build_vectors(), **build_activation_vectors(), **build_image_vectors()}
 
 
 # -- writing and checking ----------------------------------------------------------------
