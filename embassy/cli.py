@@ -192,6 +192,16 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from embassy.measure import measure
 
     m = measure(load_config(Path(args.config) if args.config else None, read_metadata=False))
+    if args.uki:
+        # The whole expectation an auditor pins: the image's boot PCRs and the embassy's
+        # measurement, from the UKI and config the image build produced (docs/image.md).
+        from embassy.image.expected import expected_image
+        from embassy.image.uki import DEFAULT_PHASES
+
+        phases = DEFAULT_PHASES if args.phases is None else [p for p in args.phases.split(",") if p]
+        expected = expected_image(_read(args.uki), m, phases, secure_boot=args.secure_boot)
+        sys.stdout.write(expected.encode().decode() + "\n")
+        return 0
     sys.stdout.write(m.encode().decode() + "\n" if args.json else m.digest.hex() + "\n")
     return 0
 
@@ -247,21 +257,40 @@ def _policy(args: argparse.Namespace) -> Any:
         if not index.isdigit() or not value:
             raise ConfigError(f"--expect-pcr {item!r}: expected N=HEX")
         pcrs[int(index)] = _hex(value, f"--expect-pcr {index}", 32)
+    measurement = (
+        _hex(args.expect_measurement, "--expect-measurement", 32)
+        if args.expect_measurement
+        else None
+    )
+    if args.expected:
+        measurement = _pin_expected(args.expected, pcrs, measurement)
     cas: list[Any] = []
     for path in args.ek_ca or []:
         cas += load_pem_bundle(_read(path))
     return TrustPolicy(
         ek_cas=tuple(cas),
-        expected_measurement=(
-            _hex(args.expect_measurement, "--expect-measurement", 32)
-            if args.expect_measurement
-            else None
-        ),
+        expected_measurement=measurement,
         expected_pcrs=pcrs,
         allow_software_tpm=args.allow_software_tpm,
         insecure_skip_ek_ca=args.insecure_skip_ek_ca,
         insecure_any_measurement=args.insecure_any_measurement,
+        insecure_any_boot=args.insecure_any_boot,
     )
+
+
+def _pin_expected(path: str, pcrs: dict[int, bytes], measurement: bytes | None) -> bytes | None:
+    """Add an image's expected.json to the pins; a flag that contradicts it is an error."""
+    from embassy.image.expected import parse_expected
+
+    expected = parse_expected(_read(path))
+    for index, value in sorted(expected.pcrs.items()):
+        if pcrs.setdefault(index, value) != value:
+            raise ConfigError(f"--expect-pcr {index} contradicts PCR {index} of {path}")
+    if expected.measurement is None:
+        return measurement
+    if measurement is not None and measurement != expected.measurement.digest:
+        raise ConfigError(f"--expect-measurement contradicts the measurement in {path}")
+    return expected.measurement.digest
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -290,6 +319,11 @@ def _add_policy_args(p: Any) -> None:
     p.add_argument("--expect-measurement", help="the embassy measurement you rebuilt (hex)")
     p.add_argument("--expect-pcr", action="append", help="pin a boot PCR: N=HEX")
     p.add_argument(
+        "--expected",
+        metavar="EXPECTED_JSON",
+        help="pin the boot PCRs and the measurement an image build gave (expected.json)",
+    )
+    p.add_argument(
         "--allow-software-tpm",
         action="store_true",
         help="INSECURE: accept evidence from a software TPM (testing only)",
@@ -303,6 +337,11 @@ def _add_policy_args(p: Any) -> None:
         "--insecure-any-measurement",
         action="store_true",
         help="INSECURE: accept any embassy measurement",
+    )
+    p.add_argument(
+        "--insecure-any-boot",
+        action="store_true",
+        help="INSECURE: accept hardware-TPM evidence without pinned boot PCRs",
     )
 
 
@@ -669,6 +708,21 @@ def build_parser() -> argparse.ArgumentParser:
     measure = sub.add_parser("measure", help="print the reproducible measurement")
     measure.add_argument("--config", help="the config file the daemon runs with")
     measure.add_argument("--json", action="store_true", help="print all components")
+    measure.add_argument(
+        "--uki",
+        metavar="FILE",
+        help="the image's unified kernel image: print expected.json (boot PCRs + measurement)",
+    )
+    measure.add_argument(
+        "--phases",
+        metavar="P1,P2",
+        help="systemd-pcrphase words in PCR 11 when quoted (default: up to 'ready')",
+    )
+    measure.add_argument(
+        "--secure-boot",
+        action="store_true",
+        help="predict for a boot with UEFI Secure Boot on (changes PCR 4 for some stubs)",
+    )
     measure.set_defaults(func=_cmd_measure)
     _verify_parser(sub)
     _payload_parser(sub)
