@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 import pytest
 
 from tests.integration import measured_boot as mb
+from tests.integration import tcg_eventlog as tcg
 from tests.integration.conftest import IN_CI, require
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def _comparison(prediction: BootPrediction, booted: Booted, pcrs: Sequence[int])
 
 
 def test_event_log_replays_to_the_tpm_pcrs(booted: Booted) -> None:
-    replayed = mb.replay(booted.result.events)
+    replayed = tcg.replay(booted.result.events)
     wrong = [
         f"PCR {i}: TPM {booted.result.pcrs[i].hex()} replayed {replayed[i].hex()}"
         for i in FIRMWARE_LOGGED_PCRS
@@ -142,7 +143,7 @@ def test_uki_authenticode_digest_is_the_boot_application_in_pcr4(booted: Booted)
     apps = [
         e
         for e in booted.result.events_for(4)
-        if e.event_type == mb.EV_EFI_BOOT_SERVICES_APPLICATION
+        if e.event_type == tcg.EV_EFI_BOOT_SERVICES_APPLICATION
     ]
     assert apps, booted.result.describe(4)
     # The first application the firmware starts is the UKI itself, all of it.
