@@ -12,7 +12,8 @@ echo "== format";  .venv/bin/ruff format --check embassy workload_sdk examples t
 echo "== mypy";    .venv/bin/mypy
 echo "== generated files are current"
 $py scripts/gen_config_docs.py --check
-if [ -f scripts/gen_vectors.py ]; then $py scripts/gen_vectors.py --check; fi
+$py scripts/gen_vectors.py --check
+$py scripts/gen_nix_options.py --check
 echo "== real components: dockerd and the locally built images"
 bash scripts/ensure_dockerd.sh
 bash scripts/build_images.sh
