@@ -105,6 +105,33 @@ let
   dockerCli = "${config.virtualisation.docker.package or pkgs.docker}/bin/docker";
   loadsImages = cfg.workloadImages != [ ];
   fetchesMetadata = meta.source == "url";
+
+  # The sandbox every unit here shares; each unit adds what it alone needs.
+  baseSandbox = {
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    LockPersonality = true;
+    RestrictSUIDSGID = true;
+  };
+  # The oneshots that prepare the daemon's inputs need no capability, device or namespace.
+  # Root without any capability: what they write must be readable by the embassy, which
+  # runs as root without CAP_DAC_OVERRIDE, so it must be owned by root.
+  helperSandbox = baseSandbox // {
+    User = "root";
+    CapabilityBoundingSet = "";
+    PrivateDevices = true;
+    RestrictNamespaces = true;
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+  };
 in
 {
   options.services.embassy = {
@@ -265,7 +292,7 @@ in
         ++ lib.optional loadsImages "embassy-workload-images.service";
         unitConfig.RequiresMountsFor = [ dataDir ] ++ lib.optional (meta.source == "file") meta.file;
 
-        serviceConfig = {
+        serviceConfig = baseSandbox // {
           Type = "exec";
           ExecStart = execLine [
             "${cfg.package}/bin/embassy"
@@ -315,27 +342,17 @@ in
             "CAP_NET_RAW"
             "CAP_SYS_PTRACE"
           ];
-          NoNewPrivileges = true;
 
           # File system: read-only except its state and runtime directories.
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
           # Devices: the TPM and the pseudo devices only. PrivateDevices= would hide the TPM.
           DevicePolicy = "closed";
           DeviceAllow = lib.optional (tpmDevice != null) "${tpmDevice} rw";
-          ProtectKernelTunables = true;
-          # Modules are loaded at boot (nix/hardening.nix); python-iptables' own modprobe
-          # attempt fails harmlessly.
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
+          # ProtectKernelModules (baseSandbox): modules are loaded at boot
+          # (nix/hardening.nix); python-iptables' own modprobe attempt fails harmlessly.
           ProtectClock = true;
           ProtectHostname = true;
           PrivateIPC = true;
-          LockPersonality = true;
           RestrictRealtime = true;
-          RestrictSUIDSGID = true;
 
           # Network: AF_UNIX for the API and the Docker socket, AF_INET/AF_INET6 for libiptc's
           # raw sockets, AF_NETLINK for glibc's interface and address lookups (CAP_NET_ADMIN is
@@ -388,7 +405,7 @@ in
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ];
         before = [ "embassy.service" ];
-        serviceConfig = {
+        serviceConfig = helperSandbox // {
           Type = "oneshot";
           RemainAfterExit = true;
           ExecStart = [
@@ -405,38 +422,18 @@ in
           RuntimeDirectory = "embassy-metadata";
           RuntimeDirectoryMode = "0700";
           UMask = "0077";
-          # Root without any capability: the file must be readable by the embassy, which runs
-          # as root without CAP_DAC_OVERRIDE, so it must be owned by root.
-          User = "root";
-          CapabilityBoundingSet = "";
-          NoNewPrivileges = true;
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
           PrivateIPC = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
           ProtectClock = true;
           ProtectHostname = true;
           ProtectProc = "invisible";
           ProcSubset = "pid";
-          RestrictNamespaces = true;
-          LockPersonality = true;
           MemoryDenyWriteExecute = true;
           RestrictRealtime = true;
-          RestrictSUIDSGID = true;
           RestrictAddressFamilies = [
             "AF_INET"
             "AF_INET6"
             "AF_UNIX"
             "AF_NETLINK"
-          ];
-          SystemCallFilter = [
-            "@system-service"
-            "~@privileged"
           ];
           SystemCallErrorNumber = "EPERM";
           SystemCallArchitectures = "native";
@@ -452,7 +449,7 @@ in
         requires = [ "docker.service" ];
         after = [ "docker.service" ];
         before = [ "embassy.service" ];
-        serviceConfig = {
+        serviceConfig = helperSandbox // {
           Type = "oneshot";
           RemainAfterExit = true;
           ExecStart = map (
@@ -470,26 +467,8 @@ in
           Environment = [ "DOCKER_CONFIG=/run/embassy-workload-images" ];
           RuntimeDirectory = "embassy-workload-images";
           RuntimeDirectoryMode = "0700";
-          User = "root";
-          CapabilityBoundingSet = "";
-          NoNewPrivileges = true;
           PrivateNetwork = true;
           RestrictAddressFamilies = [ "AF_UNIX" ];
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          RestrictNamespaces = true;
-          LockPersonality = true;
-          RestrictSUIDSGID = true;
-          SystemCallFilter = [
-            "@system-service"
-            "~@privileged"
-          ];
           SystemCallArchitectures = "native";
         };
       };
