@@ -114,10 +114,11 @@ def test_verify_refuses_another_image(
     make_embassy: EmbassyFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     booted = Booted(make_embassy, tmp_path, OTHER_UKI)  # the host booted something else
-    assert booted.verify("--expected", str(_expected_file(tmp_path, UKI))) == 1
+    expected = _expected_file(tmp_path, UKI)
+    assert booted.verify("--expected", str(expected)) == 1
     err = capsys.readouterr().err
-    assert "PCR 4 is" in err
-    assert "pcr-mismatch" in err or "expected" in err
+    pinned = parse_expected(expected.read_bytes()).pcrs[4].hex()
+    assert f"pcr-mismatch: PCR 4 is {booted.tpm.pcrs[4].hex()}, expected {pinned}" in err
 
 
 def test_verify_refuses_another_measurement_in_expected_json(
