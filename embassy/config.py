@@ -38,7 +38,15 @@ SCHEMA: tuple[Key, ...] = (
         "socket",
         "path",
         "/run/embassy/embassy.sock",
-        "Unix socket of the HTTP/JSON API; created owner-only (0600).",
+        "Unix socket of the HTTP/JSON API; created owner-only (0600), or 0660 with socket_group.",
+    ),
+    Key(
+        "socket_group",
+        "str",
+        None,
+        "Group (name or numeric gid) that owns the socket, which is then 0660: lets a "
+        "non-root workload connect. Session routes still accept only the workload's own "
+        "processes (peer credentials). Null: owner-only.",
     ),
     Key(
         "data_dir",
@@ -70,6 +78,14 @@ SCHEMA: tuple[Key, ...] = (
     ),
     Key("http.max_body_bytes", "int", 1 << 20, "Largest request body accepted (bytes)."),
     Key("http.timeout_seconds", "int", 30, "Per-connection read timeout (seconds)."),
+    Key("http.backlog", "int", 128, "Listen backlog of the socket (connections not yet accepted)."),
+    Key("http.workers", "int", 16, "Connections served at once; the others wait their turn."),
+    Key(
+        "http.max_connections",
+        "int",
+        256,
+        "Connections held open at most (served or waiting); beyond it, 503 and close.",
+    ),
     Key(
         "debug.failpoint",
         "str",
@@ -136,6 +152,13 @@ class Metering:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpLimits:
+    backlog: int = 128
+    workers: int = 16
+    max_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True)
 class PcrLayout:
     embassy: int
     log: int
@@ -157,6 +180,8 @@ class Config:
     max_body_bytes: int
     timeout_seconds: int
     authorities: tuple[Authority, ...]
+    http: HttpLimits = HttpLimits()
+    socket_group: str | None = None
     failpoint: str | None = None
     workload: WorkloadSpec | None = None
     metering: Metering = Metering()
@@ -166,6 +191,7 @@ class Config:
         """The config as measured: every key, defaults filled, in schema names."""
         return {
             "socket": str(self.socket),
+            "socket_group": self.socket_group,
             "data_dir": str(self.data_dir),
             "log_level": self.log_level,
             "tpm": {"device": self.tpm_device},
@@ -178,6 +204,9 @@ class Config:
             "http": {
                 "max_body_bytes": self.max_body_bytes,
                 "timeout_seconds": self.timeout_seconds,
+                "backlog": self.http.backlog,
+                "workers": self.http.workers,
+                "max_connections": self.http.max_connections,
             },
             "debug": {"failpoint": self.failpoint},
             "workload_metadata": None
@@ -357,6 +386,15 @@ def parse_config(
         raise _fail("http.max_body_bytes", "must be between 1 KiB and 1 GiB")
     if not 1 <= values["http.timeout_seconds"] <= 3600:
         raise _fail("http.timeout_seconds", "must be between 1 and 3600")
+    http = HttpLimits(
+        values["http.backlog"], values["http.workers"], values["http.max_connections"]
+    )
+    if not 1 <= http.backlog <= 65535:
+        raise _fail("http.backlog", "must be between 1 and 65535")
+    if not 1 <= http.workers <= 1024:
+        raise _fail("http.workers", "must be between 1 and 1024")
+    if not http.workers <= http.max_connections <= 65535:
+        raise _fail("http.max_connections", "must be between http.workers and 65535")
     metering = Metering(
         values["metering.max_activation_bytes"],
         values["metering.max_files_per_session"],
@@ -377,6 +415,8 @@ def parse_config(
         checkpoint_every=values["statement_log.checkpoint_every"],
         max_body_bytes=values["http.max_body_bytes"],
         timeout_seconds=values["http.timeout_seconds"],
+        http=http,
+        socket_group=values["socket_group"],
         authorities=values["authorities"],
         failpoint=values["debug.failpoint"],
         workload=workload,

@@ -20,6 +20,7 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── WrongEmbassyError        the payload is for another embassy
     │   ├── UnsupportedSuiteError    the payload's HPKE suite is not one this embassy has
     │   ├── BadPayloadError          the payload does not unwrap (other key, tampered field)
+    │   ├── RateLimitedError         too many requests of a costly kind (a TPM quote); retry later
     │   ├── ConflictError            the request contradicts stored state
     │   │   ├── PayloadReplayedError a payload opens once
     │   │   └── InstructionReplayedError an authority's instruction is carried out once
@@ -113,6 +114,10 @@ class UnsupportedSuiteError(RequestError):
 
 class BadPayloadError(RequestError):
     code = "bad-payload"
+
+
+class RateLimitedError(RequestError):
+    code = "rate-limited"
 
 
 class ConflictError(RequestError):

@@ -12,7 +12,12 @@ in
   socket = mkOption {
     type = types.str;
     default = "/run/embassy/embassy.sock";
-    description = "Unix socket of the HTTP/JSON API; created owner-only (0600).";
+    description = "Unix socket of the HTTP/JSON API; created owner-only (0600), or 0660 with socket_group.";
+  };
+  socket_group = mkOption {
+    type = types.nullOr types.str;
+    default = null;
+    description = "Group (name or numeric gid) that owns the socket, which is then 0660: lets a non-root workload connect. Session routes still accept only the workload's own processes (peer credentials). Null: owner-only.";
   };
   data_dir = mkOption {
     type = types.str;
@@ -78,6 +83,21 @@ in
       type = types.int;
       default = 30;
       description = "Per-connection read timeout (seconds).";
+    };
+    backlog = mkOption {
+      type = types.int;
+      default = 128;
+      description = "Listen backlog of the socket (connections not yet accepted).";
+    };
+    workers = mkOption {
+      type = types.int;
+      default = 16;
+      description = "Connections served at once; the others wait their turn.";
+    };
+    max_connections = mkOption {
+      type = types.int;
+      default = 256;
+      description = "Connections held open at most (served or waiting); beyond it, 503 and close.";
     };
   };
   debug = {
