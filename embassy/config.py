@@ -7,6 +7,8 @@ they cannot drift. Unknown keys and bad values are refused with the key's dotted
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,32 @@ import yaml
 from embassy.errors import ConfigError, WireFormatError
 from embassy.metering.instruction import CAPABILITY_PATTERN
 from embassy.wire.codec import JsonObject, b64decode, b64encode, parse_json_object
-from embassy.workload.spec import ENV_PREFIX, WORKLOAD_SCHEMA, WorkloadSpec, parse_workload
+from embassy.workload.spec import (
+    ENV_PREFIX,
+    WORKLOAD_SCHEMA,
+    WorkloadSpec,
+    parse_workload,
+    show_key,
+    show_value,
+)
 
 # PCRs the embassy may own: not reset by software (16, 23), not locality-restricted
 # (17-22), not precomputed or used by the boot path (0-12: firmware, boot loader, UKI).
 EMBASSY_PCR_CHOICES = frozenset({13, 14, 15})
 BOOT_PCR_CHOICES = frozenset(range(13))
+# Hostile files and variables are refused with the key's name, never a traceback: every
+# value is bounded (see embassy.workload.spec for the same rules on the workload keys).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_TEXT = 4096
+MAX_INT = 2**63 - 1
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
+MAX_AUTHORITIES = 64
+MAX_CAPABILITIES = 256
+MAX_GID = 2**32 - 2
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_GROUP = re.compile(r"[0-9]{1,10}|[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+_FAILPOINT = re.compile(r"[a-z0-9][a-z0-9:_-]{0,63}")
+_AUTHORITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +154,29 @@ SCHEMA: tuple[Key, ...] = (
         "metering.drain_timeout_seconds",
         "int",
         60,
-        "How long closing a session waits for its activation files to be handled.",
+        "How long closing a session waits for its activation files to be handled; files "
+        "still unhandled then are counted (files_left) in its unseal statement.",
+    ),
+    Key(
+        "metering.spool_bytes",
+        "int",
+        256 << 20,
+        "Size of the activation spool: the tmpfs the embassy mounts on DATA/activations, "
+        "the only directory the workload can write to (1 MiB to 64 GiB, at least "
+        "max_activation_bytes). A full spool fails the workload's writes, never the host.",
+    ),
+    Key(
+        "metering.spool_inodes",
+        "int",
+        8192,
+        "Files (inodes) the activation spool holds at most (64 to 1048576).",
+    ),
+    Key(
+        "metering.spool_gid",
+        "int",
+        0,
+        "Group owning the activation spool (mode 0770, owner root): the workload's group "
+        "when it does not run as root.",
     ),
 )
 
@@ -149,6 +193,9 @@ class Metering:
     max_activation_bytes: int = 64 << 20
     max_files_per_session: int = 4096
     drain_timeout_seconds: int = 60
+    spool_bytes: int = 256 << 20
+    spool_inodes: int = 8192
+    spool_gid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +263,9 @@ class Config:
                 "max_activation_bytes": self.metering.max_activation_bytes,
                 "max_files_per_session": self.metering.max_files_per_session,
                 "drain_timeout_seconds": self.metering.drain_timeout_seconds,
+                "spool_bytes": self.metering.spool_bytes,
+                "spool_inodes": self.metering.spool_inodes,
+                "spool_gid": self.metering.spool_gid,
             },
             "authorities": [
                 {
@@ -234,14 +284,33 @@ def _fail(path: str, message: str) -> ConfigError:
 
 def _as_int(path: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, f"expected an integer, got {value!r}")
+        raise _fail(path, f"expected an integer, got {show_value(value)}")
+    if not -MAX_INT <= value <= MAX_INT:
+        raise _fail(path, f"{show_value(value)} is out of range")
     return value
 
 
-def _as_str(path: str, value: Any) -> str:
+def _as_str(path: str, value: Any, pattern: re.Pattern[str] | None = None) -> str:
     if not isinstance(value, str) or not value:
-        raise _fail(path, f"expected a non-empty string, got {value!r}")
+        raise _fail(path, f"expected a non-empty string, got {show_value(value)}")
+    if len(value) > MAX_TEXT:
+        raise _fail(path, f"longer than {MAX_TEXT} characters ({len(value)})")
+    if _CONTROL.search(value):
+        raise _fail(path, "NUL and control characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (YAML "\ud800")
+        raise _fail(path, "not valid UTF-8 (a lone surrogate)") from None
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _fail(path, f"expected {pattern.pattern}, got {show_value(value)}")
     return value
+
+
+def _as_socket(path: str, value: Any) -> Path:
+    text = _as_str(path, value)
+    if len(os.fsencode(text)) > MAX_SOCKET_PATH:
+        raise _fail(path, f"a Unix socket path has at most {MAX_SOCKET_PATH} bytes")
+    return Path(text)
 
 
 def _as_pcr(path: str, value: Any) -> int:
@@ -257,8 +326,8 @@ def _as_pcr(path: str, value: Any) -> int:
 
 
 def _as_pcr_list(path: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list):
-        raise _fail(path, f"expected a list of PCR indexes, got {value!r}")
+    if not isinstance(value, list) or len(value) > len(BOOT_PCR_CHOICES):
+        raise _fail(path, f"expected a list of PCR indexes, got {show_value(value)}")
     pcrs = tuple(_as_int(f"{path}[{i}]", v) for i, v in enumerate(value))
     bad = [p for p in pcrs if p not in BOOT_PCR_CHOICES]
     if bad or len(set(pcrs)) != len(pcrs):
@@ -267,17 +336,17 @@ def _as_pcr_list(path: str, value: Any) -> tuple[int, ...]:
 
 
 def _as_authorities(path: str, value: Any) -> tuple[Authority, ...]:
-    if not isinstance(value, list):
-        raise _fail(path, "expected a list of {name, ed25519}")
+    if not isinstance(value, list) or len(value) > MAX_AUTHORITIES:
+        raise _fail(path, f"expected a list of at most {MAX_AUTHORITIES} {{name, ed25519}}")
     out: list[Authority] = []
     for i, item in enumerate(value):
         where = f"{path}[{i}]"
         if not isinstance(item, dict):
             raise _fail(where, "expected a mapping with name and ed25519")
-        unknown = sorted(set(item) - {"name", "ed25519", "capabilities"})
+        unknown = sorted(show_key(k) for k in set(item) - {"name", "ed25519", "capabilities"})
         if unknown:
             raise _fail(f"{where}.{unknown[0]}", "unknown key")
-        name = _as_str(f"{where}.name", item.get("name"))
+        name = _as_str(f"{where}.name", item.get("name"), _AUTHORITY)
         try:
             key = b64decode(item.get("ed25519"), "key")
         except Exception:
@@ -299,8 +368,8 @@ def _as_authorities(path: str, value: Any) -> tuple[Authority, ...]:
 
 
 def _as_capabilities(path: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise _fail(path, "expected a list of capability names")
+    if not isinstance(value, list) or len(value) > MAX_CAPABILITIES:
+        raise _fail(path, f"expected a list of at most {MAX_CAPABILITIES} capability names")
     names = []
     for i, item in enumerate(value):
         if not isinstance(item, str) or not CAPABILITY_PATTERN.fullmatch(item):
@@ -316,13 +385,16 @@ _LEVELS = ("debug", "info", "warning", "error")
 
 def _as_level(path: str, value: Any) -> str:
     if value not in _LEVELS:
-        raise _fail(path, f"expected one of {', '.join(_LEVELS)}, got {value!r}")
+        raise _fail(path, f"expected one of {', '.join(_LEVELS)}, got {show_value(value)}")
     return str(value)
 
 
+# String keys whose values have a shape of their own.
+_PATTERNS: Mapping[str, re.Pattern[str]] = {"socket_group": _GROUP, "debug.failpoint": _FAILPOINT}
+
 _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
-    "str": lambda p, v: None if v is None else _as_str(p, v),
-    "path": lambda p, v: Path(_as_str(p, v)),
+    "str": lambda p, v: None if v is None else _as_str(p, v, _PATTERNS.get(p)),
+    "path": lambda p, v: _as_socket(p, v) if p == "socket" else Path(_as_str(p, v)),
     "int": _as_int,
     "pcr": _as_pcr,
     "pcr-list": _as_pcr_list,
@@ -336,14 +408,14 @@ def _flatten(tree: Mapping[str, Any], prefix: str, known: set[str]) -> dict[str,
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if not isinstance(key, str):
-            raise _fail(prefix or "<root>", f"keys must be strings, got {key!r}")
+            raise _fail(prefix or "<root>", f"keys must be strings, got {show_value(key)}")
         path = f"{prefix}{key}"
         if path in known:
             flat[path] = value
         elif isinstance(value, Mapping) and any(k.startswith(path + ".") for k in known):
             flat.update(_flatten(value, path + ".", known))
         else:
-            raise _fail(path, "unknown key (see docs/config.md)")
+            raise _fail(f"{prefix}{show_key(key)}", "unknown key (see docs/config.md)")
     return flat
 
 
@@ -399,13 +471,11 @@ def parse_config(
         values["metering.max_activation_bytes"],
         values["metering.max_files_per_session"],
         values["metering.drain_timeout_seconds"],
+        values["metering.spool_bytes"],
+        values["metering.spool_inodes"],
+        values["metering.spool_gid"],
     )
-    if not 4096 <= metering.max_activation_bytes <= 1 << 30:
-        raise _fail("metering.max_activation_bytes", "must be between 4 KiB and 1 GiB")
-    if not 1 <= metering.max_files_per_session <= 1 << 20:
-        raise _fail("metering.max_files_per_session", "must be between 1 and 1048576")
-    if not 1 <= metering.drain_timeout_seconds <= 3600:
-        raise _fail("metering.drain_timeout_seconds", "must be between 1 and 3600")
+    _check_metering(metering)
     return Config(
         socket=values["socket"],
         data_dir=values["data_dir"],
@@ -425,6 +495,27 @@ def parse_config(
     )
 
 
+def _check_metering(metering: Metering) -> None:
+    if not 4096 <= metering.max_activation_bytes <= 1 << 30:
+        raise _fail("metering.max_activation_bytes", "must be between 4 KiB and 1 GiB")
+    if not 1 <= metering.max_files_per_session <= 1 << 20:
+        raise _fail("metering.max_files_per_session", "must be between 1 and 1048576")
+    if not 1 <= metering.drain_timeout_seconds <= 3600:
+        raise _fail("metering.drain_timeout_seconds", "must be between 1 and 3600")
+    if not 1 << 20 <= metering.spool_bytes <= 64 << 30:
+        raise _fail("metering.spool_bytes", "must be between 1 MiB and 64 GiB")
+    if metering.spool_bytes < metering.max_activation_bytes:
+        raise _fail(
+            "metering.spool_bytes",
+            f"must be at least metering.max_activation_bytes ({metering.max_activation_bytes}):"
+            " a valid activation file must fit in the spool",
+        )
+    if not 64 <= metering.spool_inodes <= 1 << 20:
+        raise _fail("metering.spool_inodes", "must be between 64 and 1048576")
+    if not 0 <= metering.spool_gid <= MAX_GID:
+        raise _fail("metering.spool_gid", f"must be between 0 and {MAX_GID}")
+
+
 def load_config(
     path: Path | None, environ: Mapping[str, str] | None = None, *, read_metadata: bool = True
 ) -> Config:
@@ -435,21 +526,37 @@ def load_config(
     """
     if path is None:
         return parse_config(None, environ)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    text = _read_text(path, "config", f"config: cannot read {path}")
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config: {path} is not valid YAML: nested too deeply") from None
+    except ValueError:  # PyYAML's int() of more than 4,300 digits
+        raise ConfigError(f"config: {path} is not valid YAML: an integer is too long") from None
     if tree is not None and not isinstance(tree, dict):
         raise ConfigError(f"config: {path}: top level must be a mapping")
     raw = tree.get("workload_metadata") if tree else None
     metadata = None
     if read_metadata and isinstance(raw, str) and raw:  # parse_config reports a bad value
-        metadata = read_workload_metadata(Path(raw))
+        metadata = read_workload_metadata(Path(_as_str("workload_metadata", raw)))
     return parse_config(tree, environ, metadata)
+
+
+def _read_text(path: Path, what: str, cannot: str) -> str:
+    """A file of at most MAX_CONFIG_BYTES, as UTF-8 text; ConfigError otherwise."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{cannot}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what}: {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what}: {path} is not UTF-8 (at byte {exc.start})") from None
 
 
 def read_workload_metadata(path: Path) -> JsonObject:
@@ -458,17 +565,15 @@ def read_workload_metadata(path: Path) -> JsonObject:
     A configured file that is missing or unreadable stops the daemon: the operator said the
     workload comes from there, and launching another (or none) silently would fail open.
     """
+    what = "config: workload_metadata"
+    text = _read_text(path, what, f"{what}: cannot read {path}")
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"config: workload_metadata: cannot read {path}: {exc.strerror}"
-        ) from None
-    try:
-        return parse_json_object(data, str(path))
+        return parse_json_object(text.encode("utf-8"), str(path))
     except WireFormatError as exc:
         detail = exc.message if exc.message.startswith(str(path)) else f"{path}: {exc.message}"
-        raise ConfigError(f"config: workload_metadata: {detail}") from None
+        raise ConfigError(f"{what}: {detail}") from None
+    except ValueError:  # json's int() of more than 4,300 digits
+        raise ConfigError(f"{what}: {path}: invalid JSON: an integer is too long") from None
 
 
 def render_docs() -> str:

@@ -264,7 +264,22 @@ in
     drain_timeout_seconds = mkOption {
       type = types.int;
       default = 60;
-      description = "How long closing a session waits for its activation files to be handled.";
+      description = "How long closing a session waits for its activation files to be handled; files still unhandled then are counted (files_left) in its unseal statement.";
+    };
+    spool_bytes = mkOption {
+      type = types.int;
+      default = 268435456;
+      description = "Size of the activation spool: the tmpfs the embassy mounts on DATA/activations, the only directory the workload can write to (1 MiB to 64 GiB, at least max_activation_bytes). A full spool fails the workload's writes, never the host.";
+    };
+    spool_inodes = mkOption {
+      type = types.int;
+      default = 8192;
+      description = "Files (inodes) the activation spool holds at most (64 to 1048576).";
+    };
+    spool_gid = mkOption {
+      type = types.int;
+      default = 0;
+      description = "Group owning the activation spool (mode 0770, owner root): the workload's group when it does not run as root.";
     };
   };
 }

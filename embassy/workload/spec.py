@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import posixpath
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Literal
 
 from embassy.errors import ConfigError, PolicyError, WireFormatError
@@ -131,28 +133,105 @@ class WorkloadSpec:
 
 # --------------------------------------------------------------------------- parsing
 
+# Every value is bounded before it is used: the config and the metadata file are fuzzed,
+# and a parse error must be a ConfigError naming the key, never a traceback (an int() of a
+# Unicode digit, a Decimal overflow, a 5,000-digit integer). Digits are ASCII only: str's
+# isdigit() and regex \d accept other scripts, which int() then reads or refuses.
+MAX_TEXT = 4096  # a name, path, image, user, ...
+MAX_VALUE = 64 * 1024  # one command argument or environment value
+MAX_ITEMS = 1024  # entries of command, env, ports
+MAX_MOUNTS = 64
+MAX_JSON_ENV = 1 << 20  # EMBASSY_WORKLOAD_COMMAND / _ENV as JSON
+MAX_INT = 2**63 - 1  # what Docker's API carries
+MAX_MEMORY_BYTES = 1 << 50
+MAX_CPUS = 4096
+MAX_PIDS = 1 << 22  # the kernel's PID_MAX_LIMIT
+MAX_UID = 2**32 - 2
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UINT = re.compile(r"[0-9]{1,20}")
+
+
+class _BoundedRepr(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = 80
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 6
+        self.maxlevel = 3
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of an integer of more than 4,300 digits raises ValueError.
+        if abs(x).bit_length() > 128:
+            return f"<an integer of {abs(x).bit_length()} bits>"
+        return repr(x)
+
+
+_REPR = _BoundedRepr()
+
+
+def show_value(value: Any) -> str:
+    """A short, safe rendering of a bad value for an error message (never raises)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # a repr that fails is still no reason for a traceback
+        return f"<a {type(value).__name__}>"
+
+
+def show_key(key: Any) -> str:
+    """A mapping key for a dotted path: as it is if short and printable, else shown."""
+    if isinstance(key, str) and len(key) <= 128 and key.isprintable():
+        return key
+    return show_value(key)
+
 
 def _fail(where: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}")
 
 
-def _as_str(where: str, value: Any, *, allow_empty: bool = False) -> str:
+def _as_str(
+    where: str,
+    value: Any,
+    *,
+    allow_empty: bool = False,
+    limit: int = MAX_TEXT,
+    controls: bool = False,
+) -> str:
+    """A string that encodes to UTF-8, has no NUL, at most ``limit`` characters and (unless
+    ``controls``) no control characters."""
     if not isinstance(value, str) or (not value and not allow_empty):
-        raise _fail(where, f"expected a non-empty string, got {value!r}")
+        raise _fail(where, f"expected a non-empty string, got {show_value(value)}")
+    if len(value) > limit:
+        raise _fail(where, f"longer than {limit} characters ({len(value)})")
     if "\x00" in value:
         raise _fail(where, "NUL characters are not allowed")
+    if not controls and _CONTROL.search(value):
+        raise _fail(where, "control characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (YAML "\ud800", a non-UTF-8 environment)
+        raise _fail(where, "not valid UTF-8 (a lone surrogate)") from None
     return value
 
 
-def _as_int(where: str, value: Any) -> int:
+def _as_int(where: str, value: Any, lo: int = -MAX_INT, hi: int = MAX_INT) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(where, f"expected an integer, got {value!r}")
+        raise _fail(where, f"expected an integer, got {show_value(value)}")
+    if not lo <= value <= hi:
+        raise _fail(where, f"{show_value(value)} is out of range ({lo}..{hi})")
+    return value
+
+
+def _as_uint_text(where: str, value: Any) -> Any:
+    """A string of ASCII digits as an int (other values as they are, for _as_int)."""
+    if isinstance(value, str):
+        if not _UINT.fullmatch(value.strip()):
+            raise _fail(where, f"expected an integer (ASCII digits), got {show_value(value)}")
+        return int(value.strip())
     return value
 
 
 def _as_bool(where: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _fail(where, f"expected true or false, got {value!r}")
+        raise _fail(where, f"expected true or false, got {show_value(value)}")
     return value
 
 
@@ -162,54 +241,72 @@ _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}")
 def _as_name(where: str, value: Any) -> str:
     name = _as_str(where, value)
     if not _NAME.fullmatch(name):
-        raise _fail(where, f"expected a container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*), got {name!r}")
+        raise _fail(
+            where,
+            f"expected a container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*), got {show_value(name)}",
+        )
     return name
 
 
 def _as_image(where: str, value: Any) -> str:
-    image = _as_str(where, value)
+    image = _as_str(where, value, limit=512)
     if any(c.isspace() for c in image):
-        raise _fail(where, f"an image reference has no whitespace, got {image!r}")
+        raise _fail(where, f"an image reference has no whitespace, got {show_value(image)}")
     return image
 
 
+def _as_list(where: str, value: Any, limit: int, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _fail(where, f"expected a {what}, got {show_value(value)}")
+    if len(value) > limit:
+        raise _fail(where, f"more than {limit} items ({len(value)})")
+    return value
+
+
 def _as_command(where: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise _fail(where, f"expected a non-empty list of strings, got {value!r}")
-    return tuple(_as_str(f"{where}[{i}]", v, allow_empty=True) for i, v in enumerate(value))
+    items = _as_list(where, value, MAX_ITEMS, "non-empty list of strings")
+    if not items:
+        raise _fail(where, "expected a non-empty list of strings, got []")
+    return tuple(
+        _as_str(f"{where}[{i}]", v, allow_empty=True, limit=MAX_VALUE, controls=True)
+        for i, v in enumerate(items)
+    )
 
 
-_ENV_NAME = re.compile(r"[^=\x00]+")
+_ENV_NAME = re.compile(r"[^=\x00]{1,1024}")
 
 
 def _as_env(where: str, value: Any) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise _fail(where, f"expected a mapping of names to strings, got {type(value).__name__}")
+    if len(value) > MAX_ITEMS:
+        raise _fail(where, f"more than {MAX_ITEMS} variables ({len(value)})")
     out: dict[str, str] = {}
     for key, item in value.items():
         if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
-            raise _fail(where, f"bad variable name {key!r} (non-empty, no '=' or NUL)")
+            raise _fail(where, f"bad variable name {show_value(key)} (1-1024, no '=' or NUL)")
+        name = _as_str(where, key)
         if not isinstance(item, str):
-            raise _fail(f"{where}.{key}", f"expected a string (quote it), got {item!r}")
-        out[key] = _as_str(f"{where}.{key}", item, allow_empty=True)
+            raise _fail(f"{where}.{name}", f"expected a string (quote it), got {show_value(item)}")
+        out[name] = _as_str(
+            f"{where}.{name}", item, allow_empty=True, limit=MAX_VALUE, controls=True
+        )
     return out
 
 
 def _as_port_number(where: str, value: Any, *, allow_zero: bool) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    port = _as_int(where, value)
+    port = _as_int(where, _as_uint_text(where, value))
     if not (0 if allow_zero else 1) <= port <= 65535:
-        raise _fail(where, f"port {port} out of range")
+        raise _fail(where, f"port {show_value(port)} out of range")
     return port
 
 
 def _as_host_ip(where: str, value: Any) -> str:
-    text = _as_str(where, value)
+    text = _as_str(where, value, limit=64)
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise _fail(where, f"expected an IP address, got {text!r}") from None
+        raise _fail(where, f"expected an IP address, got {show_value(text)}") from None
 
 
 def _as_protocol(where: str, value: Any) -> Protocol:
@@ -217,22 +314,23 @@ def _as_protocol(where: str, value: Any) -> Protocol:
         return "tcp"
     if value == "udp":
         return "udp"
-    raise _fail(where, f"protocol must be tcp or udp, got {value!r}")
+    raise _fail(where, f"protocol must be tcp or udp, got {show_value(value)}")
 
 
 _PORT_TEXT = re.compile(
-    r"(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?P<host>\d+):(?P<container>\d+)(?:/(?P<proto>\w+))?"
+    r"(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?P<host>[0-9]+):(?P<container>[0-9]+)"
+    r"(?:/(?P<proto>[A-Za-z0-9]+))?"
 )
 
 
 def _as_port(where: str, value: Any) -> PortMapping:
     if isinstance(value, str):
-        match = _PORT_TEXT.fullmatch(value.strip())
+        match = _PORT_TEXT.fullmatch(_as_str(where, value, limit=128).strip())
         if match is None:
             raise _fail(
                 where,
                 f"expected HOST_PORT:CONTAINER_PORT[/tcp|udp] or "
-                f"IP:HOST_PORT:CONTAINER_PORT[/tcp|udp], got {value!r}",
+                f"IP:HOST_PORT:CONTAINER_PORT[/tcp|udp], got {show_value(value)}",
             )
         ip = (match["ip"] or "0.0.0.0").strip("[]")  # noqa: S104 - Docker's default binding
         return PortMapping(
@@ -243,7 +341,7 @@ def _as_port(where: str, value: Any) -> PortMapping:
         )
     if isinstance(value, Mapping):
         allowed = {"container_port", "host_port", "protocol", "host_ip"}
-        unknown = sorted(str(k) for k in set(value) - allowed)
+        unknown = sorted(show_key(k) for k in set(value) - allowed)
         if unknown:
             raise _fail(f"{where}.{unknown[0]}", "unknown key")
         for required in ("container_port", "host_port"):
@@ -257,7 +355,7 @@ def _as_port(where: str, value: Any) -> PortMapping:
             host_ip=_as_host_ip(f"{where}.host_ip", value.get("host_ip", "0.0.0.0")),  # noqa: S104
             host_port=_as_port_number(f"{where}.host_port", value["host_port"], allow_zero=True),
         )
-    raise _fail(where, f"expected a port string or mapping, got {value!r}")
+    raise _fail(where, f"expected a port string or mapping, got {show_value(value)}")
 
 
 def _check_ports(where: str, ports: list[PortMapping]) -> tuple[PortMapping, ...]:
@@ -276,56 +374,77 @@ def _check_ports(where: str, ports: list[PortMapping]) -> tuple[PortMapping, ...
 
 
 def _as_ports(where: str, value: Any) -> tuple[PortMapping, ...]:
-    if not isinstance(value, list):
-        raise _fail(where, f"expected a list of ports, got {value!r}")
-    return _check_ports(where, [_as_port(f"{where}[{i}]", v) for i, v in enumerate(value)])
+    items = _as_list(where, value, MAX_ITEMS, "list of ports")
+    return _check_ports(where, [_as_port(f"{where}[{i}]", v) for i, v in enumerate(items)])
 
 
 def _ports_from_env(where: str, text: str) -> tuple[PortMapping, ...]:
     items = [] if not text.strip() else text.split(",")
+    if len(items) > MAX_ITEMS:
+        raise _fail(where, f"more than {MAX_ITEMS} ports ({len(items)})")
     return _check_ports(where, [_as_port(f"{where}[{i}]", v) for i, v in enumerate(items)])
 
 
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-_MEMORY_TEXT = re.compile(r"(?P<n>\d+)\s*(?:(?P<unit>[kmgt])(?:i?b)?|b)?", re.IGNORECASE)
+_MEMORY_TEXT = re.compile(r"(?P<n>[0-9]{1,20})\s*(?:(?P<unit>[kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 
 
 def _as_memory(where: str, value: Any) -> int:
     if isinstance(value, str):
-        match = _MEMORY_TEXT.fullmatch(value.strip())
+        match = _MEMORY_TEXT.fullmatch(_as_str(where, value, limit=64).strip())
         if match is None:
-            raise _fail(where, f"expected bytes or a size like '512m' or '2g', got {value!r}")
+            raise _fail(
+                where, f"expected bytes or a size like '512m' or '2g', got {show_value(value)}"
+            )
         size: int = int(match["n"]) * 1024 ** _UNITS[(match["unit"] or "").lower()]
     else:
         size = _as_int(where, value)
     if size < MIN_MEMORY_BYTES:
         raise _fail(where, f"memory limit {size} bytes is below Docker's minimum of 6 MiB")
+    if size > MAX_MEMORY_BYTES:
+        raise _fail(where, f"memory limit {size} bytes is over {MAX_MEMORY_BYTES} (1 PiB)")
     return size
 
 
+_CPUS_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_NOT_FINITE = ("nan", "inf", "infinity")
+
+
 def _as_cpus(where: str, value: Any) -> int:
+    shown = show_value(value)
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise _fail(where, f"expected a number of CPUs like '1.5', got {value!r}")
-    try:
-        cpus = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise _fail(where, f"expected a number of CPUs like '1.5', got {value!r}") from None
-    if not cpus.is_finite():
-        raise _fail(where, f"expected a finite number of CPUs, got {value!r}")
-    nano = cpus * 1_000_000_000
-    if nano != nano.to_integral_value():
-        raise _fail(where, f"expected a number of CPUs with at most 9 decimals, got {value!r}")
-    if nano < MIN_NANO_CPUS:
-        raise _fail(where, f"CPU limit must be at least 0.01, got {value!r}")
-    return int(nano)
+        raise _fail(where, f"expected a number of CPUs like '1.5', got {shown}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(where, f"expected a finite number of CPUs, got {shown}")
+    if isinstance(value, str):
+        text = _as_str(where, value, allow_empty=True, limit=64).strip()
+        if text.lower().lstrip("+-") in _NOT_FINITE:
+            raise _fail(where, f"expected a finite number of CPUs, got {shown}")
+        if not _CPUS_TEXT.fullmatch(text):  # ASCII only: Decimal reads other scripts' digits
+            raise _fail(where, f"expected a number of CPUs like '1.5', got {shown}")
+    elif isinstance(value, int) and abs(value) > MAX_CPUS:  # no str() of a huge int
+        raise _fail(where, f"CPU limit must be at most {MAX_CPUS}, got {shown}")
+    else:
+        text = str(value)  # a float in range may read '1e-05': Decimal takes it exactly
+    cpus = Decimal(text)
+    # Compared before any arithmetic: nothing can overflow, and the exponent says exactly
+    # how many decimals there are (a product would round at 28 digits).
+    if cpus > MAX_CPUS:
+        raise _fail(where, f"CPU limit must be at most {MAX_CPUS}, got {shown}")
+    if cpus * 100 < 1:
+        raise _fail(where, f"CPU limit must be at least 0.01, got {shown}")
+    exponent = cpus.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -9:
+        raise _fail(where, f"expected a number of CPUs with at most 9 decimals, got {shown}")
+    return int(cpus * 1_000_000_000)
 
 
 def _as_pids(where: str, value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    pids = _as_int(where, value)
+    pids = _as_int(where, _as_uint_text(where, value))
     if pids < 1:
         raise _fail(where, f"must be >= 1, got {pids}")
+    if pids > MAX_PIDS:
+        raise _fail(where, f"must be <= {MAX_PIDS}, got {show_value(pids)}")
     return pids
 
 
@@ -341,14 +460,14 @@ def _is_under(path: str, root: str) -> bool:
 def _as_mount(where: str, value: Any) -> Mount:
     if not isinstance(value, Mapping):
         raise _fail(where, "expected a mapping with source, target and read_only")
-    unknown = sorted(str(k) for k in set(value) - {"source", "target", "read_only"})
+    unknown = sorted(show_key(k) for k in set(value) - {"source", "target", "read_only"})
     if unknown:
         raise _fail(f"{where}.{unknown[0]}", "unknown key")
     paths: dict[str, str] = {}
     for key in ("source", "target"):
         text = _as_str(f"{where}.{key}", value.get(key))
         if not text.startswith("/"):
-            raise _fail(f"{where}.{key}", f"expected an absolute path, got {text!r}")
+            raise _fail(f"{where}.{key}", f"expected an absolute path, got {show_value(text)}")
         paths[key] = _normalize_path(text)
     reason = _reserved_target_reason(paths["target"])
     if reason:
@@ -358,9 +477,8 @@ def _as_mount(where: str, value: Any) -> Mount:
 
 
 def _as_mounts(where: str, value: Any) -> tuple[Mount, ...]:
-    if not isinstance(value, list):
-        raise _fail(where, "expected a list of {source, target, read_only}")
-    mounts = [_as_mount(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    items = _as_list(where, value, MAX_MOUNTS, "list of {source, target, read_only}")
+    mounts = [_as_mount(f"{where}[{i}]", v) for i, v in enumerate(items)]
     targets = [m.target for m in mounts]
     for i, target in enumerate(targets):
         if target in targets[:i]:
@@ -369,7 +487,7 @@ def _as_mounts(where: str, value: Any) -> tuple[Mount, ...]:
 
 
 def _as_network_mode(where: str, value: Any) -> str | None:
-    return None if value is None else _as_str(where, value)
+    return None if value is None else _as_str(where, value, limit=256)
 
 
 _CAP = re.compile(r"[A-Z][A-Z0-9_]*")
@@ -382,13 +500,11 @@ def normalize_capability(name: str) -> str:
 
 
 def _as_caps(where: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise _fail(where, f"expected a list of capability names, got {value!r}")
     caps: set[str] = set()
-    for i, item in enumerate(value):
-        cap = normalize_capability(_as_str(f"{where}[{i}]", item))
+    for i, item in enumerate(_as_list(where, value, MAX_MOUNTS, "list of capability names")):
+        cap = normalize_capability(_as_str(f"{where}[{i}]", item, limit=64))
         if not _CAP.fullmatch(cap):
-            raise _fail(f"{where}[{i}]", f"not a capability name: {item!r}")
+            raise _fail(f"{where}[{i}]", f"not a capability name: {show_value(item)}")
         caps.add(cap)
     return tuple(sorted(caps))
 
@@ -396,11 +512,11 @@ def _as_caps(where: str, value: Any) -> tuple[str, ...]:
 def _as_user(where: str, value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return str(value)
-    user = _as_str(where, value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(_as_int(where, value, 0, MAX_UID))
+    user = _as_str(where, value, limit=256)
     if any(c.isspace() for c in user) or user.count(":") > 1:
-        raise _fail(where, f"expected a user name, uid or uid:gid, got {user!r}")
+        raise _fail(where, f"expected a user name, uid or uid:gid, got {show_value(user)}")
     return user
 
 
@@ -421,11 +537,21 @@ _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
 }
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
 def _json_env(where: str, text: str) -> Any:
+    if len(text) > MAX_JSON_ENV:
+        raise _fail(where, f"longer than {MAX_JSON_ENV} characters ({len(text)})")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise _fail(where, f"invalid JSON: {exc.msg} at offset {exc.pos}") from None
+    except RecursionError:
+        raise _fail(where, "invalid JSON: nested too deeply") from None
+    except ValueError:  # NaN/Infinity, or an integer of more than 4,300 digits
+        raise _fail(where, "invalid JSON: a non-finite number or an integer too long") from None
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
@@ -434,11 +560,12 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
     for var in sorted(environ):
         if not var.startswith(ENV_PREFIX):
             continue
-        where = f"env {var}"
+        where = f"env {show_key(var)}"
         key = _ENV_VARS.get(var)
         if key is None:
             raise _fail(where, f"unknown variable (known: {', '.join(sorted(_ENV_VARS))})")
-        text = environ[var]
+        # Python decodes a non-UTF-8 environment with surrogates: refuse those here.
+        text = _as_str(where, environ[var], allow_empty=True, limit=MAX_JSON_ENV, controls=True)
         value: Any
         if key == "command":
             value = _as_command(where, _json_env(where, text))
@@ -475,9 +602,9 @@ def parse_workload(
         if layer is not None and not isinstance(layer, Mapping):
             raise _fail(prefix, f"expected a mapping, got {type(layer).__name__}")
         for key, value in (layer or {}).items():
-            key_path = f"{prefix}.{key}"
             if key not in _KEYS:
-                raise _fail(key_path, "unknown key (see docs/config.md)")
+                raise _fail(f"{prefix}.{show_key(key)}", "unknown key (see docs/config.md)")
+            key_path = f"{prefix}.{key}"
             if value is not None:  # an explicit null is the same as an absent key
                 converted = _CONVERT[key](key_path, value)
                 if key == "env":
