@@ -1,9 +1,16 @@
 """Append-only, fsync'd files for the statement log and its checkpoints.
 
-Each file is one canonical JSON record per line. An append writes the whole line with one
-``write`` on an ``O_APPEND`` descriptor and fsyncs before returning, so an acknowledged entry
-survives a crash. A crash mid-write can leave a partial last line; it was never
-acknowledged (nor extended into the PCR), so opening the file drops it and says so.
+Each file is one canonical JSON record per line. An append writes the whole line on an
+``O_APPEND`` descriptor and fsyncs before returning, so an acknowledged entry survives a
+crash.
+
+An append is atomic at the line level. A write that fails or falls short (ENOSPC: the disk
+is full) or an fsync that fails is cut back to the last good offset (``ftruncate`` +
+``fsync``) and reported as a :class:`StorageError`; the record was not acknowledged, the
+file holds exactly the records it held before, and the next append (once there is room)
+goes on from there. Were the cut itself to fail, the file refuses every further append
+until the daemon restarts: a partial last line is exactly what a crash mid-write leaves,
+and opening the file drops it (it was never acknowledged, nor extended into a PCR).
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from embassy.daemon.atomic import fsync_dir
-from embassy.errors import EmbassyError, TamperError
+from embassy.daemon.atomic import fsync_dir, write_all
+from embassy.errors import EmbassyError, StorageError, TamperError
 
 _LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,17 +34,18 @@ class AppendFile(Generic[T]):
     def __init__(self, path: Path, parse: Callable[[bytes], T]) -> None:
         self.path = path
         self.records: list[T] = []
+        self._broken: str | None = None  # why appends are refused until a restart
         existed = path.exists()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         if not existed:
             fsync_dir(path.parent)
         try:
-            self._load(parse)
+            self._size = self._load(parse)
         except BaseException:
             os.close(self._fd)
             raise
 
-    def _load(self, parse: Callable[[bytes], T]) -> None:
+    def _load(self, parse: Callable[[bytes], T]) -> int:
         data = self.path.read_bytes()
         complete = data.rfind(b"\n") + 1
         if complete < len(data):
@@ -53,13 +61,41 @@ class AppendFile(Generic[T]):
                 self.records.append(parse(line))
             except EmbassyError as exc:
                 raise TamperError(f"{self.path.name} line {number} is corrupt: {exc}") from None
+        return complete
 
     def append(self, record: T, raw: bytes) -> None:
+        """Append one record durably, or raise :class:`StorageError` having stored nothing."""
+        if self._broken is not None:
+            raise StorageError(f"{self.path.name}: appends refused until restart: {self._broken}")
         line = raw + b"\n"
-        if os.write(self._fd, line) != len(line):
-            raise OSError(f"short write to {self.path}")
-        os.fsync(self._fd)
+        try:
+            write_all(self._fd, line)
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._cut_back(exc)
+            raise StorageError(
+                f"{self.path.name}: append failed ({exc.strerror}); nothing was stored"
+            ) from None
+        self._size += len(line)
         self.records.append(record)
+
+    def _cut_back(self, exc: OSError) -> None:
+        """Truncate to the last acknowledged record after a failed append."""
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        except OSError as cut:
+            self._broken = (
+                f"a failed append ({exc.strerror}) could not be cut back ({cut.strerror})"
+            )
+            _LOG.error("%s: %s", self.path.name, self._broken)
+            raise StorageError(f"{self.path.name}: {self._broken}") from None
+        _LOG.error(
+            "%s: append failed (%s); cut back to the last good record at byte %d",
+            self.path.name,
+            exc.strerror,
+            self._size,
+        )
 
     def close(self) -> None:
         os.close(self._fd)
