@@ -177,14 +177,16 @@ class Embassy:
             "v": 1,
             "type": EVIDENCE_TYPE,
             "nonce": nonce.hex(),
-            "segment": self.log.current_segment(0, nonce).to_json(),
+            # A fresh quote per nonce, drawn from a token bucket (RateLimitedError: 429).
+            "segment": self.log.evidence_segment(nonce).to_json(),
         }
 
     def log_segment(self, from_seq: int) -> dict[str, Any]:
         return {
             "v": 1,
             "type": LOG_SEGMENT_TYPE,
-            "segment": self.log.current_segment(from_seq).to_json(),
+            # The last checkpoint when the head has not moved since (no new quote).
+            "segment": self.log.log_segment(from_seq).to_json(),
         }
 
     def activate_credential(self, blob: bytes, secret: bytes) -> bytes:

@@ -6,13 +6,25 @@ the fsync and before the extend leaves the PCR one entry behind the file; :meth:
 finds exactly that case and finishes the extend. Any other disagreement between the file
 and the PCRs is tampering (or a foreign extend), reported as :class:`TamperError`: the
 daemon refuses to sign on top of a log it cannot vouch for.
+
+A failed append (a full disk) stores nothing and raises :class:`StorageError` (see
+``logstore``); the daemon goes on. A failed extend after the line is stored leaves the PCR
+one entry behind: every later append is refused (``TpmError``) until a restart, whose
+``recover`` finishes that extend. A failed periodic checkpoint after an entry is stored
+does not fail the entry (it was acknowledged): it is logged and retried with the next one.
+
+Quotes cost TPM time (1.7 ms each on a hardware TPM, and a checkpoint line): a
+``GET /v1/log`` whose head has not moved since the last checkpoint reuses that checkpoint
+(:meth:`StatementLog.log_segment`), and evidence quotes over callers' nonces are drawn from
+a token bucket (:class:`QuoteBudget`) that refuses with ``RateLimitedError`` when empty.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +32,13 @@ from typing import Any
 from embassy.config import PcrLayout
 from embassy.daemon.keys import EmbassyKeys
 from embassy.daemon.logstore import AppendFile
-from embassy.errors import EmbassyError, LogIntegrityError, TamperError
+from embassy.errors import (
+    EmbassyError,
+    LogIntegrityError,
+    RateLimitedError,
+    TamperError,
+    TpmError,
+)
 from embassy.log.entry import (
     GENESIS,
     Checkpoint,
@@ -40,6 +58,38 @@ from embassy.wire.dsse import sign_envelope
 from embassy.wire.statement import Header, Statement, Subject
 
 _LOG = logging.getLogger(__name__)
+# Evidence quotes a caller may ask for: 20 a second on average, 40 at once. A relying party
+# needs one per verification; a workload hammering GET /v1/evidence gets 429s instead of
+# the TPM's time.
+EVIDENCE_QUOTES_PER_SECOND = 20.0
+EVIDENCE_QUOTE_BURST = 40
+
+
+class QuoteBudget:
+    """A token bucket: ``burst`` tokens, refilled at ``rate`` a second; thread-safe."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self, what: str) -> None:
+        """Spend one token, or raise :class:`RateLimitedError` (nothing is spent)."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1.0:
+                raise RateLimitedError(
+                    f"{what}: more than {self._rate:g} TPM quotes a second (burst "
+                    f"{self._burst:g}); retry in {(1.0 - self._tokens) / self._rate:.2f} s"
+                )
+            self._tokens -= 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +117,10 @@ class StatementLog:
         self._entries = AppendFile(data_dir / "log.jsonl", parse_entry)
         self._checkpoints = AppendFile(data_dir / "checkpoints.jsonl", parse_checkpoint_bytes)
         self._since_checkpoint = 0
+        # Set when an entry is stored but its extend failed: appending on top would make
+        # the PCR disagree with the file for good; recover() at restart repairs this case.
+        self._unextended: str | None = None
+        self.evidence_quotes = QuoteBudget(EVIDENCE_QUOTES_PER_SECOND, EVIDENCE_QUOTE_BURST)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -147,14 +201,27 @@ class StatementLog:
         prev: bytes,
         reset_count: int,
     ) -> LogEntry:
+        if self._unextended is not None:
+            raise TpmError(f"log: appends refused until restart: {self._unextended}")
         entry = encode_entry(
             seq=seq, prev=prev, reset_count=reset_count, pcr=pcr, type=entry_type, data=data
         )
-        self._entries.append(entry, entry.raw)
-        self._tpm.extend(pcr, entry.digest)
+        self._entries.append(entry, entry.raw)  # StorageError: nothing stored
+        try:
+            self._tpm.extend(pcr, entry.digest)
+        except BaseException as exc:
+            code = exc.code if isinstance(exc, EmbassyError) else type(exc).__name__
+            self._unextended = f"entry seq {seq} is stored but its extend failed ({code})"
+            _LOG.error("log: %s", self._unextended)
+            raise
         self._since_checkpoint += 1
         if self._since_checkpoint >= self._every:
-            self._checkpoint_locked()
+            try:
+                self._checkpoint_locked()
+            except EmbassyError as exc:  # the entry stands; the checkpoint is retried
+                _LOG.error(
+                    "log: checkpoint after seq %d failed (%s); retrying later", seq, exc.code
+                )
         return entry
 
     def _next(self) -> tuple[int, bytes]:
@@ -228,9 +295,27 @@ class StatementLog:
                 best = cp
         return best
 
-    def current_segment(self, from_seq: int, qualifying_data: bytes | None = None) -> Segment:
+    def log_segment(self, from_seq: int) -> Segment:
+        """The current boot from ``from_seq``, closed by a checkpoint at the head: the last
+        one if the head has not moved since it was taken (no new quote), else a new one."""
+        return self.current_segment(from_seq, reuse_checkpoint=True)
+
+    def evidence_segment(self, nonce: bytes) -> Segment:
+        """The current boot, closed by a fresh quote over ``nonce``; rate-limited
+        (:class:`RateLimitedError` when the budget is spent, before the TPM is asked)."""
+        self.evidence_quotes.take("evidence")
+        return self.current_segment(0, nonce)
+
+    def current_segment(
+        self,
+        from_seq: int,
+        qualifying_data: bytes | None = None,
+        *,
+        reuse_checkpoint: bool = False,
+    ) -> Segment:
         """Entries of the current boot from ``from_seq`` (or the nearest anchor) to the head,
-        closed by a fresh quote over ``qualifying_data`` (default: a stored checkpoint)."""
+        closed by a fresh quote over ``qualifying_data`` (default: a checkpoint, a new one
+        unless ``reuse_checkpoint`` and the last stored one is at the head)."""
         with self._lock:
             head = self.head
             if head is None:
@@ -239,12 +324,22 @@ class StatementLog:
             anchor = self._anchor(boot, from_seq)
             start = boot[0].seq if anchor is None else anchor.seq + 1
             entries = tuple(e for e in boot if e.seq >= start)
-            if qualifying_data is None:
+            last = self._checkpoints.records[-1] if self._checkpoints.records else None
+            if qualifying_data is None and reuse_checkpoint and self._at_head(last, head):
+                assert last is not None
+                closing = last
+            elif qualifying_data is None:
                 closing = self._checkpoint_locked()
             else:
                 quote = self._tpm.quote(self._pcrs.quoted, qualifying_data)
                 closing = Checkpoint(head.seq, head.digest, quote)
             return Segment(anchor, entries, closing)
+
+    @staticmethod
+    def _at_head(checkpoint: Checkpoint | None, head: LogEntry) -> bool:
+        return (
+            checkpoint is not None and checkpoint.seq == head.seq and checkpoint.head == head.digest
+        )
 
     def close(self) -> None:
         with self._lock:
