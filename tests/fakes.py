@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 from collections.abc import Sequence
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,9 +33,10 @@ from embassy.attest.marshal import (
 )
 from embassy.attest.quote import pcr_digest
 from embassy.attest.types import ClockInfo, Quote, TpmMode
-from embassy.errors import TpmError
-from embassy.seal.firewall import SealState
-from embassy.seal.rules import SealRules, seal_rules
+from embassy.errors import SealError, TpmError
+from embassy.net.link import NetnsId
+from embassy.seal.keeper import SealProof
+from embassy.seal.rules import seal_rules
 
 RULES = seal_rules()
 
@@ -191,27 +191,43 @@ class FakeTpm:
         pass
 
 
-class MemoryFirewall:
-    """The seal's state in memory: for ordering and crash tests of the session manager.
+class MemorySeal:
+    """The seal keeper's contract in memory: for ordering, crash and race tests of the
+    session manager. The real link gate is tested from the attacker's side in
+    tests/integration.
 
-    The real netfilter seal is tested from the attacker's side in tests/integration.
+    ``lift_in_check`` makes the seal fall away right before the n-th :meth:`check` (the
+    gate opened behind the embassy's back, or the workload moved to another namespace).
     """
 
     def __init__(self) -> None:
-        self.current = SealState.UNSEALED
+        self.closed = False
+        self.quarantined = False
+        self.netns = NetnsId(1, 4026531840)
         self.history: list[str] = []
+        self.checks = 0
+        self.lift_in_check: int | None = None
 
-    def prepare(self, netns: Path) -> None:
-        self.history.append("prepare")
+    def close(self) -> SealProof:
+        self.closed = True
+        self.history.append("close")
+        return SealProof(self.netns, "ewfake", RULES.digest)
 
-    def seal(self, netns: Path) -> SealRules:
-        self.current = SealState.SEALED
-        self.history.append("seal")
-        return RULES
+    def open(self) -> str:
+        self.history.append("open")
+        if self.quarantined:
+            return "quarantined"
+        self.closed = False
+        return "unsealed"
 
-    def unseal(self, netns: Path) -> None:
-        self.current = SealState.UNSEALED
-        self.history.append("unseal")
+    def check(self, proof: SealProof) -> None:
+        self.checks += 1
+        if self.lift_in_check == self.checks:
+            self.closed = False
+        if not self.closed:
+            raise SealError("the gate is open")
+        if proof.netns != self.netns:
+            raise SealError("the workload's namespace changed")
 
-    def state(self, netns: Path) -> SealState:
-        return self.current
+    def status(self) -> dict[str, object]:
+        return {"gate": "closed" if self.closed else "open"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -42,6 +42,8 @@ class EmbassyKeys:
     hpke_x25519: X25519PrivateKey
     hpke_mlkem768: MLKEM768PrivateKey
     hpke_hybrid_x25519: X25519PrivateKey
+    # HMAC key of session tokens: a token is recomputed from the session id, never stored.
+    session_tokens: bytes = field(repr=False)
 
     @property
     def hpke_hybrid(self) -> MLKEM768X25519PrivateKey:
@@ -83,6 +85,7 @@ def derive_keys(master: bytes) -> EmbassyKeys:
         hpke_hybrid_x25519=X25519PrivateKey.from_private_bytes(
             _derive(master, "hpke-hybrid-x25519", 32)
         ),
+        session_tokens=_derive(master, "session-tokens", 32),
     )
 
 

@@ -27,7 +27,7 @@ from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.keys import load_or_create_keys
 from embassy.daemon.metering import MeteringService
 from embassy.daemon.statement_log import StatementLog
-from embassy.errors import ConflictError, EmbassyError, SealError
+from embassy.errors import ConflictError
 from embassy.log.entry import EntryType
 from embassy.log.segment import EVIDENCE_TYPE, IDENTITY_DOCUMENT_TYPE, LOG_SEGMENT_TYPE
 from embassy.measure import Measurement, measure
@@ -120,7 +120,11 @@ class Embassy:
                 from embassy.daemon.sealed_workload import SealedWorkload
 
                 self.workload = SealedWorkload(
-                    config, config.workload, self.log, on_abort=self.metering.forget
+                    config,
+                    config.workload,
+                    self.log,
+                    token_key=self.keys.session_tokens,
+                    on_abort=self.metering.forget,
                 )
             self._replay = ReplayStore(config.data_dir / "payloads.sqlite")
             subjects, body = identity_body(
@@ -203,67 +207,70 @@ class Embassy:
         payload: dict[str, Any] | None = None,
         actions: bytes | None = None,
     ) -> dict[str, Any]:
-        """Seal, then (with a payload) unwrap its input key: never the other way round.
+        """Check and unwrap the payload, seal, state it, and only then release its key.
 
-        The payload's actions (authorities' instructions) are checked before the input key
-        is returned; a refusal aborts the session unless the user accepted running it
-        unmetered.
+        Everything that can refuse the payload (format, expiry, embassy, suite, a replay,
+        a key that does not unwrap) is checked before the seal, so a bad payload never
+        costs a seal; the key leaves in the locked step that checks the seal in force. The
+        payload's actions (authorities' instructions) are checked in that step too; a
+        refusal aborts the session unless the user accepted running it unmetered.
         """
         sealed = self._sealed()
         envelope = None if payload is None else PayloadEnvelope.from_json(payload)
+        keys: tuple[bytes, bytes | None] | None = None
+        if envelope is not None:
+            self._replay.check(envelope.payload_id)
+            keys = open_payload(
+                envelope,
+                private_keys={
+                    "x25519": self.keys.hpke_x25519,
+                    "mlkem768-x25519": self.keys.hpke_hybrid,
+                },
+                own_keyid=keyid(self.keys.signing.public_key()),
+                now=time.time(),
+            )
+
+        def claim(session: bytes) -> None:
+            if envelope is not None:
+                self._replay.claim(envelope.payload_id, session, int(time.time()))
+
+        def release(session: bytes) -> dict[str, Any]:
+            if envelope is None or keys is None:
+                self.metering.begin(session)
+                return {}
+            input_key, action_key = keys
+            readings = self.metering.begin(
+                session, payload_id=envelope.payload_id, action_key=action_key, actions=actions
+            )
+            out: dict[str, Any] = {"input_key": b64encode(input_key)}
+            if readings:
+                out["readings"] = [b64encode(r) for r in readings]
+            return out
+
         opened = sealed.sessions.open(
-            deadline_seconds, None if envelope is None else envelope.payload_id
+            deadline_seconds,
+            payload_id=None if envelope is None else envelope.payload_id,
+            claim=claim,
+            release=release,
         )
-        response: dict[str, Any] = {
+        return {
             "session": opened.session.hex(),
             "token": b64encode(opened.token),
             "deadline_unix": opened.deadline,
             "statement": b64encode(opened.envelope),
+            **opened.released,
         }
-        try:
-            if envelope is None:
-                self.metering.begin(opened.session)
-            else:
-                input_key, action_key = self._unwrap(sealed, envelope, opened.session)
-                readings = self.metering.begin(
-                    opened.session,
-                    payload_id=envelope.payload_id,
-                    action_key=action_key,
-                    actions=actions,
-                )
-                response["input_key"] = b64encode(input_key)
-                if readings:
-                    response["readings"] = [b64encode(r) for r in readings]
-        except EmbassyError as exc:
-            sealed.sessions.abort(opened.session, f"payload refused: {exc.code}")
-            raise
-        return response
-
-    def _unwrap(
-        self, sealed: SealedWorkload, envelope: PayloadEnvelope, session: bytes
-    ) -> tuple[bytes, bytes | None]:
-        if not sealed.in_sealed_netns():
-            raise SealError("the workload is not in the sealed network namespace; no key")
-        now = time.time()
-        self._replay.claim(envelope.payload_id, session, int(now))
-        return open_payload(
-            envelope,
-            private_keys={
-                "x25519": self.keys.hpke_x25519,
-                "mlkem768-x25519": self.keys.hpke_hybrid,
-            },
-            own_keyid=keyid(self.keys.signing.public_key()),
-            now=now,
-        )
 
     def close_session(
         self, session: bytes, token: bytes, output_sha256: bytes | None
     ) -> dict[str, Any]:
         sessions = self._sealed().sessions
-        # Only the session's holder may make the embassy wait for its activation files.
-        sessions.authenticate(session, token)
-        drain = self._intake.drain if self._intake is not None else lambda: 0
-        summary = self.metering.finish(session, drain)
+        # Only the session's holder may make the embassy wait for its activation files;
+        # a retried close of an ended session gets its unseal statement again.
+        summary = None
+        if sessions.authenticate(session, token):
+            drain = self._intake.drain if self._intake is not None else lambda: 0
+            summary = self.metering.finish(session, drain)
         envelope = sessions.close(session, token, output_sha256, summary)
         return {"statement": b64encode(envelope)}
 

@@ -1,10 +1,17 @@
-"""The workload the embassy runs and seals: launch or adopt it, log how, keep it sealed.
+"""The workload the embassy runs and seals: launch or adopt it, wire it, keep it sealed.
 
-Assembles the Docker adapter, the firewall and the session manager. Order at start:
-adopt the containers a previous run launched (a daemon restart) or launch them, logging
-every launch input as a signed event before the workload starts; then reconcile the seal
-with the journal and the log (fail closed); then watch for container starts (a restarted
-holder is a new network namespace: reseal it) and abort sessions past their deadline.
+Assembles the Docker adapter, the link maker, the gate, the seal keeper and the session
+manager. Order at start:
+
+1. adopt the workload a previous run launched (a daemon restart), or launch it with no
+   network, logging every launch input as a signed event before it starts;
+2. watch Docker's container events (before anything else, so no restart is missed);
+3. give the workload's namespace its link, gate **closed** (fail closed until the log says
+   otherwise), publish its ports;
+4. reconcile the sessions with the signed log: the gate stays closed while any is open;
+5. run the monitor: every 100 ms the link's kernel state and who is in the namespace,
+   every second the layer-3 rules and every thread; sessions past their deadline are
+   aborted; an intrusion aborts every open session and quarantines the namespace.
 """
 
 from __future__ import annotations
@@ -20,15 +27,25 @@ from typing import Any
 from embassy.config import Config
 from embassy.daemon.atomic import ensure_private_dir, write_atomic
 from embassy.daemon.statement_log import StatementLog
-from embassy.errors import PolicyError
+from embassy.errors import EmbassyError, PolicyError
 from embassy.log.entry import EntryType
-from embassy.seal.iptables import IptablesFirewall
+from embassy.net.link import LinkMaker
+from embassy.net.plan import LinkPlan
+from embassy.net.ports import PortPublisher, choose_ports
+from embassy.net.rtnl import Rtnl
+from embassy.seal.gate import Gate
+from embassy.seal.iptables import IptablesL3
+from embassy.seal.keeper import BACKEND, SealKeeper
+from embassy.seal.netns import NetnsWorker
+from embassy.seal.rules import seal_rules
 from embassy.sessions.manager import SessionManager, WorkloadIdentity
-from embassy.workload.docker_runtime import DockerRuntime, Launched, netns_path
+from embassy.wire.statement import LIFECYCLE_V1
+from embassy.workload.docker_runtime import DockerRuntime, Launched
 from embassy.workload.spec import WorkloadSpec, launch_config_digest, launch_events
 
 _LOG = logging.getLogger(__name__)
-SEAL_BACKEND = "iptables-legacy-netns"
+MONITOR_SECONDS = 0.1
+DEEP_EVERY = 10  # monitor rounds between deep checks (rules read back, every thread)
 
 
 def embassy_id(data_dir: Path) -> str:
@@ -59,73 +76,83 @@ class SealedWorkload:
         config: Config,
         spec: WorkloadSpec,
         log: StatementLog,
+        *,
+        token_key: bytes,
         on_abort: Callable[[bytes], None] = lambda session: None,
     ) -> None:
         self._log = log
-        self._docker = DockerRuntime()
-        self._firewall = IptablesFirewall()
         self._stop = threading.Event()
+        self._events_lost = threading.Event()
         self._id = embassy_id(config.data_dir)
+        self._docker = DockerRuntime()
+        self._worker = NetnsWorker()
+        self._rtnl = Rtnl()
+        self._l3 = IptablesL3(self._worker)
+        self._joiners: set[str] = set()
+        self._stop_watch: Callable[[], None] = lambda: None
+        self._publisher: PortPublisher | None = None
         try:
+            self.plan: LinkPlan | None = (
+                None if spec.network_mode == "none" else self._docker.ensure_network(self._id)
+            )
             self.launched = self._launch_or_adopt(config, spec)
+            maker = (
+                None
+                if self.plan is None
+                else LinkMaker(self.plan, rtnl=self._rtnl, worker=self._worker, l3=self._l3)
+            )
+            self.keeper = SealKeeper(maker, Gate(self._rtnl, self._l3), self.launched.workload_id)
+            self._watch()
+            self.launched = self._docker.refresh(self.launched)
+            if self.launched.pid:
+                self.keeper.workload_started(self.launched.pid)
+            if self.plan is not None and self.plan.ipv4 is not None and self.launched.ports:
+                self._publisher = PortPublisher(self._id, self.plan.bridge, self._worker)
+                self._publisher.publish(self.launched.ports, self.plan.ipv4.ip)
             self.sessions = SessionManager(
-                journal_path=config.data_dir / "seal-journal.jsonl",
-                firewall=self._firewall,
-                netns=lambda: netns_path(self.launched),
                 log=log,
+                seal=self.keeper,
                 workload=WorkloadIdentity(
                     image_digest=self.launched.image_digest,
                     container_id=self.launched.workload_id,
-                    holder_id=self.launched.holder_id,
                     launch_digest=bytes.fromhex(self.launched.launch_digest),
                 ),
+                token_key=token_key,
                 failpoint=config.failpoint,
                 on_abort=on_abort,
             )
             report = self.sessions.reconcile()
             _LOG.info("seal reconciled: %s", json.dumps(report))
-            self._stop_watch = self._docker.watch_starts(
-                [self.launched.holder_id, self.launched.workload_id],
-                self._on_start,
-                on_end=lambda: _LOG.error(
-                    "docker event stream ended: a restarted holder will not be resealed "
-                    "until the daemon restarts"
-                ),
-            )
         except BaseException:
-            self._docker.close()
+            self._release()
             raise
-        self._reaper = threading.Thread(target=self._reap, name="embassy-reaper", daemon=True)
-        self._reaper.start()
+        self._monitor = threading.Thread(
+            target=self._run_monitor, name="embassy-monitor", daemon=True
+        )
+        self._monitor.start()
 
-    def _before_start(self, spec: WorkloadSpec, launched: Launched) -> None:
-        """The holder's namespace exists, the workload has not run: switch connection
-        tracking on there (so flows opened before a seal are known when it comes) and log
-        every launch input."""
-        self._firewall.prepare(netns_path(launched))
-        self._log_launch(spec, launched.image_digest)
+    # -- launch -------------------------------------------------------------------------
 
     def _log_launch(self, spec: WorkloadSpec, image_digest: str) -> None:
-        policy = {"backend": SEAL_BACKEND, "rules_sha256": self._firewall.rules.digest}
+        policy = {"backend": BACKEND, "rules_sha256": seal_rules().digest}
         for kind, body in launch_events(spec, image_digest, policy):
             self._log.append_event(EntryType(kind), json.loads(body))
 
     def _launch_or_adopt(self, config: Config, spec: WorkloadSpec) -> Launched:
         found = self._docker.find(self._id)
         if found is not None:
-            launched = self._docker.refresh(found)
-            wanted = launch_config_digest(spec, launched.image_digest).hex()
-            if wanted != launched.launch_digest:
+            wanted = launch_config_digest(spec, found.image_digest).hex()
+            if wanted != found.launch_digest:
                 # Logging today's spec over yesterday's container would make the identity
                 # document describe a workload that is not the one running.
                 raise PolicyError(
-                    f"the running workload {launched.workload_id[:12]} was launched from "
+                    f"the running workload {found.workload_id[:12]} was launched from "
                     "another configuration than this one; restore it, or remove the "
-                    "containers (after closing its sessions) to launch anew"
+                    "container (after closing its sessions) to launch anew"
                 )
-            _LOG.info("adopted workload %s (holder %s)", launched.workload_id, launched.holder_id)
-            self._before_start(spec, launched)
-            return launched
+            _LOG.info("adopted workload %s", found.workload_id)
+            self._log_launch(spec, found.image_digest)
+            return found
         activations = config.data_dir / "activations"
         ensure_private_dir(activations)
         return self._docker.launch(
@@ -133,34 +160,111 @@ class SealedWorkload:
             embassy_id=self._id,
             socket_dir=dedicated_socket_dir(config),
             activation_dir=activations,
-            before_start=lambda launched: self._before_start(spec, launched),
+            ports=choose_ports(spec.ports) if self.plan is not None else (),
+            before_start=lambda launched: self._log_launch(spec, launched.image_digest),
         )
 
-    def _on_start(self, container_id: str) -> None:
-        self.launched = self._docker.refresh(self.launched)
-        self._firewall.prepare(netns_path(self.launched))
-        if self.sessions.reseal_if_open(f"container {container_id[:12]} started"):
-            _LOG.warning("container %s started while sealed: resealed", container_id[:12])
+    # -- Docker's events ------------------------------------------------------------------
 
-    def _reap(self) -> None:
-        while not self._stop.wait(1.0):
+    def _watch(self) -> None:
+        self._events_lost.clear()
+        self._stop_watch = self._docker.watch(self._on_event, on_end=self._events_lost.set)
+
+    def _on_event(self, action: str, container_id: str) -> None:
+        if container_id == self.launched.workload_id:
+            if action == "start":
+                self.launched = self._docker.refresh(self.launched)
+                if self.launched.pid:
+                    self.keeper.workload_started(self.launched.pid)
+            elif action == "die":
+                self.keeper.workload_stopped()
+            return
+        if action == "die" and container_id in self._joiners:
+            self._joiners.discard(container_id)
+            self.keeper.lift(f"container {container_id[:12]}")
+            return
+        if action != "start":
+            return
+        modes = self._docker.joins(container_id, self.launched)
+        if not modes:
+            return
+        key = f"container {container_id[:12]}"
+        self._joiners.add(container_id)
+        self.keeper.quarantine(key, f"{key} joined the workload's {'/'.join(modes)}")
+        try:
+            self._docker.kill(container_id)
+        except EmbassyError as exc:
+            _LOG.warning("could not kill %s: %s", key, exc.code)
+        self._intrusion([f"{key} joined the workload's {'/'.join(sorted(modes))} (killed)"])
+
+    def _reconnect(self) -> None:
+        """After the event stream ended: watch again, then look at the workload afresh."""
+        try:
+            self._watch()
+            self.launched = self._docker.refresh(self.launched)
+        except EmbassyError as exc:
+            self._events_lost.set()
+            _LOG.warning("docker events: reconnect failed (%s); will retry", exc.code)
+            return
+        if self.launched.pid:
+            self.keeper.workload_started(self.launched.pid)
+        else:
+            self.keeper.workload_stopped()
+        _LOG.info("docker events: reconnected")
+
+    # -- the monitor -------------------------------------------------------------------------
+
+    def _intrusion(self, reasons: list[str]) -> None:
+        aborted = self.sessions.abort_all("intrusion")
+        _LOG.warning("intrusion: %s (%d session(s) aborted)", "; ".join(reasons), aborted)
+        self._log.append_statement(
+            LIFECYCLE_V1,
+            [],
+            {"event": "intrusion", "findings": reasons[:16], "aborted_sessions": aborted},
+        )
+
+    def _run_monitor(self) -> None:
+        rounds = 0
+        while not self._stop.wait(MONITOR_SECONDS):
+            rounds += 1
             try:
+                if self._events_lost.is_set() and rounds % DEEP_EVERY == 0:
+                    self._reconnect()
+                findings = self.keeper.verify(deep=rounds % DEEP_EVERY == 0)
+                for repair in findings.repaired:
+                    _LOG.warning("seal repaired: %s", repair)
+                if findings.intrusions:
+                    self._intrusion(findings.intrusions)
                 self.sessions.abort_expired()
             except Exception:
-                _LOG.exception("aborting expired sessions failed")
+                _LOG.exception("seal monitor round failed")
 
-    def in_sealed_netns(self) -> bool:
-        """Whether the running workload is in the namespace the seal was applied to."""
-        self.launched = self._docker.refresh(self.launched)
-        return self._docker.in_sealed_netns(self.launched)
+    # -- state ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {**self.sessions.status(), "workload": self.launched.workload_id}
+        return {
+            **self.sessions.status(),
+            "workload": {
+                "container_id": self.launched.workload_id,
+                "running": bool(self.launched.pid),
+                "ports": [p.to_json() for p in self.launched.ports],
+            },
+            "docker_events": "lost" if self._events_lost.is_set() else "watching",
+        }
+
+    def _release(self) -> None:
+        self._stop_watch()
+        if self._publisher is not None:
+            self._publisher.release()
+        keeper = getattr(self, "keeper", None)
+        if keeper is not None:
+            keeper.close_all()
+        self._worker.close()
+        self._rtnl.close()
+        self._docker.close()
 
     def close(self) -> None:
-        """Stop watching; the containers and the seal stay as they are (fail closed)."""
+        """Stop watching; the workload, its link and the gate stay as they are (fail closed)."""
         self._stop.set()
-        self._stop_watch()
-        self._reaper.join(timeout=5)
-        self.sessions.close_journal()
-        self._docker.close()
+        self._monitor.join(timeout=5)
+        self._release()

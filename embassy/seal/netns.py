@@ -122,33 +122,3 @@ class NetnsWorker:
         if here != self._home_id:
             self._broken = f"returned from netns {netns} to a netns other than home"
             raise SealError(self._broken)
-
-
-_default: NetnsWorker | None = None
-_default_lock = threading.Lock()
-
-
-def default_worker() -> NetnsWorker:
-    """The process-wide worker (python-iptables' tables are process-wide too).
-
-    A broken worker stays the default: every later call raises (fail closed).
-    """
-    global _default  # noqa: PLW0603 - one worker per process is the point
-    with _default_lock:
-        if _default is None:
-            _default = NetnsWorker()
-        return _default
-
-
-def close_default_worker() -> None:
-    """Stop the process-wide worker (tests, benchmarks, daemon shutdown)."""
-    global _default
-    with _default_lock:
-        worker, _default = _default, None
-    if worker is not None:
-        worker.close()
-
-
-def run_in_netns(path: Path, fn: Callable[[], T]) -> T:
-    """Run ``fn()`` inside the network namespace at ``path`` on the process-wide worker."""
-    return default_worker().run(path, fn)

@@ -1,17 +1,26 @@
-"""Open and close sessions: seal first, unseal last, and never lose a seal to a crash.
+"""Open and close sessions; release a key only in the locked step that checks the seal.
 
-Order of effects (each step durable before the next):
+The signed statement log is the one record of sessions: a seal statement opens a session,
+an unseal or abort statement ends it. Nothing else is kept durably, so nothing can
+disagree with the log after a crash.
 
-open:   journal OPEN (token hash, deadline) → firewall.seal → seal statement → journal SEALED
-close:  check the token → journal CLOSE → [last open session] firewall.unseal →
-        journal UNSEALED → unseal statement
-abort:  journal ABORT → [last open session] unseal → abort statement
+open     (the payload is parsed, unwrapped and checked against replays before this: a bad
+         one never costs a seal)
+         lock → close the gate → check the seal in the kernel → claim the payload → seal
+         statement (fsync'd, PCR-extended) → check the seal again → release the key → unlock
+close    (activation files are drained before, outside the lock)
+         lock → token (constant time) → deadline → open the gate if this was the last open
+         session → unseal statement → unlock. A retried close of a session whose unseal
+         statement exists returns that statement.
+abort    lock → open the gate if last (not while quarantined) → abort statement
+restart  open sessions = seal statements with no unseal or abort; the gate is closed if
+         there is any, sessions past their deadline are aborted, and the gate opened only
+         if none remain.
 
-A kill at any point leaves the journal at or ahead of the kernel on the sealing side: an
-OPEN without SEALED is resealed then aborted on restart (its token never left the daemon),
-and a CLOSE without UNSEALED is finished. :meth:`reconcile` also reads the signed log: a
-seal statement with no unseal or abort is an open session even if the journal lost it.
-Disagreements are reported (logged and stated), never silently trusted.
+The reaper and the key release take the same lock, so a session can never be aborted (and
+its workload unsealed) between the check and the release. Tokens are HMAC-SHA256 of the
+session id under a key derived from the TPM-sealed master secret: nothing to store, the
+same after a restart, compared in constant time.
 """
 
 from __future__ import annotations
@@ -26,82 +35,117 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from embassy.daemon.logstore import AppendFile
 from embassy.daemon.statement_log import StatementLog
-from embassy.errors import ConflictError, ForbiddenError, NotFoundError, RequestError
+from embassy.errors import ConflictError, ForbiddenError, NotFoundError, RequestError, SealError
 from embassy.log.entry import EntryType
-from embassy.seal.firewall import Firewall
-from embassy.sessions.journal import Op, Phase, Record, SessionState, parse_record, replay
+from embassy.seal.keeper import SealProof
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
     LIFECYCLE_V1,
     SEAL_V1,
+    SEAL_V2,
     SESSION_ABORT_V1,
+    SESSION_ABORT_V2,
     UNSEAL_V1,
+    UNSEAL_V2,
     Subject,
     parse_statement,
 )
 
 _LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: A session lives at least this long: long enough that its key release can never race
+#: the deadline reaper, and no workload can make the embassy flap the seal at will.
+MIN_DEADLINE_SECONDS = 10
 MAX_DEADLINE_SECONDS = 24 * 3600
+_SEALS = (SEAL_V1, SEAL_V2)
+_ENDS = (UNSEAL_V1, UNSEAL_V2, SESSION_ABORT_V1, SESSION_ABORT_V2)
+
+
+class Seal(Protocol):
+    """What the sessions need of the seal (:class:`embassy.seal.keeper.SealKeeper`)."""
+
+    def close(self) -> SealProof: ...
+    def open(self) -> str: ...
+    def check(self, proof: SealProof) -> None: ...
+    def status(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadIdentity:
     image_digest: str
     container_id: str
-    holder_id: str
     launch_digest: bytes
 
     def to_json(self) -> dict[str, str]:
         return {
             "image_digest": self.image_digest,
             "container_id": self.container_id,
-            "holder_id": self.holder_id,
             "launch_digest": self.launch_digest.hex(),
         }
 
 
 @dataclass(frozen=True, slots=True)
-class Opened:
+class OpenSession:
+    session: bytes
+    deadline: int
+    seal_sha256: bytes
+    proof: SealProof | None  # None: opened by an earlier daemon run (restored from the log)
+
+
+@dataclass(frozen=True, slots=True)
+class Opened(Generic[T]):
     session: bytes
     token: bytes
     envelope: bytes
     deadline: int
+    released: T
 
 
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _statements(log: StatementLog) -> list[tuple[str, Mapping[str, Any], bytes]]:
+    """(predicate type, body, envelope) of every session statement in the log."""
+    out = []
+    for entry in log.entries:
+        if entry.type is not EntryType.STATEMENT:
+            continue
+        statement = parse_statement(parse_envelope(entry.data).payload)
+        if statement.predicate_type in _SEALS or statement.predicate_type in _ENDS:
+            out.append((statement.predicate_type, statement.body, entry.data))
+    return out
+
+
 class SessionManager:
     def __init__(
         self,
         *,
-        journal_path: Path,
-        firewall: Firewall,
-        netns: Callable[[], Path],
         log: StatementLog,
+        seal: Seal,
         workload: WorkloadIdentity,
+        token_key: bytes,
         failpoint: str | None = None,
         now: Callable[[], float] = time.time,
         on_abort: Callable[[bytes], None] = lambda session: None,
     ) -> None:
-        self._journal = AppendFile(journal_path, parse_record)
-        self._firewall = firewall
-        self._netns = netns
+        if len(token_key) < 32:
+            raise ValueError("the session token key must be at least 32 bytes")
         self._log = log
+        self._seal = seal
         self._workload = workload
+        self._token_key = token_key
         self._failpoint = failpoint
         self._now = now
         self._on_abort = on_abort
         self._lock = threading.Lock()
-        self._rules_sha256: bytes | None = None
+        self._open: dict[bytes, OpenSession] = {}
 
-    # -- helpers --------------------------------------------------------------------------
+    # -- helpers ------------------------------------------------------------------------
 
     def _point(self, name: str) -> None:
         """Die here, as a kill -9 would, when the config's debug.failpoint names this point."""
@@ -109,79 +153,93 @@ class SessionManager:
             _LOG.warning("failpoint %s: killing the daemon", name)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _record(self, record: Record) -> None:
-        self._journal.append(record, record.encode())
-
-    def _states(self) -> dict[bytes, SessionState]:
-        return replay(self._journal.records)
-
-    def _open_sessions(self) -> list[SessionState]:
-        return [s for s in self._states().values() if s.is_open]
-
-    def _seal(self) -> bytes:
-        digest = bytes.fromhex(self._firewall.seal(self._netns()).digest)
-        self._rules_sha256 = digest
-        return digest
-
-    def _unseal_if_last(self) -> str:
-        if self._open_sessions():
-            return "still-sealed"
-        self._firewall.unseal(self._netns())
-        self._point("unseal:after-rules")
-        self._record(Record(Op.UNSEALED))
-        return "unsealed"
+    def _token(self, session: bytes) -> bytes:
+        return hmac.new(self._token_key, b"embassy-session-token-v1\0" + session, "sha256").digest()
 
     def _subject(self, session: bytes) -> list[Subject]:
         return [Subject(f"session:{session.hex()}", _sha256(session))]
 
-    # -- API --------------------------------------------------------------------------------
+    def _open_gate_if_idle(self) -> str:
+        if self._open:
+            return "still-sealed"
+        return self._seal.open()
 
-    def open(self, deadline_seconds: int, payload_id: bytes | None = None) -> Opened:
-        if not 1 <= deadline_seconds <= MAX_DEADLINE_SECONDS:
-            raise RequestError(f"deadline_seconds must be 1 to {MAX_DEADLINE_SECONDS}")
+    # -- open -------------------------------------------------------------------------------
+
+    def open(
+        self,
+        deadline_seconds: int,
+        *,
+        payload_id: bytes | None = None,
+        claim: Callable[[bytes], None] | None = None,
+        release: Callable[[bytes], T],
+    ) -> Opened[T]:
+        """Seal, state it, and run ``release(session)`` while the seal is checked in force.
+
+        ``claim(session)`` runs once the gate is closed and checked, before the statement
+        (e.g. marking a payload as used); ``release(session)`` right after the statement and
+        a second check, under the same lock: what it returns (a key) leaves only then. If
+        either raises, the session is aborted with a signed reason and the error goes on.
+        """
+        if not MIN_DEADLINE_SECONDS <= deadline_seconds <= MAX_DEADLINE_SECONDS:
+            raise RequestError(
+                f"deadline_seconds must be {MIN_DEADLINE_SECONDS} to {MAX_DEADLINE_SECONDS}"
+            )
         with self._lock:
-            session, token = secrets.token_bytes(16), secrets.token_bytes(32)
-            deadline = int(self._now()) + deadline_seconds
-            self._record(Record(Op.OPEN, session, token_sha256=_sha256(token), deadline=deadline))
-            self._point("seal:after-intent")
-            rules = self._seal()
+            proof = self._seal.close()
             self._point("seal:after-rules")
+            try:
+                self._seal.check(proof)
+                session = secrets.token_bytes(16)
+                if claim is not None:
+                    claim(session)
+            except BaseException:
+                self._open_gate_if_idle()
+                raise
+            deadline = int(self._now()) + deadline_seconds
             appended = self._log.append_statement(
-                SEAL_V1,
+                SEAL_V2,
                 self._subject(session),
                 {
                     "session": session.hex(),
                     "payload_id": None if payload_id is None else payload_id.hex(),
                     "workload": self._workload.to_json(),
-                    "seal": {"rules_sha256": rules.hex(), "backend": "iptables-legacy-netns"},
+                    "seal": proof.to_json(),
                     "deadline_unix": deadline,
                     "wall_time_unix": int(self._now()),
                 },
             )
             self._point("seal:after-statement")
-            self._record(
-                Record(
-                    Op.SEALED, session, rules_sha256=rules,
-                    statement_sha256=_sha256(appended.envelope),
-                )
-            )  # fmt: skip
-            return Opened(session, token, appended.envelope, deadline)
+            state = OpenSession(session, deadline, _sha256(appended.envelope), proof)
+            self._open[session] = state
+            try:
+                # Right before anything leaves: the very namespace that was sealed is still
+                # sealed, the link is down in the kernel, nobody else is in it.
+                self._seal.check(proof)
+                released = release(session)
+            except SealError as exc:
+                self._abort_locked(state, "seal-not-in-force")
+                raise SealError(
+                    f"the seal was not in force at the key release: {exc.message}"
+                ) from exc
+            except BaseException as exc:
+                code = getattr(exc, "code", "internal")
+                self._abort_locked(state, f"refused:{code}")
+                raise
+            return Opened(session, self._token(session), appended.envelope, deadline, released)
 
-    def _holder(self, session: bytes, token: bytes) -> SessionState:
-        state = self._states().get(session)
-        if state is None:
-            raise NotFoundError(f"no session {session.hex()}")
-        # Constant time: the token is a bearer secret.
-        if not hmac.compare_digest(_sha256(token), state.token_sha256):
+    # -- close ------------------------------------------------------------------------------
+
+    def _check_token(self, session: bytes, token: bytes) -> None:
+        if not hmac.compare_digest(self._token(session), token):
             raise ForbiddenError("this caller does not hold the session (wrong token)")
-        if not state.is_open:
-            raise ConflictError(f"session {session.hex()} is already {state.phase.value}")
-        return state
 
-    def authenticate(self, session: bytes, token: bytes) -> None:
-        """Raise unless the caller holds this open session (checked again by close)."""
+    def authenticate(self, session: bytes, token: bytes) -> bool:
+        """Raise unless the caller holds this session; say whether it is still open (a
+        closed one may be a retried close, which :meth:`close` answers)."""
+        self._check_token(session, token)
         with self._lock:
-            self._holder(session, token)
+            return session in self._open
 
     def close(
         self,
@@ -190,181 +248,136 @@ class SessionManager:
         output_sha256: bytes | None,
         metering: Mapping[str, Any] | None = None,
     ) -> bytes:
-        """Close a session; unseal if it was the last open one; return the unseal statement.
+        """Close a session; unseal if it was the last; return the unseal statement.
 
-        ``metering`` is what was metered during the session (counts and digests), or None
-        when this daemon run did not meter it.
+        A retried close (the first one's answer was lost to a crash) returns the unseal
+        statement that was made. A session past its deadline is aborted, not closed: its
+        output cannot be certified.
         """
+        self._check_token(session, token)
         with self._lock:
-            state = self._holder(session, token)
-            if state.phase is not Phase.SEALED:
-                raise ConflictError("the session was never sealed")
-            self._record(Record(Op.CLOSE, session))
-            self._point("unseal:after-intent")
-            firewall = self._unseal_if_last()
+            state = self._open.get(session)
+            if state is None:
+                return self._ended(session)
+            if self._now() >= state.deadline:
+                self._abort_locked(state, "deadline-passed")
+                raise ConflictError(
+                    f"session {session.hex()} passed its deadline before it was closed: "
+                    "it was aborted and its output cannot be certified"
+                )
+            del self._open[session]
+            gate = self._open_gate_if_idle()
+            self._point("unseal:after-rules")
             appended = self._log.append_statement(
-                UNSEAL_V1,
+                UNSEAL_V2,
                 self._subject(session),
                 {
                     "session": session.hex(),
-                    "seal_statement_sha256": (state.seal_statement_sha256 or b"").hex(),
+                    "seal_statement_sha256": state.seal_sha256.hex(),
                     "output_sha256": None if output_sha256 is None else output_sha256.hex(),
                     "workload": self._workload.to_json(),
                     "metering": None if metering is None else dict(metering),
-                    "firewall": firewall,
+                    "gate": gate,
                     "wall_time_unix": int(self._now()),
                 },
             )
             self._point("unseal:after-statement")
             return appended.envelope
 
-    def _abort_locked(self, state: SessionState, reason: str, *, record: bool = True) -> bytes:
-        if record:
-            self._record(Record(Op.ABORT, state.session, reason=reason))
-        firewall = self._unseal_if_last()
+    def _ended(self, session: bytes) -> bytes:
+        """The unseal statement of an ended session (a retried close), else why not."""
+        for kind, body, envelope in reversed(_statements(self._log)):
+            if body.get("session") != session.hex():
+                continue
+            if kind in (UNSEAL_V1, UNSEAL_V2):
+                return bytes(envelope)
+            if kind in (SESSION_ABORT_V1, SESSION_ABORT_V2):
+                raise ConflictError(f"session {session.hex()} was aborted ({body.get('reason')})")
+        raise NotFoundError(f"no session {session.hex()}")
+
+    # -- abort ------------------------------------------------------------------------------
+
+    def _abort_locked(self, state: OpenSession, reason: str) -> bytes:
+        self._open.pop(state.session, None)
+        gate = self._open_gate_if_idle()
         appended = self._log.append_statement(
-            SESSION_ABORT_V1,
+            SESSION_ABORT_V2,
             self._subject(state.session),
             {
                 "session": state.session.hex(),
                 "reason": reason,
-                "seal_statement_sha256": (
-                    None if state.seal_statement_sha256 is None
-                    else state.seal_statement_sha256.hex()
-                ),
+                "seal_statement_sha256": state.seal_sha256.hex(),
                 "workload": self._workload.to_json(),
-                "firewall": firewall,
+                "gate": gate,
                 "wall_time_unix": int(self._now()),
             },
-        )  # fmt: skip
+        )
         _LOG.warning("session %s aborted: %s", state.session.hex(), reason)
         self._on_abort(state.session)
         return appended.envelope
 
     def abort(self, session: bytes, reason: str) -> bytes:
-        """Abort an open session from inside the embassy (e.g. its payload did not open)."""
+        """Abort an open session from inside the embassy; ``reason`` is a bounded code."""
         with self._lock:
-            state = self._states().get(session)
-            if state is None or not state.is_open:
+            state = self._open.get(session)
+            if state is None:
                 raise ConflictError(f"session {session.hex()} is not open")
             return self._abort_locked(state, reason)
+
+    def abort_all(self, reason: str) -> int:
+        """Abort every open session (an intrusion: nothing made now can be certified)."""
+        with self._lock:
+            states = list(self._open.values())
+            for state in states:
+                self._abort_locked(state, reason)
+            return len(states)
 
     def abort_expired(self) -> int:
         """Abort every open session past its deadline; its output cannot be certified."""
         with self._lock:
-            expired = [s for s in self._open_sessions() if s.deadline <= self._now()]
+            expired = [s for s in self._open.values() if s.deadline <= self._now()]
             for state in expired:
-                self._abort_locked(state, "deadline passed")
+                self._abort_locked(state, "deadline-passed")
             return len(expired)
 
-    def reseal_if_open(self, reason: str) -> bool:
-        """Seal again if any session is open (a new network namespace appeared)."""
-        with self._lock:
-            if not self._open_sessions():
-                return False
-            before = self._firewall.state(self._netns()).value
-            self._seal()
-            self._log.append_statement(
-                LIFECYCLE_V1, [], {"event": "reseal", "reason": reason, "kernel_before": before}
-            )
-            return True
+    # -- state and restart ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            open_sessions = self._open_sessions()
-            return {
-                "open_sessions": len(open_sessions),
-                "kernel": self._firewall.state(self._netns()).value,
-                "rules_sha256": None if self._rules_sha256 is None else self._rules_sha256.hex(),
-            }
+            return {"open_sessions": len(self._open), **self._seal.status()}
 
-    # -- restart --------------------------------------------------------------------------
-
-    def _sessions_open_in_log(self) -> dict[bytes, tuple[bytes, int]]:
-        """Sessions the signed log shows sealed and never unsealed or aborted:
-        session -> (SHA-256 of the seal statement, its signed deadline)."""
-        open_: dict[bytes, tuple[bytes, int]] = {}
-        for entry in self._log.entries:
-            if entry.type is not EntryType.STATEMENT:
-                continue
-            statement = parse_statement(parse_envelope(entry.data).payload)
-            if statement.predicate_type not in (SEAL_V1, UNSEAL_V1, SESSION_ABORT_V1):
-                continue
-            session = bytes.fromhex(str(statement.body["session"]))
-            if statement.predicate_type == SEAL_V1:
-                open_[session] = (_sha256(entry.data), int(statement.body["deadline_unix"]))
+    def _open_in_log(self) -> dict[bytes, OpenSession]:
+        found: dict[bytes, OpenSession] = {}
+        for kind, body, envelope in _statements(self._log):
+            session = bytes.fromhex(str(body["session"]))
+            if kind in _SEALS:
+                found[session] = OpenSession(
+                    session, int(body["deadline_unix"]), _sha256(envelope), None
+                )
             else:
-                open_.pop(session, None)
-        return open_
-
-    def _settle_log(self, problems: list[str], actions: list[str]) -> None:
-        """Make the journal agree with the signed log's open sessions."""
-        states = self._states()
-        for sid, (statement_sha256, deadline) in sorted(self._sessions_open_in_log().items()):
-            state = states.get(sid)
-            if state is not None and state.is_open:
-                continue
-            if state is not None:
-                # Closed or aborted in the journal, but the crash came before its statement:
-                # end it in the signed log too.
-                self._abort_locked(state, "ended before its statement was issued", record=False)
-                actions.append(f"ended {sid.hex()}")
-                continue
-            # The journal lost a session the signed log shows sealed. Nobody can close it
-            # (its token hash is gone) but it stays sealed until its signed deadline.
-            problems.append(f"journal lost open session {sid.hex()}: restored from the log")
-            self._record(Record(Op.OPEN, sid, token_sha256=bytes(32), deadline=deadline))
-            self._record(Record(Op.SEALED, sid, statement_sha256=statement_sha256))
-
-    def _settle_open(self, actions: list[str]) -> None:
-        """Abort sessions a crash caught half-open, or whose deadline passed meanwhile."""
-        for state in self._open_sessions():
-            if state.phase is Phase.OPENING:
-                # Its seal statement and token never left the daemon.
-                self._abort_locked(state, "interrupted while opening")
-            elif state.deadline <= self._now():
-                self._abort_locked(state, "deadline passed while the daemon was down")
-            else:
-                continue
-            actions.append(f"aborted {state.session.hex()}")
+                found.pop(session, None)
+        return found
 
     def reconcile(self) -> dict[str, Any]:
-        """Bring the kernel to at least what the open sessions need; report disagreements.
-
-        Seals first (fail closed), then settles sessions a crash left half-done.
-        """
+        """After a start: close the gate if the log shows open sessions (fail closed), abort
+        those whose deadline passed while the daemon was down, open it if none remain."""
         with self._lock:
-            kernel = self._firewall.state(self._netns()).value
-            problems: list[str] = []
+            before = self._seal.status().get("gate")
+            self._open = self._open_in_log()
             actions: list[str] = []
-            self._settle_log(problems, actions)
-            if self._open_sessions():
-                self._seal()
+            if self._open:
+                self._seal.close()
                 actions.append("sealed")
-                if kernel != "sealed":
-                    problems.append(f"kernel was {kernel} while sessions were open: resealed")
-            self._settle_open(actions)
-            if not self._open_sessions():
-                current = self._firewall.state(self._netns()).value
-                if current != "unsealed":
-                    last = self._journal.records[-1].op if self._journal.records else None
-                    if last is Op.UNSEALED or last is None:
-                        problems.append(f"kernel was {current} but the journal says unsealed")
-                    self._firewall.unseal(self._netns())
-                    self._record(Record(Op.UNSEALED))
-                    actions.append("unsealed")
-            for problem in problems:
-                _LOG.warning("reconcile: %s", problem)
+                for state in [s for s in self._open.values() if s.deadline <= self._now()]:
+                    self._abort_locked(state, "deadline-passed-while-down")
+                    actions.append(f"aborted {state.session.hex()}")
+            if not self._open:
+                actions.append(self._seal.open())
             report: dict[str, Any] = {
                 "event": "reconcile",
-                "kernel_before": kernel,
-                "open_sessions": len(self._open_sessions()),
+                "gate_before": before,
+                "open_sessions": len(self._open),
                 "actions": actions,
-                "problems": problems,
             }
-            if problems or actions:
-                self._log.append_statement(LIFECYCLE_V1, [], report)
+            self._log.append_statement(LIFECYCLE_V1, [], report)
             return report
-
-    def close_journal(self) -> None:
-        self._journal.close()

@@ -28,6 +28,18 @@ class ReplayStore:
             raise StorageError(f"replay store {path}: {exc}") from None
         path.chmod(0o600)
 
+    def check(self, payload_id: bytes) -> None:
+        """Refuse a payload opened before, without claiming it (before anything is sealed)."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT session, opened_unix FROM opened WHERE payload_id = ?", (payload_id,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise StorageError(f"replay store: {exc}") from None
+        if row is not None:
+            raise _replayed(payload_id, row)
+
     def claim(self, payload_id: bytes, session: bytes, now_unix: int) -> None:
         """Record ``payload_id`` as opened by ``session``; refuse one opened before."""
         with self._lock:
@@ -40,13 +52,17 @@ class ReplayStore:
                 row = self._db.execute(
                     "SELECT session, opened_unix FROM opened WHERE payload_id = ?", (payload_id,)
                 ).fetchone()
-                raise PayloadReplayedError(
-                    f"payload {payload_id.hex()} was already opened (session "
-                    f"{bytes(row[0]).hex()} at {row[1]}); a payload opens once"
-                ) from None
+                raise _replayed(payload_id, row) from None
             except sqlite3.Error as exc:
                 raise StorageError(f"replay store: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _replayed(payload_id: bytes, row: tuple[bytes, int]) -> PayloadReplayedError:
+    return PayloadReplayedError(
+        f"payload {payload_id.hex()} was already opened (session {bytes(row[0]).hex()} "
+        f"at {row[1]}); a payload opens once"
+    )

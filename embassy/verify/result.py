@@ -23,7 +23,7 @@ from embassy.verify.identity import VerifiedIdentity
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.segment import LoggedStatement, verify_segment
 from embassy.wire.codec import b64decode, field, only_fields, parse_json_object
-from embassy.wire.statement import SEAL_V1, UNSEAL_V1
+from embassy.wire.statement import SEAL_V1, SEAL_V2, UNSEAL_V1, UNSEAL_V2
 
 RESULT_TYPE = "embassy-result"
 
@@ -71,7 +71,8 @@ def verify_result(
         _find(segment.statements, seal_env, "seal"),
         _find(segment.statements, unseal_env, "unseal"),
     )
-    if seal.statement.predicate_type != SEAL_V1 or unseal.statement.predicate_type != UNSEAL_V1:
+    kinds = (seal.statement.predicate_type, unseal.statement.predicate_type)
+    if kinds not in ((SEAL_V2, UNSEAL_V2), (SEAL_V1, UNSEAL_V1)):
         raise ResultMismatchError("the statements are not a seal and an unseal statement")
     sealed, unsealed = dict(seal.statement.body), dict(unseal.statement.body)
     if unsealed.get("session") != sealed.get("session"):

@@ -34,6 +34,11 @@ LIFECYCLE_V1 = PREDICATE_PREFIX + "lifecycle:v1"
 SEAL_V1 = PREDICATE_PREFIX + "seal:v1"
 UNSEAL_V1 = PREDICATE_PREFIX + "unseal:v1"
 SESSION_ABORT_V1 = PREDICATE_PREFIX + "session-abort:v1"
+# v2 (the link gate): the workload is identified without a netns holder, the seal names
+# its gate, link and layer-3 rules, and the gate's outcome is stated on unseal and abort.
+SEAL_V2 = PREDICATE_PREFIX + "seal:v2"
+UNSEAL_V2 = PREDICATE_PREFIX + "unseal:v2"
+SESSION_ABORT_V2 = PREDICATE_PREFIX + "session-abort:v2"
 METER_READING_V1 = PREDICATE_PREFIX + "meter-reading:v1"
 METER_UPDATE_V1 = PREDICATE_PREFIX + "meter-update:v1"
 SIGNATURE_WRITE_V1 = PREDICATE_PREFIX + "signature-write:v1"
@@ -47,6 +52,9 @@ KNOWN_PREDICATES = frozenset(
         SEAL_V1,
         UNSEAL_V1,
         SESSION_ABORT_V1,
+        SEAL_V2,
+        UNSEAL_V2,
+        SESSION_ABORT_V2,
         METER_READING_V1,
         METER_UPDATE_V1,
         SIGNATURE_WRITE_V1,

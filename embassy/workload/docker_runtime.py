@@ -1,14 +1,15 @@
 """Runs a :class:`~embassy.workload.spec.WorkloadSpec` on Docker: a thin adapter over the SDK.
 
-Two containers per embassy (see docs/adr/0004-netns-holder.md):
+One container per embassy, the **workload** (``embassy-<id>-<name>``), created with
+Docker's ``none`` network: Docker gives its namespace loopback only, at every (re)start,
+and the embassy gives it its one link (:mod:`embassy.net.link`) with the gate as the open
+sessions require (docs/adr/0008-link-gate.md). Every capability is dropped except what the
+spec asks and the policy allows; the only host mounts besides allowed spec mounts are the
+embassy's socket directory at ``/run/embassy`` and the activation directory.
 
-- the **netns holder** (``embassy-<id>-netns``): busybox ``sleep`` on the embassy's own
-  bridge network ``embassy-<id>``, publishing the workload's ports. It owns the network
-  namespace the seal is applied in, so a workload restart keeps the namespace and its rules.
-- the **workload** (``embassy-<id>-<name>``): joins the holder's namespace
-  (``network_mode=container:<holder id>``), every capability dropped except what the spec
-  asks and the policy allows, and only two host mounts besides allowed spec mounts: the
-  embassy's socket directory at ``/run/embassy`` and the activation directory.
+The embassy's network ``embassy-<id>`` is a Docker bridge network (other containers may
+join it; Docker forwards and masquerades for it) whose IPAM reserves the workload's
+addresses as auxiliary addresses, so Docker never gives them to anyone else.
 
 Images are used by ID (``sha256:...``) once inspected, so a tag moved between the check
 and the launch cannot swap the image. Nothing is ever pulled. Every Docker failure becomes
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -31,6 +33,7 @@ from typing import Any
 
 import docker
 import docker.errors
+from docker.types import IPAMConfig, IPAMPool
 from docker.types import Mount as DockerMount
 
 from embassy.errors import (
@@ -41,6 +44,17 @@ from embassy.errors import (
     PolicyError,
     SealError,
     WorkloadError,
+)
+from embassy.net.plan import (
+    RESERVATION,
+    LinkPlan,
+    Published,
+    bridge_name,
+    host_link_name,
+    parse_published,
+    ula_subnet,
+    workload_address4,
+    workload_address6,
 )
 from embassy.workload.spec import (
     ACTIVATIONS_TARGET,
@@ -53,17 +67,18 @@ from embassy.workload.spec import (
 
 log = logging.getLogger(__name__)
 
-HOLDER_IMAGE = "embassy/canary:latest"
-HOLDER_COMMAND = ("sleep", "2147483647")
-HOLDER_PIDS_LIMIT = 8
-HOLDER_MEMORY = 16 * 1024 * 1024
 ROLE_LABEL = "org.embassy.role"
 ID_LABEL = "org.embassy.id"
 DIGEST_LABEL = "org.embassy.launch-digest"
-ROLE_HOLDER = "netns-holder"
+PORTS_LABEL = "org.embassy.ports"
 ROLE_WORKLOAD = "workload"
+ROLE_NETWORK = "network"
+ROLE_HOLDER = "netns-holder"  # the design before the link gate: refused at adoption
 NO_NEW_PRIVILEGES = "no-new-privileges:true"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+MTU_OPTION = "com.docker.network.driver.mtu"
 _EMBASSY_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
+_JOIN_MODES = ("NetworkMode", "PidMode", "IpcMode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,21 +100,16 @@ class ImageInfo:
 @dataclass(frozen=True, slots=True)
 class Launched:
     workload_id: str
-    holder_id: str
+    name: str
     network: str  # the embassy's bridge network, or "none"
-    holder_pid: int  # 0 when the holder is not running
-    ipv4: str | None
-    ipv6: str | None
+    pid: int  # the workload's main process on the host; 0 when it is not running
     image_digest: str
     launch_digest: str  # hex SHA-256, launch_config_digest(spec, image_digest)
+    ports: tuple[Published, ...] = ()
 
 
 def network_name(embassy_id: str) -> str:
     return f"embassy-{embassy_id}"
-
-
-def holder_name(embassy_id: str) -> str:
-    return f"embassy-{embassy_id}-netns"
 
 
 def workload_name(embassy_id: str, spec: WorkloadSpec) -> str:
@@ -189,6 +199,75 @@ class DockerRuntime:
             user=str(config["User"]) if config.get("User") else None,
         )
 
+    # ------------------------------------------------------------------ network
+
+    def ensure_network(self, embassy_id: str) -> LinkPlan:
+        """The embassy's bridge network (created if missing) as the workload's link plan.
+
+        Created in two steps so that Docker still chooses a free IPv4 subnet: once to learn
+        its choice, then again with the same subnet and the workload's addresses reserved
+        (Docker's IPAM needs an explicit subnet for a reservation). IPv6 gets a unique-local
+        /64 derived from the embassy id when the kernel has IPv6.
+        """
+        name = network_name(embassy_id)
+        with _op(f"look up network {name}"):
+            found = [n for n in self._client.networks.list(names=[name]) if n.name == name]
+        if found:
+            network = found[0]
+            with _op(f"inspect network {name}"):
+                network.reload()
+            owner = (network.attrs.get("Labels") or {}).get(ID_LABEL)
+            if owner != embassy_id:
+                raise ConflictError(
+                    f"docker: network {name} already exists and is not this embassy's "
+                    f"(label {ID_LABEL}={owner!r})"
+                )
+            return _plan(embassy_id, network.attrs)
+        bridge = bridge_name(embassy_id)
+        labels = {ID_LABEL: embassy_id, ROLE_LABEL: ROLE_NETWORK}
+        options = {BRIDGE_NAME_OPTION: bridge}
+        with _op(f"create network {name}"):
+            probe = self._client.networks.create(
+                name, driver="bridge", options=options, labels=labels
+            )
+        try:
+            with _op(f"inspect network {name}"):
+                probe.reload()
+            pool = (probe.attrs.get("IPAM") or {}).get("Config") or [{}]
+            subnet4 = ipaddress.IPv4Network(pool[0]["Subnet"])
+            gateway4 = pool[0].get("Gateway") or str(subnet4.network_address + 1)
+        finally:
+            with _op(f"remove network {name}"):
+                probe.remove()
+        pools = [
+            IPAMPool(
+                subnet=str(subnet4),
+                gateway=gateway4,
+                aux_addresses={RESERVATION: str(workload_address4(subnet4).ip)},
+            )
+        ]
+        ipv6 = os.path.isdir("/proc/sys/net/ipv6")
+        if ipv6:
+            subnet6 = ula_subnet(embassy_id)
+            pools.append(
+                IPAMPool(
+                    subnet=str(subnet6),
+                    gateway=str(subnet6.network_address + 1),
+                    aux_addresses={RESERVATION: str(workload_address6(subnet6).ip)},
+                )
+            )
+        with _op(f"create network {name}"):
+            network = self._client.networks.create(
+                name,
+                driver="bridge",
+                options=options,
+                labels=labels,
+                enable_ipv6=ipv6,
+                ipam=IPAMConfig(pool_configs=pools),
+            )
+            network.reload()
+        return _plan(embassy_id, network.attrs)
+
     # ------------------------------------------------------------------ launch
 
     def launch(
@@ -198,15 +277,13 @@ class DockerRuntime:
         embassy_id: str,
         socket_dir: Path,
         activation_dir: Path,
-        holder_image: str = HOLDER_IMAGE,
+        ports: tuple[Published, ...] = (),
         before_start: Callable[[Launched], None] | None = None,
     ) -> Launched:
-        """Check the policy, then start the netns holder and the workload that joins it.
+        """Check the policy, then create and start the workload with no network.
 
-        ``before_start`` (optional) runs once the holder's namespace exists and the workload
-        is created but not started: the place to log launch events or put base rules in
-        the namespace before any workload code runs. If anything fails, whatever this call
-        created is removed again.
+        ``before_start`` (optional) runs once the container exists but has not run: the
+        place to log launch events. If anything fails, the container is removed again.
         """
         if not _EMBASSY_ID.fullmatch(embassy_id):
             raise ConfigError(
@@ -224,80 +301,51 @@ class DockerRuntime:
             sources.append(real)
         socket_src = _check_dir("socket_dir", socket_dir)
         activation_src = _check_dir("activation_dir", activation_dir)
-        holder_info = self.image_info(holder_image)
         launch_digest = launch_config_digest(spec, info.digest).hex()
-        labels = {ID_LABEL: embassy_id}
-
-        created: list[Any] = []
-        made_network: Any = None
+        net = "none" if spec.network_mode == "none" else network_name(embassy_id)
+        mounts = [
+            DockerMount(SOCKET_TARGET, socket_src, type="bind", read_only=True),
+            DockerMount(ACTIVATIONS_TARGET, activation_src, type="bind", read_only=False),
+            *(
+                DockerMount(m.target, src, type="bind", read_only=m.read_only)
+                for m, src in zip(spec.mounts, sources, strict=True)
+            ),
+        ]
+        labels = {
+            ID_LABEL: embassy_id,
+            ROLE_LABEL: ROLE_WORKLOAD,
+            DIGEST_LABEL: launch_digest,
+            PORTS_LABEL: ",".join(p.text for p in ports),
+        }
+        with _op(f"create the workload {workload_name(embassy_id, spec)}"):
+            workload = self._client.containers.create(
+                info.digest,
+                command=None if spec.command is None else list(spec.command),
+                name=workload_name(embassy_id, spec),
+                # Loopback only, at every start: the embassy makes the one link itself.
+                network_mode="none",
+                cap_drop=["ALL"],
+                cap_add=list(spec.cap_add) or None,
+                security_opt=[NO_NEW_PRIVILEGES],
+                mounts=mounts,
+                environment=dict(spec.env) or None,
+                mem_limit=spec.limits.memory_bytes,
+                nano_cpus=spec.limits.nano_cpus,
+                pids_limit=spec.limits.pids,
+                user=spec.user,
+                restart_policy={"Name": "no"},
+                labels={**labels, "org.embassy.network": net},
+                ipc_mode="private",
+            )
         try:
-            if spec.network_mode == "none":
-                net = "none"
-            else:
-                net, made_network = self._ensure_network(embassy_id)
-            with _op(f"create the netns holder {holder_name(embassy_id)}"):
-                holder = self._client.containers.create(
-                    holder_info.digest,
-                    command=list(HOLDER_COMMAND),
-                    name=holder_name(embassy_id),
-                    **({"network_mode": "none"} if net == "none" else {"network": net}),
-                    ports=_port_bindings(spec),
-                    cap_drop=["ALL"],
-                    security_opt=[NO_NEW_PRIVILEGES],
-                    read_only=True,
-                    restart_policy={"Name": "no"},
-                    labels={**labels, ROLE_LABEL: ROLE_HOLDER},
-                    pids_limit=HOLDER_PIDS_LIMIT,
-                    mem_limit=HOLDER_MEMORY,
-                    stop_signal="SIGKILL",  # busybox sleep as PID 1 ignores SIGTERM
-                    ipc_mode="private",
-                )
-            created.append(holder)
-            with _op(f"start the netns holder {holder.id}"):
-                holder.start()
-            mounts = [
-                DockerMount(SOCKET_TARGET, socket_src, type="bind", read_only=True),
-                DockerMount(ACTIVATIONS_TARGET, activation_src, type="bind", read_only=False),
-                *(
-                    DockerMount(m.target, src, type="bind", read_only=m.read_only)
-                    for m, src in zip(spec.mounts, sources, strict=True)
-                ),
-            ]
-            with _op(f"create the workload {workload_name(embassy_id, spec)}"):
-                workload = self._client.containers.create(
-                    info.digest,
-                    command=None if spec.command is None else list(spec.command),
-                    name=workload_name(embassy_id, spec),
-                    network_mode=f"container:{holder.id}",
-                    cap_drop=["ALL"],
-                    cap_add=list(spec.cap_add) or None,
-                    security_opt=[NO_NEW_PRIVILEGES],
-                    mounts=mounts,
-                    environment=dict(spec.env) or None,
-                    mem_limit=spec.limits.memory_bytes,
-                    nano_cpus=spec.limits.nano_cpus,
-                    pids_limit=spec.limits.pids,
-                    user=spec.user,
-                    restart_policy={"Name": "no"},
-                    labels={
-                        **labels,
-                        ROLE_LABEL: ROLE_WORKLOAD,
-                        DIGEST_LABEL: launch_digest,
-                    },
-                    ipc_mode="private",
-                )
-            created.append(workload)
-            launched = self._inspect(
-                Launched(
-                    workload_id=str(workload.id),
-                    holder_id=str(holder.id),
-                    network=net,
-                    holder_pid=0,
-                    ipv4=None,
-                    ipv6=None,
-                    image_digest=info.digest,
-                    launch_digest=launch_digest,
-                )
+            launched = Launched(
+                workload_id=str(workload.id),
+                name=workload_name(embassy_id, spec),
+                network=net,
+                pid=0,
+                image_digest=info.digest,
+                launch_digest=launch_digest,
+                ports=ports,
             )
             if before_start is not None:
                 before_start(launched)
@@ -305,106 +353,35 @@ class DockerRuntime:
                 workload.start()
             return self.refresh(launched)
         except BaseException:
-            self._undo(created, made_network)
+            with contextlib.suppress(EmbassyError, docker.errors.DockerException):
+                workload.remove(force=True)
             raise
-
-    def _ensure_network(self, embassy_id: str) -> tuple[str, Any]:
-        """The embassy's bridge network: (name, the network if this call created it)."""
-        name = network_name(embassy_id)
-        with _op(f"look up network {name}"):
-            found = self._client.networks.list(names=[name])
-        for network in found:
-            if network.name != name:
-                continue
-            owner = (network.attrs.get("Labels") or {}).get(ID_LABEL)
-            if owner != embassy_id:
-                raise ConflictError(
-                    f"docker: network {name} already exists and is not this embassy's "
-                    f"(label {ID_LABEL}={owner!r})"
-                )
-            return name, None
-        with _op(f"create network {name}"):
-            network = self._client.networks.create(
-                name, driver="bridge", labels={ID_LABEL: embassy_id, ROLE_LABEL: "network"}
-            )
-        return name, network
-
-    def _undo(self, created: list[Any], network: Any) -> None:
-        for container in reversed(created):
-            try:
-                with _op(f"remove container {container.id}"):
-                    container.remove(force=True)
-            except EmbassyError as exc:
-                log.warning("launch cleanup: %s", exc)
-        if network is not None:
-            try:
-                with _op(f"remove network {network.name}"):
-                    network.remove()
-            except EmbassyError as exc:
-                log.warning("launch cleanup: %s", exc)
 
     # ------------------------------------------------------------------ state
 
-    def _inspect(self, launched: Launched) -> Launched:
-        with _op(f"inspect the netns holder {launched.holder_id}"):
-            holder = self._client.containers.get(launched.holder_id)
-        state: Mapping[str, Any] = holder.attrs.get("State") or {}
-        running = bool(state.get("Running"))
-        networks: Mapping[str, Any] = (holder.attrs.get("NetworkSettings") or {}).get(
-            "Networks"
-        ) or {}
-        endpoint: Mapping[str, Any] = networks.get(launched.network) or {}
-        return dataclasses.replace(
-            launched,
-            holder_pid=int(state.get("Pid") or 0) if running else 0,
-            ipv4=endpoint.get("IPAddress") or None,
-            ipv6=endpoint.get("GlobalIPv6Address") or None,
-        )
-
     def refresh(self, launched: Launched) -> Launched:
-        """Re-inspect after a restart: the holder's pid and addresses.
+        """Re-inspect: the workload's current main pid (0 when it is not running).
 
-        NotFoundError if either container is gone; SealError if the workload no longer
-        joins the holder's namespace (someone recreated it differently).
+        NotFoundError if the container is gone; SealError if it no longer has Docker's
+        ``none`` network (someone recreated it differently).
         """
         with _op(f"inspect the workload {launched.workload_id}"):
             workload = self._client.containers.get(launched.workload_id)
         mode = (workload.attrs.get("HostConfig") or {}).get("NetworkMode")
-        if mode != f"container:{launched.holder_id}":
+        if mode != "none":
             raise SealError(
-                f"workload {launched.workload_id} has network mode {mode!r}, not the netns "
-                f"holder's container:{launched.holder_id}"
+                f"workload {launched.workload_id} has network mode {mode!r}, not 'none': "
+                "its namespace would not be the embassy's to wire"
             )
-        return self._inspect(launched)
-
-    def workload_pid(self, launched: Launched) -> int:
-        """The workload's main pid on the host (0 when it is not running)."""
-        with _op(f"inspect the workload {launched.workload_id}"):
-            workload = self._client.containers.get(launched.workload_id)
         state: Mapping[str, Any] = workload.attrs.get("State") or {}
-        return int(state.get("Pid") or 0) if state.get("Running") else 0
-
-    def in_sealed_netns(self, launched: Launched) -> bool:
-        """True when the running workload's network namespace is the holder's.
-
-        Check it before releasing a key: after a holder restart a workload can be left in
-        (or started into) a namespace the seal was not applied to.
-        """
-        pid = self.workload_pid(launched)
-        if pid == 0 or launched.holder_pid == 0:
-            return False
-        try:
-            mine = os.stat(f"/proc/{pid}/ns/net")
-            holders = os.stat(netns_path(launched))
-        except OSError:
-            return False
-        return (mine.st_dev, mine.st_ino) == (holders.st_dev, holders.st_ino)
+        pid = int(state.get("Pid") or 0) if state.get("Running") else 0
+        return dataclasses.replace(launched, pid=pid)
 
     def find(self, embassy_id: str) -> Launched | None:
-        """The containers a previous run of this embassy launched (after a daemon restart).
+        """The workload a previous run of this embassy launched (after a daemon restart).
 
-        None when there are none; ConflictError when only one of the two exists or there
-        are several workloads.
+        None when there is none; ConflictError when there are several, or containers of the
+        design before the link gate (a netns holder) that must be removed first.
         """
         with _op(f"list containers of embassy {embassy_id}"):
             found = self._client.containers.list(
@@ -413,44 +390,42 @@ class DockerRuntime:
         roles: dict[str, list[Any]] = {}
         for container in found:
             roles.setdefault(container.labels.get(ROLE_LABEL, ""), []).append(container)
-        holders, workloads = roles.get(ROLE_HOLDER, []), roles.get(ROLE_WORKLOAD, [])
-        if not holders and not workloads:
-            return None
-        if len(holders) != 1 or len(workloads) != 1:
+        if roles.get(ROLE_HOLDER):
             raise ConflictError(
-                f"docker: embassy {embassy_id} has {len(holders)} netns holder(s) and "
-                f"{len(workloads)} workload(s); expected one of each"
+                f"docker: embassy {embassy_id} has a netns holder container from an earlier "
+                "version: close its sessions, then remove its containers to launch anew"
             )
-        holder, workload = holders[0], workloads[0]
-        networks = (holder.attrs.get("NetworkSettings") or {}).get("Networks") or {}
-        net = network_name(embassy_id) if network_name(embassy_id) in networks else "none"
+        workloads = roles.get(ROLE_WORKLOAD, [])
+        if not workloads:
+            return None
+        if len(workloads) != 1:
+            raise ConflictError(
+                f"docker: embassy {embassy_id} has {len(workloads)} workloads; expected one"
+            )
+        workload = workloads[0]
+        text = workload.labels.get(PORTS_LABEL, "")
         return self.refresh(
             Launched(
                 workload_id=str(workload.id),
-                holder_id=str(holder.id),
-                network=net,
-                holder_pid=0,
-                ipv4=None,
-                ipv6=None,
+                name=str(workload.name),
+                network=str(workload.labels.get("org.embassy.network", "none")),
+                pid=0,
                 image_digest=str(workload.attrs.get("Image", "")),
                 launch_digest=str(workload.labels.get(DIGEST_LABEL, "")),
+                ports=_ports_of(text),
             )
         )
 
     def remove(self, launched: Launched) -> None:
-        """Force-remove the workload, then the holder, then the embassy's network.
-
-        Already-gone parts are fine; the first other failure is raised after trying all.
-        """
+        """Force-remove the workload, then the embassy's network. Gone parts are fine."""
         errors: list[EmbassyError] = []
-        for cid in (launched.workload_id, launched.holder_id):
-            try:
-                with _op(f"remove container {cid}"):
-                    self._client.containers.get(cid).remove(force=True)
-            except NotFoundError:
-                pass
-            except EmbassyError as exc:
-                errors.append(exc)
+        try:
+            with _op(f"remove container {launched.workload_id}"):
+                self._client.containers.get(launched.workload_id).remove(force=True)
+        except NotFoundError:
+            pass
+        except EmbassyError as exc:
+            errors.append(exc)
         if launched.network != "none":
             try:
                 with _op(f"remove network {launched.network}"):
@@ -462,25 +437,37 @@ class DockerRuntime:
         if errors:
             raise errors[0]
 
+    # ------------------------------------------------------------------ joiners
+
+    def joins(self, container_id: str, launched: Launched) -> list[str]:
+        """Which of the workload's namespaces (network, pid, ipc) container ``container_id``
+        joins (``container:<workload>``); empty for an unrelated container."""
+        with _op(f"inspect container {container_id}"):
+            attrs = self._client.containers.get(container_id).attrs
+        host = attrs.get("HostConfig") or {}
+        targets = {f"container:{launched.workload_id}", f"container:{launched.name}"}
+        targets |= {f"container:{launched.workload_id[:n]}" for n in range(12, 64)}
+        return [mode for mode in _JOIN_MODES if host.get(mode) in targets]
+
+    def kill(self, container_id: str) -> None:
+        with _op(f"kill container {container_id}"):
+            self._client.containers.get(container_id).kill()
+
     # ------------------------------------------------------------------ events
 
-    def watch_starts(
+    def watch(
         self,
-        container_ids: Iterable[str],
-        callback: Callable[[str], None],
+        callback: Callable[[str, str], None],
         *,
         on_end: Callable[[], None] | None = None,
     ) -> Callable[[], None]:
-        """Call ``callback(container_id)`` from a daemon thread when one of ours starts.
-
-        A holder start means a new network namespace: re-seal it. Returns ``stop()``, which
-        closes the event stream and joins the thread. ``on_end`` runs if the stream ends
-        without ``stop()`` (dockerd went away): fail closed there, events may be lost.
+        """Call ``callback(action, container_id)`` from a daemon thread for every container
+        ``start`` and ``die``. Returns ``stop()``. ``on_end`` runs if the stream ends
+        without ``stop()`` (dockerd went away): events may have been lost meanwhile.
         """
-        ids = frozenset(container_ids)
-        with _op("watch container start events"):
+        with _op("watch container events"):
             stream = self._client.events(
-                decode=True, filters={"type": "container", "event": "start"}
+                decode=True, filters={"type": "container", "event": ["start", "die"]}
             )
         stopping = threading.Event()
 
@@ -488,13 +475,15 @@ class DockerRuntime:
             try:
                 for event in stream:
                     cid = event.get("id") or (event.get("Actor") or {}).get("ID")
-                    if cid in ids:
+                    action = str(event.get("Action") or event.get("status") or "")
+                    if cid:
                         try:
-                            callback(cid)
+                            callback(action, str(cid))
                         except Exception:
-                            log.exception("start-event callback failed for %s", cid)
+                            log.exception("container event callback failed")
             except Exception:  # the stream broke: same as its end
-                log.exception("docker event stream failed")
+                if not stopping.is_set():
+                    log.exception("docker event stream failed")
             finally:
                 if not stopping.is_set() and on_end is not None:
                     on_end()
@@ -511,19 +500,52 @@ class DockerRuntime:
         return stop
 
 
-def netns_path(launched: Launched) -> Path:
-    """The holder's network namespace, where the seal is applied."""
-    if launched.holder_pid <= 0:
-        raise SealError(
-            f"netns holder {launched.holder_id} is not running: there is no namespace to seal"
-        )
-    return Path(f"/proc/{launched.holder_pid}/ns/net")
+def _ports_of(label: str) -> tuple[Published, ...]:
+    try:
+        return tuple(parse_published(text) for text in label.split(",") if text)
+    except ValueError as exc:
+        raise ConflictError(f"docker: the workload's {PORTS_LABEL} label: {exc}") from None
 
 
-def _port_bindings(spec: WorkloadSpec) -> dict[str, list[tuple[str, int | None]]] | None:
-    bindings: dict[str, list[tuple[str, int | None]]] = {}
-    for port in spec.ports:
-        bindings.setdefault(f"{port.container_port}/{port.protocol}", []).append(
-            (port.host_ip, port.host_port or None)
+def _plan(embassy_id: str, attrs: Mapping[str, Any]) -> LinkPlan:
+    """The workload's link plan from the network's inspect data (its reservations)."""
+    name = attrs.get("Name")
+    options: Mapping[str, str] = attrs.get("Options") or {}
+    bridge = options.get(BRIDGE_NAME_OPTION)
+    if bridge != bridge_name(embassy_id):
+        raise ConflictError(
+            f"docker: network {name} uses bridge {bridge!r}, not {bridge_name(embassy_id)!r}: "
+            "it was made by another version; remove it (and the workload) to launch anew"
         )
-    return bindings or None
+    v4: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Address] | None = None
+    v6: tuple[ipaddress.IPv6Interface, ipaddress.IPv6Address] | None = None
+    for pool in (attrs.get("IPAM") or {}).get("Config") or []:
+        reserved = (pool.get("AuxiliaryAddresses") or {}).get(RESERVATION)
+        if not reserved or not pool.get("Subnet") or not pool.get("Gateway"):
+            continue
+        subnet = ipaddress.ip_network(pool["Subnet"])
+        address = ipaddress.ip_interface(f"{reserved}/{subnet.prefixlen}")
+        gateway = ipaddress.ip_address(pool["Gateway"])
+        if isinstance(address, ipaddress.IPv4Interface) and isinstance(
+            gateway, ipaddress.IPv4Address
+        ):
+            v4 = (address, gateway)
+        elif isinstance(address, ipaddress.IPv6Interface) and isinstance(
+            gateway, ipaddress.IPv6Address
+        ):
+            v6 = (address, gateway)
+    if v4 is None:
+        raise ConflictError(
+            f"docker: network {name} has no address reserved for the workload "
+            f"({RESERVATION}): remove it to launch anew"
+        )
+    mtu = options.get(MTU_OPTION)
+    return LinkPlan(
+        host_name=host_link_name(embassy_id),
+        bridge=bridge,
+        mtu=int(mtu) if mtu and mtu.isascii() and mtu.isdigit() else None,
+        ipv4=v4[0],
+        gateway4=v4[1],
+        ipv6=None if v6 is None else v6[0],
+        gateway6=None if v6 is None else v6[1],
+    )

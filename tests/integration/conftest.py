@@ -155,12 +155,17 @@ def ensure_sealed_service_image(client: Any) -> None:
 
 
 def published_port(client: Any, eid: str, container_port: str = "8080/tcp") -> int:
-    """The loopback port the netns holder publishes the workload's service on."""
-    holder = client.containers.list(
-        filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=netns-holder"]}
+    """The host port the embassy publishes the workload's ``container_port`` on (it keeps
+    them in the workload's ``org.embassy.ports`` label: ``ip:host_port:port/proto,...``)."""
+    workload = client.containers.list(
+        all=True, filters={"label": [f"org.embassy.id={eid}", "org.embassy.role=workload"]}
     )[0]
-    holder.reload()
-    return int(holder.attrs["NetworkSettings"]["Ports"][container_port][0]["HostPort"])
+    for text in workload.labels["org.embassy.ports"].split(","):
+        address, proto = text.rsplit("/", 1)
+        _ip, host_port, port = address.rsplit(":", 2)
+        if f"{port}/{proto}" == container_port:
+            return int(host_port)
+    raise AssertionError(f"the workload publishes no {container_port}")
 
 
 def wait_for_http(port: int, timeout: float = 30.0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,7 @@ from embassy.verify.identity import VerifiedIdentity, verify_identity_document
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.result import verify_result
 from embassy.wire.codec import canonical_json
-from tests.fakes import FakeTpm, MemoryFirewall
+from tests.fakes import FakeTpm, MemorySeal
 from tests.unit.conftest import MEASUREMENT
 
 PAYLOAD = bytes(range(16))
@@ -47,18 +46,17 @@ def identity(embassy: Embassy, policy: TrustPolicy) -> VerifiedIdentity:
 
 def _manager(embassy: Embassy) -> SessionManager:
     return SessionManager(
-        journal_path=embassy.config.data_dir / "seal-journal.jsonl",
-        firewall=MemoryFirewall(),
-        netns=lambda: Path("/proc/1/ns/net"),
         log=embassy.log,
-        workload=WorkloadIdentity("sha256:" + "ab" * 32, "c0ffee", "h01d", bytes(32)),
+        seal=MemorySeal(),
+        workload=WorkloadIdentity("sha256:" + "ab" * 32, "c0ffee", bytes(32)),
+        token_key=bytes(32),
     )
 
 
 def _bundle(
     embassy: Embassy, m: SessionManager, output: bytes = OUTPUT, committed: bytes = OUTPUT
 ) -> dict[str, object]:
-    opened = m.open(60, PAYLOAD)
+    opened = m.open(60, payload_id=PAYLOAD, release=lambda session: None)
     seal_seq = next(e.seq for e in reversed(embassy.log.entries) if e.data == opened.envelope)
     unseal = m.close(opened.session, opened.token, hashlib.sha256(committed).digest())
     return {
