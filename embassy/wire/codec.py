@@ -5,6 +5,11 @@ no whitespace, UTF-8, integers only), so the same value always has one encoding 
 vectors are stable. Bytes it *receives* are parsed strictly, so that two parsers cannot read
 one document two ways: duplicate keys, NaN/Infinity, non-UTF-8 and non-object documents are
 refused. Nothing received is ever re-encoded before it is hashed or verified.
+
+Integers read are capped at 20 digits and at unsigned 64-bit magnitude (|n| <= 2**64 - 1):
+every integer of our formats is a TPM counter, a sequence number, a size or a time, all
+within u64; other parsers silently lose precision beyond it; and Python's own limit
+(ValueError past 4,300 digits) would surface as an internal error, not a format error.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from typing import Any
 from embassy.errors import WireFormatError
 
 JsonObject = dict[str, Any]
+
+MAX_INT_DIGITS = 20
+MAX_INT_MAGNITUDE = (1 << 64) - 1
 
 
 def canonical_json(value: Mapping[str, Any]) -> bytes:
@@ -52,6 +60,18 @@ def _no_constants(name: str) -> Any:
     raise WireFormatError(f"JSON constant {name} is not allowed")
 
 
+def _bounded_int(text: str) -> int:
+    # The scanner hands over the literal as matched: ASCII digits with an optional '-'.
+    # Its length is checked before int() runs, so no huge literal is ever converted.
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise WireFormatError(f"JSON integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    value = int(text)
+    if abs(value) > MAX_INT_MAGNITUDE:
+        raise WireFormatError("JSON integer beyond the 64-bit range")
+    return value
+
+
 def parse_json_object(data: bytes, what: str) -> JsonObject:
     """Strictly parse ``data`` as one JSON object; ``what`` names it in errors."""
     try:
@@ -59,7 +79,12 @@ def parse_json_object(data: bytes, what: str) -> JsonObject:
     except UnicodeDecodeError as exc:
         raise WireFormatError(f"{what}: not UTF-8 at byte {exc.start}") from None
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_int=_bounded_int,
+        )
     except json.JSONDecodeError as exc:
         raise WireFormatError(f"{what}: invalid JSON: {exc.msg} at offset {exc.pos}") from None
     except RecursionError:
