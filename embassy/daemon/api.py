@@ -21,10 +21,11 @@ Routes (all JSON):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from embassy.daemon.http import Request, Response
+from embassy.daemon.http import Request, Response, ascii_decimal
 from embassy.errors import MethodNotAllowedError, NotFoundError, RequestError
 from embassy.wire.codec import (
     b64decode,
@@ -36,6 +37,9 @@ from embassy.wire.codec import (
 )
 
 MIN_NONCE, MAX_NONCE = 16, 64
+# Hex as the nonce is written: pairs of ASCII hex digits and nothing else (bytes.fromhex
+# would also take spaces and newlines).
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
 
 
 class Service(Protocol):
@@ -67,10 +71,9 @@ def _one(request: Request, name: str) -> str:
 
 def _nonce(request: Request) -> bytes:
     text = _one(request, "nonce")
-    try:
-        nonce = bytes.fromhex(text)
-    except ValueError:
-        raise RequestError("nonce must be hex") from None
+    if len(text) > 2 * MAX_NONCE + 2 or not _HEX.fullmatch(text):
+        raise RequestError(f"nonce must be {MIN_NONCE} to {MAX_NONCE} bytes of hex")
+    nonce = bytes.fromhex(text)
     if not MIN_NONCE <= len(nonce) <= MAX_NONCE:
         raise RequestError(f"nonce must be {MIN_NONCE} to {MAX_NONCE} bytes, got {len(nonce)}")
     return nonce
@@ -79,10 +82,10 @@ def _nonce(request: Request) -> bytes:
 def _from_seq(request: Request) -> int:
     if "from" not in request.query:
         return 0
-    text = _one(request, "from")
-    if not text.isdigit():
-        raise RequestError("'from' must be a non-negative integer")
-    return int(text)
+    seq = ascii_decimal(_one(request, "from"))
+    if seq is None:
+        raise RequestError("'from' must be a non-negative integer of at most 18 ASCII digits")
+    return seq
 
 
 def _check_credential_shape(blob: bytes, secret: bytes) -> None:
@@ -144,10 +147,16 @@ class Api:
         output_sha256 = None if output is None else hex_decode(output, "output_sha256", size=32)
         return Response(200, self._service.close_session(session, token, output_sha256))
 
+    @property
+    def routes(self) -> frozenset[str]:
+        """The route paths: the only paths the server's log may name."""
+        return frozenset(self._routes)
+
     def __call__(self, request: Request) -> Response:
         route = self._routes.get(request.path)
         if route is None:
-            raise NotFoundError(f"no route {request.path!r}")
+            # Not echoed: the path is the caller's bytes.
+            raise NotFoundError("no such route")
         method, handler = route
         if request.method != method:
             raise MethodNotAllowedError(f"{request.path} takes {method}, not {request.method}")

@@ -306,12 +306,20 @@ class Embassy:
 def serve(config: Config) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     embassy = Embassy.open(config)
-    server = UnixHttpServer(
-        config.socket,
-        Api(embassy),
-        max_body_bytes=config.max_body_bytes,
-        timeout_seconds=config.timeout_seconds,
-    )
+    api = Api(embassy)
+    try:
+        server = UnixHttpServer(
+            config.socket,
+            api,
+            max_body_bytes=config.max_body_bytes,
+            timeout_seconds=config.timeout_seconds,
+            limits=config.http,
+            socket_group=config.socket_group,
+            routes=api.routes,
+        )
+    except BaseException:
+        embassy.close()
+        raise
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         del frame
