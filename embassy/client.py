@@ -1,33 +1,22 @@
-"""A minimal client for the daemon's Unix-socket API (used by the CLI and the tests)."""
+"""A minimal client for the daemon's Unix-socket API (used by the CLI and the tests).
+
+The connection is the workload SDK's (``workload_sdk.transport``, standard library only, so
+``embassy verify`` loads no daemon dependency through it): a busy daemon whose listen
+backlog is full is waited for, up to the call's timeout, instead of reported unreachable.
+"""
 
 from __future__ import annotations
 
 import http.client
-import socket
 from pathlib import Path
 
 from embassy.errors import EmbassyError, RequestError
 from embassy.wire.codec import JsonObject, canonical_json, parse_json_object
+from workload_sdk.transport import UnixHTTPConnection
 
 
 class ConnectError(EmbassyError):
     code = "cannot-connect"
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self._path))
-        except OSError as exc:
-            sock.close()
-            raise ConnectError(f"cannot connect to {self._path}: {exc.strerror}") from None
-        self.sock = sock
 
 
 class ApiError(RequestError):
@@ -43,8 +32,12 @@ def call(
     socket_path: Path, method: str, path: str, body: JsonObject | None = None, timeout: float = 30.0
 ) -> JsonObject:
     """One request; returns the JSON body or raises :class:`ApiError`/``ConnectError``."""
-    conn = _UnixConnection(socket_path, timeout)
+    conn = UnixHTTPConnection(str(socket_path), timeout, host="localhost")
     try:
+        try:
+            conn.connect()
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
         data = None if body is None else canonical_json(body)
         headers = {"Content-Type": "application/json"} if data is not None else {}
         conn.request(method, path, body=data, headers=headers)

@@ -17,7 +17,8 @@ effort: Python may hold other copies, e.g. in the decryptor while it runs).
 
 Only the standard library is needed here; :meth:`Session.decrypt` loads
 ``workload_sdk.stream`` (and so ``cryptography``) on first use. Each request uses its own
-connection, closed after the answer.
+connection, closed after the answer; a busy embassy (full listen backlog) is waited for up
+to the client's timeout (``workload_sdk.transport``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import binascii
 import hashlib
 import http.client
 import json
-import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ from workload_sdk.errors import (
     Unavailable,
     error_from_response,
 )
+from workload_sdk.transport import UnixHTTPConnection
 
 DEFAULT_SOCKET = "/run/embassy/embassy.sock"
 # Where the embassy mounts the shared activation directory into the workload.
@@ -51,24 +52,6 @@ KEY_SIZE = 32
 DIGEST_SIZE = 32
 PAYLOAD_ID_SIZE = 16
 MAX_REPLY_BYTES = 16 * 1024 * 1024
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over an AF_UNIX stream socket."""
-
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__("embassy", timeout=timeout)
-        self._socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def _bad_reply(what: str) -> EmbassyError:
@@ -192,7 +175,7 @@ class EmbassyClient:
         if body is not None:
             data = json.dumps(dict(body), sort_keys=True, separators=(",", ":")).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixHTTPConnection(self.socket_path, self.timeout)
         try:
             try:
                 conn.connect()
