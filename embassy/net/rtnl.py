@@ -88,8 +88,13 @@ def attr(kind: int, payload: bytes) -> bytes:
 
 
 def _name(name: str) -> bytes:
+    """``name`` NUL-terminated, if the kernel's ``dev_valid_name`` would take it."""
     raw = name.encode("ascii")
-    if not 0 < len(raw) < 16 or b"/" in raw or b"\0" in raw or raw.strip() != raw:
+    if (
+        not 0 < len(raw) < 16
+        or raw in (b".", b"..")
+        or any(c in b"/:\0 \t\n\v\f\r" for c in raw)
+    ):
         raise ValueError(f"bad interface name {name!r}")
     return raw + b"\0"
 
@@ -168,7 +173,9 @@ def iter_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
 
 def iter_attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
     offset = 0
-    while offset + _RTATTR.size <= len(data):
+    while offset < len(data):
+        if len(data) - offset < _RTATTR.size:
+            raise ValueError("truncated rtattr header")
         length, kind = _RTATTR.unpack_from(data, offset)
         if length < _RTATTR.size or offset + length > len(data):
             raise ValueError("bad rtattr length")
