@@ -89,7 +89,11 @@ class SealKeeper:
                 return
             self._drop_link()
             self._link = self._maker.attach(pid, sealed=self.closed)
-            if not self.closed:
+            if self.closed:
+                # A link adopted after a daemon restart keeps the state the last run left;
+                # a new one is already down (then this is a no-op).
+                self._gate.close(self._link)
+            else:
                 self._gate.open(self._link)
 
     def workload_stopped(self) -> None:
@@ -214,7 +218,9 @@ class SealKeeper:
             found = find_occupants(
                 link.netns, self._container_id, threads=deep, own_pid=os.getpid()
             )
-            self._suspects = found
+            # A confirmed occupant stays a suspect until it is gone: a thread found by a deep
+            # round is not in the next (shallow) round's scan, and must not lift the quarantine.
+            self._suspects = list(dict.fromkeys([*found, *occupants]))
             if occupants:
                 pids = ", ".join(str(o.pid) for o in occupants[:8])
                 reason = (
