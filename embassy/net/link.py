@@ -116,7 +116,12 @@ class LinkMaker:
         if bridge is None:
             raise SealError(f"the embassy's bridge {self.plan.bridge} does not exist")
         self._rtnl.create_veth(
-            self.plan.host_name, PEER_NAME, fd, master=bridge.index, mtu=self.plan.mtu
+            self.plan.host_name,
+            PEER_NAME,
+            fd,
+            master=bridge.index,
+            mtu=self.plan.mtu,
+            peer_mac=self.plan.mac,
         )
         try:
             index = self._new_host_end()
@@ -182,9 +187,15 @@ class LinkMaker:
         # The namespace is a leaf: it never routes, and takes no routing advice from peers
         # on the bridge (a container there could send router advertisements or redirects).
         _write_sysctl("/proc/sys/net/ipv4/ip_forward", "0")
+        # Writing ip_forward sets all/accept_redirects to its negation (the kernel's
+        # inet_forward_change), and a host that does not forward takes a redirect when
+        # all/ OR the device says so: all/ goes back to 0 after ip_forward, then the device.
+        _write_sysctl("/proc/sys/net/ipv4/conf/all/accept_redirects", "0")
         _write_sysctl(f"/proc/sys/net/ipv4/conf/{PEER_NAME}/accept_redirects", "0")
         v6 = f"/proc/sys/net/ipv6/conf/{PEER_NAME}"
         if os.path.isdir(v6):
+            # A new namespace may inherit the host's IPv6 forwarding (devconf_inherit_init_net).
+            _write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "0")
             _write_sysctl(f"{v6}/accept_ra", "0")
             _write_sysctl(f"{v6}/accept_redirects", "0")
             _write_sysctl(f"{v6}/disable_ipv6", "0" if plan.ipv6 is not None else "1")

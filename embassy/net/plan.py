@@ -30,6 +30,17 @@ def host_link_name(embassy_id: str) -> str:
     return f"ew{embassy_id}"[:15]
 
 
+def workload_mac(embassy_id: str) -> bytes:
+    """A stable, locally administered unicast MAC for the workload's ``eth0``.
+
+    A restarted workload gets a new namespace and a new link, but the same MAC (and so the
+    same IPv6 link-local address): its peers' neighbour entries stay right, and nothing has
+    to be announced when the gate opens.
+    """
+    digest = hashlib.sha256(f"embassy-mac-v1 {embassy_id}".encode()).digest()
+    return bytes([0x02]) + digest[:5]
+
+
 def ula_subnet(embassy_id: str) -> ipaddress.IPv6Network:
     """A unique-local /64 (RFC 4193) derived from the embassy id: stable across restarts,
     distinct between embassies on one host."""
@@ -60,6 +71,7 @@ class LinkPlan:
     gateway4: ipaddress.IPv4Address | None
     ipv6: ipaddress.IPv6Interface | None = None
     gateway6: ipaddress.IPv6Address | None = None
+    mac: bytes | None = None  # the workload's eth0; None: the kernel picks one
 
     def to_json(self) -> dict[str, Any]:
         return {

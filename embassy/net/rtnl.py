@@ -90,11 +90,7 @@ def attr(kind: int, payload: bytes) -> bytes:
 def _name(name: str) -> bytes:
     """``name`` NUL-terminated, if the kernel's ``dev_valid_name`` would take it."""
     raw = name.encode("ascii")
-    if (
-        not 0 < len(raw) < 16
-        or raw in (b".", b"..")
-        or any(c in b"/:\0 \t\n\v\f\r" for c in raw)
-    ):
+    if not 0 < len(raw) < 16 or raw in (b".", b"..") or any(c in b"/:\0 \t\n\v\f\r" for c in raw):
         raise ValueError(f"bad interface name {name!r}")
     return raw + b"\0"
 
@@ -114,7 +110,13 @@ def set_link_up_body(index: int, up: bool) -> bytes:
 
 
 def create_veth_body(
-    host: str, peer: str, peer_netns_fd: int, *, master: int | None, mtu: int | None
+    host: str,
+    peer: str,
+    peer_netns_fd: int,
+    *,
+    master: int | None,
+    mtu: int | None,
+    peer_mac: bytes | None = None,
 ) -> bytes:
     """RTM_NEWLINK body for a veth pair: ``host`` here (down), ``peer`` born in another netns.
 
@@ -127,6 +129,10 @@ def create_veth_body(
     )
     if mtu is not None:
         peer_attrs += attr(IFLA_MTU, struct.pack("=I", mtu))
+    if peer_mac is not None:
+        if len(peer_mac) != 6 or peer_mac[0] & 1:
+            raise ValueError("the peer's MAC must be 6 bytes and unicast")
+        peer_attrs += attr(IFLA_ADDRESS, peer_mac)
     info = attr(IFLA_INFO_KIND, b"veth\0") + attr(
         IFLA_INFO_DATA, attr(VETH_INFO_PEER, ifinfo() + peer_attrs)
     )
@@ -272,9 +278,18 @@ class Rtnl:
         return parse_link(replies[0]) if replies else None
 
     def create_veth(
-        self, host: str, peer: str, peer_netns_fd: int, *, master: int | None, mtu: int | None
+        self,
+        host: str,
+        peer: str,
+        peer_netns_fd: int,
+        *,
+        master: int | None,
+        mtu: int | None,
+        peer_mac: bytes | None = None,
     ) -> None:
-        body = create_veth_body(host, peer, peer_netns_fd, master=master, mtu=mtu)
+        body = create_veth_body(
+            host, peer, peer_netns_fd, master=master, mtu=mtu, peer_mac=peer_mac
+        )
         self._request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
 
     def delete(self, index: int) -> None:

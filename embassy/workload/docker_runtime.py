@@ -55,6 +55,7 @@ from embassy.net.plan import (
     ula_subnet,
     workload_address4,
     workload_address6,
+    workload_mac,
 )
 from embassy.workload.spec import (
     ACTIVATIONS_TARGET,
@@ -548,4 +549,5 @@ def _plan(embassy_id: str, attrs: Mapping[str, Any]) -> LinkPlan:
         gateway4=v4[1],
         ipv6=None if v6 is None else v6[0],
         gateway6=None if v6 is None else v6[1],
+        mac=workload_mac(embassy_id),
     )
