@@ -38,6 +38,18 @@ class Gate:
         self._l3.flip(link.netns_path, sealed=False)
         self._set_link(link, up=True)
 
+    def repair(self, link: WorkloadLink, *, sealed: bool) -> None:
+        """Put the layer-3 chains back with exactly their rules, then the gate as ``sealed``
+        says: the monitor's repair. :meth:`close` and :meth:`open` only flip the jumps, so
+        chains whose rules were changed (flushed, an ACCEPT added) stay changed through them.
+        """
+        if sealed:
+            self._set_link(link, up=False)
+            self._l3.install(link.netns_path, sealed=True)
+        else:
+            self._l3.install(link.netns_path, sealed=False)
+            self._set_link(link, up=True)
+
     def link_up(self, link: WorkloadLink) -> bool:
         """The host end's state, read from the kernel (about 20 µs)."""
         try:

@@ -205,11 +205,11 @@ class SealKeeper:
                 wanted = L3State.SEALED if self.closed else L3State.OPEN
                 state = self._gate.l3_state(link)
                 if state is not wanted:
+                    # Not close/open: they flip the jumps only, and leave changed chains be.
+                    self._gate.repair(link, sealed=self.closed)
                     if self.closed:
-                        self._gate.close(link)
                         findings.intrusions.append(f"layer-3 rules were {state.value} while sealed")
                     else:
-                        self._gate.open(link)
                         findings.repaired.append(f"layer-3 rules were {state.value} while open")
             # An intruder is a task outside the workload found twice, a round apart.
             occupants = [
