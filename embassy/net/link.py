@@ -36,7 +36,13 @@ _LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class NetnsId:
-    """A network namespace's identity: the device and inode of its nsfs file."""
+    """A network namespace's identity: the device and inode of its nsfs file.
+
+    Unique only while the namespace lives: the kernel reuses a freed inode number at once
+    (a restarted container often gets its predecessor's). The embassy holds an fd on the
+    namespace it wired (:attr:`WorkloadLink.netns_fd`), so the one it compares against
+    cannot be freed and its number cannot be reused meanwhile.
+    """
 
     dev: int
     ino: int

@@ -1,9 +1,10 @@
-"""The workload launched for real on dockerd: the netns holder, the workload that joins it.
+"""The workload launched for real on dockerd: no network of Docker's, the embassy's network.
 
 Checked with the Docker SDK and /proc, not with the embassy's own view: only the two host
-mounts, no capability, the holder's network namespace, published ports, a restart that
-keeps the namespace, refusals that create nothing, and a cleanup that leaves nothing.
-No traffic leaves the test: the only connection is to a Unix socket the test creates.
+mounts, no capability, Docker's ``none`` network (loopback only, at every start), the
+addresses the embassy's network reserves for the workload, the containers that join it,
+refusals that create nothing, and a cleanup that leaves nothing. No traffic leaves the
+test: the only connection is to a Unix socket the test creates.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from typing import Any
 import pytest
 
 from embassy.errors import ConflictError, PolicyError
-from embassy.workload.docker_runtime import DockerRuntime, Launched, netns_path
+from embassy.net.plan import RESERVATION, Published
+from embassy.workload.docker_runtime import DockerRuntime, Launched
 from embassy.workload.spec import Mount, WorkloadSpec, parse_workload
 from tests.integration.conftest import IN_CI
 
 pytestmark = pytest.mark.integration
 
 BASE_IMAGE = "embassy/workload-base:bookworm-v3"
-HOLDER_IMAGE = "embassy/canary:latest"
+CANARY_IMAGE = "embassy/canary:latest"
 TEST_IMAGE = "embassy/workload-test:allow-command-mounts"
 SLEEP = ["python3", "-c", "import time; time.sleep(600)"]
 
@@ -52,7 +54,7 @@ def client() -> Iterator[Any]:
         client.ping()
     except Exception as exc:
         _unavailable(f"dockerd is not reachable ({exc}); start it: dockerd &")
-    for image in (BASE_IMAGE, HOLDER_IMAGE):
+    for image in (BASE_IMAGE, CANARY_IMAGE):
         try:
             client.images.get(image)
         except docker.errors.ImageNotFound:
@@ -78,12 +80,13 @@ class Env:
     socket_dir: Path
     activation_dir: Path
 
-    def launch(self, spec: WorkloadSpec) -> Launched:
+    def launch(self, spec: WorkloadSpec, ports: tuple[Published, ...] = ()) -> Launched:
         return self.runtime.launch(
             spec,
             embassy_id=self.embassy_id,
             socket_dir=self.socket_dir,
             activation_dir=self.activation_dir,
+            ports=ports,
         )
 
     def ours(self) -> list[Any]:
@@ -138,13 +141,16 @@ def _netns_inode(pid: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def test_launch_isolates_the_workload_in_the_holders_netns(env: Env) -> None:
-    launched = env.launch(_spec())
-    workload = env.client.containers.get(launched.workload_id)
-    holder = env.client.containers.get(launched.holder_id)
-    wcfg, hcfg = workload.attrs["HostConfig"], holder.attrs["HostConfig"]
+def _links(pid: int) -> list[str]:
+    return sorted(os.listdir(f"/proc/{pid}/root/sys/class/net"))
 
-    # The workload: only the embassy's two host mounts, every capability dropped.
+
+def test_launch_gives_the_workload_no_network_and_only_the_embassy_mounts(env: Env) -> None:
+    ports = (Published("tcp", "127.0.0.1", 18080, 8080),)
+    launched = env.launch(_spec(), ports)
+    workload = env.client.containers.get(launched.workload_id)
+    wcfg = workload.attrs["HostConfig"]
+
     mounts = {m["Destination"]: m for m in workload.attrs["Mounts"]}
     assert set(mounts) == {"/run/embassy", "/var/lib/embassy/activations"}
     assert mounts["/run/embassy"]["Source"] == str(env.socket_dir)
@@ -156,38 +162,85 @@ def test_launch_isolates_the_workload_in_the_holders_netns(env: Env) -> None:
     assert not wcfg["CapAdd"]
     assert wcfg["Privileged"] is False
     assert "no-new-privileges:true" in wcfg["SecurityOpt"]
-    assert wcfg["NetworkMode"] == f"container:{launched.holder_id}"
     assert wcfg["RestartPolicy"]["Name"] == "no"
     assert wcfg["Memory"] == 256 << 20
     assert wcfg["PidsLimit"] == 64
     assert workload.attrs["Image"] == launched.image_digest
     assert workload.labels["org.embassy.role"] == "workload"
     assert workload.labels["org.embassy.launch-digest"] == launched.launch_digest
+    assert workload.labels["org.embassy.ports"] == "127.0.0.1:18080:8080/tcp"
     status = workload.exec_run(["grep", "CapEff", "/proc/1/status"]).output.decode()
     assert status.split() == ["CapEff:", "0000000000000000"]
 
-    # The holder: on the embassy's network, publishing the workload's port, locked down.
-    networks = holder.attrs["NetworkSettings"]["Networks"]
-    assert list(networks) == [f"embassy-{env.embassy_id}"]
-    assert launched.network == f"embassy-{env.embassy_id}"
-    assert launched.ipv4 == networks[launched.network]["IPAddress"]
-    bound = holder.attrs["NetworkSettings"]["Ports"]["8080/tcp"]
-    assert bound[0]["HostIp"] == "127.0.0.1"
-    assert int(bound[0]["HostPort"]) > 0
-    assert hcfg["CapDrop"] == ["ALL"]
-    assert hcfg["ReadonlyRootfs"] is True
-    assert not hcfg.get("Mounts")
-    assert hcfg["Binds"] in (None, [])
-    assert "no-new-privileges:true" in hcfg["SecurityOpt"]
-    assert holder.labels["org.embassy.role"] == "netns-holder"
-    assert holder.labels["org.embassy.id"] == env.embassy_id
+    # Docker's "none": the namespace has loopback only; Docker publishes nothing, has no
+    # endpoint and no resolver for it. Its one link is the embassy's to make.
+    assert wcfg["NetworkMode"] == "none"
+    assert wcfg["PortBindings"] in (None, {})
+    assert _links(launched.pid) == ["lo"]
+    assert launched.pid == workload.attrs["State"]["Pid"]
+    assert launched.ports == ports
 
-    # Same network namespace, and it is the holder's.
-    assert launched.holder_pid == holder.attrs["State"]["Pid"]
-    wpid = workload.attrs["State"]["Pid"]
-    assert _netns_inode(wpid) == _netns_inode(launched.holder_pid)
-    assert netns_path(launched) == Path(f"/proc/{launched.holder_pid}/ns/net")
-    assert env.runtime.in_sealed_netns(launched)
+
+def test_the_embassys_network_reserves_the_workloads_addresses(env: Env) -> None:
+    plan = env.runtime.ensure_network(env.embassy_id)
+    network = env.client.networks.get(f"embassy-{env.embassy_id}")
+    assert network.attrs["Options"]["com.docker.network.bridge.name"] == plan.bridge
+    pools = {":" in p["Subnet"]: p for p in network.attrs["IPAM"]["Config"]}
+    assert plan.ipv4 is not None
+    assert pools[False]["AuxiliaryAddresses"] == {RESERVATION: str(plan.ipv4.ip)}
+    assert str(plan.gateway4) == pools[False]["Gateway"]
+    if plan.ipv6 is not None:
+        assert pools[True]["AuxiliaryAddresses"] == {RESERVATION: str(plan.ipv6.ip)}
+    assert env.runtime.ensure_network(env.embassy_id) == plan, "the same network is reused"
+    import docker
+
+    # Docker's allocation never hands the reserved address out (an operator who names it
+    # explicitly can still take it: docs/architecture.md says what that does and does not do).
+    tiny = env.client.networks.create(
+        f"embassy-{env.embassy_id}-tiny",
+        driver="bridge",
+        ipam=docker.types.IPAMConfig(
+            pool_configs=[
+                docker.types.IPAMPool(
+                    subnet="10.254.254.0/29",
+                    gateway="10.254.254.1",
+                    aux_addresses={RESERVATION: "10.254.254.6"},
+                )
+            ]
+        ),
+        labels={"org.embassy.id": env.embassy_id},
+    )
+    try:
+        given = []
+        for _ in range(4):  # .2 .3 .4 .5, then the pool is exhausted: .6 is never given
+            c = env.client.containers.run(
+                CANARY_IMAGE,
+                ["sleep", "30"],
+                network=tiny.name,
+                detach=True,
+                labels={"org.embassy.id": env.embassy_id, "org.embassy.role": "test"},
+            )
+            c.reload()
+            given.append(c.attrs["NetworkSettings"]["Networks"][tiny.name]["IPAddress"])
+        assert "10.254.254.6" not in given
+        with pytest.raises(docker.errors.APIError):
+            env.client.containers.run(
+                CANARY_IMAGE,
+                ["sleep", "30"],
+                network=tiny.name,
+                detach=True,
+                labels={"org.embassy.id": env.embassy_id, "org.embassy.role": "test"},
+            )
+    finally:
+        for c in env.client.containers.list(all=True, filters={"network": tiny.name}):
+            c.remove(force=True)
+        tiny.remove()
+
+
+def test_a_foreign_network_with_the_name_is_refused(env: Env) -> None:
+    env.client.networks.create(f"embassy-{env.embassy_id}", driver="bridge")
+    with pytest.raises(ConflictError, match="is not this embassy's"):
+        env.runtime.ensure_network(env.embassy_id)
 
 
 def test_workload_reaches_the_embassy_socket_and_activation_dir(env: Env) -> None:
@@ -269,46 +322,80 @@ def test_missing_image_is_refused_without_pulling(env: Env) -> None:
 
 def test_second_launch_conflicts_and_leaves_the_first_intact(env: Env) -> None:
     first = env.launch(_spec())
-    with pytest.raises(ConflictError, match="create the netns holder"):
+    with pytest.raises(ConflictError, match="create the workload"):
         env.launch(_spec())
-    assert {c.id for c in env.ours()} == {first.workload_id, first.holder_id}
-    assert env.network_exists()
-    assert env.runtime.refresh(first).holder_pid == first.holder_pid
+    assert {c.id for c in env.ours()} == {first.workload_id}
+    assert env.runtime.refresh(first).pid == first.pid
 
 
-def test_workload_restart_keeps_the_netns_and_is_reported(env: Env) -> None:
+def test_a_restart_is_reported_and_gets_a_new_namespace_with_loopback_only(env: Env) -> None:
     launched = env.launch(_spec())
-    before = _netns_inode(launched.holder_pid)
+    before = _netns_inode(launched.pid)
+    # Held open, as the embassy holds the namespace it wired: a namespace's inode number is
+    # unique only while the namespace lives (the kernel reuses a freed one at once).
+    held = os.open(f"/proc/{launched.pid}/ns/net", os.O_RDONLY)
+    seen: list[tuple[str, str]] = []
     started = threading.Event()
-    seen: list[str] = []
 
-    def on_start(cid: str) -> None:
-        seen.append(cid)
-        started.set()
+    def on_event(action: str, cid: str) -> None:
+        if cid == launched.workload_id:
+            seen.append((action, cid))
+            if action == "start":
+                started.set()
 
-    stop = env.runtime.watch_starts([launched.workload_id, launched.holder_id], on_start)
+    stop = env.runtime.watch(on_event)
     try:
-        workload = env.client.containers.get(launched.workload_id)
-        old_pid = workload.attrs["State"]["Pid"]
-        workload.restart(timeout=1)
+        env.client.containers.get(launched.workload_id).restart(timeout=1)
         assert started.wait(30), "no start event for the restarted workload"
     finally:
         stop()
-    assert seen[0] == launched.workload_id
-    workload.reload()
-    new_pid = workload.attrs["State"]["Pid"]
-    assert new_pid not in (0, old_pid)
+    assert [action for action, _ in seen] == ["die", "start"]
     after = env.runtime.refresh(launched)
-    assert after.holder_pid == launched.holder_pid
-    assert _netns_inode(launched.holder_pid) == before
-    assert _netns_inode(new_pid) == before
-    assert env.runtime.in_sealed_netns(after)
+    assert after.pid not in (0, launched.pid)
+    assert _netns_inode(after.pid) != before, "a restart is a new network namespace"
+    os.close(held)
+    assert _links(after.pid) == ["lo"], "born with no link: nothing until the embassy wires it"
     assert env.runtime.find(env.embassy_id) == after
 
 
-def test_remove_leaves_nothing(env: Env) -> None:
+def test_containers_that_join_the_workloads_namespaces_are_recognised(env: Env) -> None:
     launched = env.launch(_spec())
-    assert len(env.ours()) == 2
+    modes = {
+        "network_mode": "NetworkMode",
+        "pid_mode": "PidMode",
+        "ipc_mode": "IpcMode",
+    }
+    for keyword, mode in modes.items():
+        for target in (launched.workload_id, launched.name, launched.workload_id[:12]):
+            joiner = env.client.containers.create(
+                CANARY_IMAGE,
+                ["sleep", "1"],
+                labels={"org.embassy.id": env.embassy_id, "org.embassy.role": "test"},
+                **{keyword: f"container:{target}"},
+            )
+            assert env.runtime.joins(joiner.id, launched) == [mode], (keyword, target)
+            joiner.remove(force=True)
+    bystander = env.client.containers.create(
+        CANARY_IMAGE, ["sleep", "1"], labels={"org.embassy.id": env.embassy_id}
+    )
+    assert env.runtime.joins(bystander.id, launched) == []
+
+
+def test_a_netns_holder_of_the_earlier_design_is_refused_at_adoption(env: Env) -> None:
+    env.launch(_spec())
+    env.client.containers.create(
+        CANARY_IMAGE,
+        ["sleep", "1"],
+        labels={"org.embassy.id": env.embassy_id, "org.embassy.role": "netns-holder"},
+    )
+    with pytest.raises(ConflictError, match="netns holder container from an earlier version"):
+        env.runtime.find(env.embassy_id)
+
+
+def test_remove_leaves_nothing(env: Env) -> None:
+    env.runtime.ensure_network(env.embassy_id)
+    launched = env.launch(_spec())
+    assert len(env.ours()) == 1
     env.runtime.remove(launched)
     assert env.ours() == []
     assert not env.network_exists()
