@@ -5,18 +5,29 @@ Lifecycle of a session's metering:
 1. **begin** (the session was sealed and its payload opened): the actions sealed under
    the payload's action key are opened; each authority's instruction is verified
    (:func:`~embassy.metering.instruction.verify_instruction`) and its nonce claimed in the
-   registry (an instruction is carried out once). A refusal is an ``instruction-refused``
-   statement; it aborts the session unless the user said ``unmetered_ok``. ``read``
-   instructions are answered at once with encrypted ``meter-reading`` statements.
-2. **handle** (the intake's worker thread, one file at a time): read the file strictly
-   (``embassy.metering.activation``), check it belongs to an open session and comes next
-   in its sequence, pool it, then per instruction: ``write`` stages signatures, ``update``
-   scores against the registry and stages meter deltas; each batch is reported by a
-   ``signature-write`` / ``meter-update`` statement and only then committed (the protocol
-   in ``embassy.metering.registry``). A rejected file gets an ``activation-rejected``
-   statement saying why. Every file is removed once handled.
-3. **finish** (closing the session): the intake is drained, and the summary (counts and
-   digests, never activations or meter values) goes into the unseal statement.
+   registry (an instruction is carried out once). The refusals of one session open are
+   one ``instruction-refused`` statement (codes and digests); a refusal aborts the session
+   unless the user said ``unmetered_ok``. ``read`` instructions are answered at once with
+   encrypted ``meter-reading`` statements.
+2. **handle** (the intake's worker thread, one file at a time): a file named for a session
+   that is not open is refused unread; otherwise it is read strictly
+   (``embassy.metering.activation``), checked against its name and its session's sequence,
+   pooled, then per instruction: ``write`` stages signatures, ``update`` scores against
+   the registry and stages meter deltas; each batch is reported by a ``signature-write`` /
+   ``meter-update`` statement and only then committed (the protocol in
+   ``embassy.metering.registry``). Every file is removed once handled, valid or not.
+   Rejections are counted, not stated one by one: ``activation-rejected`` statements are
+   coalesced summaries (``embassy.metering.rejections``), at most one a second and 60 per
+   session, plus a last one when it ends.
+3. **finish** (closing the session): the intake is drained (within
+   ``metering.drain_timeout_seconds``), the session's last rejection summary is stated, and
+   its summary (counts and digests, never activations or meter values) goes into the
+   unseal statement.
+
+Nothing the workload chose leaves in its own bytes (DESIGN.md): statements and logs carry
+codes (``EmbassyError.code``), lengths, counts, and SHA-256 digests: of the activation
+(its checksum), of the tensor name, of a file's name (debug logs only, truncated). Error
+*messages* of what the workload wrote (they may quote it) are never emitted.
 
 At start, :meth:`MeteringService.recover` settles batches a crash left pending against the
 log: committed if their statement is there, dropped if not.
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from embassy.config import Authority, Metering
 from embassy.daemon.statement_log import StatementLog
 from embassy.errors import (
+    ActivationCorruptError,
     ActivationError,
     ActivationForeignError,
     ActivationOversizedError,
@@ -50,10 +63,11 @@ from embassy.errors import (
 )
 from embassy.log.entry import EntryType
 from embassy.metering.actions import open_actions
-from embassy.metering.activation import Activation, read_activation_file
+from embassy.metering.activation import Activation, parse_file_name, read_activation_file
 from embassy.metering.instruction import AuthorityPolicy, Instruction, Op, verify_instruction
 from embassy.metering.reading import Meter, Reading, reading_predicate
 from embassy.metering.registry import Registry, SignatureRow
+from embassy.metering.rejections import RejectionLedger
 from embassy.metering.score import FORMULA, pool, score
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
@@ -67,7 +81,19 @@ from embassy.wire.statement import (
 )
 
 _LOG = logging.getLogger(__name__)
-MAX_NAME_IN_STATEMENT = 200
+FOREIGN = ActivationForeignError.code
+
+
+def name_digest(name: str) -> str:
+    """A file name for a debug log: the first 16 hex digits of its SHA-256, never itself."""
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+
+
+def tensor_digest(tensor: str) -> str:
+    """The tensor name as statements carry it: its SHA-256 (hex). The name is the
+    workload's choice (128 characters a file, which would be a channel); an authority
+    recomputes the digest of the names it cares about."""
+    return hashlib.sha256(tensor.encode("ascii")).hexdigest()
 
 
 @dataclass
@@ -79,13 +105,15 @@ class _SessionMeter:
     refused: int = 0
     next_seq: int = 0
     files: int = 0
-    rejected: int = 0
     bytes: int = 0
+    unattributed: int = 0  # junk removed while open that no session could be charged with
     signatures_written: int = 0
     meter_updates: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(
+        self, rejected: Mapping[str, int], rejected_bytes: int, files_left: int
+    ) -> dict[str, Any]:
         return {
             "formula": FORMULA,
             "instructions": [
@@ -95,7 +123,11 @@ class _SessionMeter:
             "instructions_refused": self.refused,
             "files": self.files,
             "bytes": self.bytes,
-            "rejected": self.rejected,
+            "rejected": sum(rejected.values()),
+            "rejected_by_code": dict(rejected),
+            "rejected_bytes": rejected_bytes,
+            "unattributed": self.unattributed,
+            "files_left": files_left,
             "activations_sha256": self.digest.hexdigest(),
             "signatures_written": self.signatures_written,
             "meter_updates": self.meter_updates,
@@ -109,13 +141,6 @@ def authority_policies(authorities: Sequence[Authority]) -> dict[str, AuthorityP
         )
         for a in authorities
     }
-
-
-def _printable(name: str) -> str:
-    """A workload-chosen file name, safe to put in canonical JSON."""
-    return name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[
-        :MAX_NAME_IN_STATEMENT
-    ]
 
 
 class MeteringService:
@@ -137,6 +162,7 @@ class MeteringService:
         self._now = now
         self._lock = threading.RLock()
         self._sessions: dict[bytes, _SessionMeter] = {}
+        self._rejections = RejectionLedger()
 
     # -- start ------------------------------------------------------------------------------
 
@@ -190,14 +216,20 @@ class MeteringService:
         if action_key is not None and actions is not None and payload_id is not None:
             opened = open_actions(action_key, payload_id, actions)
             accepted = []
+            refusals: list[tuple[bytes, EmbassyError]] = []
             for raw in opened.instructions:
                 try:
                     accepted.append(self._accept(raw))
                 except (InstructionError, InstructionReplayedError, WireFormatError) as exc:
-                    state.refused += 1
-                    self._refused(session, raw, exc, continues=opened.unmetered_ok)
+                    refusals.append((raw, exc))
                     if not opened.unmetered_ok:
-                        raise
+                        break
+            if refusals:
+                # One statement for all of this open's refusals (at most MAX_INSTRUCTIONS).
+                state.refused = len(refusals)
+                self._refused(session, refusals, continues=opened.unmetered_ok)
+                if not opened.unmetered_ok:
+                    raise refusals[-1][1]
             state.instructions = tuple(accepted)
             readings = [self._read(i) for i in accepted if i.op is Op.READ]
         with self._lock:
@@ -212,18 +244,30 @@ class MeteringService:
         )
         return instruction
 
-    def _refused(self, session: bytes, raw: bytes, exc: EmbassyError, *, continues: bool) -> None:
+    def _refused(
+        self, session: bytes, refusals: Sequence[tuple[bytes, EmbassyError]], *, continues: bool
+    ) -> None:
+        # Codes and digests only: a refusal's message may quote the instruction, which the
+        # workload can choose (it can make a payload of its own, actions and all).
+        digests = [hashlib.sha256(raw).digest() for raw, _ in refusals]
         self._log.append_statement(
             INSTRUCTION_REFUSED_V1,
-            [Subject("instruction", hashlib.sha256(raw).digest())],
+            [Subject("instruction", d) for d in digests],
             {
                 "session": session.hex(),
-                "code": exc.code,
-                "message": exc.message,
+                "refused": [
+                    {"code": exc.code, "instruction_sha256": d.hex()}
+                    for d, (_, exc) in zip(digests, refusals, strict=True)
+                ],
                 "session_continues_unmetered": continues,
             },
         )
-        _LOG.warning("instruction refused (%s): %s", exc.code, exc.message)
+        _LOG.warning(
+            "session %s: %d instruction(s) refused (%s)",
+            session.hex(),
+            len(refusals),
+            ", ".join(exc.code for _, exc in refusals),
+        )
 
     def _read(self, instruction: Instruction) -> bytes:
         policy = self._policies[instruction.authority]
@@ -252,33 +296,57 @@ class MeteringService:
     # -- activation files -------------------------------------------------------------------
 
     def handle(self, path: Path) -> None:
-        """Handle one activation file and remove it; never raises for what the file holds."""
-        activation: Activation | None = None
+        """Handle one activation file and remove it; never raises for what the file holds.
+
+        A file whose name is not the SDK's, or names a session that is not open here, is
+        refused without being read (``activation-foreign``). Otherwise it is read strictly
+        and must match its name. A rejection is counted against the open session its name
+        names, or against no session; the file is removed either way, and a valid one only
+        after its statement and registry batch are committed.
+        """
         try:
+            size = os.lstat(path).st_size
+        except OSError:
+            return  # gone already (a drain and an event for the same file)
+        named = parse_file_name(path.name)
+        session = None if named is None else named[0]
+        try:
+            with self._lock:
+                if session not in self._sessions:
+                    raise ActivationForeignError("activation: not the file of an open session")
             activation = read_activation_file(path, max_bytes=self._limits.max_activation_bytes)
+            if (activation.session, activation.seq) != named:
+                raise ActivationCorruptError("activation: header and file name disagree")
             with self._lock:
                 self._apply(activation)
-        except ActivationError as exc:
-            self._reject(path.name, activation, exc)
         except FileNotFoundError:
-            return  # handled already (a drain and an event for the same file)
-        except OSError as exc:
+            return
+        except OSError:
             # Not the file's content: the embassy could not read it. Reject it all the same
-            # (a workload must not be able to stall the intake), saying why.
-            reason = ActivationForeignError(f"activation: cannot be read: {exc.strerror}")
-            self._reject(path.name, activation, reason)
+            # (a workload must not be able to stall the intake).
+            self._reject(session, FOREIGN, size, path.name)
+        except EmbassyError as exc:  # an ActivationError, or a log or registry failure
+            self._reject(session, exc.code, size, path.name)
+            if not isinstance(exc, ActivationError):
+                _LOG.error("activation intake: %s handling a file (%s)", exc.code, type(exc))
         finally:
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
-                _LOG.error("activation intake: cannot remove %s: %s", path.name, exc.strerror)
+                _LOG.error(
+                    "activation intake: cannot remove file %s…: %s",
+                    name_digest(path.name),
+                    exc.strerror,
+                )
+
+    def discard(self, size: int) -> None:
+        """The intake removed an entry unread (not an activation file's name or type)."""
+        self._reject(None, FOREIGN, size, None)
 
     def _session_for(self, activation: Activation) -> _SessionMeter:
         state = self._sessions.get(activation.session)
         if state is None:
-            raise ActivationForeignError(
-                f"activation: session {activation.session.hex()} is not open here"
-            )
+            raise ActivationForeignError("activation: its session is not open here")
         if activation.seq != state.next_seq:
             raise ActivationSequenceError(
                 f"activation: sequence number {activation.seq}, expected {state.next_seq}"
@@ -323,7 +391,7 @@ class MeteringService:
                 "authority": instruction.authority,
                 "capability": capability,
                 "polarity": instruction.polarity.value,
-                "tensor": activation.tensor,
+                "tensor_sha256": tensor_digest(activation.tensor),
                 "dim": int(pooled.shape[0]),
                 "instruction_sha256": instruction.digest.hex(),
             },
@@ -351,44 +419,66 @@ class MeteringService:
                 "session": state.session.hex(),
                 "batch": batch,
                 "formula": FORMULA,
-                "tensor": activation.tensor,
+                "tensor_sha256": tensor_digest(activation.tensor),
                 "capabilities": sorted(deltas),
             },
         )
         self._registry.commit(batch, appended.entry.seq)
         state.meter_updates += 1
 
-    def _reject(self, name: str, activation: Activation | None, exc: ActivationError) -> None:
-        session = None if activation is None else activation.session
+    def _reject(self, session: bytes | None, code: str, size: int, name: str | None) -> None:
+        """Count a rejection (no statement here: :meth:`flush` states them, coalesced)."""
         with self._lock:
-            state = None if session is None else self._sessions.get(session)
-            if state is not None:
-                state.rejected += 1
-            self._log.append_statement(
-                ACTIVATION_REJECTED_V1,
-                [] if activation is None else [Subject("activation", activation.sha256)],
-                {
-                    "session": None if session is None else session.hex(),
-                    "file": _printable(name),
-                    "code": exc.code,
-                    "message": exc.message,
-                },
-            )
-        _LOG.warning("activation %s rejected (%s): %s", _printable(name), exc.code, exc.message)
+            if session not in self._sessions:
+                session = None  # only an open session's own id is ever stated
+            self._rejections.record(session, code, size)
+            if session is None:
+                for state in self._sessions.values():
+                    state.unattributed += 1
+        if name is not None:
+            _LOG.debug("activation file %s… rejected (%s, %d bytes)", name_digest(name), code, size)
+
+    def flush(self, *, final: bool = False) -> int:
+        """State the rejection summaries that are due (``final``: all, as at a stop)."""
+        with self._lock:
+            summaries = self._rejections.due(final=final)
+            for summary in summaries:
+                body = summary.body()
+                try:
+                    self._log.append_statement(ACTIVATION_REJECTED_V1, [], body)
+                except EmbassyError as exc:  # a full disk: the session's totals stay exact
+                    _LOG.error("activation rejections: summary not stated (%s)", exc.code)
+                    continue
+                _LOG.warning(
+                    "activation files rejected (session %s): %s, %d bytes",
+                    body["session"],
+                    ", ".join(f"{n} {code}" for code, n in body["counts"].items()),
+                    summary.bytes,
+                )
+            return len(summaries)
 
     # -- session close ----------------------------------------------------------------------
 
     def finish(self, session: bytes, drain: Callable[[], int]) -> dict[str, Any] | None:
-        """Handle what the workload left for this session, then end its metering."""
-        drain()
+        """Handle what the workload left for this session, then end its metering.
+
+        ``drain`` handles the files present (within the drain timeout) and returns how
+        many activation files it had to leave; the summary says so (``files_left``).
+        """
+        files_left = drain()
         with self._lock:
             state = self._sessions.pop(session, None)
-        return None if state is None else state.summary()
+            rejected, rejected_bytes = self._rejections.totals(session)
+            self._rejections.end(session)
+            self.flush()  # its last rejection summary precedes its unseal statement
+        return None if state is None else state.summary(rejected, rejected_bytes, files_left)
 
     def forget(self, session: bytes) -> None:
-        """The session ended otherwise (aborted): later files for it are foreign."""
+        """The session ended otherwise (aborted): later files for it are foreign, and its
+        last rejection summary is stated with the next flush."""
         with self._lock:
             self._sessions.pop(session, None)
+            self._rejections.end(session)
 
     def meters(self, authority: str) -> Mapping[str, int]:
         return {m.capability: m.value for m in self._registry.meters(authority)}

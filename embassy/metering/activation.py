@@ -18,7 +18,16 @@ else, including a checksum mismatch and NaN or infinite values). Checks run in f
 so a file has exactly one verdict, and the message names the field and both values.
 
 :func:`read_activation_file` opens the file without following a link or blocking, and
-refuses anything but a regular file with one link before opening it for reading.
+refuses anything but a regular file with one link before opening it for reading; it then
+decides what it can from the size (fstat) and the fixed header alone (one 112-byte pread),
+with the same checks and verdicts as :func:`parse_activation`, before reading the rest.
+
+Messages name fields and numbers, never the file's name, and are for tests and debugging:
+what the embassy emits about a rejected file is its code (``ActivationError.code``), its
+length and, in debug logs, a hash of its name (the workload chooses all of these bytes).
+
+:func:`parse_file_name` reads the name the SDK gives a finished file
+(``<session hex>-<seq:012d>.act``); :data:`TEMP_NAME` matches its writer's temporary name.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +59,11 @@ from workload_sdk.activations import (
     MAGIC,
     MAX_NAME_LEN,
     MAX_NDIM,
+    MAX_SEQ,
     NAME,
+    SESSION_LEN,
     VERSION,
+    file_name,
     header_len_for,
     pack_header,
 )
@@ -59,6 +72,22 @@ from workload_sdk.activations import (
 # (1 MiB) whatever the tensor's size.
 _FINITE_BLOCK = 1 << 20
 _ZERO_CHECKSUM = bytes(CHECKSUM_LEN)
+# The SDK's names (workload_sdk.activations.file_name and ActivationWriter's temporary).
+# ASCII classes only: str patterns' \d would match other scripts' digits.
+FINAL_NAME = re.compile(r"([0-9a-f]{32})-([0-9]{12,20})\.act")
+TEMP_NAME = re.compile(r"\.[0-9a-f]{32}-[0-9]{1,20}\.tmp")
+
+
+def parse_file_name(name: str) -> tuple[bytes, int] | None:
+    """(session, seq) of a finished activation file's name, or None if the SDK would not
+    name a file so (exactly: no other digits, case or padding)."""
+    match = FINAL_NAME.fullmatch(name)
+    if match is None:
+        return None
+    session, seq = bytes.fromhex(match[1]), int(match[2])
+    if len(session) != SESSION_LEN or seq > MAX_SEQ or file_name(session, seq) != name:
+        return None
+    return session, seq
 
 
 @dataclass(frozen=True)
@@ -103,34 +132,7 @@ def parse_activation(data: bytes | bytearray, *, max_bytes: int) -> Activation:
     ``bytearray`` after handing it over.
     """
     buf = memoryview(data).toreadonly()
-    size = len(buf)
-    if size > max_bytes:
-        raise ActivationOversizedError(
-            f"activation: file of {size} bytes is over the limit of {max_bytes}"
-        )
-    # The magic first, on what there is: a file that is not an activation file at all says
-    # so, even when it is short.
-    head = bytes(buf[: min(size, len(MAGIC))])
-    if head != MAGIC[: len(head)]:
-        raise _corrupt("bad magic: not an activation file")
-    if size < FIXED_HEADER_LEN:
-        raise ActivationTruncatedError(
-            f"activation: {size} bytes, shorter than the {FIXED_HEADER_LEN}-byte fixed header"
-        )
-    fixed = _parse_fixed(buf)
-    data_len = _data_len(fixed, max_bytes)
-    expected_size = fixed.header_len + data_len
-    if size < fixed.header_len:
-        raise ActivationTruncatedError(
-            f"activation: {size} bytes, shorter than its {fixed.header_len}-byte header"
-        )
-    if size < expected_size:
-        raise ActivationTruncatedError(
-            f"activation: {size} bytes, but header and data of shape {fixed.shape} need "
-            f"{expected_size}"
-        )
-    if size > expected_size:
-        raise _corrupt(f"trailing data: {size - expected_size} bytes after the end of the data")
+    fixed, data_len = _check_layout(buf, len(buf), max_bytes)
     name = _parse_name(buf, fixed)
     _check_checksum(buf, fixed)
     _check_canonical(buf, fixed, name)
@@ -151,6 +153,39 @@ def parse_activation(data: bytes | bytearray, *, max_bytes: int) -> Activation:
         sha256=fixed.checksum,
         data=array,
     )
+
+
+def _check_layout(head: memoryview, size: int, max_bytes: int) -> tuple[_Fixed, int]:
+    """The checks decided by a file's ``size`` and its first 112 bytes (``head``) alone:
+    the limit, the magic, the fixed header and the size it implies."""
+    if size > max_bytes:
+        raise ActivationOversizedError(
+            f"activation: file of {size} bytes is over the limit of {max_bytes}"
+        )
+    # The magic first, on what there is: a file that is not an activation file at all says
+    # so, even when it is short.
+    magic = bytes(head[: min(size, len(MAGIC))])
+    if magic != MAGIC[: len(magic)]:
+        raise _corrupt("bad magic: not an activation file")
+    if size < FIXED_HEADER_LEN:
+        raise ActivationTruncatedError(
+            f"activation: {size} bytes, shorter than the {FIXED_HEADER_LEN}-byte fixed header"
+        )
+    fixed = _parse_fixed(head)
+    data_len = _data_len(fixed, max_bytes)
+    expected_size = fixed.header_len + data_len
+    if size < fixed.header_len:
+        raise ActivationTruncatedError(
+            f"activation: {size} bytes, shorter than its {fixed.header_len}-byte header"
+        )
+    if size < expected_size:
+        raise ActivationTruncatedError(
+            f"activation: {size} bytes, but header and data of shape {fixed.shape} need "
+            f"{expected_size}"
+        )
+    if size > expected_size:
+        raise _corrupt(f"trailing data: {size - expected_size} bytes after the end of the data")
+    return fixed, data_len
 
 
 def _parse_fixed(buf: memoryview) -> _Fixed:
@@ -273,7 +308,6 @@ def read_activation_file(path: Path, *, max_bytes: int) -> Activation:
     ``ActivationOversizedError`` from the size before any byte is read. Other ``OSError``
     (the file vanished, ...) propagate: they say nothing about the file's contents.
     """
-    # The name is the workload's choice: messages quote it with repr (no control characters).
     # O_PATH | O_NOFOLLOW opens the directory entry itself without opening what it names:
     # a symlink, FIFO or device node is never opened (opening some devices does something),
     # and fstat on it decides. Only a regular file is then opened for reading, through
@@ -282,13 +316,10 @@ def read_activation_file(path: Path, *, max_bytes: int) -> Activation:
     try:
         st = os.fstat(handle)
         if stat.S_ISLNK(st.st_mode):
-            raise ActivationForeignError(
-                f"activation: {path.name!r} is not a regular file (a symlink)"
-            )
+            raise ActivationForeignError("activation: not a regular file (a symlink)")
         if not stat.S_ISREG(st.st_mode):
             raise ActivationForeignError(
-                f"activation: {path.name!r} is not a regular file "
-                f"(mode {stat.filemode(st.st_mode)})"
+                f"activation: not a regular file (mode {stat.filemode(st.st_mode)})"
             )
         fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     finally:
@@ -296,15 +327,17 @@ def read_activation_file(path: Path, *, max_bytes: int) -> Activation:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # pragma: no cover (same inode as above)
-            raise ActivationForeignError(f"activation: {path.name!r} is not a regular file")
+            raise ActivationForeignError("activation: not a regular file")
         if st.st_nlink != 1:
             raise ActivationForeignError(
-                f"activation: {path.name!r} has {st.st_nlink} links (a hard link is refused)"
+                f"activation: {st.st_nlink} links (a hard link is refused)"
             )
-        if st.st_size > max_bytes:
-            raise ActivationOversizedError(
-                f"activation: file of {st.st_size} bytes is over the limit of {max_bytes}"
-            )
+        # Cheap checks first: the size (fstat) and the fixed header (one pread) decide
+        # oversized, bad magic, truncated and trailing data before the rest is read.
+        head = os.pread(fd, FIXED_HEADER_LEN, 0)
+        if len(head) < min(st.st_size, FIXED_HEADER_LEN):
+            raise ActivationTruncatedError("activation: the file shrank while it was read")
+        _check_layout(memoryview(head), st.st_size, max_bytes)
         # read(), never mmap: the workload can truncate the file while it is mapped, and a
         # read from a mapped page past the new end raises SIGBUS, killing the daemon.
         # The file may also grow after fstat: read up to max_bytes + 1 so the parser sees

@@ -30,7 +30,7 @@ from embassy.wire.codec import b64encode
 from embassy.wire.dsse import keyid, parse_envelope
 from embassy.wire.statement import parse_statement
 from tests.fakes import FakeTpm
-from workload_sdk.activations import ActivationWriter, encode_activation
+from workload_sdk.activations import ActivationWriter, encode_activation, file_name
 
 AISI = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 RIGHTS = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -173,12 +173,14 @@ def test_each_refused_instruction_is_audited_and_aborts(metered: Embassy) -> Non
         with pytest.raises(error):
             begin(metered, [raw])
     refused = statements(metered, "instruction-refused")
-    assert [r["code"] for r in refused] == [
-        "not-capability-owner",
-        "instruction-bad-signature",
-        "not-capability-owner",
+    assert [[r["code"] for r in st["refused"]] for st in refused] == [
+        ["not-capability-owner"],
+        ["instruction-bad-signature"],
+        ["not-capability-owner"],
     ]
     assert not any(r["session_continues_unmetered"] for r in refused)
+    # Codes and digests only: a refusal's message may quote the instruction.
+    assert all(set(st) == {"session", "refused", "session_continues_unmetered"} for st in refused)
 
 
 def test_replayed_instruction_refused(metered: Embassy) -> None:
@@ -217,50 +219,81 @@ def _file(directory: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def test_bad_files_are_rejected_with_a_statement_and_removed(
-    metered: Embassy, tmp_path: Path
-) -> None:
+def test_bad_files_are_counted_in_one_summary_and_removed(metered: Embassy, tmp_path: Path) -> None:
     session, _ = begin(metered, [])
     good = encode_activation(session, 0, "layer.6", _basis(0))
-    stranger = encode_activation(os.urandom(16), 0, "layer.6", _basis(0))
     corrupt = bytearray(good)
     corrupt[-1] ^= 0x40
-    cases = {
-        "corrupt.act": (bytes(corrupt), "activation-corrupt"),
-        "truncated.act": (good[:-4], "activation-truncated"),
-        "foreign.act": (stranger, "activation-foreign"),
-        "later.act": (
+    stranger = os.urandom(16)
+    # (file name, bytes, the code it is counted under, the session it is charged to)
+    cases = [
+        (file_name(session, 0), bytes(corrupt), "activation-corrupt", session),
+        (file_name(session, 0), good[:-4], "activation-truncated", session),
+        (file_name(session, 0), good + b"x", "activation-corrupt", session),
+        (file_name(session, 1), good, "activation-corrupt", session),  # header says seq 0
+        (
+            file_name(session, 5),
             encode_activation(session, 5, "layer.6", _basis(0)),
             "activation-out-of-sequence",
+            session,
         ),
-    }
-    for name, (data, _) in cases.items():
+        (
+            file_name(session, 0),
+            bytes(metered.config.metering.max_activation_bytes + 1),
+            "activation-oversized",
+            session,
+        ),
+        # Not an open session's name, or not the SDK's name at all: refused unread.
+        (
+            file_name(stranger, 0),
+            encode_activation(stranger, 0, "layer.6", _basis(0)),
+            "activation-foreign",
+            None,
+        ),
+        ("corrupt.act", bytes(corrupt), "activation-foreign", None),
+        (file_name(session, 0).upper(), good, "activation-foreign", None),
+    ]
+    for name, data, _, _ in cases:
         metered.metering.handle(_file(tmp_path, name, data))
-    os.symlink("/etc/passwd", tmp_path / "link.act")
-    metered.metering.handle(tmp_path / "link.act")
-    big = _file(tmp_path, "big.act", bytes(metered.config.metering.max_activation_bytes + 1))
-    metered.metering.handle(big)
-    rejected = {r["file"]: r["code"] for r in statements(metered, "activation-rejected")}
-    assert rejected == {
-        **{name: code for name, (_, code) in cases.items()},
-        "link.act": "activation-foreign",
-        "big.act": "activation-oversized",
-    }
-    assert not list(tmp_path.glob("*.act"))
+        assert not (tmp_path / name).exists()
+    link = tmp_path / file_name(session, 0)
+    os.symlink("/etc/passwd", link)
+    metered.metering.handle(link)
     assert Path("/etc/passwd").exists()
+    assert not link.is_symlink()
+    assert statements(metered, "activation-rejected") == []  # counted, not yet stated
+    metered.metering.flush()
+    by_session = {r["session"]: r for r in statements(metered, "activation-rejected")}
+    assert set(by_session) == {session.hex(), None}
+    mine, nobody = by_session[session.hex()], by_session[None]
+    assert mine["counts"] == {
+        "activation-corrupt": 3,
+        "activation-foreign": 1,  # the symlink
+        "activation-oversized": 1,
+        "activation-out-of-sequence": 1,
+        "activation-truncated": 1,
+    }
+    assert (mine["files"], mine["summary"], mine["final"]) == (7, 1, False)
+    assert nobody["counts"] == {"activation-foreign": 3}
     # The intake goes on: the expected file is still accepted after all that.
-    metered.metering.handle(_file(tmp_path, "ok.act", good))
+    metered.metering.handle(_file(tmp_path, file_name(session, 0), good))
     summary = metered.metering.finish(session, lambda: 0)
     assert summary is not None
-    # Only a file that parsed can be counted against the session it names (the later one).
-    assert (summary["files"], summary["rejected"]) == (1, 1)
+    assert (summary["files"], summary["rejected"], summary["unattributed"]) == (1, 7, 3)
+    assert summary["rejected_by_code"] == mine["counts"]
+    charged = sum(len(data) for _, data, _, owner in cases if owner is not None)
+    assert summary["rejected_bytes"] == charged + len("/etc/passwd")  # lstat of the link
+    assert summary["files_left"] == 0
 
 
 def test_files_of_an_aborted_session_are_foreign(metered: Embassy, tmp_path: Path) -> None:
     session, _ = begin(metered, [])
     metered.metering.forget(session)
     feed(metered, tmp_path, session, [_basis(0)])
-    assert statements(metered, "activation-rejected")[0]["code"] == "activation-foreign"
+    metered.metering.flush()
+    [rejected] = statements(metered, "activation-rejected")
+    assert rejected["counts"] == {"activation-foreign": 1}
+    assert rejected["session"] is None  # only an open session's id is ever stated
 
 
 def test_pending_batches_follow_the_log_after_a_crash(

@@ -1,0 +1,217 @@
+"""The intake judges every entry of the spool by name and type, and leaves nothing behind.
+
+A real ActivationIntake (watchdog inotify, its worker thread) on a plain directory; the
+spool's own tmpfs is tested in test_spool.py (root only).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import embassy.daemon.intake as intake_module
+from embassy.daemon.intake import ActivationIntake
+from embassy.daemon.runtime import Embassy
+from tests.unit.conftest import EmbassyFactory
+from workload_sdk.activations import ActivationWriter, file_name
+
+SESSION = bytes(range(16))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+class Recorder:
+    """A handle that notes the names it got and removes them, as the metering service does."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.handled: list[str] = []
+        self.discarded: list[int] = []
+        self.ticks = 0
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def handle(self, path: Path) -> None:
+        time.sleep(self.delay)
+        with self.lock:
+            self.handled.append(path.name)
+        path.unlink(missing_ok=True)
+
+    def discard(self, size: int) -> None:
+        with self.lock:
+            self.discarded.append(size)
+
+    def tick(self, final: bool) -> None:
+        self.ticks += 1
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    directory = tmp_path / "activations"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def make_intake(spool: Path) -> Iterator[Callable[..., tuple[ActivationIntake, Recorder]]]:
+    started: list[ActivationIntake] = []
+
+    def make(**kwargs: Any) -> tuple[ActivationIntake, Recorder]:
+        recorder = Recorder(kwargs.pop("delay", 0.0))
+        intake = ActivationIntake(
+            spool,
+            recorder.handle,
+            discard=recorder.discard,
+            tick=recorder.tick,
+            **kwargs,
+        )
+        intake.start()
+        started.append(intake)
+        return intake, recorder
+
+    yield make
+    for intake in started:
+        intake.stop()
+
+
+def test_junk_is_removed_unread_and_activations_are_handed_over(
+    make_intake: Callable[..., tuple[ActivationIntake, Recorder]], spool: Path, tmp_path: Path
+) -> None:
+    _, recorder = make_intake()
+    outside = tmp_path / "secret"
+    outside.write_text("do not touch")
+    (spool / "notes.txt").write_bytes(b"x" * 10)
+    (spool / ".hidden").write_bytes(b"y" * 20)
+    (spool / ("Z" * 200)).write_bytes(b"{junk")
+    (spool / "a\nb.act").write_bytes(b"z")
+    (spool / "sub").mkdir()
+    (spool / "sub" / "deep.act").write_bytes(b"q" * 100)
+    os.symlink(outside, spool / file_name(SESSION, 0))
+    os.mkfifo(spool / file_name(SESSION, 1))  # opening it would block: it never is
+    name = file_name(SESSION, 2)
+    (spool / name).write_bytes(b"an activation's name: the handler judges it")
+    wait_until(lambda: not list(spool.iterdir()))
+    assert recorder.handled == [name]
+    assert outside.read_text() == "do not touch"
+    assert len(recorder.discarded) == 7
+    assert {10, 20, 5, 1} <= set(recorder.discarded)
+
+
+def test_a_writers_temporary_file_is_left_alone_until_it_is_stale(
+    make_intake: Callable[..., tuple[ActivationIntake, Recorder]],
+    spool: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(intake_module, "STALE_TEMP_SECONDS", 1.5)
+    monkeypatch.setattr(intake_module, "SWEEP_SECONDS", 0.1)
+    _, recorder = make_intake()
+    temp = spool / f".{SESSION.hex()}-7.tmp"
+    temp.write_bytes(b"half written")
+    time.sleep(0.3)
+    assert temp.exists()  # a writer at work
+    wait_until(lambda: not temp.exists(), timeout=5)
+    assert recorder.discarded == [len(b"half written")]
+
+
+def test_the_sdk_writer_is_never_broken_and_every_file_is_metered(
+    make_embassy: EmbassyFactory, tpm: Any, spool: Path
+) -> None:
+    embassy: Embassy = make_embassy(tpm)
+    intake = ActivationIntake.for_metering(spool, embassy.metering, drain_timeout=10)
+    intake.start()
+    try:
+        session = os.urandom(16)
+        embassy.metering.begin(session)
+        writer = ActivationWriter(spool, session)
+        rng = np.random.default_rng(0)
+        for _ in range(50):
+            writer.write("layer.6", rng.normal(size=(4, 8)).astype(np.float32))
+        summary = embassy.metering.finish(session, intake.drain)
+    finally:
+        intake.stop()
+    assert summary is not None
+    assert (summary["files"], summary["rejected"], summary["files_left"]) == (50, 0, 0)
+    assert not list(spool.iterdir())
+
+
+def test_a_full_queue_drops_events_and_a_rescan_finds_the_files(
+    make_intake: Callable[..., tuple[ActivationIntake, Recorder]], spool: Path
+) -> None:
+    intake, recorder = make_intake(queue_size=4, delay=0.002)
+    names = [file_name(SESSION, seq) for seq in range(300)]
+    for seq, name in enumerate(names):
+        temp = spool / f".{SESSION.hex()}-{seq}.tmp"  # as the SDK's writer names it
+        temp.write_bytes(b"x")
+        os.rename(temp, spool / name)
+    wait_until(lambda: len(recorder.handled) == len(names), timeout=20)
+    assert intake.dropped > 0
+    assert sorted(recorder.handled) == names  # each once, none lost
+
+
+def test_drain_handles_in_sequence_order_and_honours_its_timeout(
+    make_intake: Callable[..., tuple[ActivationIntake, Recorder]], spool: Path
+) -> None:
+    intake, recorder = make_intake(drain_timeout=0.5, delay=0.05)
+    intake.stop()  # the worker out of the way: the drain alone handles
+    names = [file_name(SESSION, seq) for seq in (3, 1, 2, 0)] + [file_name(SESSION, 10**12)]
+    for name in names:
+        (spool / name).write_bytes(b"x")
+    started = time.monotonic()
+    assert intake.drain() == 0
+    assert recorder.handled == sorted(names, key=lambda n: int(n[33:-4]))
+    for seq in range(100):
+        (spool / file_name(SESSION, seq)).write_bytes(b"x")
+    left = intake.drain()
+    elapsed = time.monotonic() - started
+    assert 80 <= left < 100  # 0.05 s a file, 0.5 s to drain
+    assert elapsed < 1.5
+
+
+def test_a_handler_that_raises_does_not_stop_the_intake(
+    make_intake: Callable[..., tuple[ActivationIntake, Recorder]],
+    spool: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    intake, recorder = make_intake()
+    real = recorder.handle
+    secret = "Y" * 40
+
+    def handle(path: Path) -> None:
+        if path.name.endswith("0.act"):
+            path.unlink()
+            raise ValueError(f"a parser quoting the workload: {secret}")
+        real(path)
+
+    intake._handle = handle
+    (spool / file_name(SESSION, 0)).write_bytes(b"x")
+    (spool / file_name(SESSION, 1)).write_bytes(b"x")
+    wait_until(lambda: recorder.handled == [file_name(SESSION, 1)])
+    assert "handling a file failed (ValueError)" in caplog.text
+    assert secret not in caplog.text
+
+
+def test_a_flood_of_junk_is_cleared_within_the_drain_timeout(
+    make_intake: Callable[..., tuple[ActivationIntake, Recorder]], spool: Path
+) -> None:
+    intake, recorder = make_intake(drain_timeout=5)
+    for i in range(5000):
+        (spool / f"junk-{i}").write_bytes(b"j")
+        if i % 2 == 0:
+            (spool / file_name(SESSION, i)).write_bytes(b"a")
+    started = time.monotonic()
+    left = intake.drain()
+    assert left == 0
+    assert time.monotonic() - started < 5
+    wait_until(lambda: not list(spool.iterdir()))
+    assert len(recorder.handled) == 2500
