@@ -118,6 +118,11 @@ class Embassy:
             self.workload: SealedWorkload | None = None
             if config.workload is not None:
                 from embassy.daemon.sealed_workload import SealedWorkload
+                from embassy.daemon.spool import ensure_spool
+
+                # The activation spool (a tmpfs of ours) before the workload's container
+                # is created: Docker resolves its bind mount once, at creation.
+                ensure_spool(config.data_dir / "activations", config.metering)
 
                 self.workload = SealedWorkload(
                     config,
@@ -136,9 +141,11 @@ class Embassy:
             self._identity = {"v": 1, "type": IDENTITY_DOCUMENT_TYPE, "segment": segment.to_json()}
             self.log.checkpoint()
             if self.workload is not None:
-                activations = config.data_dir / "activations"
-                ensure_private_dir(activations)
-                self._intake = ActivationIntake(activations, self.metering.handle)
+                self._intake = ActivationIntake.for_metering(
+                    config.data_dir / "activations",
+                    self.metering,
+                    drain_timeout=config.metering.drain_timeout_seconds,
+                )
                 self._intake.start()
         except BaseException:
             if self._intake is not None:
