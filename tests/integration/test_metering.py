@@ -4,13 +4,17 @@ An authority teaches the embassy two capabilities from a few prompts each (write
 a user's prompt is metered (update mode) and moves the meter of the capability it is
 about more than the other's, the authority reads its meters and verifies the reading, and
 the meters survive a kill -9 of the daemon. Unauthorized instructions are refused with
-their own codes, and hostile activation files dropped into the shared directory are
-rejected one by one while the intake keeps running.
+their own codes, and hostile activation files dropped into the shared directory (the
+activation spool, a tmpfs of the embassy's own) are rejected and removed while the intake
+keeps running: counted in coalesced statements that carry codes, never their names, and
+a flood of them neither fills the host's disk nor stalls closing a session.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import io
 import json
 import os
@@ -29,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from embassy.attest.ek import load_pem_bundle
 from embassy.cli import main
 from embassy.client import call
+from embassy.daemon.spool import SOURCE, mounted_at
 from embassy.metering.actions import seal_actions
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.metering.reading import Reading, open_reading, reply_public_bytes
@@ -48,7 +53,7 @@ from tests.integration.conftest import (
     require,
     wait_for_http,
 )
-from workload_sdk.activations import encode_activation
+from workload_sdk.activations import encode_activation, file_name
 from workload_sdk.stream import encrypt_stream
 
 pytestmark = pytest.mark.integration
@@ -57,6 +62,9 @@ docker = pytest.importorskip("docker")
 AISI = Ed25519PrivateKey.generate()
 RIGHTS = Ed25519PrivateKey.generate()
 MAX_ACTIVATION = 256 * 1024
+SPOOL_BYTES = 128 << 20  # tmpfs counts pages: 20,000 small files take 80 MiB of it
+SPOOL_INODES = 25_000
+DRAIN_TIMEOUT = 30
 
 TEACH = {
     ("cyber", Polarity.POSITIVE): [
@@ -85,6 +93,8 @@ def _config() -> str:
     return (
         f'workload:\n  image: {SEALED_SERVICE_IMAGE}\n  ports: ["127.0.0.1:0:8080/tcp"]\n'
         f"metering:\n  max_activation_bytes: {MAX_ACTIVATION}\n"
+        f"  spool_bytes: {SPOOL_BYTES}\n  spool_inodes: {SPOOL_INODES}\n"
+        f"  drain_timeout_seconds: {DRAIN_TIMEOUT}\n"
         "authorities:\n"
         + entry("aisi", AISI, ["bio", "cyber"])
         + entry("rights", RIGHTS, ["lyrics"])
@@ -178,7 +188,8 @@ class World:
             if entry["type"] != "statement":
                 continue
             st = parse_statement(parse_envelope(base64.b64decode(entry["data"])).payload)
-            if st.predicate_type == f"urn:embassy:predicate:{kind}:v1":
+            # Any version: the seal's own statements moved to v2 (the link gate).
+            if st.predicate_type.rpartition(":")[0] == f"urn:embassy:predicate:{kind}":
                 out.append(dict(st.body))
         return out
 
@@ -213,7 +224,8 @@ def test_write_update_read_on_the_real_model_survives_kill_9(world: World, tmp_p
             assert world.embed(prompt, [negative])[0] == 200
     writes = world.statements("signature-write")
     assert len(writes) == 12
-    assert {w["tensor"] for w in writes} == {"layer.6"}
+    # The tensor's name is the workload's choice: statements carry its digest.
+    assert {w["tensor_sha256"] for w in writes} == {hashlib.sha256(b"layer.6").hexdigest()}
     assert {w["dim"] for w in writes} == {384}
 
     before = _meters(world.read())
@@ -281,7 +293,7 @@ def test_unauthorized_instructions_are_refused_each_with_its_code(world: World) 
     status, reply = world.embed("hello", [replayed])
     assert (status, reply["error"]["code"]) == (409, "instruction-replayed")
 
-    refused = [r["code"] for r in world.statements("instruction-refused")]
+    refused = [r["code"] for st in world.statements("instruction-refused") for r in st["refused"]]
     assert refused == [code for _, code in cases] + ["instruction-replayed"]
     assert len(world.statements("session-abort")) == 4
     # A user who accepts running unmetered gets the output, the refusal still on record.
@@ -290,56 +302,134 @@ def test_unauthorized_instructions_are_refused_each_with_its_code(world: World) 
     assert world.statements("instruction-refused")[-1]["session_continues_unmetered"]
 
 
-def _wait_gone(directory: Path, timeout: float = 20.0) -> None:
+def _wait_empty(directory: Path, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while list(directory.glob("*.act")):
-        assert time.monotonic() < deadline, sorted(p.name for p in directory.iterdir())
+    while list(directory.iterdir()):
+        assert time.monotonic() < deadline, len(list(directory.iterdir()))
         time.sleep(0.05)
 
 
+def _put(directory: Path, name: str, data: bytes) -> None:
+    """As a writer does: a temporary name (the SDK's kind), then rename into place."""
+    temp = directory / f".{bytes(16).hex()}-{len(name)}.tmp"
+    temp.write_bytes(data)
+    os.rename(temp, directory / name)
+
+
+def _open(world: World) -> tuple[dict[str, Any], bytes]:
+    opened = call(world.daemon.socket, "POST", "/v1/sessions", {"deadline_seconds": 300})
+    return opened, bytes.fromhex(opened["session"])
+
+
+def _close(world: World, opened: dict[str, Any]) -> dict[str, Any]:
+    closed = call(
+        world.daemon.socket,
+        "POST",
+        "/v1/sessions/close",
+        {"session": opened["session"], "token": opened["token"], "output_sha256": None},
+        timeout=DRAIN_TIMEOUT + 30,
+    )
+    envelope = parse_envelope(base64.b64decode(closed["statement"]))
+    return dict(parse_statement(envelope.payload).body)
+
+
+def test_the_spool_is_the_embassys_tmpfs(world: World) -> None:
+    found = mounted_at(world.daemon.data_dir / "activations")
+    assert found is not None
+    assert (found.fstype, found.source) == ("tmpfs", SOURCE)
+    assert {"nosuid", "nodev", "noexec"} <= found.flags
+    assert found.options["nr_inodes"] == str(SPOOL_INODES)
+
+
 def test_hostile_activation_files_are_rejected_and_the_intake_goes_on(world: World) -> None:
-    socket = world.daemon.socket
-    opened = call(socket, "POST", "/v1/sessions", {"deadline_seconds": 120})
-    session = bytes.fromhex(opened["session"])
+    opened, session = _open(world)
     shared = world.daemon.data_dir / "activations"
     array = np.ones((4, 384), dtype=np.float32)
     good = encode_activation(session, 0, "layer.6", array)
     corrupt = bytearray(good)
     corrupt[200] ^= 1
+    stranger = os.urandom(16)
     hostile = {
-        "a-corrupt.act": bytes(corrupt),
-        "b-truncated.act": good[:-10],
-        "c-oversized.act": encode_activation(
-            session, 0, "layer.6", np.ones((MAX_ACTIVATION // 1536 + 1, 384), np.float32)
+        file_name(session, 0): (bytes(corrupt), "activation-corrupt"),
+        file_name(session, 1): (good[:-10], "activation-truncated"),
+        file_name(session, 2): (
+            encode_activation(
+                session, 2, "layer.6", np.ones((MAX_ACTIVATION // 1536 + 1, 384), np.float32)
+            ),
+            "activation-oversized",
         ),
-        "d-foreign.act": encode_activation(os.urandom(16), 0, "layer.6", array),
-        "e-out-of-sequence.act": encode_activation(session, 3, "layer.6", array),
+        file_name(session, 3): (
+            encode_activation(session, 3, "layer.6", array),
+            "activation-out-of-sequence",
+        ),
     }
-    for name, data in hostile.items():
-        (shared / f".{name}.tmp").write_bytes(data)
-        os.rename(shared / f".{name}.tmp", shared / name)
-    os.symlink("/etc/shadow", shared / "f-symlink.act")
-    os.mkfifo(shared / "g-fifo.act")
-    _wait_gone(shared)
-    rejected = {r["file"]: r["code"] for r in world.statements("activation-rejected")}
-    assert rejected == {
-        "a-corrupt.act": "activation-corrupt",
-        "b-truncated.act": "activation-truncated",
-        "c-oversized.act": "activation-oversized",
-        "d-foreign.act": "activation-foreign",
-        "e-out-of-sequence.act": "activation-out-of-sequence",
-        "f-symlink.act": "activation-foreign",
-        "g-fifo.act": "activation-foreign",
-    }
+    for name, (data, _) in hostile.items():
+        _put(shared, name, data)
+    _put(shared, file_name(stranger, 0), encode_activation(stranger, 0, "layer.6", array))
+    _put(shared, "Z" * 200, b'{"exfil": "' + b"S" * 100 + b'"}')
+    _put(shared, "line\nbreak.act", b"junk")
+    os.symlink("/etc/shadow", shared / file_name(session, 4))
+    os.mkfifo(shared / file_name(session, 5))
+    (shared / "a-directory").mkdir()
+    _wait_empty(shared)
     assert Path("/etc/shadow").exists()
     # Still running, and the next file in sequence is metered.
-    (shared / "h-good.act").write_bytes(good)
-    closed = call(
-        socket,
-        "POST",
-        "/v1/sessions/close",
-        {"session": opened["session"], "token": opened["token"], "output_sha256": None},
-    )
-    unseal = parse_statement(parse_envelope(base64.b64decode(closed["statement"])).payload)
-    assert (unseal.body["metering"]["files"], unseal.body["metering"]["rejected"]) == (1, 1)
-    assert call(socket, "GET", "/v1/health")["status"] == "ok"
+    _put(shared, file_name(session, 0), good)
+    metering = _close(world, opened)["metering"]
+    assert (metering["files"], metering["files_left"]) == (1, 0)
+    assert metering["rejected_by_code"] == {
+        "activation-corrupt": 1,
+        "activation-oversized": 1,
+        "activation-out-of-sequence": 1,
+        "activation-truncated": 1,
+    }
+    assert metering["unattributed"] == 6  # the stranger's, the junk, link, FIFO, directory
+    rejected = world.statements("activation-rejected")
+    mine = [r for r in rejected if r["session"] == opened["session"]]
+    assert 1 <= len(mine) <= 2  # coalesced: one a second at most, and a final one
+    assert sum(r["files"] for r in mine) == 4
+    assert mine[-1]["final"]
+    assert {r["session"] for r in rejected} <= {opened["session"], None}
+    log = (world.daemon.data_dir / "log.jsonl").read_bytes()
+    decoded = b"".join(
+        base64.b64decode(json.loads(line)["data"]) for line in log.splitlines()
+    ).decode("utf-8", "replace")
+    for marker in ("ZZZZZZZZ", "SSSSSSSS", "line", stranger.hex()):
+        assert marker not in decoded
+        assert marker not in world.daemon.log_text()
+    assert call(world.daemon.socket, "GET", "/v1/health")["status"] == "ok"
+
+
+def _fill(path: Path) -> None:
+    with path.open("wb") as f:
+        while True:
+            f.write(bytes(1 << 20))
+
+
+def test_a_flood_fills_neither_the_disk_nor_the_close(world: World) -> None:
+    """20,000 junk files and one as large as the spool, dropped while a session is open:
+    the host's disk does not move, closing the session takes at most the drain timeout,
+    and a bounded number of statements (not 20,001) says so."""
+    opened, session = _open(world)
+    shared = world.daemon.data_dir / "activations"
+    disk = os.statvfs(world.daemon.data_dir.parent)
+    before = len((world.daemon.data_dir / "log.jsonl").read_bytes().splitlines())
+    for i in range(20_000):
+        name = file_name(session, 10 + i) if i % 4 == 0 else f"junk-{i}"
+        (shared / name).write_bytes(b"j" * 64)
+    with pytest.raises(OSError) as full:
+        _fill(shared / "huge")
+    assert full.value.errno == errno.ENOSPC
+    after = os.statvfs(world.daemon.data_dir.parent)
+    assert abs(after.f_bavail - disk.f_bavail) * after.f_frsize < 8 << 20  # not the disk
+    started = time.monotonic()
+    metering = _close(world, opened)["metering"]
+    elapsed = time.monotonic() - started
+    assert elapsed < DRAIN_TIMEOUT + 10
+    assert metering["files"] == 0
+    assert metering["rejected"] + metering["unattributed"] + metering["files_left"] >= 5000
+    _wait_empty(shared, timeout=60)
+    statements = len((world.daemon.data_dir / "log.jsonl").read_bytes().splitlines()) - before
+    assert statements < 200, statements
+    assert call(world.daemon.socket, "GET", "/v1/health")["status"] == "ok"
+    print(f"\nflood: session closed in {elapsed:.2f} s, {statements} log entries")
