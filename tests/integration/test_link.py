@@ -850,6 +850,16 @@ def test_verify_closes_a_link_set_up_behind_its_back(net: Net, rig: Rig) -> None
     rig.keeper.check(proof)
 
 
+def test_check_refuses_a_link_deleted_behind_its_back(net: Net, rig: Rig) -> None:
+    pid = rig.workload()
+    rig.keeper.workload_started(pid)
+    proof = rig.keeper.close()
+    _run("ip", "link", "del", net.plan.host_name)
+    assert [x["ifname"] for x in _ip_json(pid, "link", "show")] == ["lo"]  # silence
+    with pytest.raises(SealError, match="cannot read its state"):
+        rig.keeper.check(proof)
+
+
 TAMPERING = {
     "our chains flushed": [("-F", chain) for chain in SEAL_CHAINS],
     "an ACCEPT first in our chains": [
