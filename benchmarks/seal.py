@@ -1,94 +1,155 @@
-"""What sealing one workload costs, and whether it depends on the number of other workloads.
+"""What sealing costs: the gate's flip, flat in the number of other workloads; open and close
+against the statements they must write.
 
 Run as root from the repository root::
 
     .venv/bin/python -m benchmarks.seal [--quick]
 
-Each "workload" is a network namespace made with ``ip netns add`` (the setns path is the
-one the daemon uses for a holder's netns; no Docker needed). Seal and unseal latency of one
-target netns is measured with 1, 100 and 1,000 OTHER sealed netns present, and with 1,000
-extra chains in the host's legacy filter table. The baseline, measured in the same run, is
-one bare python-iptables commit of a single rule insert+delete in the host netns. Everything
-made here is removed at the end, whatever happens (and leftovers of a killed run are
-removed at the start).
+Part 1, the gate. Each "workload" is a process in a network namespace of its own
+(``unshare --net sleep``) wired by the embassy's real :class:`~embassy.net.link.LinkMaker`
+to a bridge of its own (one embassy, one bridge), its gate closed by a real
+:class:`~embassy.seal.keeper.SealKeeper`. The target's seal (``close``: link down, layer-3
+jumps in) and unseal (``open``: jumps out, link up) are timed with 1, 100 and 1,000 other
+sealed workloads present. Baselines in the same run: one bare ``RTM_NEWLINK`` flip of a veth
+host end (the link's floor) and one bare python-iptables single-rule insert+delete commit in
+a namespace (the floor of one commit; the layer-3 flip is one commit per family).
+
+Part 2, sessions. An embassy on its own swtpm (real statement log: sign, write, fsync, PCR
+extend) and the target's real keeper: ``SessionManager.open`` and ``close`` against the
+floor, ``StatementLog.append_statement`` of a statement of the same size, interleaved in
+one loop so that load hits both alike.
+
+Everything made is removed at the end, whatever happens (and leftovers of a killed run at
+the start).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import ipaddress
 import os
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import iptc
 
-from embassy.seal.iptables import IptablesFirewall
-from embassy.seal.netns import close_default_worker, default_worker
+from benchmarks.stats import percentile
+from embassy.attest.types import TpmMode
+from embassy.config import parse_config
+from embassy.daemon.runtime import Embassy, TpmHandle
+from embassy.net.link import LinkMaker
+from embassy.net.plan import LinkPlan
+from embassy.net.rtnl import Rtnl
+from embassy.seal.gate import Gate
+from embassy.seal.iptables import IptablesL3
+from embassy.seal.keeper import SealKeeper
+from embassy.seal.netns import NetnsWorker
+from embassy.sessions.manager import SessionManager, WorkloadIdentity
+from embassy.tpm.device import TpmDevice
+from embassy.tpm.swtpm import Swtpm
+from embassy.wire.statement import LIFECYCLE_V1
 
-PREFIX = "embassy-bench-"
-HOST_CHAIN = "EMBASSY-BENCH-"
-HOME = Path("/proc/self/ns/net")
-
-
-def _ns(name: str) -> Path:
-    return Path("/run/netns") / name
-
-
-def _ip_netns(*argv: str) -> None:
-    subprocess.run(["ip", "netns", *argv], check=True, capture_output=True)
-
-
-def _existing() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True)
-    return [ln.split()[0] for ln in out.stdout.splitlines() if ln.startswith(PREFIX)]
+PREFIX = "ebz"  # bridges ebzb<i>, host ends ebzh<i>
 
 
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return statistics.median(ordered), p99
+def _sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+def _stats(samples: list[float]) -> str:
+    return f"p50 {percentile(samples, 50):7.3f} ms  p99 {percentile(samples, 99):7.3f} ms"
 
 
 def _timed(fn: Callable[[], object], n: int) -> list[float]:
     samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
+    gc.disable()
+    try:
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+    finally:
+        gc.enable()
     return samples
 
 
-def _host_chains(count: int, add: bool) -> None:
-    """Add (or remove) ``count`` chains, each with one rule, in the host's legacy filter."""
+class Workloads:
+    """Namespaces wired to bridges of their own, gates closed; all removed on close."""
 
-    def change() -> None:
-        table = iptc.Table(iptc.Table.FILTER)
-        table.autocommit = False
-        table.refresh()
-        try:
-            names = [str(c.name) for c in table.chains if str(c.name).startswith(HOST_CHAIN)]
-            for name in names:
-                table.flush_entries(name)
-                table.delete_chain(name)
-            if add:
-                for i in range(count):
-                    chain = table.create_chain(f"{HOST_CHAIN}{i}")
-                    rule = iptc.Rule()
-                    rule.dst = f"10.{i // 250}.{i % 250}.1/32"
-                    rule.target = rule.create_target("DROP")
-                    chain.append_rule(rule)
-            table.commit()
-        finally:
-            table.refresh()
+    def __init__(self, worker: NetnsWorker, rtnl: Rtnl, l3: IptablesL3) -> None:
+        self._worker, self._rtnl, self._l3 = worker, rtnl, l3
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.keepers: list[SealKeeper] = []
 
-    default_worker().run(HOME, change)
+    def add(self, *, sealed: bool = True) -> SealKeeper:
+        i = len(self.procs)
+        bridge = f"{PREFIX}b{i}"
+        _sh("ip", "link", "add", bridge, "type", "bridge")
+        _sh("ip", "link", "set", bridge, "up")
+        proc = subprocess.Popen(["unshare", "--net", "sleep", "3600"])
+        self.procs.append(proc)
+        net = ipaddress.IPv4Network((f"10.{100 + i // 250}.{i % 250}.0", 24))
+        plan = LinkPlan(
+            host_name=f"{PREFIX}h{i}",
+            bridge=bridge,
+            mtu=None,
+            ipv4=ipaddress.IPv4Interface((net.broadcast_address - 1, 24)),
+            gateway4=net.network_address + 1,
+        )
+        maker = LinkMaker(plan, rtnl=self._rtnl, worker=self._worker, l3=self._l3)
+        keeper = SealKeeper(maker, Gate(self._rtnl, self._l3), container_id="bench")
+        deadline = time.monotonic() + 5
+        while not os.path.exists(f"/proc/{proc.pid}/ns/net") or _same_netns(proc.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError("unshare did not make a namespace")
+            time.sleep(0.005)
+        keeper.workload_started(proc.pid)
+        if not sealed:
+            keeper.open()
+        self.keepers.append(keeper)
+        return keeper
+
+    def close(self) -> None:
+        for keeper in self.keepers:
+            keeper.workload_stopped()
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(10)
+        cleanup()
 
 
-def _baseline(n: int) -> list[float]:
+def _same_netns(pid: int) -> bool:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+
+
+def cleanup() -> None:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(PREFIX):
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
+def _baseline_link(rtnl: Rtnl, n: int) -> list[float]:
+    _sh("ip", "link", "add", f"{PREFIX}x0", "type", "veth", "peer", "name", f"{PREFIX}x1")
+    index = rtnl.link_by_name(f"{PREFIX}x0")
+    assert index is not None
+    state = [False]
+
+    def flip() -> None:
+        state[0] = not state[0]
+        rtnl.set_up(index.index, state[0])
+
+    return _timed(flip, n)
+
+
+def _baseline_commit(worker: NetnsWorker, netns: Path, n: int) -> list[float]:
     def once() -> None:
         table = iptc.Table(iptc.Table.FILTER)
         table.autocommit = False
@@ -102,13 +163,115 @@ def _baseline(n: int) -> list[float]:
         table.commit()
         table.refresh()
 
-    return default_worker().run(HOME, lambda: _timed(once, n))
+    return worker.run(netns, lambda: _timed(once, n))
 
 
-def _cleanup() -> None:
-    for name in _existing():
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
-    _host_chains(0, add=False)
+def part_gate(
+    args: argparse.Namespace, workloads: Workloads, rtnl: Rtnl, worker: NetnsWorker
+) -> SealKeeper:
+    iterations = 50 if args.quick else 300
+    others_counts = (1, 10, 100) if args.quick else (1, 100, 1000)
+    target = workloads.add(sealed=False)
+    link_base = _baseline_link(rtnl, iterations * 2)
+    commit_base = _baseline_commit(
+        worker, Path(f"/proc/{workloads.procs[0].pid}/ns/net"), iterations
+    )
+    rows = []
+    for wanted in others_counts:
+        print(f"  wiring and sealing {wanted} other workloads ...", file=sys.stderr, flush=True)
+        while len(workloads.keepers) - 1 < wanted:
+            workloads.add(sealed=True)
+        seal: list[float] = []
+        unseal: list[float] = []
+        for _ in range(iterations):
+            # Complete flips: the link and both families' layer-3 jumps (the daemon overlaps
+            # the layer-3 step of a seal with the seal statement; part 2 measures that).
+            seal += _timed(lambda: (target.close(), target.settle()), 1)
+            unseal += _timed(lambda: (target.open(), target.settle()), 1)
+        rows.append((wanted, seal, unseal))
+    print()
+    print("Part 1: the gate (link + layer-3 rules) of one workload")
+    print(f"  baseline: bare link flip (RTM_NEWLINK)         {_stats(link_base)}")
+    print(f"  baseline: bare iptc insert+delete commit       {_stats(commit_base)}")
+    print(f"  {'other sealed workloads':<24} {'seal':>36} {'unseal':>36}")
+    base = percentile(commit_base, 50)
+    for wanted, seal, unseal in rows:
+        print(f"  {wanted:<24} {_stats(seal):>36} {_stats(unseal):>36}")
+    for wanted, seal, unseal in rows:
+        print(
+            f"  with {wanted:>4} others: seal/commit {percentile(seal, 50) / base:5.2f}x, "
+            f"unseal/commit {percentile(unseal, 50) / base:5.2f}x, "
+            f"seal p50 / seal p50 with {rows[0][0]} other: "
+            f"{percentile(seal, 50) / percentile(rows[0][1], 50):.2f}"
+        )
+    return target
+
+
+@contextlib.contextmanager
+def _embassy() -> Iterator[Embassy]:
+    with tempfile.TemporaryDirectory(prefix="embassy-bench-seal-") as tmp:
+        root = Path(tmp)
+        swtpm = Swtpm(root / "swtpm")
+        try:
+            tcti = swtpm.ensure_running()
+            config = parse_config(
+                {
+                    "data_dir": str(root / "data"),
+                    "socket": str(root / "embassy.sock"),
+                    "statement_log": {"checkpoint_every": 1_000_000},
+                }
+            )
+            embassy = Embassy(config, TpmHandle(TpmDevice.open(*tcti, TpmMode.SOFTWARE), swtpm))
+            try:
+                yield embassy
+            finally:
+                embassy.close()
+        finally:
+            swtpm.stop()
+
+
+def part_sessions(args: argparse.Namespace, target: SealKeeper) -> None:
+    n = 60 if args.quick else 300
+    with _embassy() as embassy:
+        manager = SessionManager(
+            log=embassy.log,
+            seal=target,
+            workload=WorkloadIdentity("sha256:" + "ab" * 32, "c0ffee" * 10, bytes(32)),
+            token_key=bytes(32),
+        )
+        manager.reconcile()
+        body = {"event": "bench", "session": "00" * 16, "pad": "x" * 300}
+        floor: list[float] = []
+        opens: list[float] = []
+        closes: list[float] = []
+        for _ in range(10):  # warm-up
+            opened = manager.open(60, release=lambda s: None)
+            manager.close(opened.session, opened.token, bytes(32))
+        gc.disable()
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                embassy.log.append_statement(LIFECYCLE_V1, [], body)
+                t1 = time.perf_counter()
+                opened = manager.open(60, release=lambda s: None)
+                t2 = time.perf_counter()
+                manager.close(opened.session, opened.token, bytes(32))
+                t3 = time.perf_counter()
+                floor.append((t1 - t0) * 1e3)
+                opens.append((t2 - t1) * 1e3)
+                closes.append((t3 - t2) * 1e3)
+        finally:
+            gc.enable()
+    f50 = percentile(floor, 50)
+    print()
+    print("Part 2: a session's open and close against the statement each must write")
+    print(f"  floor: one statement (signed, fsync'd, PCR-extended)  {_stats(floor)}")
+    print(f"  open  (seal, check, statement, check, release)        {_stats(opens)}")
+    print(f"  close (token, unseal, statement)                      {_stats(closes)}")
+    print(
+        f"  open/floor {percentile(opens, 50) / f50:.2f}x  "
+        f"close/floor {percentile(closes, 50) / f50:.2f}x (p50s)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,59 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer iterations, up to 100 others")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        print("benchmarks.seal needs root (netns, netfilter)", file=sys.stderr)
+        print("benchmarks.seal needs root (namespaces, links, netfilter)", file=sys.stderr)
         return 2
-    iterations = 20 if args.quick else 100
-    others_counts = (1, 10, 100) if args.quick else (1, 100, 1000)
-    host_chain_count = 100 if args.quick else 1000
-    fw = IptablesFirewall()
-    rows: list[tuple[str, list[float], list[float]]] = []
-    _cleanup()
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) / 2:
+        print(f"warning: load average {load:.2f}: figures will be noisy", file=sys.stderr)
+    cleanup()
+    worker = NetnsWorker()
+    rtnl = Rtnl()
+    workloads = Workloads(worker, rtnl, IptablesL3(worker))
     try:
-        baseline = _baseline(iterations * 5)
-        target_name = f"{PREFIX}target"
-        _ip_netns("add", target_name)
-        target = _ns(target_name)
-        fw.prepare(target)
-        others = 0
-
-        def measure(label: str) -> None:
-            seal_ms: list[float] = []
-            unseal_ms: list[float] = []
-            for _ in range(iterations):
-                seal_ms += _timed(lambda: fw.seal(target), 1)
-                unseal_ms += _timed(lambda: fw.unseal(target), 1)
-            rows.append((label, seal_ms, unseal_ms))
-
-        for wanted in others_counts:
-            while others < wanted:
-                name = f"{PREFIX}{others}"
-                _ip_netns("add", name)
-                fw.seal(_ns(name))
-                others += 1
-            measure(f"{wanted} other sealed netns")
-        _host_chains(host_chain_count, add=True)
-        measure(f"{others} others + {host_chain_count} host chains")
+        target = part_gate(args, workloads, rtnl, worker)
+        part_sessions(args, target)
     finally:
-        _cleanup()
-        close_default_worker()
-
-    b50, b99 = _percentiles(baseline)
-    print(
-        f"baseline: bare iptc insert+delete commit, host netns: p50 {b50:.3f} ms  p99 {b99:.3f} ms"
-    )
-    print(
-        f"{'case':<36} {'seal p50':>9} {'p99':>8} {'unseal p50':>11} {'p99':>8} {'seal/base':>10}"
-    )
-    for label, seal_ms, unseal_ms in rows:
-        s50, s99 = _percentiles(seal_ms)
-        u50, u99 = _percentiles(unseal_ms)
-        print(
-            f"{label:<36} {s50:>8.2f}  {s99:>7.2f}  {u50:>10.2f}  {u99:>7.2f}  {s50 / b50:>9.0f}x"
-        )
-    first = _percentiles(rows[0][1])[0]
-    for label, seal_ms, _ in rows[1:]:
-        print(f"seal p50 with {label} / with {rows[0][0]}: {_percentiles(seal_ms)[0] / first:.2f}")
+        workloads.close()
+        worker.close()
+        rtnl.close()
     return 0
 
 

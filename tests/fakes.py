@@ -220,7 +220,10 @@ class MemorySeal:
         self.closed = False
         return "unsealed"
 
-    def check(self, proof: SealProof) -> None:
+    def settle(self) -> None:
+        self.history.append("settle")
+
+    def check(self, proof: SealProof, *, settled: bool = True) -> None:
         self.checks += 1
         if self.lift_in_check == self.checks:
             self.closed = False

@@ -14,9 +14,18 @@ Two independent layers, flipped in a fixed order:
 Closing takes the link down first (silence at once), then puts the jumps in; opening takes
 the jumps out, then brings the link up last. So at every instant between the two steps
 both layers agree on "closed" or the link, the stronger one, is down.
+
+The layer-3 step runs on the netns worker. :meth:`Gate.begin_close` returns once the link
+is down and leaves the jumps going in, so a session's seal statement is written while they
+do (its key is released only after :meth:`Gate.settle`); :meth:`Gate.begin_open` queues
+"jumps out, then link up" likewise. Every other call settles what is pending first, so the
+steps of two flips can never interleave.
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
 
 from embassy.errors import SealError
 from embassy.net.link import WorkloadLink
@@ -29,20 +38,54 @@ class Gate:
     def __init__(self, rtnl: Rtnl, l3: IptablesL3) -> None:
         self._rtnl = rtnl
         self._l3 = l3
+        self._lock = threading.Lock()
+        self._pending: Future[None] | None = None
 
     def close(self, link: WorkloadLink) -> None:
-        self._set_link(link, up=False)
-        self._l3.flip(link.netns_path, sealed=True)
+        self.begin_close(link)
+        self.settle()
 
     def open(self, link: WorkloadLink) -> None:
-        self._l3.flip(link.netns_path, sealed=False)
-        self._set_link(link, up=True)
+        self.begin_open(link)
+        self.settle()
+
+    def begin_close(self, link: WorkloadLink) -> None:
+        """Take the link down now; the layer-3 jumps follow on the worker."""
+        with self._lock:
+            self._settle_locked()
+            self._set_link(link, up=False)
+            self._pending = self._l3.submit_flip(link.netns_path, sealed=True)
+
+    def begin_open(self, link: WorkloadLink) -> None:
+        """Queue the jumps out, then the link up, on the worker."""
+        with self._lock:
+            self._settle_locked()
+            self._pending = self._l3.submit_flip(
+                link.netns_path, sealed=False, then=lambda: self._set_link(link, up=True)
+            )
+
+    def settle(self) -> None:
+        """Wait for the pending flip; raise :class:`SealError` if it failed."""
+        with self._lock:
+            self._settle_locked()
+
+    def _settle_locked(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result(timeout=30)
+        except SealError:
+            raise
+        except Exception as exc:  # a timeout, or what the worker raised
+            raise SealError(f"the gate's layer-3 step failed: {exc!r}") from exc
 
     def repair(self, link: WorkloadLink, *, sealed: bool) -> None:
         """Put the layer-3 chains back with exactly their rules, then the gate as ``sealed``
         says: the monitor's repair. :meth:`close` and :meth:`open` only flip the jumps, so
         chains whose rules were changed (flushed, an ACCEPT added) stay changed through them.
         """
+        self.settle()
         if sealed:
             self._set_link(link, up=False)
             self._l3.install(link.netns_path, sealed=True)
@@ -62,6 +105,7 @@ class Gate:
     def l3_rules(self, link: WorkloadLink) -> SealRules:
         """The layer-3 rules in the workload's namespace, read back (a few ms: not per call
         on the hot path; the monitor reads them)."""
+        self.settle()
         return self._l3.read(link.netns_path)
 
     def l3_state(self, link: WorkloadLink) -> L3State:

@@ -15,6 +15,7 @@ after (a failed change is discarded by the refresh, never half-committed).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -175,6 +176,11 @@ class IptablesL3:
         self._worker.run(netns, apply)
 
     def flip(self, netns: Path, *, sealed: bool) -> None:
+        self.submit_flip(netns, sealed=sealed).result()
+
+    def submit_flip(
+        self, netns: Path, *, sealed: bool, then: Callable[[], None] | None = None
+    ) -> Future[None]:
         """Insert (``sealed``) or delete the jumps: the hot path, a few hundred µs.
 
         Chains that are missing are reinstalled first; chains whose rules were changed are
@@ -185,8 +191,10 @@ class IptablesL3:
         def apply() -> None:
             for family in Family:
                 self._guard(netns, family, "flip", partial(self._flip, family, sealed))
+            if then is not None:
+                then()
 
-        self._worker.run(netns, apply)
+        return self._worker.submit(netns, apply)
 
     def read(self, netns: Path) -> SealRules:
         """The kernel's current lines of ours in ``netns`` (both families)."""

@@ -114,27 +114,36 @@ class SealKeeper:
         return self._sealed or bool(self._quarantine)
 
     def close(self) -> SealProof:
-        """Close the gate (idempotent); return what is now in force."""
+        """Close the gate (idempotent): the link is down when this returns, the layer-3
+        rules follow (:meth:`check` waits for them); return what is claimed in force."""
         with self._lock:
             self._sealed = True
             if self._link is not None:
-                self._gate.close(self._link)
+                self._gate.begin_close(self._link)
             return self._proof()
 
     def open(self) -> str:
-        """Open the gate unless the namespace is quarantined; say which happened."""
+        """Start opening the gate unless the namespace is quarantined; say which. The gate
+        is open once :meth:`settle` returns."""
         with self._lock:
             self._sealed = False
             if self._quarantine:
                 return "quarantined"
             if self._link is not None:
-                self._gate.open(self._link)
+                self._gate.begin_open(self._link)
             return "unsealed"
 
-    def check(self, proof: SealProof) -> None:
+    def settle(self) -> None:
+        """Wait until the gate's last change is complete (SealError if it failed)."""
+        self._gate.settle()
+
+    def check(self, proof: SealProof, *, settled: bool = True) -> None:
         """Raise :class:`SealError` unless the seal ``proof`` describes is in force now: the
-        gate closed on that very namespace, the link down in the kernel, the workload
-        still in that namespace, and nobody else in it."""
+        gate closed on that very namespace (both layers, unless ``settled`` is False: then
+        the link alone), the link down in the kernel, the workload still in that namespace,
+        and nobody else in it."""
+        if settled:
+            self._gate.settle()
         with self._lock:
             if not self.closed:
                 raise SealError("the gate is open")

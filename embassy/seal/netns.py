@@ -18,7 +18,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,13 +64,16 @@ class NetnsWorker:
 
     def run(self, netns: Path, fn: Callable[[], T]) -> T:
         """Run ``fn()`` inside ``netns`` on the worker thread; return or raise what it does."""
+        return self.submit(netns, fn).result()
+
+    def submit(self, netns: Path, fn: Callable[[], T]) -> Future[T]:
+        """Queue ``fn()`` to run inside ``netns``; jobs run one at a time, in order."""
         with self._lock:
             if self._closed:
                 raise SealError(f"netns worker is closed (netns {netns})")
             if self._broken is not None:
                 raise SealError(f"netns worker is unusable: {self._broken} (netns {netns})")
-            future = self._executor.submit(self._enter_and_run, netns, fn)
-        return future.result()
+            return self._executor.submit(self._enter_and_run, netns, fn)
 
     def close(self) -> None:
         """Stop the thread and close the home fd. Idempotent."""

@@ -70,7 +70,8 @@ class Seal(Protocol):
 
     def close(self) -> SealProof: ...
     def open(self) -> str: ...
-    def check(self, proof: SealProof) -> None: ...
+    def settle(self) -> None: ...
+    def check(self, proof: SealProof, *, settled: bool = True) -> None: ...
     def status(self) -> dict[str, Any]: ...
 
 
@@ -189,12 +190,14 @@ class SessionManager:
             proof = self._seal.close()
             self._point("seal:after-rules")
             try:
-                self._seal.check(proof)
+                # The link is down; its layer-3 rules go in while the statement is written.
+                self._seal.check(proof, settled=False)
                 session = secrets.token_bytes(16)
                 if claim is not None:
                     claim(session)
             except BaseException:
                 self._open_gate_if_idle()
+                self._seal.settle()
                 raise
             deadline = int(self._now()) + deadline_seconds
             appended = self._log.append_statement(
@@ -214,7 +217,7 @@ class SessionManager:
             self._open[session] = state
             try:
                 # Right before anything leaves: the very namespace that was sealed is still
-                # sealed, the link is down in the kernel, nobody else is in it.
+                # sealed (both layers), the link is down in the kernel, nobody else is in it.
                 self._seal.check(proof)
                 released = release(session)
             except SealError as exc:
@@ -282,6 +285,8 @@ class SessionManager:
                 },
             )
             self._point("unseal:after-statement")
+            # The workload's network is back when the close returns (its answer goes out).
+            self._seal.settle()
             return appended.envelope
 
     def _ended(self, session: bytes) -> bytes:
@@ -314,6 +319,7 @@ class SessionManager:
         )
         _LOG.warning("session %s aborted: %s", state.session.hex(), reason)
         self._on_abort(state.session)
+        self._seal.settle()
         return appended.envelope
 
     def abort(self, session: bytes, reason: str) -> bytes:
@@ -373,6 +379,7 @@ class SessionManager:
                     actions.append(f"aborted {state.session.hex()}")
             if not self._open:
                 actions.append(self._seal.open())
+            self._seal.settle()
             report: dict[str, Any] = {
                 "event": "reconcile",
                 "gate_before": before,

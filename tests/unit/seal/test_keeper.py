@@ -60,6 +60,16 @@ class FakeGate:
         self._flip(link, L3State.OPEN)
         self.up[link.host_index] = True
 
+    # The real gate leaves the layer-3 step pending on the worker; here it is done at once.
+    def begin_close(self, link: WorkloadLink) -> None:
+        self.close(link)
+
+    def begin_open(self, link: WorkloadLink) -> None:
+        self.open(link)
+
+    def settle(self) -> None:
+        pass
+
     def repair(self, link: WorkloadLink, *, sealed: bool) -> None:
         self.calls.append(("repair", link.host_index))
         self.l3[link.host_index] = L3State.SEALED if sealed else L3State.OPEN
