@@ -37,6 +37,11 @@ fsync'd, extended into the log PCR) between two fsync'd SQLite transactions.
    least 250 ms between two commits).
 3. **Where the time goes**: one file at a time again, with the calls ``handle`` makes timed
    in place (wrappers on the module functions and objects it calls, removed afterwards).
+4. **A flood of junk**: a session is open while N small junk files are dropped (a quarter
+   named as the SDK names activation files, with junk inside; the rest other names), as
+   fast as this process can create them; then the session is closed. Timed: the creation,
+   the close (the drain of what the worker has not handled yet) and both together; counted:
+   the log entries it cost (rejections are coalesced: a handful, not N statements).
 
 The activation directory is on tmpfs (under ``/dev/shm``) unless ``--act-dir`` says
 otherwise. The daemon keeps it under its data directory (``DATA/activations``), but neither
@@ -84,7 +89,7 @@ from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.wire.codec import b64encode
 from embassy.wire.dsse import keyid
 from tests.fakes import FakeTpm
-from workload_sdk.activations import ActivationWriter, header_len_for
+from workload_sdk.activations import ActivationWriter, file_name, header_len_for
 
 DIM = 384
 CAPABILITIES = [f"cap{i:02d}" for i in range(20)]
@@ -112,10 +117,11 @@ class Counts:
     latency_large: tuple[int, int]
     split_small: tuple[int, int]
     split_large: tuple[int, int]
+    flood: int
 
 
-FULL = Counts((10, 2000), (5, 200), (10, 500), (5, 100), (5, 200), (3, 50))
-QUICK = Counts((5, 200), (3, 30), (5, 50), (3, 10), (3, 30), (2, 10))
+FULL = Counts((10, 2000), (5, 200), (10, 500), (5, 100), (5, 200), (3, 50), 20_000)
+QUICK = Counts((5, 200), (3, 30), (5, 50), (3, 10), (3, 30), (2, 10), 5_000)
 
 
 # -- the embassy and its intake ------------------------------------------------------------
@@ -185,7 +191,13 @@ class Bench:
         self.embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
         self.keyid = keyid(self.embassy.keys.signing.public_key())
         self.committed = Committed(self.embassy.metering.handle)
-        self.intake = ActivationIntake(self.activations, self.committed)
+        metering = self.embassy.metering
+        self.intake = ActivationIntake(
+            self.activations,
+            self.committed,
+            discard=metering.discard,
+            tick=lambda final: metering.flush(final=final),
+        )
 
     def close(self) -> None:
         try:
@@ -458,6 +470,34 @@ class InPlace:
             yield
 
 
+@dataclass
+class Flood:
+    files: int
+    create_s: float  # creating the junk files
+    close_s: float  # closing the session: the drain of what is left
+    entries: int  # log entries the flood cost
+    rejected: int  # counted against the session
+    unattributed: int  # counted against no session
+
+
+def flood(bench: Bench, n: int) -> Flood:
+    session = bench.begin(Op.UPDATE, CAPABILITIES)
+    before = len(bench.embassy.log.entries)
+    t0 = time.perf_counter()
+    for i in range(n):
+        name = file_name(session, 10**6 + i) if i % 4 == 0 else f"junk-{i}"
+        (bench.activations / name).write_bytes(b"j" * 64)
+    t1 = time.perf_counter()
+    summary = bench.finish(session)
+    t2 = time.perf_counter()
+    if summary["files_left"] or list(bench.activations.iterdir()):
+        raise RuntimeError(f"the flood was not cleared: {summary}")
+    # The session's seal and unseal statements are not the intake's: only the metering's
+    # own statements (and the checkpoints they brought) are counted.
+    entries = len(bench.embassy.log.entries) - before
+    return Flood(n, t1 - t0, t2 - t1, entries, summary["rejected"], summary["unattributed"])
+
+
 def split(bench: Bench, shape: tuple[int, int], counts: tuple[int, int]) -> dict[str, float]:
     """Mean microseconds per file of each part of one file's way, self time."""
     warmup, n = counts
@@ -682,6 +722,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {name}: handle alone {_mb_s(arrays[shape][0].nbytes, handle / 1e6)} "
                 f"({1e6 / handle:,.0f} files/s on one worker thread)"
             )
+
+        # 4. A flood of junk while a session is open.
+        print("\n4. a flood of junk files while a session is open, then the session closed")
+        result = flood(bench, counts.flood)
+        rate = result.files / (result.create_s + result.close_s)
+        print(
+            f"  {result.files:,} files: created in {result.create_s:.2f} s, session closed "
+            f"{result.close_s:.2f} s later ({rate:,.0f} files/s cleared); "
+            f"{result.rejected:,} rejected against the session, "
+            f"{result.unattributed:,} against none; {result.entries} log entries"
+        )
     finally:
         bench.close()
     print(
