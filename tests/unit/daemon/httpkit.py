@@ -14,7 +14,7 @@ from typing import Any
 
 from embassy.config import HttpLimits
 from embassy.daemon.api import Api
-from embassy.daemon.http import Handler, UnixHttpServer
+from embassy.daemon.http import Handler, Peer, UnixHttpServer
 
 
 class FakeService:
@@ -22,6 +22,7 @@ class FakeService:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.peers: list[Peer | None] = []
 
     def health(self) -> dict[str, Any]:
         self.calls.append("health")
@@ -54,6 +55,11 @@ class FakeService:
 
     def seal_status(self) -> dict[str, Any]:
         return {"sealed": False}
+
+    def authorize_session(self, peer: Peer | None) -> None:
+        # The daemon's check of session routes by peer credentials: everyone passes here,
+        # so the hostile bodies behind it are what the fuzz exercises.
+        self.peers.append(peer)
 
 
 @contextmanager
