@@ -7,19 +7,27 @@ python3-cryptography; ``workload_sdk`` sits next to this file in ``/app``). Rout
 - ``POST /infer``: a sealed request, in one of two forms:
 
   * JSON ``{"envelope": {...}, "input": "<base64 of the encrypted stream>"}``;
-  * the encrypted stream itself as the body (``Content-Length`` required), with the
-    envelope as base64 of its JSON in the ``X-Embassy-Envelope`` header. The body is
-    decrypted as it arrives, chunk by chunk, never held whole.
+  * the encrypted stream itself as the body (``Content-Length`` required, at most
+    ``MAX_INPUT_BYTES``), with the envelope as base64 of its JSON in the
+    ``X-Embassy-Envelope`` header. The body is spooled to local disk as it arrives
+    (``workload_sdk.spool``: the ciphertext only, O(chunk) memory), never held whole in
+    memory.
 
-  The service opens a session (the embassy seals the workload, then unwraps the input key),
-  decrypts and authenticates the stream, computes its output, and finishes the session
-  with the output, which the embassy certifies by its SHA-256 in the unseal statement. It
-  answers ``{"output", "seal_statement", "unseal_statement", "output_sha256", "session"}``
-  (bytes as base64). Any failure after the session opened closes it certifying nothing.
+  The service first receives the WHOLE encrypted input, and only then opens a session (the
+  embassy seals the workload, then unwraps the input key): the seal takes the workload's
+  network link down, so this very connection is paused until the unseal, and a body read
+  after the seal would never arrive (the session would run into its deadline). Sealed, it
+  decrypts and authenticates the stream from memory (JSON form) or from the spool (raw
+  form), computes its output, and finishes the session with the output, which the embassy
+  certifies by its SHA-256 in the unseal statement. Only then, unsealed, does it write its
+  answer on the paused connection: ``{"output", "seal_statement", "unseal_statement",
+  "output_sha256", "session"}`` (bytes as base64). Any failure after the session opened
+  closes it certifying nothing.
 - ``POST /embed``: a sealed request to the model (all-MiniLM-L6-v2, a numpy forward pass;
   present when the image carries the model, see ``build.sh``): JSON ``{"envelope",
-  "input", "actions"?}``, the input a UTF-8 prompt. ``actions`` (base64) is relayed to the
-  embassy untouched: the authorities' instructions sealed under the payload's action key.
+  "input", "actions"?}``, the input a UTF-8 prompt; the whole body is read before the
+  seal, as above. ``actions`` (base64) is relayed to the embassy untouched: the
+  authorities' instructions sealed under the payload's action key.
   While sealed, the hidden states of the layers named by ``CAPTURE_LAYERS`` (default
   ``6``, the last) are written as activation files for the embassy to meter. The output is
   canonical JSON ``{"dim","embedding_f32le","model","tokens"}`` (the normalised sentence
@@ -35,7 +43,9 @@ The computation is a placeholder for the model: canonical JSON of the plaintext'
 SHA-256, whitespace-separated word count and its first 200 characters upper-cased.
 
 Environment: ``EMBASSY_SOCKET`` (default ``/run/embassy/embassy.sock``), ``PORT`` (8080),
-``SESSION_DEADLINE_SECONDS`` (300), ``MAX_JSON_BODY_BYTES`` (64 MiB), ``MODEL_DIR``
+``SESSION_DEADLINE_SECONDS`` (300), ``MAX_JSON_BODY_BYTES`` (64 MiB), ``MAX_INPUT_BYTES``
+(the raw form's cap, 4 GiB), ``SPOOL_DIR`` (where the raw form's ciphertext is spooled;
+default ``TMPDIR``, else ``/tmp``: the container's own disk), ``MODEL_DIR``
 (``/app/model``), ``CAPTURE_LAYERS`` (comma-separated layer indexes, ``6``).
 """
 
@@ -61,6 +71,7 @@ from workload_sdk.errors import (
     SealFailed,
     Unavailable,
 )
+from workload_sdk.spool import SpoolError, spool_input
 from workload_sdk.stream import StreamError
 
 _LOG = logging.getLogger("sealed_service")
@@ -69,6 +80,14 @@ ENVELOPE_HEADER = "X-Embassy-Envelope"
 MAX_ENVELOPE_HEADER = 16 * 1024
 CONNECTION_TIMEOUT = 600.0
 BASELINE_CHUNK = 64 * 1024  # the stream's default chunk size: /infer's unit of work
+DEFAULT_MAX_INPUT = 4 * 1024 * 1024 * 1024
+# A spool failure as the caller sees it: (HTTP status, error code).
+SPOOL_ERRORS = {
+    "too-large": (413, "payload-too-large"),
+    "short-input": (400, "incomplete-body"),
+    "no-space": (507, "insufficient-storage"),
+    "storage": (500, "spool-failed"),
+}
 
 
 class RequestProblem(Exception):
@@ -133,7 +152,11 @@ def summarize(plaintext: bytes) -> bytes:
 def run_sealed(
     client: EmbassyClient, envelope: Mapping[str, Any], src: BinaryIO, deadline_seconds: int
 ) -> tuple[bytes, Result, str]:
-    """Open a session, decrypt ``src`` through :class:`Summary`, finish with its output."""
+    """Open a session, decrypt ``src`` through :class:`Summary`, finish with its output.
+
+    ``src`` must hold the whole input already (in memory or spooled): once the session is
+    open, the workload's network is paused and nothing more can arrive.
+    """
     with client.open(envelope, deadline_seconds=deadline_seconds) as session:
         summary = Summary()
         for chunk in session.decrypt(src):
@@ -155,7 +178,11 @@ def run_embed(
     deadline_seconds: int,
     layers: tuple[int, ...],
 ) -> tuple[bytes, Result, str, tuple[bytes, ...]]:
-    """A sealed prompt through the model, its chosen layers written for the embassy."""
+    """A sealed prompt through the model, its chosen layers written for the embassy.
+
+    ``request`` is the whole JSON body, received before this is called: the seal pauses the
+    connection it came on.
+    """
     from examples.minilm.model import MiniLM  # numpy only on this route
 
     assert isinstance(model, MiniLM)
@@ -266,7 +293,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, status: int, code: str, message: str, **extra: Any) -> None:
-        self._reply(status, {"error": {"code": code, "message": message, **extra}})
+        try:
+            self._reply(status, {"error": {"code": code, "message": message, **extra}})
+        except (ConnectionError, TimeoutError) as exc:
+            # E.g. a client that sent a short body and hung up: nobody is left to tell.
+            _LOG.warning("could not send the error %s (%s): %s", status, code, exc)
 
     def do_GET(self) -> None:
         if self.path != "/health":
@@ -294,6 +325,11 @@ class Handler(BaseHTTPRequestHandler):
         except RequestProblem as exc:
             self.close_connection = True
             self._error(exc.status, exc.code, exc.message)
+        except SpoolError as exc:
+            # Refused before any session was opened: the payload is not spent.
+            self.close_connection = True
+            status, code = SPOOL_ERRORS.get(exc.reason, (500, "spool-failed"))
+            self._error(status, code, exc.message)
         except StreamError as exc:
             self.close_connection = True
             self._error(400, "bad-stream", exc.message, reason=exc.reason)
@@ -338,7 +374,8 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestProblem(404, "no-model", "this image carries no model")
         if length > self.server.max_json_body:
             raise RequestProblem(413, "payload-too-large", "JSON body too large")
-        request = _json_object(self.rfile.read(length), "request body")
+        # The whole body before run_embed opens the session (which pauses this connection).
+        request = _json_object(self._read_body(length), "request body")
         if not isinstance(request.get("envelope"), dict):
             raise RequestProblem(400, "bad-request", "'envelope' must be a JSON object")
         output, result, session_id, readings = run_embed(
@@ -359,6 +396,15 @@ class Handler(BaseHTTPRequestHandler):
             },
         )
 
+    def _read_body(self, length: int) -> bytes:
+        """The whole body of ``length`` bytes (already capped by the caller) in memory."""
+        data = self.rfile.read(length)
+        if len(data) != length:
+            raise RequestProblem(
+                400, "incomplete-body", f"the body ended after {len(data)} of its {length} bytes"
+            )
+        return data
+
     def _infer(self) -> None:
         length = self._content_length()
         header = self.headers.get(ENVELOPE_HEADER)
@@ -367,10 +413,19 @@ class Handler(BaseHTTPRequestHandler):
             if len(header) > MAX_ENVELOPE_HEADER:
                 raise RequestProblem(431, "bad-request", f"{ENVELOPE_HEADER} is too large")
             envelope = _json_object(_b64decode(header, ENVELOPE_HEADER), ENVELOPE_HEADER)
-            body = _BodyReader(cast(BinaryIO, self.rfile), length)
-            # decrypt_stream reads to the end of the body: data after the stream's last
-            # chunk fails authentication, so nothing is left unread on the connection.
-            src = cast(BinaryIO, io.BufferedReader(body, buffer_size=64 * 1024))
+            # The whole body, to disk, before the session: once sealed, this connection is
+            # paused and would deliver nothing more. Exactly Content-Length bytes are read
+            # (a short body is refused unsealed); data after the stream's last chunk fails
+            # authentication, so an over-long stream is no use either.
+            src = cast(
+                BinaryIO,
+                spool_input(
+                    self.rfile,
+                    length,
+                    max_bytes=self.server.max_input_bytes,
+                    directory=self.server.spool_dir,
+                ),
+            )
         else:
             if length > self.server.max_json_body:
                 raise RequestProblem(
@@ -379,14 +434,17 @@ class Handler(BaseHTTPRequestHandler):
                     f"JSON body over {self.server.max_json_body} bytes: send the stream raw "
                     f"with {ENVELOPE_HEADER}",
                 )
-            request = _json_object(self.rfile.read(length), "request body")
+            # The whole body in memory (at most max_json_body) before the session.
+            request = _json_object(self._read_body(length), "request body")
             if not isinstance(request.get("envelope"), dict):
                 raise RequestProblem(400, "bad-request", "'envelope' must be a JSON object")
             envelope = request["envelope"]
             src = io.BytesIO(_b64decode(request.get("input"), "input"))
-        output, result, session_id = run_sealed(
-            self.server.client, envelope, src, self.server.deadline_seconds
-        )
+        with src:  # the spool's disk space is freed as soon as the session is over
+            output, result, session_id = run_sealed(
+                self.server.client, envelope, src, self.server.deadline_seconds
+            )
+        # Unsealed again: the answer goes out on the connection the seal paused.
         self._reply(
             200,
             {
@@ -408,6 +466,8 @@ class Service(ThreadingHTTPServer):
         *,
         deadline_seconds: int = 300,
         max_json_body: int = 64 * 1024 * 1024,
+        max_input_bytes: int = DEFAULT_MAX_INPUT,
+        spool_dir: str | None = None,
         model: Any = None,
         layers: tuple[int, ...] = (6,),
     ) -> None:
@@ -415,6 +475,8 @@ class Service(ThreadingHTTPServer):
         self.client = client
         self.deadline_seconds = deadline_seconds
         self.max_json_body = max_json_body
+        self.max_input_bytes = max_input_bytes
+        self.spool_dir = spool_dir
         self.model = model
         self.layers = layers
 
@@ -438,6 +500,8 @@ def main() -> int:
         client,
         deadline_seconds=int(os.environ.get("SESSION_DEADLINE_SECONDS", "300")),
         max_json_body=int(os.environ.get("MAX_JSON_BODY_BYTES", str(64 * 1024 * 1024))),
+        max_input_bytes=int(os.environ.get("MAX_INPUT_BYTES", str(DEFAULT_MAX_INPUT))),
+        spool_dir=os.environ.get("SPOOL_DIR") or None,
         model=load_model(os.environ.get("MODEL_DIR", "/app/model")),
         layers=tuple(int(i) for i in os.environ.get("CAPTURE_LAYERS", "6").split(",") if i),
     )

@@ -1,11 +1,21 @@
-"""A 1 GiB sealed input streams through the real daemon and the example workload.
+"""A 1 GiB sealed input goes through the real daemon and the example workload.
+
+The seal pauses every flow of the workload (its only link goes down until the unseal), so
+the service must have the whole input before it asks for the seal: it spools the
+ciphertext to its container's disk (``workload_sdk.spool``) as the body arrives, then opens
+the session and decrypts from the spool. A service that read the body after the seal would
+wait for bytes that cannot arrive, and this request would run into the session's deadline.
 
 The workload runs with a 192 MiB memory limit, so a service (or SDK) that held the input,
 or even a large part of it, would be OOM-killed. The plaintext is generated on the fly,
 encrypted to a temporary file on disk, and posted raw (``X-Embassy-Envelope`` header) with
 ``http.client`` reading the file as it sends. The output's byte count, SHA-256 and word
-count must equal what the test computed while generating; the result verifies; and the
-container's peak memory (cgroup v1 ``max_usage``) stays under its limit.
+count must equal what the test computed while generating; the result verifies; the
+container was not OOM-killed; the service process's peak resident memory (``VmHWM``) is a
+small fraction of the input; and the spool left nothing in the container's filesystem.
+
+The cgroup's own peak (v1 ``max_usage``) is printed but not bounded below the limit: it
+counts the page cache of the spool file, which the kernel reclaims under the limit.
 """
 
 from __future__ import annotations
@@ -100,13 +110,30 @@ class Plaintext:
 
 
 def _peak_memory(container: Any) -> int:
-    """The container's peak memory use: cgroup v1 ``memory.max_usage_in_bytes``."""
+    """The container's peak memory use (page cache included): cgroup v1 ``max_usage``."""
     cgroup = Path(f"/sys/fs/cgroup/memory/docker/{container.id}")
     if cgroup.is_dir():
         assert int((cgroup / "memory.limit_in_bytes").read_text()) == MEMORY_LIMIT
         return int((cgroup / "memory.max_usage_in_bytes").read_text())
     stats = container.stats(stream=False)["memory_stats"]
     return int(stats.get("max_usage") or stats["usage"])
+
+
+def _service_peak_rss(container: Any) -> int:
+    """The service's peak resident memory (``VmHWM``): its main process is the app."""
+    pid = container.attrs["State"]["Pid"]
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            value, unit = line.split()[1:3]
+            assert unit == "kB"
+            return int(value) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _left_in_tmp(container: Any) -> list[str]:
+    """What the container wrote into its /tmp (the spool's directory), read from the host."""
+    upper = Path(container.attrs["GraphDriver"]["Data"]["UpperDir"]) / "tmp"
+    return sorted(p.name for p in upper.iterdir()) if upper.is_dir() else []
 
 
 @pytest.fixture
@@ -137,6 +164,7 @@ def test_one_gib_streams_through_with_bounded_memory(
     daemon, workload, port = world
     workload.reload()
     assert workload.attrs["HostConfig"]["Memory"] == MEMORY_LIMIT
+    rss_idle = _service_peak_rss(workload)  # after start-up: the interpreter and the model
 
     # The user verifies the identity, makes a payload, and encrypts the input to disk.
     doc, ca = tmp_path / "identity.json", daemon.ca_pem()
@@ -203,9 +231,16 @@ def test_one_gib_streams_through_with_bounded_memory(
     assert workload.status == "running"
     assert not workload.attrs["State"]["OOMKilled"]
     peak = _peak_memory(workload)
+    rss = _service_peak_rss(workload)
     print(
         f"\n1 GiB sealed input: encrypt to disk {t_encrypt:.1f} s, request {t_request:.1f} s "
-        f"({size / t_request / 2**20:.0f} MiB/s); workload peak memory "
+        f"({size / t_request / 2**20:.0f} MiB/s, spooled then decrypted); service peak RSS "
+        f"{rss / 2**20:.1f} MiB ({rss_idle / 2**20:.1f} MiB idle); container peak (page "
+        "cache included) "
         f"{peak / 2**20:.1f} MiB of {MEMORY_LIMIT / 2**20:.0f} MiB"
     )
-    assert 0 < peak < MEMORY_LIMIT
+    assert 0 < peak <= MEMORY_LIMIT
+    # O(chunk): the request adds a few chunks to what start-up (the interpreter, numpy, the
+    # model's weights for /embed) already took; nowhere near the input's size.
+    assert rss - rss_idle < 32 * 1024 * 1024
+    assert _left_in_tmp(workload) == []
