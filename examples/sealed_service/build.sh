@@ -4,6 +4,17 @@
 # Works offline: the base is local (scripts/build_images.sh builds it) and nothing is
 # installed. The embassy refuses mounts the image does not allow, so the code is baked in.
 #
+# The service runs as an unprivileged user, uid 10001 "workload", gid 10001
+# "embassy-workload" (USER 10001:10001). The embassy's socket and its activation spool are
+# root's, so the embassy's config must open them to that group:
+#
+#   socket_group: "10001"        # the socket becomes 0660 root:10001
+#   metering:
+#     spool_gid: 10001           # the activation spool is 0770 root:10001 (for /embed)
+#
+# Without socket_group the service cannot reach its embassy (503 unavailable, "Permission
+# denied"). The spool of large inputs (workload_sdk.spool) is the container's own /tmp.
+#
 #   EMBASSY_BASE_IMAGE     default embassy/workload-base:bookworm-v3
 #   SEALED_SERVICE_IMAGE   default embassy/sealed-service:latest
 set -euo pipefail
@@ -33,6 +44,10 @@ for f in model.safetensors vocab.txt config.json tokenizer_config.json \
 done
 cat >"$ctx/Dockerfile" <<DOCKERFILE
 FROM $base
+# Fixed ids: the embassy's config names the gid (socket_group, metering.spool_gid).
+RUN groupadd --gid 10001 embassy-workload \\
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \\
+      --shell /usr/sbin/nologin workload
 COPY workload_sdk /app/workload_sdk
 COPY app.py /app/app.py
 COPY examples /app/examples
@@ -41,6 +56,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 LABEL org.embassy.role=workload org.embassy.allow-override=command,env
 EXPOSE 8080
 WORKDIR /app
+# Numeric, so that "not root" can be checked on the image without reading its /etc/passwd.
+USER 10001:10001
 CMD ["python3", "/app/app.py"]
 DOCKERFILE
 # Quiet unless it fails (the legacy builder's deprecation notice is noise here).
