@@ -224,14 +224,26 @@ class ActivationIntake:
         self._stuck.discard(path.name)
         self._discard(st.st_size)
 
+    def _must_stop(self, deadline: float | None) -> bool:
+        """A drain's sweep stops at its deadline; the worker's yields to a waiting drain
+        (which sweeps itself), and the worker rescans later."""
+        if deadline is None:
+            if self._drainers:
+                self._rescan.set()
+                return True
+            return False
+        return time.monotonic() > deadline
+
     def _sweep(self, deadline: float | None) -> int:
         """Judge every entry present (lock held), activation files in sequence order; stop
-        at ``deadline``. Return how many activation files are left unhandled."""
+        at ``deadline`` (None: the worker's). Return how many activation files are left."""
         finals: list[tuple[bytes, int, str, os.stat_result]] = []
         seen_temps = set()
+        complete = True
         with os.scandir(self._directory) as entries:
             for i, entry in enumerate(entries):
-                if deadline is not None and i % _CHECK_EVERY == 0 and time.monotonic() > deadline:
+                if i % _CHECK_EVERY == 0 and self._must_stop(deadline):
+                    complete = False
                     break
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -246,11 +258,12 @@ class ActivationIntake:
                 self._one(entry.name, st)
         # Temporary files gone since (renamed or removed) are forgotten: the map stays
         # bounded by what is in the spool.
-        for name in set(self._temps) - seen_temps:
-            self._temps.pop(name, None)
+        if complete:
+            for name in set(self._temps) - seen_temps:
+                self._temps.pop(name, None)
         finals.sort()
         for done, (_, _, name, st) in enumerate(finals):
-            if deadline is not None and time.monotonic() > deadline:
+            if self._must_stop(deadline):
                 return len(finals) - done
             self._one(name, st)
         return 0

@@ -37,6 +37,7 @@ class Recorder:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.handled: list[str] = []
+        self.threads: list[str] = []  # which thread handled each
         self.discarded: list[int] = []
         self.ticks = 0
         self.delay = delay
@@ -46,6 +47,7 @@ class Recorder:
         time.sleep(self.delay)
         with self.lock:
             self.handled.append(path.name)
+            self.threads.append(threading.current_thread().name)
         path.unlink(missing_ok=True)
 
     def discard(self, size: int) -> None:
@@ -154,7 +156,7 @@ def test_a_full_queue_drops_events_and_a_rescan_finds_the_files(
         temp = spool / f".{SESSION.hex()}-{seq}.tmp"  # as the SDK's writer names it
         temp.write_bytes(b"x")
         os.rename(temp, spool / name)
-    wait_until(lambda: len(recorder.handled) == len(names), timeout=20)
+    wait_until(lambda: len(recorder.handled) == len(names), timeout=60)
     assert intake.dropped > 0
     assert sorted(recorder.handled) == names  # each once, none lost
 
@@ -176,6 +178,39 @@ def test_drain_handles_in_sequence_order_and_honours_its_timeout(
     elapsed = time.monotonic() - started
     assert 80 <= left < 100  # 0.05 s a file, 0.5 s to drain
     assert elapsed < 1.5
+
+
+def test_the_workers_sweep_yields_to_a_closing_sessions_drain(
+    make_intake: Callable[..., tuple[ActivationIntake, Recorder]], spool: Path
+) -> None:
+    """A drain does not wait for a whole sweep of the worker's (a flood makes it long):
+    the worker lets go between two files, and the drain carries on in sequence order."""
+    intake, recorder = make_intake(queue_size=1, delay=0.02, drain_timeout=30)
+    real, entered, release = recorder.handle, threading.Event(), threading.Event()
+
+    def first_waits(path: Path) -> None:
+        if not entered.is_set():
+            entered.set()
+            release.wait(10)
+        real(path)
+
+    intake._handle = first_waits
+
+    def put(seq: int) -> None:
+        temp = spool / f".{SESSION.hex()}-{seq}.tmp"
+        temp.write_bytes(b"x")
+        os.rename(temp, spool / file_name(SESSION, seq))
+
+    put(0)
+    entered.wait(10)  # the worker holds its lock on file 0 ...
+    for seq in range(1, 150):
+        put(seq)  # ... while the queue overflows: its next step is a sweep of all 149
+    release.set()
+    wait_until(lambda: len(recorder.handled) >= 5)  # the worker is in that sweep
+    assert intake.drain() == 0
+    assert not list(spool.iterdir())
+    by_drain = recorder.threads.count(threading.current_thread().name)
+    assert by_drain > 100, recorder.threads.count("embassy-intake")
 
 
 def test_a_handler_that_raises_does_not_stop_the_intake(
