@@ -135,9 +135,22 @@ def _matches(entry: MountEntry, limits: Metering) -> bool:
 
 
 def _own_root(path: Path, limits: Metering) -> None:
-    # A remount does not change the root's mode or group: set them on the directory itself.
-    os.chown(path, 0, limits.spool_gid)
-    os.chmod(path, MODE)
+    """Mode 0770, owner root, the configured group, on the spool's root directory.
+
+    A remount does not change them, so they are set on the directory itself, and only if
+    they differ: a sandboxed daemon without CAP_CHOWN reuses a spool mounted right for it.
+    """
+    st = os.stat(path)
+    try:
+        if (st.st_uid, st.st_gid) != (0, limits.spool_gid):
+            os.chown(path, 0, limits.spool_gid)
+        if stat.S_IMODE(st.st_mode) != MODE:
+            os.chmod(path, MODE)
+    except OSError as exc:
+        raise StorageError(
+            f"activation spool: cannot make {path} mode {MODE:o}, owner 0, group "
+            f"{limits.spool_gid}: {exc.strerror}"
+        ) from None
 
 
 def _clear_plain_dir(path: Path) -> int:

@@ -193,3 +193,19 @@ def test_a_writer_on_a_full_spool_gets_enospc_not_sigbus(where: Path) -> None:
         [sys.executable, "-c", _WRITER, str(where)], cwd=root, timeout=60, check=False
     )
     assert done.returncode == errno.ENOSPC  # today: -SIGBUS, the writer killed
+
+
+def test_a_spool_mounted_right_is_reused_without_chown(
+    where: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandboxed daemon (no CAP_CHOWN, its mounts not the host's) reuses a spool a mount
+    unit made; it changes nothing it need not, and says so precisely if it must."""
+    ensure_spool(where, limits(gid=77))
+
+    def refused(*args: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", refused)
+    assert ensure_spool(where, limits(gid=77)) == "reused"
+    with pytest.raises(StorageError, match=r"cannot make .* group 78: Operation not permitted"):
+        ensure_spool(where, limits(gid=78))
