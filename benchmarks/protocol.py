@@ -56,6 +56,7 @@ from embassy.payload.envelope import seal_input
 from embassy.verify.identity import verify_identity_document
 from embassy.verify.policy import TrustPolicy
 from tests.integration.conftest import (
+    SEALED_SERVICE_ACCESS,
     SEALED_SERVICE_IMAGE,
     Daemon,
     embassy_id,
@@ -71,7 +72,7 @@ WORKLOAD = f"""
 workload:
   image: {IMAGE}
   ports: ["127.0.0.1:0:8080/tcp"]
-"""
+{SEALED_SERVICE_ACCESS}"""
 SIZES = (1024, 1024 * 1024)
 WARMUP = 3
 TEXT = b"the quick brown fox jumps over the lazy dog\n"

@@ -13,20 +13,24 @@ let
   # Module names as modprobe knows them ('-' and '_' are the same to it); dependencies
   # (nf_conntrack, nf_defrag_ipv4/6, stp, llc, ...) are loaded with their users.
   kernelModules = {
-    # The seal (embassy/seal/): python-iptables drives legacy x_tables in the workload's
-    # network namespace, filter table only, IPv4 and IPv6, with the conntrack match
-    # (ESTABLISHED + ctdir) and, for IPv6 neighbour discovery, the icmp6 match (part of
-    # ip6_tables) and the hl match. Targets are ACCEPT, DROP, RETURN and jumps to its own
-    # chains: the standard target of x_tables. tests/integration/test_nix.py derives this
-    # set from embassy.seal.rules and checks it is here.
+    # The seal (embassy/seal/, embassy/net/): the workload's one link is a veth pair on
+    # the embassy's bridge (both in the docker list below); its layer-3 rules are legacy
+    # x_tables in the workload's namespace, filter table only, IPv4 and IPv6, with no
+    # match: interfaces and targets ACCEPT, DROP and jumps to its own chains, the standard
+    # target of x_tables. The workload's published ports are legacy x_tables NAT in the
+    # host namespace: DNAT and MASQUERADE, the tcp/udp and addrtype matches.
+    # tests/integration/test_nix.py derives this set from the code and checks it is here.
     seal = [
       "x_tables"
       "ip_tables"
       "iptable_filter"
       "ip6_tables"
       "ip6table_filter"
-      "xt_conntrack"
-      "xt_hl"
+      "iptable_nat"
+      "xt_nat"
+      "xt_MASQUERADE"
+      "xt_tcpudp"
+      "xt_addrtype"
     ];
     # Docker with bridge networking and overlay2. nixpkgs' Docker finds `iptables` on its
     # PATH, and nixpkgs' default iptables is the nf_tables flavour (xtables-nft-multi), so
@@ -51,11 +55,8 @@ let
       "nft_fib_ipv6"
       "nft_reject"
       "nft_reject_inet"
-      "xt_addrtype"
-      # xt_conntrack: with the seal's modules above
-      "xt_MASQUERADE"
-      "xt_nat"
-      "xt_tcpudp"
+      # xt_addrtype, xt_MASQUERADE, xt_nat, xt_tcpudp: with the seal's modules above
+      "xt_conntrack"
       "xt_comment"
       "xt_mark"
     ];

@@ -37,9 +37,12 @@ cat > "$demo/config.yaml" <<YAML
 socket: $demo/run/embassy.sock
 data_dir: $demo/data
 log_level: info
+socket_group: "10001"  # the example workload's group: it does not run as root
 workload:
   image: embassy/sealed-service:latest
   ports: ["127.0.0.1:0:8080/tcp"]
+metering:
+  spool_gid: 10001
 authorities:
   - name: aisi
     ed25519: $aisi_pub
@@ -64,9 +67,9 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 curl -s --unix-socket "$demo/run/embassy.sock" http://embassy/v1/health; echo
-holder=$(docker ps -q --filter "label=org.embassy.id=$(cat "$demo/data/embassy-id")" \
-  --filter label=org.embassy.role=netns-holder)
-port=$(docker port "$holder" 8080/tcp | head -n1 | sed 's/.*://')
+# The embassy publishes the workload's ports itself (the workload has no Docker network).
+port=$(curl -s --unix-socket "$demo/run/embassy.sock" http://embassy/v1/seal | "$bin/python" -c \
+  'import json,sys; print(next(p["host_port"] for p in json.load(sys.stdin)["workload"]["ports"] if p["container_port"] == 8080))')
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
 echo "workload serving on 127.0.0.1:$port"
 

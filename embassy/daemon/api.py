@@ -10,13 +10,17 @@ Routes (all JSON):
   before it), closed by a new checkpoint.
 - ``POST /v1/attestation/activate-credential``: ``{"credential_blob", "encrypted_secret"}``
   (base64); returns ``{"secret"}``, proving the AK lives in the TPM holding the EK.
+Session routes answer only the workload's own processes (the peer's credentials, read from
+the socket, name a process in the workload container's cgroup): anything else gets 403.
+
 - ``POST /v1/sessions``: ``{"deadline_seconds", "payload"?, "actions"?}``; seals the
   workload, then returns ``{"session", "token", "deadline_unix", "statement"}`` (the seal
   statement, base64), with a payload its ``input_key``, and with read instructions among
   the actions their ``readings`` (meter-reading statements, base64).
 - ``POST /v1/sessions/close``: ``{"session", "token", "output_sha256"|null}``; returns
   ``{"statement"}`` (the unseal statement, base64); unseals after the last open session.
-- ``GET  /v1/seal``: the seal's state: open sessions, the kernel's state, the rules digest.
+- ``GET  /v1/seal``: the seal's state, read from the kernel: the gate, the link, the layer-3
+  rules, the workload's namespace, any quarantine, and whether a key release would pass now.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from embassy.daemon.http import Request, Response, ascii_decimal
+from embassy.daemon.http_server import Peer
 from embassy.errors import MethodNotAllowedError, NotFoundError, RequestError
 from embassy.wire.codec import (
     b64decode,
@@ -58,6 +63,7 @@ class Service(Protocol):
         self, session: bytes, token: bytes, output_sha256: bytes | None
     ) -> dict[str, Any]: ...
     def seal_status(self) -> dict[str, Any]: ...
+    def authorize_session(self, peer: Peer | None) -> None: ...
 
 
 def _one(request: Request, name: str) -> str:
@@ -126,6 +132,7 @@ class Api:
         return Response(200, {"secret": b64encode(self._service.activate_credential(blob, secret))})
 
     def _open(self, request: Request) -> Response:
+        self._service.authorize_session(request.peer)
         body = parse_json_object(request.body or b"{}", "request body")
         only_fields(body, {"deadline_seconds", "payload", "actions"}, "request body")
         deadline = field(body, "deadline_seconds", int, "request body")
@@ -138,6 +145,7 @@ class Api:
         return Response(201, self._service.open_session(deadline, payload, actions))
 
     def _close(self, request: Request) -> Response:
+        self._service.authorize_session(request.peer)
         body = parse_json_object(request.body, "request body")
         what = "request body"
         only_fields(body, {"session", "token", "output_sha256"}, what)

@@ -22,6 +22,7 @@ from embassy.config import Config
 from embassy.daemon.api import Api
 from embassy.daemon.atomic import ensure_private_dir
 from embassy.daemon.http import UnixHttpServer
+from embassy.daemon.http_server import Peer
 from embassy.daemon.identity import identity_body
 from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.keys import load_or_create_keys
@@ -283,6 +284,9 @@ class Embassy:
 
     def seal_status(self) -> dict[str, Any]:
         return self._sealed().status()
+
+    def authorize_session(self, peer: Peer | None) -> None:
+        self._sealed().authorize(peer)
 
     # -- shutdown --------------------------------------------------------------------------
 

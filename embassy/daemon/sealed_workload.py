@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from embassy.config import Config
-from embassy.daemon.atomic import ensure_private_dir, write_atomic
+from embassy.daemon.atomic import write_atomic
+from embassy.daemon.http_server import Peer
 from embassy.daemon.statement_log import StatementLog
-from embassy.errors import EmbassyError, PolicyError
+from embassy.errors import EmbassyError, ForbiddenError, PolicyError
 from embassy.log.entry import EntryType
 from embassy.net.link import LinkMaker
 from embassy.net.plan import LinkPlan
@@ -37,6 +38,7 @@ from embassy.seal.gate import Gate
 from embassy.seal.iptables import IptablesL3
 from embassy.seal.keeper import BACKEND, SealKeeper
 from embassy.seal.netns import NetnsWorker
+from embassy.seal.occupants import in_container
 from embassy.seal.rules import seal_rules
 from embassy.sessions.manager import SessionManager, WorkloadIdentity
 from embassy.wire.statement import LIFECYCLE_V1
@@ -153,8 +155,9 @@ class SealedWorkload:
             _LOG.info("adopted workload %s", found.workload_id)
             self._log_launch(spec, found.image_digest)
             return found
+        # The activation directory is the spool the runtime mounted before this (mode and
+        # group chosen there, so that a non-root workload can write into it).
         activations = config.data_dir / "activations"
-        ensure_private_dir(activations)
         return self._docker.launch(
             spec,
             embassy_id=self._id,
@@ -240,6 +243,14 @@ class SealedWorkload:
                 _LOG.exception("seal monitor round failed")
 
     # -- state ------------------------------------------------------------------------------
+
+    def authorize(self, peer: Peer | None) -> None:
+        """Session routes are for the workload's own processes: raise unless ``peer`` is one."""
+        if peer is None or not in_container(peer.pid, self.launched.workload_id):
+            raise ForbiddenError(
+                "session routes answer only the workload's own processes (by the peer "
+                "credentials of the socket)"
+            )
 
     def status(self) -> dict[str, Any]:
         return {

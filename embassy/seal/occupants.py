@@ -66,6 +66,13 @@ def _tasks(proc: Path, threads: bool) -> Iterator[tuple[int, int, str]]:
             yield pid, int(tid), f"{entry.path}/task/{tid}/ns/net"
 
 
+def in_container(pid: int, container_id: str, proc: Path = Path("/proc")) -> bool:
+    """Whether process ``pid`` is in the container ``container_id``'s cgroup (its own
+    processes and ``docker exec``'d ones). False when it is gone."""
+    cgroup = _cgroup(pid, proc)
+    return bool(container_id) and cgroup is not None and container_id in cgroup
+
+
 def still_there(
     occupant: Occupant, netns: NetnsId, container_id: str, proc: Path = Path("/proc")
 ) -> bool:

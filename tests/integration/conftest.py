@@ -139,6 +139,12 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 # -- the embassy's containers, for tests that run a workload ---------------------------------
 
 SEALED_SERVICE_IMAGE = "embassy/sealed-service:latest"
+# The example image runs as this uid and gid (examples/sealed_service/build.sh), not root:
+# the embassy's socket and its activation spool are made group-accessible to it.
+SEALED_SERVICE_GID = 10001
+SEALED_SERVICE_ACCESS = (
+    f'socket_group: "{SEALED_SERVICE_GID}"\nmetering:\n  spool_gid: {SEALED_SERVICE_GID}\n'
+)
 REPO = Path(__file__).resolve().parents[2]
 
 

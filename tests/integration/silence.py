@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embassy.client import call
+from embassy.client import ApiError, call
 
 _INSIDE = Path(__file__).parent / "inside"
 
@@ -63,6 +63,7 @@ HAMMER = _script("hammer")
 # An AF_PACKET relay (a container joined to the workload's namespace with NET_RAW): raw
 # frames with a marker out of eth0, bounded.
 RELAY = _script("relay")
+CLIENT = _script("client")
 
 
 class LinkSniffer:
@@ -188,20 +189,28 @@ class Scene:
         status: dict[str, Any] = call(self.daemon.socket, "GET", "/v1/seal")
         return status
 
+    def from_workload(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """One request to the embassy from inside the workload (session routes answer only
+        the workload's own processes); raises ApiError for an error answer."""
+        argv = ["python3", "-c", CLIENT, method, path]
+        if body is not None:
+            argv.append(json.dumps(body))
+        self.refresh_workload()
+        code, out = self.workload.exec_run(argv)
+        assert code == 0, out.decode()
+        reply = json.loads(out.decode().strip().splitlines()[-1])
+        if reply["status"] >= 400:
+            error = reply["body"]["error"]
+            raise ApiError(reply["status"], error["code"], error["message"])
+        answer: dict[str, Any] = reply["body"]
+        return answer
+
     def open(self, deadline: int = 120) -> dict[str, Any]:
-        opened: dict[str, Any] = call(
-            self.daemon.socket, "POST", "/v1/sessions", {"deadline_seconds": deadline}
-        )
-        return opened
+        return self.from_workload("POST", "/v1/sessions", {"deadline_seconds": deadline})
 
     def close(self, opened: dict[str, Any]) -> dict[str, Any]:
-        closed: dict[str, Any] = call(
-            self.daemon.socket,
-            "POST",
-            "/v1/sessions/close",
-            {"session": opened["session"], "token": opened["token"], "output_sha256": None},
-        )
-        return closed
+        body = {"session": opened["session"], "token": opened["token"], "output_sha256": None}
+        return self.from_workload("POST", "/v1/sessions/close", body)
 
     # -- running things ---------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from embassy.config import SCHEMA, parse_config
-from embassy.seal.rules import SEAL_CHAINS, TRACK_CHAIN, Family, table_spec, track_rule
+from embassy.seal.rules import CHAIN_RULES, JUMP_RULES, SEAL_CHAINS, Family
 from embassy.workload.spec import WORKLOAD_SCHEMA, Limits, Mount, PortMapping
 from tests.integration.conftest import require
 
@@ -441,30 +441,28 @@ def test_an_unknown_module_option_is_refused() -> None:
 
 # -- (6) the locked-down kernel has what the seal needs -------------------------------------------
 
-# The kernel module behind each x_tables match the seal uses. No constant in embassy/seal lists
-# kernel modules, so the seal's rules are read here (embassy.seal.rules, the one definition
-# of the seal) and each match mapped by hand: a match the seal starts using that is not
+# The kernel modules behind what the seal uses. No constant in embassy/seal lists kernel
+# modules, so the seal's rules are read here (embassy.seal.rules, the one definition of the
+# layer-3 seal) and each target mapped by hand: a rule the seal starts using that is not
 # mapped fails this test until it is, and nix/hardening.nix lists its module.
-MATCH_MODULES = {"conntrack": "xt_conntrack", "hl": "xt_hl", "icmp6": "ip6_tables"}
-# ACCEPT, DROP, RETURN and jumps to user chains are x_tables' standard target.
-STANDARD_TARGETS = {"ACCEPT", "DROP", "RETURN", *SEAL_CHAINS, TRACK_CHAIN}
-# The seal changes the filter table only (embassy/seal/iptables.py), both families.
+# ACCEPT, DROP and jumps to user chains are x_tables' standard target; the rules use no
+# match (interfaces are part of every rule).
+STANDARD_TARGETS = {"ACCEPT", "DROP", *SEAL_CHAINS}
+# The layer-3 seal changes the filter table only (embassy/seal/iptables.py), both families.
 TABLE_MODULES = {
     Family.V4: {"x_tables", "ip_tables", "iptable_filter"},
     Family.V6: {"x_tables", "ip6_tables", "ip6table_filter"},
 }
+# embassy/net/ports.py: legacy IPv4 nat with DNAT and MASQUERADE, tcp/udp and addrtype.
+PORT_MODULES = {"iptable_nat", "xt_nat", "xt_MASQUERADE", "xt_tcpudp", "xt_addrtype"}
 
 
 def seal_kernel_modules() -> set[str]:
-    needed: set[str] = set()
+    needed: set[str] = set(PORT_MODULES)
     for family in Family:
         needed |= TABLE_MODULES[family]
-        spec = table_spec(family)
-        for rule in (*spec.jumps, *spec.rules, track_rule()):
-            for match in rule.matches:
-                assert match.name in MATCH_MODULES, f"no kernel module known for -m {match.name}"
-                needed.add(MATCH_MODULES[match.name])
-            assert rule.target in STANDARD_TARGETS, f"no kernel module known for -j {rule.target}"
+    for rule in (*JUMP_RULES, *CHAIN_RULES):
+        assert rule.target in STANDARD_TARGETS, f"no kernel module known for -j {rule.target}"
     return needed
 
 
@@ -482,8 +480,11 @@ def test_the_hardening_module_loads_every_module_the_seal_needs() -> None:
         "iptable_filter",
         "ip6_tables",
         "ip6table_filter",
-        "xt_conntrack",
-        "xt_hl",
+        "iptable_nat",
+        "xt_nat",
+        "xt_MASQUERADE",
+        "xt_tcpudp",
+        "xt_addrtype",
     }
     assert seal_kernel_modules() <= loaded
     # Docker's bridge networking and storage, the TPM and the verity store are there too.

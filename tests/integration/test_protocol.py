@@ -27,6 +27,7 @@ from embassy.payload.envelope import seal_input
 from embassy.verify.identity import verify_identity_document
 from embassy.verify.policy import TrustPolicy
 from tests.integration.conftest import (
+    SEALED_SERVICE_ACCESS,
     SEALED_SERVICE_IMAGE,
     Daemon,
     embassy_id,
@@ -44,7 +45,7 @@ WORKLOAD = f"""
 workload:
   image: {SEALED_SERVICE_IMAGE}
   ports: ["127.0.0.1:0:8080/tcp"]
-"""
+{SEALED_SERVICE_ACCESS}"""
 
 
 class User:

@@ -15,6 +15,7 @@ s.settimeout(0.05)
 log.write(json.dumps({"t": time.time(), "event": "connected"}) + "\n")
 end = time.time() + p["max_seconds"]
 while time.time() < end:
+    time.sleep(0.05)  # one byte every 50 ms: a steady flow, a small log
     try:
         s.send(b"k")
     except OSError:
@@ -28,3 +29,6 @@ while time.time() < end:
         log.write(json.dumps({"t": time.time(), "n": len(d)}) + "\n")
     except TimeoutError:
         pass
+    except OSError as e:  # anything else ends the flow: say so
+        log.write(json.dumps({"t": time.time(), "event": "error " + type(e).__name__}) + "\n")
+        break
