@@ -54,11 +54,17 @@ _MAX_GID = (1 << 32) - 2
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The process at the other end of a connection, as the kernel saw it at connect."""
+    """The process at the other end of a connection, as the kernel saw it at connect.
+
+    ``started`` is the process's start time (clock ticks since boot, /proc/PID/stat) read at
+    accept, or None: with the pid it names one process, so a check made later can tell the
+    caller from a process that reused its pid after it exited (:func:`same_process`).
+    """
 
     pid: int
     uid: int
     gid: int
+    started: int | None = None
 
 
 class Connection:
@@ -127,7 +133,25 @@ def peer_of(sock: socket.socket) -> Peer | None:
         pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, size))
     except (OSError, struct.error):
         return None
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, start_time(pid))
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (after the parenthesised name, which may hold anything)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = text[text.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def same_process(peer: Peer) -> bool:
+    """Whether ``peer.pid`` is still the process that connected (not a reused pid)."""
+    return peer.pid > 0 and peer.started is not None and start_time(peer.pid) == peer.started
 
 
 def log_request(method: str, route: str, status: int, seconds: float) -> None:

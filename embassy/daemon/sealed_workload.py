@@ -21,12 +21,13 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from embassy.config import Config
 from embassy.daemon.atomic import write_atomic
-from embassy.daemon.http_server import Peer
+from embassy.daemon.http_server import Peer, same_process
 from embassy.daemon.statement_log import StatementLog
 from embassy.errors import EmbassyError, ForbiddenError, PolicyError
 from embassy.log.entry import EntryType
@@ -230,23 +231,42 @@ class SealedWorkload:
         rounds = 0
         while not self._stop.wait(MONITOR_SECONDS):
             rounds += 1
-            try:
-                if self._events_lost.is_set() and rounds % DEEP_EVERY == 0:
-                    self._reconnect()
-                findings = self.keeper.verify(deep=rounds % DEEP_EVERY == 0)
-                for repair in findings.repaired:
-                    _LOG.warning("seal repaired: %s", repair)
-                if findings.intrusions:
-                    self._intrusion(findings.intrusions)
-                self.sessions.abort_expired()
-            except Exception:
-                _LOG.exception("seal monitor round failed")
+            deep = rounds % DEEP_EVERY == 0
+            # Each duty on its own: a seal check that fails (a link deleted behind our back)
+            # must not keep sessions past their deadline from being aborted, nor the reverse.
+            if deep and self._events_lost.is_set():
+                self._guarded("reconnecting to Docker's events", self._reconnect)
+            self._guarded("checking the seal", partial(self._verify, deep))
+            self._guarded("aborting expired sessions", self.sessions.abort_expired)
+
+    def _verify(self, deep: bool) -> None:
+        findings = self.keeper.verify(deep=deep)
+        for repair in findings.repaired:
+            _LOG.warning("seal repaired: %s", repair)
+        if findings.intrusions:
+            self._intrusion(findings.intrusions)
+
+    @staticmethod
+    def _guarded(what: str, duty: Callable[[], object]) -> None:
+        try:
+            duty()
+        except Exception:
+            _LOG.exception("seal monitor: %s failed", what)
 
     # -- state ------------------------------------------------------------------------------
 
     def authorize(self, peer: Peer | None) -> None:
-        """Session routes are for the workload's own processes: raise unless ``peer`` is one."""
-        if peer is None or not in_container(peer.pid, self.launched.workload_id):
+        """Session routes are for the workload's own processes: raise unless ``peer`` is one.
+
+        The pid is checked against its start time on both sides of the cgroup read, so a
+        caller that exited and left its pid to a workload process is not taken for it.
+        """
+        if (
+            peer is None
+            or not same_process(peer)
+            or not in_container(peer.pid, self.launched.workload_id)
+            or not same_process(peer)
+        ):
             raise ForbiddenError(
                 "session routes answer only the workload's own processes (by the peer "
                 "credentials of the socket)"

@@ -66,11 +66,26 @@ def _tasks(proc: Path, threads: bool) -> Iterator[tuple[int, int, str]]:
             yield pid, int(tid), f"{entry.path}/task/{tid}/ns/net"
 
 
+def in_cgroup_of(cgroup: str, container_id: str) -> bool:
+    """Whether the /proc/PID/cgroup text ``cgroup`` puts the task in the container's own
+    cgroup: the last path component is the id (cgroupfs: ``/docker/<id>``) or its systemd
+    scope (``docker-<id>.scope``), in some hierarchy line. A cgroup merely *under* one
+    named after the container (``--cgroup-parent=/docker/<id>``) is not the container's."""
+    if not container_id:
+        return False
+    names = {container_id, f"docker-{container_id}.scope"}
+    for line in cgroup.splitlines():
+        path = line.split(":", 2)[-1]
+        if path.rstrip("/").rsplit("/", 1)[-1] in names:
+            return True
+    return False
+
+
 def in_container(pid: int, container_id: str, proc: Path = Path("/proc")) -> bool:
     """Whether process ``pid`` is in the container ``container_id``'s cgroup (its own
     processes and ``docker exec``'d ones). False when it is gone."""
     cgroup = _cgroup(pid, proc)
-    return bool(container_id) and cgroup is not None and container_id in cgroup
+    return cgroup is not None and in_cgroup_of(cgroup, container_id)
 
 
 def still_there(
@@ -81,7 +96,7 @@ def still_there(
     if _netns(path) != netns:
         return False
     cgroup = _cgroup(occupant.pid, proc)
-    return cgroup is not None and not (container_id and container_id in cgroup)
+    return cgroup is not None and not in_cgroup_of(cgroup, container_id)
 
 
 def find_occupants(
@@ -105,7 +120,7 @@ def find_occupants(
         cgroup = _cgroup(pid, proc)
         if cgroup is None:
             continue  # gone meanwhile
-        if container_id and container_id in cgroup:
+        if in_cgroup_of(cgroup, container_id):
             continue
         tag = hashlib.sha256(cgroup.encode()).hexdigest()[:12]
         found.append(Occupant(pid, tid, tag))

@@ -19,6 +19,7 @@ from embassy.client import ApiError, call
 from embassy.config import HttpLimits
 from embassy.daemon import http
 from embassy.daemon.http import Peer, Request, Response, UnixHttpServer
+from embassy.daemon.http_server import start_time
 from embassy.errors import ConfigError, RateLimitedError, StorageError
 from tests.unit.daemon.httpkit import (
     exchange,
@@ -85,7 +86,7 @@ def test_the_handler_sees_the_peers_pid_uid_and_gid(directory: Path) -> None:
 
     with running(directory / "s", handler):
         assert call(directory / "s", "GET", "/x") == {"ok": True}
-    assert seen == [Peer(os.getpid(), os.getuid(), os.getgid())]
+    assert seen == [Peer(os.getpid(), os.getuid(), os.getgid(), start_time(os.getpid()))]
 
 
 def test_the_socket_is_owner_only_without_a_group(directory: Path) -> None:
@@ -382,3 +383,14 @@ def test_the_log_never_carries_the_clients_bytes(
     assert "GET unmatched -> 404" in "\n".join(messages)
     assert "GET /v1/log -> 400" in "\n".join(messages)
     assert "other unmatched -> 405" in "\n".join(messages)
+
+
+def test_a_peer_is_the_process_that_connected_not_a_later_owner_of_its_pid() -> None:
+    from embassy.daemon.http_server import same_process
+
+    me = Peer(os.getpid(), os.getuid(), os.getgid(), start_time(os.getpid()))
+    assert me.started is not None
+    assert same_process(me)
+    assert not same_process(Peer(me.pid, me.uid, me.gid, me.started + 1))  # pid reused
+    assert not same_process(Peer(me.pid, me.uid, me.gid, None))
+    assert not same_process(Peer(0, 0, 0, 0))

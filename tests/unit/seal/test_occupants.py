@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from embassy.seal.occupants import Occupant, find_occupants, still_there
+from embassy.seal.occupants import Occupant, find_occupants, in_cgroup_of, still_there
 from tests.unit.seal.fakeproc import FakeProc
 
 CONTAINER = "c0ffee" + "0" * 58
@@ -164,3 +164,25 @@ def test_a_thread_occupant_is_followed_by_its_tid(proc: FakeProc) -> None:
     assert _there(proc, occupant)
     proc.move(80, 81, "host")
     assert not _there(proc, occupant)
+
+
+CID = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "inside"),
+    [
+        (f"0::/docker/{CID}\n", True),  # cgroup v2, cgroupfs driver
+        (f"0::/system.slice/docker-{CID}.scope\n", True),  # systemd driver
+        (f"12:pids:/docker/{CID}\n1:name=systemd:/docker/{CID}\n0::/docker/{CID}\n", True),
+        # a container started with --cgroup-parent=/docker/<workload id> is not the workload
+        (f"0::/docker/{CID}/{'cd' * 32}\n", False),
+        (f"0::/docker/{CID}x\n", False),
+        (f"0::/kubepods/{CID[:12]}\n", False),
+        ("0::/user.slice/session-1.scope\n", False),
+        ("", False),
+    ],
+)
+def test_in_cgroup_of_matches_the_container_s_own_cgroup_only(cgroup: str, inside: bool) -> None:
+    assert in_cgroup_of(cgroup, CID) is inside
+    assert in_cgroup_of(cgroup, "") is False
