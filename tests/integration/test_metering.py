@@ -44,6 +44,7 @@ from embassy.wire.codec import b64encode
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import parse_statement
 from tests.integration.conftest import (
+    SEALED_SERVICE_GID,
     SEALED_SERVICE_IMAGE,
     Daemon,
     embassy_id,
@@ -95,6 +96,9 @@ def _config() -> str:
         f"metering:\n  max_activation_bytes: {MAX_ACTIVATION}\n"
         f"  spool_bytes: {SPOOL_BYTES}\n  spool_inodes: {SPOOL_INODES}\n"
         f"  drain_timeout_seconds: {DRAIN_TIMEOUT}\n"
+        # The example runs as 10001:10001: the socket's group and the spool's are its.
+        f"  spool_gid: {SEALED_SERVICE_GID}\n"
+        f'socket_group: "{SEALED_SERVICE_GID}"\n'
         "authorities:\n"
         + entry("aisi", AISI, ["bio", "cyber"])
         + entry("rights", RIGHTS, ["lyrics"])
@@ -368,6 +372,9 @@ def test_the_spool_is_the_embassys_tmpfs(world: World) -> None:
     assert (found.fstype, found.source) == ("tmpfs", SOURCE)
     assert {"nosuid", "nodev", "noexec"} <= found.flags
     assert found.options["nr_inodes"] == str(SPOOL_INODES)
+    # Writable by the workload's group (it runs as 10001:10001), by nobody else but root.
+    st = os.stat(world.daemon.data_dir / "activations")
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o770, 0, SEALED_SERVICE_GID)
 
 
 def test_hostile_activation_files_are_rejected_and_the_intake_goes_on(world: World) -> None:
