@@ -2,7 +2,7 @@
 
 The workload container starts with no network (Docker's ``none``): a new or restarted
 namespace has only loopback until the embassy gives it a link, and the embassy gives it one
-only with the gate set as the open sessions require (docs/adr/0008-link-gate.md).
+only with the gate set as the open sessions require (docs/adr/0009-link-gate.md).
 
 * :mod:`embassy.net.plan` - pure: names, addresses and routes of a workload's link.
 * :mod:`embassy.net.rtnl` - a small rtnetlink client (links, addresses, routes).

@@ -143,6 +143,12 @@ class LinkMaker:
         host = self._rtnl.link_by_name(self.plan.host_name)
         if host is None or host.up:
             raise SealError(f"the new link {self.plan.host_name} is missing or not down")
+        # A bridge port needs no address. Without IPv6 on it, flipping it costs no address
+        # configuration and no walk of the host's IPv6 routing table (which holds a route
+        # for every other interface): the gate stays flat in the number of other workloads.
+        v6 = f"/proc/sys/net/ipv6/conf/{self.plan.host_name}/disable_ipv6"
+        if os.path.exists(v6):
+            _write_sysctl(v6, "1")
         return host.index
 
     def detach(self, link: WorkloadLink) -> None:

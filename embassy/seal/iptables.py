@@ -222,9 +222,11 @@ class IptablesL3:
         if not all(table.is_chain(name) for name in SEAL_CHAINS):
             self._install(family, sealed)  # not prepared (or torn down): reinstall
             return
-        if _jumps_first(table) if sealed else not _has_jumps(table):
+        if sealed and _jumps_first(table):
             return
-        with _changing(family) as table:
+        # One refresh per flip (each one re-reads the table from the kernel): changed on the
+        # table just read, committed once; refreshed again only to discard a failed change.
+        try:
             # The built-in chains of a workload's namespace hold nothing but the seal's jumps
             # (nothing else may change its rules): flushing them needs no rule decoding.
             for builtin in BUILTIN_CHAINS:
@@ -232,6 +234,10 @@ class IptablesL3:
             if sealed:
                 for builtin, rule in self._jumps(family):
                     iptc.Chain(table, builtin).insert_rule(rule, 0)
+            table.commit()
+        except BaseException:
+            table.refresh()
+            raise
 
     def _jumps(self, family: Family) -> list[tuple[str, Any]]:
         """The jump rules, built once (building an iptc rule costs more than committing)."""

@@ -3,7 +3,7 @@
 One container per embassy, the **workload** (``embassy-<id>-<name>``), created with
 Docker's ``none`` network: Docker gives its namespace loopback only, at every (re)start,
 and the embassy gives it its one link (:mod:`embassy.net.link`) with the gate as the open
-sessions require (docs/adr/0008-link-gate.md). Every capability is dropped except what the
+sessions require (docs/adr/0009-link-gate.md). Every capability is dropped except what the
 spec asks and the policy allows; the only host mounts besides allowed spec mounts are the
 embassy's socket directory at ``/run/embassy`` and the activation directory.
 
