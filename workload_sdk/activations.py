@@ -293,7 +293,10 @@ class ActivationWriter:
             )
             try:
                 try:
-                    os.ftruncate(fd, total)
+                    # Allocated, not just sized: on a full spool (a size-limited tmpfs) this
+                    # fails with ENOSPC here, where a sparse file would fault (SIGBUS) on a
+                    # page of the mapping below and kill the workload.
+                    os.posix_fallocate(fd, 0, total)
                     with mmap.mmap(fd, total) as mapped:
                         try:
                             _fill(mapped, header, dtype, array)

@@ -179,12 +179,6 @@ except OSError as exc:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workload_sdk ActivationWriter sizes its file with ftruncate and writes through "
-    "mmap: on a full spool the page fault is SIGBUS, not ENOSPC. posix_fallocate instead of "
-    "ftruncate would make it an OSError (the SDK is not the spool's to change).",
-)
 def test_a_writer_on_a_full_spool_gets_enospc_not_sigbus(where: Path) -> None:
     ensure_spool(where, limits(size=1 * MIB))
     (where / "filler").write_bytes(bytes(1 * MIB - 64 * 1024))
@@ -192,7 +186,7 @@ def test_a_writer_on_a_full_spool_gets_enospc_not_sigbus(where: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", _WRITER, str(where)], cwd=root, timeout=60, check=False
     )
-    assert done.returncode == errno.ENOSPC  # today: -SIGBUS, the writer killed
+    assert done.returncode == errno.ENOSPC  # not -SIGBUS: the writer allocates first
 
 
 def test_a_spool_mounted_right_is_reused_without_chown(
