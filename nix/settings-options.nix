@@ -219,6 +219,11 @@ in
           default = null;
           description = "User (name, uid or uid:gid) the workload runs as.";
         };
+        runtime = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "Docker runtime the workload runs under: null (Docker's default, runc) or a runtime registered with dockerd, e.g. gVisor's runsc with runtimeArgs [\"--network=host\"] (its sentry then uses the kernel's stack in the namespace the embassy wires). Overridden at run time by EMBASSY_WORKLOAD_RUNTIME.";
+        };
       };
     });
     default = null;

@@ -105,6 +105,7 @@ WORKLOAD_TYPES: dict[str, str] = {
     "privileged": "types.bool",
     "cap_add": "types.listOf types.str",
     "user": "types.str",
+    "runtime": "types.str",
 }
 
 AUTHORITY_FIELDS: tuple[tuple[str, str, str, str | None], ...] = (

@@ -14,7 +14,7 @@ venv=${EMBASSY_VENV:-$here/.venv}
 packages=(
   docker.io iptables iproute2 curl
   swtpm swtpm-tools tpm2-tools libtss2-dev
-  debootstrap busybox-static nix-bin
+  debootstrap busybox-static nix-bin runsc
   qemu-system-x86 ovmf systemd-boot-efi binutils pesign
   python3-venv python3-dev pkg-config gcc
 )

@@ -292,6 +292,7 @@ class DockerRuntime:
             )
         info = self.image_info(spec.image)
         check_launch_policy(spec, info.labels, info.defaults(spec.name))
+        self.check_runtime(spec)
         # Docker follows symlinks in a bind source: check where each one really leads.
         sources = []
         for mount in spec.mounts:
@@ -337,6 +338,7 @@ class DockerRuntime:
                 restart_policy={"Name": "no"},
                 labels={**labels, "org.embassy.network": net},
                 ipc_mode="private",
+                runtime=spec.runtime,
             )
         try:
             launched = Launched(
@@ -357,6 +359,42 @@ class DockerRuntime:
             with contextlib.suppress(EmbassyError, docker.errors.DockerException):
                 workload.remove(force=True)
             raise
+
+    def check_runtime(self, spec: WorkloadSpec) -> None:
+        """Refuse a runtime that would not use the namespace the embassy wires.
+
+        runc (Docker's default) does. gVisor's runsc does when registered with
+        ``--network=host`` (its sentry then uses the kernel's stack in the container's
+        namespace), or ``--network=none`` for a workload with no network at all; its own
+        netstack would copy the namespace's interfaces once at start and never see the
+        embassy's link. Any other runtime is refused: nothing says where its network is.
+        """
+        if spec.runtime is None:
+            return
+        with _op("read dockerd's runtimes"):
+            runtimes: Mapping[str, Any] = self._client.info().get("Runtimes") or {}
+        entry = runtimes.get(spec.runtime)
+        if entry is None:
+            raise PolicyError(
+                f"workload runtime {spec.runtime!r} is not registered with dockerd (it has "
+                f"{', '.join(sorted(runtimes)) or 'none'}); register it in /etc/docker/daemon.json"
+            )
+        program = os.path.basename(str(entry.get("path") or ""))
+        args = [str(a) for a in entry.get("runtimeArgs") or []]
+        if program == "runc":
+            return
+        if program == "runsc":
+            want = "--network=none" if spec.network_mode == "none" else "--network=host"
+            if [a for a in args if a.startswith("--network")] != [want]:
+                raise PolicyError(
+                    f"workload runtime {spec.runtime!r} is gVisor without {want} in its "
+                    "runtimeArgs: its own netstack would not use the link the embassy gates"
+                )
+            return
+        raise PolicyError(
+            f"workload runtime {spec.runtime!r} runs {program or 'an unknown program'}: the "
+            "embassy seals workloads under runc or gVisor's runsc only"
+        )
 
     # ------------------------------------------------------------------ state
 

@@ -89,6 +89,13 @@ WORKLOAD_SCHEMA: tuple[WorkloadKey, ...] = (
     WorkloadKey("privileged", None, "Always refused when true."),
     WorkloadKey("cap_add", None, "Capabilities added after dropping ALL; a short allowlist."),
     WorkloadKey("user", None, "User (name, uid or uid:gid) the workload runs as."),
+    WorkloadKey(
+        "runtime",
+        "RUNTIME",
+        "Docker runtime the workload runs under: null (Docker's default, runc) or a runtime "
+        'registered with dockerd, e.g. gVisor\'s runsc with runtimeArgs ["--network=host"] '
+        "(its sentry then uses the kernel's stack in the namespace the embassy wires).",
+    ),
 )
 _KEYS = frozenset(k.name for k in WORKLOAD_SCHEMA)
 _ENV_VARS = {ENV_PREFIX + k.env: k.name for k in WORKLOAD_SCHEMA if k.env is not None}
@@ -129,6 +136,7 @@ class WorkloadSpec:
     privileged: bool = False
     cap_add: tuple[str, ...] = ()
     user: str | None = None
+    runtime: str | None = None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -520,6 +528,18 @@ def _as_user(where: str, value: Any) -> str | None:
     return user
 
 
+_RUNTIME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
+
+
+def _as_runtime(where: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    runtime = _as_str(where, value, limit=64)
+    if not _RUNTIME.fullmatch(runtime):
+        raise _fail(where, f"expected a Docker runtime name, got {show_value(runtime)}")
+    return runtime
+
+
 _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
     "name": _as_name,
     "image": _as_image,
@@ -534,6 +554,7 @@ _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
     "privileged": _as_bool,
     "cap_add": _as_caps,
     "user": _as_user,
+    "runtime": _as_runtime,
 }
 
 
@@ -633,6 +654,7 @@ def parse_workload(
         privileged=values.get("privileged", False),
         cap_add=values.get("cap_add", ()),
         user=values.get("user"),
+        runtime=values.get("runtime"),
     )
     if spec.network_mode == "none" and spec.ports:
         raise _fail(where["ports"], "ports cannot be published with network_mode none")
@@ -758,8 +780,8 @@ def check_launch_policy(
 
     ``defaults`` is the image's own configuration (its command, environment and user): a
     spec that repeats them overrides nothing. Without it, anything the spec sets counts.
-    The embassy's own netns holder is not the operator's to name: ``container:`` and ``ns:``
-    network modes are always refused here, and the runtime adds the holder itself.
+    The workload's network namespace is the embassy's to wire: ``container:`` and ``ns:``
+    network modes, which name another namespace, are always refused.
     """
     mode = spec.network_mode
     if mode is not None:
@@ -772,7 +794,7 @@ def check_launch_policy(
         if lowered.startswith(("container:", "ns:", "service:")):
             raise PolicyError(
                 f"network_mode {mode!r} shares a network namespace the operator names: the "
-                "workload only joins the embassy's own netns holder, which the seal controls"
+                "workload's namespace is one the embassy makes the only link of, and gates"
             )
         if mode not in _SAFE_NETWORK_MODES:
             raise PolicyError(
@@ -884,6 +906,8 @@ def _spec_bodies(spec: WorkloadSpec, image_digest: str) -> list[tuple[str, dict[
                 "privileged": spec.privileged,
                 "cap_add": sorted(normalize_capability(c) for c in spec.cap_add),
                 "user": spec.user,
+                # Only when set: a spec without one keeps the launch digest it always had.
+                **({"runtime": spec.runtime} if spec.runtime is not None else {}),
             },
         ),
     ]
