@@ -71,11 +71,13 @@ from embassy.metering.rejections import RejectionLedger
 from embassy.metering.score import FORMULA, pool, score
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
-    ACTIVATION_REJECTED_V1,
-    INSTRUCTION_REFUSED_V1,
+    ACTIVATION_REJECTED_V2,
+    INSTRUCTION_REFUSED_V2,
     METER_READING_V1,
     METER_UPDATE_V1,
+    METER_UPDATE_V2,
     SIGNATURE_WRITE_V1,
+    SIGNATURE_WRITE_V2,
     Subject,
     parse_statement,
 )
@@ -175,7 +177,12 @@ class MeteringService:
                 if entry.type is not EntryType.STATEMENT:
                     continue
                 statement = parse_statement(parse_envelope(entry.data).payload)
-                if statement.predicate_type in (SIGNATURE_WRITE_V1, METER_UPDATE_V1):
+                if statement.predicate_type in (
+                    SIGNATURE_WRITE_V1,
+                    METER_UPDATE_V1,
+                    SIGNATURE_WRITE_V2,
+                    METER_UPDATE_V2,
+                ):
                     batch = statement.body.get("batch")
                     if isinstance(batch, str) and batch in pending:
                         found[batch] = entry.seq
@@ -251,7 +258,7 @@ class MeteringService:
         # workload can choose (it can make a payload of its own, actions and all).
         digests = [hashlib.sha256(raw).digest() for raw, _ in refusals]
         self._log.append_statement(
-            INSTRUCTION_REFUSED_V1,
+            INSTRUCTION_REFUSED_V2,
             [Subject("instruction", d) for d in digests],
             {
                 "session": session.hex(),
@@ -383,7 +390,7 @@ class MeteringService:
         )
         batch = self._registry.stage_signatures([row], session=state.session.hex())
         appended = self._log.append_statement(
-            SIGNATURE_WRITE_V1,
+            SIGNATURE_WRITE_V2,
             [Subject("activation", activation.sha256)],
             {
                 "session": state.session.hex(),
@@ -413,7 +420,7 @@ class MeteringService:
             return  # no signature of these capabilities for this tensor: nothing to meter
         batch = self._registry.stage_update(state.session.hex(), activation.sha256.hex(), deltas)
         appended = self._log.append_statement(
-            METER_UPDATE_V1,
+            METER_UPDATE_V2,
             [Subject("activation", activation.sha256)],
             {
                 "session": state.session.hex(),
@@ -445,7 +452,7 @@ class MeteringService:
             for summary in summaries:
                 body = summary.body()
                 try:
-                    self._log.append_statement(ACTIVATION_REJECTED_V1, [], body)
+                    self._log.append_statement(ACTIVATION_REJECTED_V2, [], body)
                 except EmbassyError as exc:  # a full disk: the session's totals stay exact
                     _LOG.error("activation rejections: summary not stated (%s)", exc.code)
                     continue

@@ -44,6 +44,12 @@ METER_UPDATE_V1 = PREDICATE_PREFIX + "meter-update:v1"
 SIGNATURE_WRITE_V1 = PREDICATE_PREFIX + "signature-write:v1"
 INSTRUCTION_REFUSED_V1 = PREDICATE_PREFIX + "instruction-refused:v1"
 ACTIVATION_REJECTED_V1 = PREDICATE_PREFIX + "activation-rejected:v1"
+# v2 (no workload-chosen bytes): names of tensors and files, and parsers' messages, are
+# replaced by SHA-256 digests, lengths and codes; rejections are coalesced per session.
+METER_UPDATE_V2 = PREDICATE_PREFIX + "meter-update:v2"
+SIGNATURE_WRITE_V2 = PREDICATE_PREFIX + "signature-write:v2"
+INSTRUCTION_REFUSED_V2 = PREDICATE_PREFIX + "instruction-refused:v2"
+ACTIVATION_REJECTED_V2 = PREDICATE_PREFIX + "activation-rejected:v2"
 
 KNOWN_PREDICATES = frozenset(
     {
@@ -60,6 +66,10 @@ KNOWN_PREDICATES = frozenset(
         SIGNATURE_WRITE_V1,
         INSTRUCTION_REFUSED_V1,
         ACTIVATION_REJECTED_V1,
+        METER_UPDATE_V2,
+        SIGNATURE_WRITE_V2,
+        INSTRUCTION_REFUSED_V2,
+        ACTIVATION_REJECTED_V2,
     }
 )
 

@@ -104,7 +104,7 @@ def statements(embassy: Embassy, predicate: str) -> list[dict[str, Any]]:
         if entry.type.value != "statement":
             continue
         st = parse_statement(parse_envelope(entry.data).payload)
-        if st.predicate_type.endswith(predicate + ":v1"):
+        if st.predicate_type.rsplit(":", 1)[0].endswith(":" + predicate):
             out.append(dict(st.body))
     return out
 
@@ -305,7 +305,7 @@ def test_pending_batches_follow_the_log_after_a_crash(
     # A crash after the statement was appended but before the registry committed:
     logged = registry.stage_update("aa" * 16, "bb" * 32, {"cyber": 7})
     embassy.log.append_statement(
-        "urn:embassy:predicate:meter-update:v1", [], {"batch": logged, "session": "aa" * 16}
+        "urn:embassy:predicate:meter-update:v2", [], {"batch": logged, "session": "aa" * 16}
     )
     # ... and one before the statement was appended at all:
     registry.stage_update("aa" * 16, "cc" * 32, {"cyber": 1000})

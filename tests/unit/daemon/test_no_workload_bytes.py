@@ -122,7 +122,7 @@ def test_no_log_record_and_no_statement_carries_workload_bytes(
         assert marker not in records, marker
         assert marker not in json.dumps(summary), marker
     # What they carry instead: codes, counts, lengths and digests.
-    assert "activation-rejected:v1" in logged
+    assert "activation-rejected:v2" in logged
     assert "instruction-bad-signature" in logged
     assert "tensor_sha256" in logged
     assert "rejected (activation-foreign" in records  # per-file debug lines, by digest
