@@ -187,6 +187,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_spool(args: argparse.Namespace) -> int:
+    from embassy.config import load_config
+    from embassy.daemon.spool import ensure_spool
+
+    config = load_config(Path(args.config) if args.config else None, os.environ)
+    print(ensure_spool(config.data_dir / "activations", config.metering))
+    return 0
+
+
 def _cmd_measure(args: argparse.Namespace) -> int:
     from embassy.config import load_config
     from embassy.measure import measure
@@ -696,6 +705,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", help="YAML config file (default: built-in defaults)")
     serve.set_defaults(func=_cmd_serve)
+    spool = sub.add_parser(
+        "spool",
+        help="mount the activation spool (or check the one mounted): for a host where the "
+        "daemon runs sandboxed in a mount namespace of its own and cannot mount it itself",
+    )
+    spool.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    spool.set_defaults(func=_cmd_spool)
     identity = sub.add_parser("identity", help="fetch the identity document from a daemon")
     identity.add_argument("--socket", default="/run/embassy/embassy.sock")
     identity.add_argument("--out", help="write the document here (default stdout)")

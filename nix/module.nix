@@ -283,9 +283,11 @@ in
         ]
         ++ lib.optional (tpmDevice != null) tpmDeviceUnit
         ++ lib.optional fetchesMetadata "embassy-metadata.service"
-        ++ lib.optional loadsImages "embassy-workload-images.service";
+        ++ lib.optional loadsImages "embassy-workload-images.service"
+        ++ [ "embassy-spool.service" ];
         after = [
           "docker.service"
+          "embassy-spool.service"
         ]
         ++ lib.optional (tpmDevice != null) tpmDeviceUnit
         ++ lib.optional fetchesMetadata "embassy-metadata.service"
@@ -326,9 +328,10 @@ in
           OOMScoreAdjust = -500;
 
           # Capabilities, each one needed:
-          #   CAP_SYS_ADMIN  setns(2) into the holder container's network namespace requires
-          #                  it (in our user namespace and the namespace's owner), no less;
-          #   CAP_NET_ADMIN  change that namespace's netfilter tables (the seal);
+          #   CAP_SYS_ADMIN  setns(2) into the workload's network namespace requires it (in
+          #                  our user namespace and the namespace's owner), no less;
+          #   CAP_NET_ADMIN  make the workload's link and flip it (the gate), and change that
+          #                  namespace's netfilter tables and the host's nat table (ports);
           #   CAP_NET_RAW    libiptc talks to x_tables through a raw socket;
           #   CAP_SYS_PTRACE opening /proc/PID/ns/net of a workload that runs as another user
           #                  or keeps a capability the daemon lacks is a ptrace read-access
@@ -343,7 +346,11 @@ in
             "CAP_SYS_PTRACE"
           ];
 
-          # File system: read-only except its state and runtime directories.
+          # File system: read-only except its state and runtime directories, and the network
+          # sysctls (ProtectKernelTunables makes /proc/sys read-only): the link it makes is
+          # configured there (no forwarding or router advertisements in the workload's
+          # namespace, no IPv6 on the host end, route_localnet for loopback-published ports).
+          ReadWritePaths = [ "/proc/sys/net" ];
           # Devices: the TPM and the pseudo devices only. PrivateDevices= would hide the TPM.
           DevicePolicy = "closed";
           DeviceAllow = lib.optional (tpmDevice != null) "${tpmDevice} rw";
@@ -392,6 +399,37 @@ in
           #                   executable trampolines unless static ones are built in; not
           #                   verified on the pinned libffi, and a refused mapping would stop
           #                   the seal.
+        };
+      };
+
+      # The activation spool (a size-limited tmpfs the workload writes its activation files
+      # into) must be mounted where Docker sees it, before the workload's container is made:
+      # the sandboxed daemon has a mount namespace of its own and no mount syscall, so this
+      # oneshot mounts it from the host's namespace, with the daemon's own code and config.
+      # The daemon then finds and reuses it (embassy/daemon/spool.py).
+      systemd.services.embassy-spool = {
+        description = "Mount the embassy's activation spool";
+        before = [ "embassy.service" ];
+        unitConfig.RequiresMountsFor = [ dataDir ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          User = "root";
+          ExecStart = execLine [
+            "${cfg.package}/bin/embassy"
+            "spool"
+            "--config"
+            configFile
+          ];
+          StateDirectory = lib.removePrefix "/var/lib/" dataDir;
+          StateDirectoryMode = "0700";
+          # Mounting in the host's mount namespace needs CAP_SYS_ADMIN and no private mount
+          # namespace: none of the file-system sandboxing options, on purpose.
+          CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_CHOWN" "CAP_FOWNER" ];
+          NoNewPrivileges = true;
+          PrivateNetwork = true;
+          RestrictAddressFamilies = [ "AF_UNIX" ];
+          SystemCallArchitectures = "native";
         };
       };
     }

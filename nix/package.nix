@@ -88,6 +88,7 @@ py.buildPythonApplication {
     py.docker
     py.watchdog
     py.numpy
+    py.h11 # the socket API's HTTP/1.1 parser (docs/adr/0008-http-server.md)
   ];
 
   nativeCheckInputs = [ py.pytestCheckHook ];

@@ -196,6 +196,26 @@ def test_enabled_module_runs_the_daemon_with_only_what_it_needs() -> None:
         assert left_off not in service
 
 
+def test_the_spool_is_mounted_from_the_hosts_namespace_before_the_daemon() -> None:
+    config = evaluate(with_tpm())["config"]
+    services = config["systemd"]["services"]
+    spool, daemon = services["embassy-spool"], services["embassy"]
+    config_file = config["system"]["build"]["embassyConfig"]
+    assert re.fullmatch(
+        rf'"/nix/store/[^"]+/bin/embassy" "spool" "--config" "{re.escape(config_file)}"',
+        spool["serviceConfig"]["ExecStart"],
+    )
+    assert spool["before"] == ["embassy.service"]
+    assert "embassy-spool.service" in daemon["requires"]
+    assert "embassy-spool.service" in daemon["after"]
+    # It mounts in the host's namespace: no file-system sandboxing that would give it its own.
+    for private in ("ProtectSystem", "PrivateTmp", "ProtectHome", "PrivateMounts"):
+        assert private not in spool["serviceConfig"]
+    # The daemon configures the link it makes through /proc/sys/net, read-only otherwise.
+    assert daemon["serviceConfig"]["ReadWritePaths"] == ["/proc/sys/net"]
+    assert daemon["serviceConfig"]["ProtectKernelTunables"] is True
+
+
 def test_without_a_tpm_device_the_module_refuses() -> None:
     # The daemon's software-TPM debug mode runs swtpm from Debian's paths: not on NixOS.
     failed = evaluate(embassy())["failedAssertions"]

@@ -203,3 +203,21 @@ def test_a_spool_mounted_right_is_reused_without_chown(
     assert ensure_spool(where, limits(gid=77)) == "reused"
     with pytest.raises(StorageError, match=r"cannot make .* group 78: Operation not permitted"):
         ensure_spool(where, limits(gid=78))
+
+
+def test_the_spool_command_mounts_then_reuses_with_the_daemons_config(
+    where: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`embassy spool` (run before a sandboxed daemon) mounts what the daemon would."""
+    from embassy.cli import main
+
+    config = where.parent / "config.yaml"
+    config.write_text(
+        f"data_dir: {where.parent}\nsocket: {where.parent / 'run' / 's.sock'}\n"
+        "metering:\n  spool_bytes: 2097152\n  spool_gid: 4321\n"
+    )
+    assert main(["spool", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "mounted"
+    assert main(["spool", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "reused"
+    assert where.stat().st_gid == 4321
