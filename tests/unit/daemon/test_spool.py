@@ -214,7 +214,7 @@ def test_the_spool_command_mounts_then_reuses_with_the_daemons_config(
     config = where.parent / "config.yaml"
     config.write_text(
         f"data_dir: {where.parent}\nsocket: {where.parent / 'run' / 's.sock'}\n"
-        "metering:\n  spool_bytes: 2097152\n  spool_gid: 4321\n"
+        "metering:\n  spool_bytes: 8388608\n  max_activation_bytes: 4194304\n  spool_gid: 4321\n"
     )
     assert main(["spool", "--config", str(config)]) == 0
     assert capsys.readouterr().out.strip() == "mounted"
