@@ -251,14 +251,19 @@ class SealKeeper:
                 release = "ready"
             except SealError as exc:
                 release = f"refused: {exc.message}"
+            up = None if link is None else self._gate.link_up(link)
+            l3 = None if link is None else self._gate.l3_state(link)
             return {
                 "gate": "closed" if self.closed else "open",
+                # What the kernel holds now, in one word: both layers closed (or no link at
+                # all), both open, or anything in between.
+                "kernel": _kernel_word(up, l3),
                 "sessions_want": "sealed" if self._sealed else "open",
                 "quarantine": sorted(self._quarantine.values()),
                 "link": None if link is None else link.plan.to_json(),
                 "netns": None if link is None else str(link.netns),
-                "link_up": None if link is None else self._gate.link_up(link),
-                "l3": None if link is None else self._gate.l3_state(link).value,
+                "link_up": up,
+                "l3": None if l3 is None else l3.value,
                 "key_release": release,
             }
 
@@ -269,3 +274,13 @@ class SealKeeper:
             link, self._link = self._link, None
             if link is not None:
                 os.close(link.netns_fd)
+
+
+def _kernel_word(up: bool | None, l3: L3State | None) -> str:
+    if up is None:
+        return "sealed"  # no link: nothing can pass
+    if not up and l3 is L3State.SEALED:
+        return "sealed"
+    if up and l3 is L3State.OPEN:
+        return "unsealed"
+    return "partial"

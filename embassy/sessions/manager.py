@@ -270,6 +270,9 @@ class SessionManager:
                 )
             del self._open[session]
             gate = self._open_gate_if_idle()
+            # Opened in full before the statement says so (and before a failpoint can kill
+            # the daemon "after the rules"): the unseal statement states what holds.
+            self._seal.settle()
             self._point("unseal:after-rules")
             appended = self._log.append_statement(
                 UNSEAL_V2,
@@ -285,8 +288,6 @@ class SessionManager:
                 },
             )
             self._point("unseal:after-statement")
-            # The workload's network is back when the close returns (its answer goes out).
-            self._seal.settle()
             return appended.envelope
 
     def _ended(self, session: bytes) -> bytes:

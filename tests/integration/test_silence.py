@@ -13,6 +13,7 @@ network, listeners this process binds on that network's gateway, or the workload
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
@@ -461,3 +462,44 @@ def test_a_killed_daemon_leaves_the_workload_sealed_and_a_restart_keeps_it_so(
     scene.close(opened)  # the token still works: it is derived, not stored
     assert scene.seal_status()["gate"] == "open"
     assert wait_until(lambda: scene.inbound(scene.workload_v4, 8080) == "ok", 10)
+
+
+MARKER = "EXFILTRATED-BY-THE-WORKLOAD-" * 8
+JUNK = r"""
+import http.client, json, os, socket, sys
+marker = sys.argv[1]
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect("/run/embassy/embassy.sock")
+for method, path, body in (
+    ("GET", "/" + marker, None),
+    ("POST", "/v1/sessions", marker),
+    ("POST", "/v1/sessions", json.dumps({"deadline_seconds": 60, marker: 1})),
+    ("GET", "/v1/log?from=" + marker, None),
+):
+    c = C("embassy", timeout=30)
+    c.request(method, path, body=body)
+    c.getresponse().read()
+for i, name in enumerate((marker + ".act", "." + marker, marker, "x\n" + marker + ".act")):
+    with open(os.path.join("/var/lib/embassy/activations", name.replace("/", "_")), "w") as f:
+        f.write(marker * 10)
+print("done")
+"""
+
+
+def test_no_workload_chosen_bytes_reach_the_logs_or_the_statements(scene: Scene) -> None:
+    """Paths, bodies and file names the workload chose never leave through the embassy."""
+    out = scene.py(scene.workload, JUNK, MARKER)
+    assert out.endswith("done"), out
+    opened = scene.open()  # a session, so the intake has something to judge the files by
+    time.sleep(1.5)  # the intake handles and removes them; rejections are summarised
+    scene.close(opened)
+    log_text = scene.daemon.log_text()
+    assert MARKER[:27] not in log_text
+    for line in (scene.daemon.data_dir / "log.jsonl").read_bytes().splitlines():
+        entry = json.loads(line)
+        data = base64.b64decode(entry["data"])
+        envelope = json.loads(data)
+        assert MARKER[:27].encode() not in base64.b64decode(envelope["payload"])
+    assert list((scene.daemon.data_dir / "activations").iterdir()) == []

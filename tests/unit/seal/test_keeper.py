@@ -502,3 +502,23 @@ def test_close_all_lets_go_of_the_namespace(world: World) -> None:
     with pytest.raises(OSError):
         os.fstat(fd)
     assert ("detach", index, None) not in world.maker.calls  # the link stays in the kernel
+
+
+def test_status_names_the_kernels_state_in_one_word(world: World) -> None:
+    world.start(10, "ns-a")
+    world.keeper.close()
+    status = world.keeper.status()
+    assert (status["kernel"], status["gate"], status["key_release"]) == (
+        "sealed",
+        "closed",
+        "ready",
+    )
+    world.keeper.open()
+    status = world.keeper.status()
+    assert (status["kernel"], status["gate"]) == ("unsealed", "open")
+    assert status["key_release"].startswith("refused")
+    world.keeper.close()
+    link = world.keeper._link
+    assert link is not None
+    world.gate.l3[link.host_index] = L3State.PARTIAL  # rules tampered behind its back
+    assert world.keeper.status()["kernel"] == "partial"

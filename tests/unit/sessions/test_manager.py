@@ -126,7 +126,7 @@ def test_open_closes_the_gate_before_the_statement_and_close_opens_it(
     assert body["output_sha256"] == hashlib.sha256(b"out").hexdigest()
     assert body["seal_statement_sha256"] == hashlib.sha256(opened.envelope).hexdigest()
     assert seal.closed is False
-    assert seal.history == ["close", "open", "settle"], "open, and settled before the answer"
+    assert seal.history == ["close", "open", "settle"], "opened in full before the statement"
 
 
 def test_only_the_token_holder_closes_and_a_retried_close_gets_the_same_statement(
