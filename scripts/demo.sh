@@ -58,6 +58,15 @@ cleanup() {
     id=$(cat "$demo/data/embassy-id")
     docker ps -aq --filter "label=org.embassy.id=$id" | xargs -r docker rm -f >/dev/null
     docker network rm "embassy-$id" >/dev/null 2>&1 || true
+    # The host's nat rules that published the workload's ports (the daemon keeps them for
+    # its next start): the jumps to its chains, then the chains.
+    iptables-legacy -t nat -S 2>/dev/null | grep -E "^-A (PREROUTING|OUTPUT|POSTROUTING) .*-j EMBASSY-[PS]-$id" \
+      | sed 's/^-A/-D/' | while read -r rule; do eval "iptables-legacy -t nat $rule"; done
+    for chain in "EMBASSY-P-$id" "EMBASSY-S-$id"; do
+      iptables-legacy -t nat -F "$chain" 2>/dev/null && iptables-legacy -t nat -X "$chain" 2>/dev/null || true
+    done
+    # The activation spool the daemon leaves mounted (it outlives a daemon, as the workload).
+    umount -l "$demo/data/activations" 2>/dev/null || true
   fi
 }
 trap cleanup EXIT

@@ -15,11 +15,11 @@ Closing takes the link down first (silence at once), then puts the jumps in; ope
 the jumps out, then brings the link up last. So at every instant between the two steps
 both layers agree on "closed" or the link, the stronger one, is down.
 
-The layer-3 step runs on the netns worker. :meth:`Gate.begin_close` returns once the link
-is down and leaves the jumps going in, so a session's seal statement is written while they
-do (its key is released only after :meth:`Gate.settle`); :meth:`Gate.begin_open` queues
-"jumps out, then link up" likewise. Every other call settles what is pending first, so the
-steps of two flips can never interleave.
+Both steps run, in that order, on the netns worker: :meth:`Gate.begin_close` queues "link
+down, then jumps in" and returns, so a session's seal statement is written meanwhile (its
+key is released only after :meth:`Gate.settle` and a check of the kernel's state);
+:meth:`Gate.begin_open` queues "jumps out, then link up" likewise. Every other call settles
+what is pending first, so the steps of two flips can never interleave.
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ class Gate:
         self.settle()
 
     def begin_close(self, link: WorkloadLink) -> None:
-        """Take the link down now; the layer-3 jumps follow on the worker."""
+        """Queue the link down, then the layer-3 jumps in, on the worker."""
         with self._lock:
             self._settle_locked()
-            self._set_link(link, up=False)
-            self._pending = self._l3.submit_flip(link.netns_path, sealed=True)
+            self._pending = self._l3.submit_flip(
+                link.netns_path, sealed=True, before=lambda: self._set_link(link, up=False)
+            )
 
     def begin_open(self, link: WorkloadLink) -> None:
         """Queue the jumps out, then the link up, on the worker."""

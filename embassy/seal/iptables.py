@@ -179,7 +179,12 @@ class IptablesL3:
         self.submit_flip(netns, sealed=sealed).result()
 
     def submit_flip(
-        self, netns: Path, *, sealed: bool, then: Callable[[], None] | None = None
+        self,
+        netns: Path,
+        *,
+        sealed: bool,
+        before: Callable[[], None] | None = None,
+        then: Callable[[], None] | None = None,
     ) -> Future[None]:
         """Insert (``sealed``) or delete the jumps: the hot path, a few hundred µs.
 
@@ -189,6 +194,8 @@ class IptablesL3:
         """
 
         def apply() -> None:
+            if before is not None:
+                before()
             for family in Family:
                 self._guard(netns, family, "flip", partial(self._flip, family, sealed))
             if then is not None:

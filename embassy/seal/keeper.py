@@ -114,8 +114,9 @@ class SealKeeper:
         return self._sealed or bool(self._quarantine)
 
     def close(self) -> SealProof:
-        """Close the gate (idempotent): the link is down when this returns, the layer-3
-        rules follow (:meth:`check` waits for them); return what is claimed in force."""
+        """Start closing the gate (idempotent): link down, then the layer-3 jumps, on the
+        netns worker (:meth:`settle` and :meth:`check` wait for them); return what will be
+        in force."""
         with self._lock:
             self._sealed = True
             if self._link is not None:
@@ -139,9 +140,10 @@ class SealKeeper:
 
     def check(self, proof: SealProof, *, settled: bool = True) -> None:
         """Raise :class:`SealError` unless the seal ``proof`` describes is in force now: the
-        gate closed on that very namespace (both layers, unless ``settled`` is False: then
-        the link alone), the link down in the kernel, the workload still in that namespace,
-        and nobody else in it."""
+        gate closed on that very namespace (its last change complete: the link down in the
+        kernel, the layer-3 jumps in), the workload still in that namespace, and nobody else
+        in it. With ``settled`` False the gate may still be closing: everything but the
+        kernel's state is checked (a cheap look before a statement is written)."""
         if settled:
             self._gate.settle()
         with self._lock:
@@ -158,7 +160,7 @@ class SealKeeper:
                 if self._maker is not None and self._pid:
                     raise SealError("the workload runs with no link made by the embassy")
                 return
-            if self._gate.link_up(self._link):
+            if settled and self._gate.link_up(self._link):
                 raise SealError(f"the link {self._link.plan.host_name} is up")
             try:
                 current = NetnsId.of_pid(self._pid)

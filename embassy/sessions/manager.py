@@ -6,8 +6,9 @@ disagree with the log after a crash.
 
 open     (the payload is parsed, unwrapped and checked against replays before this: a bad
          one never costs a seal)
-         lock → close the gate → check the seal in the kernel → claim the payload → seal
-         statement (fsync'd, PCR-extended) → check the seal again → release the key → unlock
+         lock → start closing the gate (link down, layer-3 jumps in, on the netns worker) →
+         claim the payload → seal statement (fsync'd, PCR-extended), meanwhile → wait for
+         the gate, check it in the kernel → release the key → unlock
 close    (activation files are drained before, outside the lock)
          lock → token (constant time) → deadline → open the gate if this was the last open
          session → unseal statement → unlock. A retried close of a session whose unseal
@@ -177,48 +178,51 @@ class SessionManager:
     ) -> Opened[T]:
         """Seal, state it, and run ``release(session)`` while the seal is checked in force.
 
-        ``claim(session)`` runs once the gate is closed and checked, before the statement
-        (e.g. marking a payload as used); ``release(session)`` right after the statement and
-        a second check, under the same lock: what it returns (a key) leaves only then. If
-        either raises, the session is aborted with a signed reason and the error goes on.
+        ``claim(session)`` runs before the statement (e.g. marking a payload as used);
+        ``release(session)`` after the statement and the check of the seal in force, under
+        the same lock: what it returns (a key) leaves only then. If the claim or the
+        statement fails, the gate opens again (when no other session holds it); if the
+        release fails, the session is aborted with a signed reason. Either way the error
+        goes on.
         """
         if not MIN_DEADLINE_SECONDS <= deadline_seconds <= MAX_DEADLINE_SECONDS:
             raise RequestError(
                 f"deadline_seconds must be {MIN_DEADLINE_SECONDS} to {MAX_DEADLINE_SECONDS}"
             )
         with self._lock:
+            # The gate closes (link down, then the layer-3 jumps) on the netns worker while
+            # the statement is written: nothing leaves before both are checked in force.
             proof = self._seal.close()
-            self._point("seal:after-rules")
+            self._point("seal:before-statement")
             try:
-                # The link is down; its layer-3 rules go in while the statement is written.
-                self._seal.check(proof, settled=False)
+                self._seal.check(proof, settled=False)  # quarantine, the very namespace
                 session = secrets.token_bytes(16)
                 if claim is not None:
                     claim(session)
+                deadline = int(self._now()) + deadline_seconds
+                appended = self._log.append_statement(
+                    SEAL_V2,
+                    self._subject(session),
+                    {
+                        "session": session.hex(),
+                        "payload_id": None if payload_id is None else payload_id.hex(),
+                        "workload": self._workload.to_json(),
+                        "seal": proof.to_json(),
+                        "deadline_unix": deadline,
+                        "wall_time_unix": int(self._now()),
+                    },
+                )
             except BaseException:
                 self._open_gate_if_idle()
                 self._seal.settle()
                 raise
-            deadline = int(self._now()) + deadline_seconds
-            appended = self._log.append_statement(
-                SEAL_V2,
-                self._subject(session),
-                {
-                    "session": session.hex(),
-                    "payload_id": None if payload_id is None else payload_id.hex(),
-                    "workload": self._workload.to_json(),
-                    "seal": proof.to_json(),
-                    "deadline_unix": deadline,
-                    "wall_time_unix": int(self._now()),
-                },
-            )
-            self._point("seal:after-statement")
             state = OpenSession(session, deadline, _sha256(appended.envelope), proof)
             self._open[session] = state
             try:
-                # Right before anything leaves: the very namespace that was sealed is still
-                # sealed (both layers), the link is down in the kernel, nobody else is in it.
+                # Right before anything leaves: the very namespace that was sealed is sealed
+                # (link down in the kernel, both layers), nobody else is in it.
                 self._seal.check(proof)
+                self._point("seal:after-statement")
                 released = release(session)
             except SealError as exc:
                 self._abort_locked(state, "seal-not-in-force")

@@ -193,8 +193,27 @@ def wait_for_http(port: int, timeout: float = 30.0) -> None:
 
 
 def remove_embassy_containers(client: Any, eid: str) -> None:
-    """Remove everything a daemon launched: its containers and its network."""
+    """Remove everything a daemon launched: its containers, its network, and the host's nat
+    rules that published its ports (a daemon leaves them for its next start; left behind,
+    they would send a later test's connections on the same port to a dead address)."""
     for container in client.containers.list(all=True, filters={"label": f"org.embassy.id={eid}"}):
         container.remove(force=True)
     for network in client.networks.list(names=[f"embassy-{eid}"]):
         network.remove()
+    remove_published_ports(eid)
+
+
+def remove_published_ports(eid: str) -> None:
+    chains = {f"EMBASSY-P-{eid}"[:28], f"EMBASSY-S-{eid}"[:28]}
+    saved = subprocess.run(
+        ["iptables-legacy", "-t", "nat", "-S"], capture_output=True, text=True, timeout=30
+    ).stdout
+    for line in saved.splitlines():
+        words = line.split()
+        if words[:1] == ["-A"] and words[1] not in chains and set(words) & chains:
+            subprocess.run(
+                ["iptables-legacy", "-t", "nat", "-D", *words[1:]], check=True, timeout=30
+            )
+    for chain in chains & {w for line in saved.splitlines() for w in line.split()[1:2]}:
+        subprocess.run(["iptables-legacy", "-t", "nat", "-F", chain], check=True, timeout=30)
+        subprocess.run(["iptables-legacy", "-t", "nat", "-X", chain], check=True, timeout=30)

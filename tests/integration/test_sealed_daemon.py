@@ -160,10 +160,11 @@ def _close_argv(session: dict[str, Any]) -> list[str]:
     return ["python3", "-c", CLIENT, "POST", "/v1/sessions/close", json.dumps(body)]
 
 
-# (failpoint, the link up while the daemon is down, sessions open after the restart)
+# (failpoint, the link up while the daemon is down (None: either, nothing was promised),
+# sessions open after the restart)
 FAILPOINTS = [
-    ("seal:after-rules", False, 0),  # gate closed, nothing stated: reopened at restart
-    ("seal:after-statement", False, 1),  # stated: sealed until closed or its deadline
+    ("seal:before-statement", None, 0),  # gate closing, nothing stated: reopened at restart
+    ("seal:after-statement", False, 1),  # stated and checked: sealed until closed or deadline
     ("unseal:after-rules", True, 1),  # gate opened, unseal not stated: sealed again
     ("unseal:after-statement", True, 0),  # stated: open
 ]
@@ -171,7 +172,11 @@ FAILPOINTS = [
 
 @pytest.mark.parametrize(("point", "up_while_down", "open_after"), FAILPOINTS)
 def test_kill_at_each_step_never_leaves_an_open_session_unsealed(
-    client: Any, daemon_factory: type[Daemon], point: str, up_while_down: bool, open_after: int
+    client: Any,
+    daemon_factory: type[Daemon],
+    point: str,
+    up_while_down: bool | None,
+    open_after: int,
 ) -> None:
     daemon = daemon_factory(WORKLOAD + f"debug:\n  failpoint: {point}\n")
     daemon.start()
@@ -189,7 +194,8 @@ def test_kill_at_each_step_never_leaves_an_open_session_unsealed(
         assert daemon.proc is not None
         assert daemon.proc.wait(timeout=30) == -signal.SIGKILL
         daemon.proc = None
-        assert s.reachable() is up_while_down
+        if up_while_down is not None:
+            assert s.reachable() is up_while_down
         daemon.config_extra = WORKLOAD
         daemon.start()
         status = s.call("GET", "/v1/seal")["body"]

@@ -300,7 +300,9 @@ def test_crash_after_the_gate_closed_but_before_the_statement_reopens_it(
 ) -> None:
     embassy = make_embassy(tpm)
     with pytest.raises(Crash):
-        manager(embassy, seal, clock, crash_at="seal:after-rules").open(60, release=release_key)
+        manager(embassy, seal, clock, crash_at="seal:before-statement").open(
+            60, release=release_key
+        )
     assert seal.closed
     _, _, report = _restart(make_embassy, tpm, embassy, seal, clock)
     assert report["open_sessions"] == 0
