@@ -15,9 +15,10 @@ it times, on a fresh connection per request and alternating the two:
   (unseal, certify), fetch the log segment. Each request has a fresh payload; sealing the
   input on the user's side is timed separately and is NOT part of the request time.
 
-Then it times the daemon's share on its own, straight on the socket from the host:
-``POST /v1/sessions`` (seal the workload, unwrap the payload) and ``POST /v1/sessions/close``
-(+ the log segment fetch, as ``Session.finish`` does), with no HTTP hop and no data.
+Then it times the daemon's share on its own, from inside the workload (session routes
+answer only the workload's own processes): ``POST /v1/sessions`` (seal the workload,
+unwrap the payload) and ``POST /v1/sessions/close`` (+ the log segment fetch, as
+``Session.finish`` does), with the SDK over the mounted socket, no HTTP hop and no data.
 
 The daemon is stopped and its containers and network are removed at the end, whatever
 happens. No test asserts on these timings.
@@ -40,6 +41,7 @@ import shutil
 import signal
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -52,6 +54,7 @@ import docker
 
 from embassy.attest.ek import load_pem_bundle
 from embassy.cli import main as embassy_main
+from embassy.client import call
 from embassy.payload.envelope import seal_input
 from embassy.verify.identity import verify_identity_document
 from embassy.verify.policy import TrustPolicy
@@ -65,7 +68,6 @@ from tests.integration.conftest import (
     remove_embassy_containers,
     wait_for_http,
 )
-from workload_sdk.client import EmbassyClient
 
 IMAGE = SEALED_SERVICE_IMAGE
 WORKLOAD = f"""
@@ -264,22 +266,38 @@ class DaemonSplit:
     close_session: Stats  # POST /v1/sessions/close + GET /v1/log (Session.finish)
 
 
+# Run inside the workload (the example image has workload_sdk in /app): open and finish a
+# session for each envelope, timing each; prints the seconds as JSON.
+_INSIDE = r"""
+import json, sys, time
+sys.path.insert(0, "/app")
+from embassy.client import call
+client = EmbassyClient("/run/embassy/embassy.sock")
+opens, closes = [], []
+for envelope in json.load(open(sys.argv[1])):
+    t0 = time.perf_counter(); session = client.open(envelope); t1 = time.perf_counter()
+    session.finish(b"bench"); t2 = time.perf_counter()
+    opens.append(t1 - t0); closes.append(t2 - t1)
+print(json.dumps({"open": opens, "close": closes}))
+"""
+
+
 def measure_daemon(world: World, n: int) -> DaemonSplit:
-    client = EmbassyClient(str(world.daemon.socket))
-    opens: list[float] = []
-    closes: list[float] = []
-    for i in range(WARMUP + n):
-        envelope = seal(world, b"x").envelope
-        t0 = time.perf_counter()
-        session = client.open(envelope)
-        t1 = time.perf_counter()
-        session.finish(b"bench")
-        t2 = time.perf_counter()
-        t_open, t_close = t1 - t0, t2 - t1
-        if i >= WARMUP:
-            opens.append(t_open)
-            closes.append(t_close)
-    return DaemonSplit(stats(opens), stats(closes))
+    envelopes = [seal(world, b"x").envelope for _ in range(WARMUP + n)]
+    status = call(world.daemon.socket, "GET", "/v1/seal")
+    workload = docker.from_env().containers.get(status["workload"]["container_id"])
+    archive = io.BytesIO()
+    data = json.dumps(envelopes).encode()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("envelopes.json")
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+    workload.put_archive("/tmp", archive.getvalue())
+    code, out = workload.exec_run(["python3", "-c", _INSIDE, "/tmp/envelopes.json"])
+    if code != 0:
+        raise RuntimeError(f"the in-workload timing failed: {out[-500:]!r}")
+    times = json.loads(out.decode().strip().splitlines()[-1])
+    return DaemonSplit(stats(times["open"][WARMUP:]), stats(times["close"][WARMUP:]))
 
 
 # ---------------------------------------------------------------------------------------

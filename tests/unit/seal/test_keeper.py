@@ -60,15 +60,31 @@ class FakeGate:
         self._flip(link, L3State.OPEN)
         self.up[link.host_index] = True
 
-    # The real gate leaves the layer-3 step pending on the worker; here it is done at once.
+    # The real gate queues its flips on the netns worker. With ``deferred`` set they wait
+    # here for settle(), the way a flip on its way looks to whoever reads the kernel
+    # meanwhile; otherwise they are done at once.
+    deferred = False
+    pending: tuple[tuple[str, WorkloadLink], ...] = ()
+
     def begin_close(self, link: WorkloadLink) -> None:
-        self.close(link)
+        if self.deferred:
+            self.pending = (*self.pending, ("close", link))
+        else:
+            self.close(link)
 
     def begin_open(self, link: WorkloadLink) -> None:
-        self.open(link)
+        if self.deferred:
+            self.pending = (*self.pending, ("open", link))
+        else:
+            self.open(link)
 
     def settle(self) -> None:
-        pass
+        pending, self.pending = self.pending, ()
+        for what, link in pending:
+            if what == "close":
+                self.close(link)
+            else:
+                self.open(link)
 
     def repair(self, link: WorkloadLink, *, sealed: bool) -> None:
         self.calls.append(("repair", link.host_index))
@@ -522,3 +538,17 @@ def test_status_names_the_kernels_state_in_one_word(world: World) -> None:
     assert link is not None
     world.gate.l3[link.host_index] = L3State.PARTIAL  # rules tampered behind its back
     assert world.keeper.status()["kernel"] == "partial"
+
+
+def test_a_flip_on_its_way_is_no_intrusion(world: World) -> None:
+    """The monitor reads the kernel while a session is opening: it waits for the flip."""
+    world.start(10, "ns-a")
+    world.keeper.open()
+    world.gate.deferred = True
+    world.keeper.close()  # queued, not yet applied: the link is still up in the "kernel"
+    findings = world.keeper.verify()
+    assert findings.intrusions == []
+    assert findings.repaired == []
+    world.keeper.open()  # likewise the other way
+    findings = world.keeper.verify()
+    assert (findings.intrusions, findings.repaired) == ([], [])
