@@ -271,7 +271,7 @@ class DaemonSplit:
 _INSIDE = r"""
 import json, sys, time
 sys.path.insert(0, "/app")
-from embassy.client import call
+from workload_sdk.client import EmbassyClient
 client = EmbassyClient("/run/embassy/embassy.sock")
 opens, closes = [], []
 for envelope in json.load(open(sys.argv[1])):

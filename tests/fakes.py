@@ -34,8 +34,8 @@ from embassy.attest.marshal import (
 from embassy.attest.quote import pcr_digest
 from embassy.attest.types import ClockInfo, Quote, TpmMode
 from embassy.errors import SealError, TpmError
-from embassy.net.link import NetnsId
-from embassy.seal.keeper import SealProof
+from embassy.net.identity import NetnsId
+from embassy.seal.proof import SealProof
 from embassy.seal.rules import seal_rules
 
 RULES = seal_rules()

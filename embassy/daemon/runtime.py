@@ -34,6 +34,7 @@ from embassy.log.segment import EVIDENCE_TYPE, IDENTITY_DOCUMENT_TYPE, LOG_SEGME
 from embassy.measure import Measurement, measure
 from embassy.metering.registry import Registry
 from embassy.payload.envelope import PayloadEnvelope, open_payload
+from embassy.sessions.manager import opened_payloads
 from embassy.sessions.replay import ReplayStore
 from embassy.tpm.device import TpmDevice
 from embassy.tpm.interface import Tpm
@@ -133,6 +134,11 @@ class Embassy:
                     on_abort=self.metering.forget,
                 )
             self._replay = ReplayStore(config.data_dir / "payloads.sqlite")
+            # The log is the replay store's durable witness: every payload a seal statement
+            # names is opened, whatever the store kept through a crash.
+            restored = self._replay.remember(opened_payloads(self.log))
+            if restored:
+                _LOG.warning("replay store: restored %d opened payload(s) from the log", restored)
             subjects, body = identity_body(
                 self.keys, tpm_device, config.pcrs, self.measurement, start
             )

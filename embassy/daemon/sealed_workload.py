@@ -37,9 +37,10 @@ from embassy.net.ports import PortPublisher, choose_ports
 from embassy.net.rtnl import Rtnl
 from embassy.seal.gate import Gate
 from embassy.seal.iptables import IptablesL3
-from embassy.seal.keeper import BACKEND, SealKeeper
+from embassy.seal.keeper import SealKeeper
 from embassy.seal.netns import NetnsWorker
 from embassy.seal.occupants import in_container
+from embassy.seal.proof import BACKEND
 from embassy.seal.rules import seal_rules
 from embassy.sessions.manager import SessionManager, WorkloadIdentity
 from embassy.wire.statement import LIFECYCLE_V1

@@ -24,31 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embassy.errors import SealError
-from embassy.net.link import LinkMaker, NetnsId, WorkloadLink
+from embassy.net.identity import NetnsId
+from embassy.net.link import LinkMaker, WorkloadLink
 from embassy.seal.gate import Gate
 from embassy.seal.occupants import Occupant, find_occupants, still_there
+from embassy.seal.proof import SealProof
 from embassy.seal.rules import L3State, seal_rules
 
 _LOG = logging.getLogger(__name__)
-BACKEND = "veth-link+iptables-legacy-netns"
-
-
-@dataclass(frozen=True, slots=True)
-class SealProof:
-    """What a seal statement claims and a key release checks again: the namespace the
-    gate was closed on (None: the workload has no link at all) and the rules in force."""
-
-    netns: NetnsId | None
-    link: str | None
-    rules_sha256: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "backend": BACKEND,
-            "gate": "link" if self.link is not None else "no-link",
-            "link": self.link,
-            "rules_sha256": self.rules_sha256,
-        }
 
 
 @dataclass

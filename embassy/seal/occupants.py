@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from embassy.net.link import NetnsId
+from embassy.net.identity import NetnsId
 
 
 @dataclass(frozen=True, slots=True)

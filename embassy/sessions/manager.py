@@ -41,7 +41,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from embassy.daemon.statement_log import StatementLog
 from embassy.errors import ConflictError, ForbiddenError, NotFoundError, RequestError, SealError
 from embassy.log.entry import EntryType
-from embassy.seal.keeper import SealProof
+from embassy.seal.proof import SealProof
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
     LIFECYCLE_V1,
@@ -120,6 +120,18 @@ def _statements(log: StatementLog) -> list[tuple[str, Mapping[str, Any], bytes]]
         statement = parse_statement(parse_envelope(entry.data).payload)
         if statement.predicate_type in _SEALS or statement.predicate_type in _ENDS:
             out.append((statement.predicate_type, statement.body, entry.data))
+    return out
+
+
+def opened_payloads(log: StatementLog) -> list[tuple[bytes, bytes, int]]:
+    """(payload id, session, wall time) of every seal statement in the log that names one:
+    the payloads whose keys may have left (the replay store's durable witness)."""
+    out = []
+    for kind, body, _ in _statements(log):
+        payload = body.get("payload_id") if kind in _SEALS else None
+        if isinstance(payload, str):
+            session = bytes.fromhex(str(body["session"]))
+            out.append((bytes.fromhex(payload), session, int(body.get("wall_time_unix") or 0)))
     return out
 
 

@@ -206,7 +206,11 @@ def remove_embassy_containers(client: Any, eid: str) -> None:
 def remove_published_ports(eid: str) -> None:
     chains = {f"EMBASSY-P-{eid}"[:28], f"EMBASSY-S-{eid}"[:28]}
     saved = subprocess.run(
-        ["iptables-legacy", "-t", "nat", "-S"], capture_output=True, text=True, timeout=30
+        ["iptables-legacy", "-t", "nat", "-S"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     for line in saved.splitlines():
         words = line.split()

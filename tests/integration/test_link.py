@@ -36,7 +36,8 @@ from typing import Any
 import pytest
 
 from embassy.errors import SealError
-from embassy.net.link import LinkMaker, NetnsId, WorkloadLink
+from embassy.net.identity import NetnsId
+from embassy.net.link import LinkMaker, WorkloadLink
 from embassy.net.plan import (
     PEER_NAME,
     LinkPlan,

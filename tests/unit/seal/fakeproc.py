@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from embassy.net.link import NetnsId
+from embassy.net.identity import NetnsId
 
 
 class FakeProc:

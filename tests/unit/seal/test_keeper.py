@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from embassy.errors import SealError
-from embassy.net.link import NetnsId, WorkloadLink
+from embassy.net.identity import NetnsId
+from embassy.net.link import WorkloadLink
 from embassy.net.plan import LinkPlan
 from embassy.seal import keeper as keeper_module
-from embassy.seal.keeper import SealKeeper, SealProof
+from embassy.seal.keeper import SealKeeper
 from embassy.seal.occupants import find_occupants, still_there
+from embassy.seal.proof import SealProof
 from embassy.seal.rules import L3State, seal_rules
 from tests.unit.seal.fakeproc import FakeProc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from embassy.errors import (
     SealError,
 )
 from embassy.log.entry import EntryType
-from embassy.net.link import NetnsId
+from embassy.net.identity import NetnsId
 from embassy.seal.rules import seal_rules
 from embassy.sessions.manager import (
     MAX_DEADLINE_SECONDS,
@@ -383,3 +384,24 @@ def test_an_unknown_session_with_a_valid_token_is_not_found(
     session = b"\x07" * 16
     with pytest.raises(NotFoundError):
         m.close(session, m._token(session), None)
+
+
+def test_the_log_restores_claims_the_replay_store_lost(
+    embassy: Embassy, seal: MemorySeal, clock: Clock, tmp_path: Path
+) -> None:
+    """A claim is not fsync'd on its own: the seal statement naming the payload is its
+    durable witness, and a store that lost it (a power cut) gets it back at start."""
+    from embassy.sessions.manager import opened_payloads
+    from embassy.sessions.replay import ReplayStore
+
+    payload = b"\\x42" * 16
+    opened = manager(embassy, seal, clock).open(60, payload_id=payload, release=release_key)
+    store = ReplayStore(tmp_path / "empty.sqlite")  # what survived: nothing
+    try:
+        assert store.remember(opened_payloads(embassy.log)) == 1
+        assert store.remember(opened_payloads(embassy.log)) == 0  # idempotent
+        with pytest.raises(PayloadReplayedError, match=opened.session.hex()):
+            store.check(payload)
+        store.check(b"\\x43" * 16)  # another payload still opens
+    finally:
+        store.close()
