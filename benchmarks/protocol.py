@@ -331,10 +331,10 @@ def print_report(results: list[SizeResult], split: DaemonSplit) -> None:
             f"{'':<8} {'ratio (b) / (a)':<34} {'':>5} {r.ratio_p50:>10.1f}x {r.ratio_p99:>10.1f}x"
         )
         print()
-    print("the daemon's share, straight on its socket (no HTTP hop, no data):")
+    print("the daemon's share, from inside the workload with the SDK (no HTTP hop, no data):")
     for label, s in (
         ("open session (seal + unwrap)", split.open_session),
-        ("close session (unseal) + log", split.close_session),
+        ("close session (unseal, log)", split.close_session),
     ):
         print(
             f"{'':<8} {label:<34} {s.n:>5} {_ms(s.p50_ms):>11} {_ms(s.p99_ms):>11} "

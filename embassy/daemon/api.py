@@ -17,8 +17,10 @@ the socket, name a process in the workload container's cgroup): anything else ge
   workload, then returns ``{"session", "token", "deadline_unix", "statement"}`` (the seal
   statement, base64), with a payload its ``input_key``, and with read instructions among
   the actions their ``readings`` (meter-reading statements, base64).
-- ``POST /v1/sessions/close``: ``{"session", "token", "output_sha256"|null}``; returns
-  ``{"statement"}`` (the unseal statement, base64); unseals after the last open session.
+- ``POST /v1/sessions/close``: ``{"session", "token", "output_sha256"|null, "log_from"?}``;
+  returns ``{"statement"}`` (the unseal statement, base64), and with ``log_from`` the
+  ``segment`` from that position on (as ``GET /v1/log`` would: one round trip less for the
+  result bundle); unseals after the last open session.
 - ``GET  /v1/seal``: the seal's state, read from the kernel: the gate, the link, the layer-3
   rules, the workload's namespace, any quarantine, and whether a key release would pass now.
 """
@@ -60,7 +62,11 @@ class Service(Protocol):
         actions: bytes | None = None,
     ) -> dict[str, Any]: ...
     def close_session(
-        self, session: bytes, token: bytes, output_sha256: bytes | None
+        self,
+        session: bytes,
+        token: bytes,
+        output_sha256: bytes | None,
+        log_from: int | None = None,
     ) -> dict[str, Any]: ...
     def seal_status(self) -> dict[str, Any]: ...
     def authorize_session(self, peer: Peer | None) -> None: ...
@@ -148,12 +154,17 @@ class Api:
         self._service.authorize_session(request.peer)
         body = parse_json_object(request.body, "request body")
         what = "request body"
-        only_fields(body, {"session", "token", "output_sha256"}, what)
+        only_fields(body, {"session", "token", "output_sha256", "log_from"}, what)
         session = hex_decode(field(body, "session", str, what), "session", size=16)
         token = b64decode(field(body, "token", str, what), "token")
         output = body.get("output_sha256")
         output_sha256 = None if output is None else hex_decode(output, "output_sha256", size=32)
-        return Response(200, self._service.close_session(session, token, output_sha256))
+        log_from = None
+        if body.get("log_from") is not None:
+            log_from = field(body, "log_from", int, what)
+            if log_from < 0:
+                raise RequestError("log_from must be a log position (>= 0)")
+        return Response(200, self._service.close_session(session, token, output_sha256, log_from))
 
     @property
     def routes(self) -> frozenset[str]:

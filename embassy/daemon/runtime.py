@@ -276,7 +276,11 @@ class Embassy:
         }
 
     def close_session(
-        self, session: bytes, token: bytes, output_sha256: bytes | None
+        self,
+        session: bytes,
+        token: bytes,
+        output_sha256: bytes | None,
+        log_from: int | None = None,
     ) -> dict[str, Any]:
         sessions = self._sealed().sessions
         # Only the session's holder may make the embassy wait for its activation files;
@@ -286,7 +290,10 @@ class Embassy:
             drain = self._intake.drain if self._intake is not None else lambda: 0
             summary = self.metering.finish(session, drain)
         envelope = sessions.close(session, token, output_sha256, summary)
-        return {"statement": b64encode(envelope)}
+        answer: dict[str, Any] = {"statement": b64encode(envelope)}
+        if log_from is not None:
+            answer["segment"] = self.log_segment(log_from)["segment"]
+        return answer
 
     def seal_status(self) -> dict[str, Any]:
         return self._sealed().status()

@@ -49,7 +49,11 @@ class FakeService:
         raise AssertionError("a hostile request opened a session")
 
     def close_session(
-        self, session: bytes, token: bytes, output_sha256: bytes | None
+        self,
+        session: bytes,
+        token: bytes,
+        output_sha256: bytes | None,
+        log_from: int | None = None,
     ) -> dict[str, Any]:
         raise AssertionError("a hostile request closed a session")
 

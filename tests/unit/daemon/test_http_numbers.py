@@ -56,3 +56,13 @@ def test_a_404_does_not_echo_the_path() -> None:
     with pytest.raises(RequestError) as info:
         Api(FakeService())(Request("GET", "/AAAA" * 100, {}, b""))
     assert "AAAA" not in str(info.value)
+
+
+@pytest.mark.parametrize("log_from", [-1, "7", 1.5, True, 10**30])
+def test_the_api_refuses_a_close_with_a_bad_log_position(log_from: object) -> None:
+    body = {"session": "00" * 16, "token": "AA==", "output_sha256": None, "log_from": log_from}
+    import json
+
+    with pytest.raises(Exception) as excinfo:
+        Api(FakeService())(Request("POST", "/v1/sessions/close", {}, json.dumps(body).encode()))
+    assert getattr(excinfo.value, "code", None) in ("bad-request", "malformed")

@@ -100,8 +100,12 @@ class FakeEmbassy:
                 return _error(404, "not-found", "no such session")
             if body.get("token") != TOKEN:
                 return _error(403, "forbidden", "wrong token")
+            if body.get("log_from") == SEAL_SEQ and not self.close_without_log:
+                return 200, {"statement": _b64(UNSEAL), "segment": {"fake": "segment"}}
             return 200, {"statement": _b64(UNSEAL)}
         return _error(404, "not-found", f"no route {path!r}")
+
+    close_without_log = False  # an embassy from before the close carried the log segment
 
     def closes(self) -> list[Any]:
         return [body for _, path, body in self.requests if path == "/v1/sessions/close"]
@@ -176,7 +180,10 @@ def test_open_and_finish_send_the_documented_json(client: EmbassyClient, fake: F
         {"payload": ENVELOPE, "deadline_seconds": 60},
     )
     digest = hashlib.sha256(output).digest()
-    assert fake.closes() == [{"session": SESSION, "token": TOKEN, "output_sha256": digest.hex()}]
+    assert fake.closes() == [
+        {"session": SESSION, "token": TOKEN, "output_sha256": digest.hex(), "log_from": SEAL_SEQ}
+    ]
+    assert not [p for _, p, _ in fake.requests if p.startswith("/v1/log")], "one round trip"
     assert result == Result(SEAL, UNSEAL, digest, {"fake": "segment"})
     assert result.bundle(output)["log"] == {"fake": "segment"}
     with pytest.raises(ValueError, match="not the output"):
@@ -198,7 +205,19 @@ def test_finish_with_a_precomputed_digest(client: EmbassyClient, fake: FakeEmbas
         result = session.finish(output_sha256=digest)
     assert result.output_sha256 == digest
     assert fake.requests[0][2]["deadline_seconds"] == 300
-    assert fake.closes() == [{"session": SESSION, "token": TOKEN, "output_sha256": digest.hex()}]
+    assert fake.closes() == [
+        {"session": SESSION, "token": TOKEN, "output_sha256": digest.hex(), "log_from": SEAL_SEQ}
+    ]
+
+
+def test_finish_fetches_the_log_from_an_embassy_that_does_not_send_it(
+    client: EmbassyClient, fake: FakeEmbassy
+) -> None:
+    fake.close_without_log = True
+    with client.open(ENVELOPE) as session:
+        result = session.finish(b"out")
+    assert result.log == {"fake": "segment"}
+    assert [p for _, p, _ in fake.requests][-1] == f"/v1/log?from={SEAL_SEQ}"
 
 
 @pytest.mark.parametrize(
@@ -496,7 +515,9 @@ def test_the_example_service_answers_a_sealed_request(
         "upper_preview": ("HÉLLO SEALED WÖRLD " * 20)[:200],
     }
     digest = hashlib.sha256(output).hexdigest()
-    assert fake.closes() == [{"session": SESSION, "token": TOKEN, "output_sha256": digest}]
+    assert fake.closes() == [
+        {"session": SESSION, "token": TOKEN, "output_sha256": digest, "log_from": SEAL_SEQ}
+    ]
     assert reply["seal_statement"] == _b64(SEAL)
     assert reply["unseal_statement"] == _b64(UNSEAL)
     assert (reply["session"], reply["output_sha256"]) == (SESSION, digest)
