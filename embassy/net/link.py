@@ -132,15 +132,6 @@ class LinkMaker:
             with contextlib.suppress(OSError):
                 os.close(link.netns_fd)
 
-    def host_up(self, link: WorkloadLink) -> bool:
-        """Whether the host end is up now (read from the kernel, never cached)."""
-        try:
-            return self._rtnl.link(link.host_index).up
-        except OSError as exc:
-            raise SealError(
-                f"link {link.plan.host_name}: cannot read its state: {exc.strerror}"
-            ) from exc
-
     # -- helpers ------------------------------------------------------------------------
 
     def _delete(self, index: int) -> None:

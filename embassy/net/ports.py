@@ -27,8 +27,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import iptc
 
 from embassy.errors import SealError
 from embassy.net.plan import Published
+from embassy.seal.iptables import committing
 from embassy.seal.netns import NetnsWorker
 from embassy.workload.spec import PortMapping
 
@@ -62,16 +62,10 @@ def _chain_names(embassy_id: str) -> tuple[str, str]:
     return f"EMBASSY-P-{embassy_id}"[:28], f"EMBASSY-S-{embassy_id}"[:28]
 
 
-@contextmanager
-def _nat() -> Iterator[Any]:
+def _nat() -> AbstractContextManager[Any]:
     table = iptc.Table(iptc.Table.NAT)
     table.autocommit = False
-    table.refresh()
-    try:
-        yield table
-        table.commit()
-    finally:
-        table.refresh()
+    return committing(table)
 
 
 def _jump(chain: str, target: str, **fields: str) -> Any:

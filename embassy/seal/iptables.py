@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -148,15 +148,19 @@ def _has_jumps(table: Any) -> bool:
 
 
 @contextmanager
-def _changing(family: Family) -> Iterator[Any]:
-    """A refreshed table to change; committed once on success, discarded on failure."""
-    table = _table(family)
+def committing(table: Any) -> Iterator[Any]:
+    """``table`` (autocommit off) refreshed to change; committed once on success, and
+    refreshed after either way (a failed change is discarded, never half-committed)."""
     table.refresh()
     try:
         yield table
         table.commit()
     finally:
         table.refresh()
+
+
+def _changing(family: Family) -> AbstractContextManager[Any]:
+    return committing(_table(family))
 
 
 class IptablesL3:
