@@ -96,10 +96,8 @@ class SealedWorkload:
         self._stop_watch: Callable[[], None] = lambda: None
         self._publisher: PortPublisher | None = None
         try:
-            self.plan: LinkPlan | None = (
-                None if spec.network_mode == "none" else self._docker.ensure_network(self._id)
-            )
-            self.launched = self._launch_or_adopt(config, spec)
+            self.plan: LinkPlan | None
+            self.launched, self.plan = self._launch_or_adopt(config, spec)
             maker = (
                 None
                 if self.plan is None
@@ -142,7 +140,12 @@ class SealedWorkload:
         for kind, body in launch_events(spec, image_digest, policy):
             self._log.append_event(EntryType(kind), json.loads(body))
 
-    def _launch_or_adopt(self, config: Config, spec: WorkloadSpec) -> Launched:
+    def _network(self, spec: WorkloadSpec) -> LinkPlan | None:
+        return None if spec.network_mode == "none" else self._docker.ensure_network(self._id)
+
+    def _launch_or_adopt(
+        self, config: Config, spec: WorkloadSpec
+    ) -> tuple[Launched, LinkPlan | None]:
         found = self._docker.find(self._id)
         if found is not None:
             wanted = launch_config_digest(spec, found.image_digest).hex()
@@ -155,19 +158,24 @@ class SealedWorkload:
                     "container (after closing its sessions) to launch anew"
                 )
             _LOG.info("adopted workload %s", found.workload_id)
+            plan = self._network(spec)
             self._log_launch(spec, found.image_digest)
-            return found
+            return found, plan
+        # Refused before anything is made for it: no network for a workload that never runs.
+        self._docker.preflight(spec)
+        plan = self._network(spec)
         # The activation directory is the spool the runtime mounted before this (mode and
         # group chosen there, so that a non-root workload can write into it).
         activations = config.data_dir / "activations"
-        return self._docker.launch(
+        launched = self._docker.launch(
             spec,
             embassy_id=self._id,
             socket_dir=dedicated_socket_dir(config),
             activation_dir=activations,
-            ports=choose_ports(spec.ports) if self.plan is not None else (),
+            ports=choose_ports(spec.ports) if plan is not None else (),
             before_start=lambda launched: self._log_launch(spec, launched.image_digest),
         )
+        return launched, plan
 
     # -- Docker's events ------------------------------------------------------------------
 

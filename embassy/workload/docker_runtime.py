@@ -290,17 +290,7 @@ class DockerRuntime:
             raise ConfigError(
                 f"workload: embassy id {embassy_id!r} must match {_EMBASSY_ID.pattern}"
             )
-        info = self.image_info(spec.image)
-        check_launch_policy(spec, info.labels, info.defaults(spec.name))
-        self.check_runtime(spec)
-        # Docker follows symlinks in a bind source: check where each one really leads.
-        sources = []
-        for mount in spec.mounts:
-            real = os.path.realpath(mount.source)
-            reason = mount_source_refusal(real)
-            if reason:
-                raise PolicyError(f"{reason} (mount source {mount.source} resolves to {real})")
-            sources.append(real)
+        info, sources = self.preflight(spec)
         socket_src = _check_dir("socket_dir", socket_dir)
         activation_src = _check_dir("activation_dir", activation_dir)
         launch_digest = launch_config_digest(spec, info.digest).hex()
@@ -359,6 +349,22 @@ class DockerRuntime:
             with contextlib.suppress(EmbassyError, docker.errors.DockerException):
                 workload.remove(force=True)
             raise
+
+    def preflight(self, spec: WorkloadSpec) -> tuple[ImageInfo, list[str]]:
+        """Everything that refuses a workload, before anything is made for it: the image
+        is here, the launch policy, the runtime, where each mount really leads. Returns the
+        image and the mounts' real sources (Docker follows symlinks in a bind source)."""
+        info = self.image_info(spec.image)
+        check_launch_policy(spec, info.labels, info.defaults(spec.name))
+        self.check_runtime(spec)
+        sources = []
+        for mount in spec.mounts:
+            real = os.path.realpath(mount.source)
+            reason = mount_source_refusal(real)
+            if reason:
+                raise PolicyError(f"{reason} (mount source {mount.source} resolves to {real})")
+            sources.append(real)
+        return info, sources
 
     def check_runtime(self, spec: WorkloadSpec) -> None:
         """Refuse a runtime that would not use the namespace the embassy wires.

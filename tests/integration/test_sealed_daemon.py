@@ -143,16 +143,25 @@ def test_a_session_seals_the_workload_and_the_socket_still_works(scene: Scene) -
     assert again == closed, "a retried close gets the same unseal statement"
 
 
-def test_a_refused_workload_never_starts(client: Any, daemon_factory: type[Daemon]) -> None:
-    daemon = daemon_factory(WORKLOAD.replace("  command:", "  privileged: true\n  command:"))
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("  command:", "  privileged: true\n  command:"), "privileged"),
+        (("workload-base:bookworm-v3", "workload-base:absent"), "is not present locally"),
+    ],
+)
+def test_a_refused_workload_never_starts_and_leaves_nothing(
+    client: Any, daemon_factory: type[Daemon], edit: tuple[str, str], message: str
+) -> None:
+    daemon = daemon_factory(WORKLOAD.replace(*edit))
     with pytest.raises(AssertionError, match="daemon exited 2"):
         daemon.start()
-    assert "privileged" in daemon.log_text()
+    assert message in daemon.log_text()
     if (daemon.data_dir / "embassy-id").exists():
-        found = client.containers.list(
-            all=True, filters={"label": f"org.embassy.id={embassy_id(daemon)}"}
-        )
+        eid = embassy_id(daemon)
+        found = client.containers.list(all=True, filters={"label": f"org.embassy.id={eid}"})
         assert found == []
+        assert client.networks.list(names=[f"embassy-{eid}"]) == [], "no network made for it"
 
 
 def _close_argv(session: dict[str, Any]) -> list[str]:
