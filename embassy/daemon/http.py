@@ -226,6 +226,14 @@ def _from_h11(exc: h11.RemoteProtocolError, conn: h11.Connection) -> _Refuse:
     return _bad(_H11_MESSAGES.get(str(exc), "malformed HTTP/1.1 request"))
 
 
+def _next_event(conn: h11.Connection) -> object:
+    """h11's next event, its protocol errors turned into this server's refusals."""
+    try:
+        return conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise _from_h11(exc, conn) from None
+
+
 def _content_length(head: bytes) -> int | None:
     """The one Content-Length of a raw request head, strictly decimal; None if absent.
 
@@ -362,10 +370,7 @@ class UnixHttpServer(SocketServer):
         """The next request's head event and raw bytes; None if the client closed first."""
         head = bytearray(h.trailing_data[0])
         while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _from_h11(exc, h) from None
+            event = _next_event(h)
             if event is h11.NEED_DATA:
                 data = self._recv(conn, deadline, _HEAD_CHUNK)
                 h.receive_data(data)
@@ -434,10 +439,7 @@ class UnixHttpServer(SocketServer):
     def _read_body(self, conn: Connection, h: h11.Connection, deadline: float) -> bytes:
         body = bytearray()
         while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _from_h11(exc, h) from None
+            event = _next_event(h)
             if event is h11.NEED_DATA:
                 h.receive_data(self._recv(conn, deadline, _BODY_CHUNK))
             elif isinstance(event, h11.Data):

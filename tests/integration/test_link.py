@@ -598,34 +598,20 @@ def test_attach_adopts_its_own_link_after_a_restart(net: Net, rig: Rig) -> None:
     pid = rig.workload()
     first = rig.attach(pid, sealed=False)
     rig.gate.open(first)
-    listener = socket.create_server((str(net.gateway4), 0))
-    try:
-        port = listener.getsockname()[1]
-        chat = rig.spawn(
-            ["nsenter", _ns(pid), sys.executable, "-I", "-c", CHAT, str(net.gateway4), str(port)],
-            stdin=True,
-        )
-        lines = rig.lines(chat)
-        assert lines.next(15) == "connected"
-        listener.settimeout(15)
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(RESUME_DEADLINE)
-            _say(chat, "before")
-            assert _read_line(conn) == "before"
+    with _flow_to_host(net, rig, pid) as ((chat, lines, conn), _):
+        _say(chat, "before")
+        assert _read_line(conn) == "before"
 
-            # A daemon restart: a new LinkMaker adopts the link; the flow goes on.
-            second = rig.attach(pid, sealed=False, maker=net.maker())
-            assert second.host_index == first.host_index
-            assert second.netns == first.netns
-            assert _is_up(net)
-            assert [x["ifname"] for x in _ip_json(pid, "link", "show")] == ["lo", PEER_NAME]
-            _say(chat, "after")
-            assert _read_line(conn) == "after"
-            conn.sendall(b"down\n")
-            assert lines.next(RESUME_DEADLINE) == "got down"
-    finally:
-        listener.close()
+        # A daemon restart: a new LinkMaker adopts the link; the flow goes on.
+        second = rig.attach(pid, sealed=False, maker=net.maker())
+        assert second.host_index == first.host_index
+        assert second.netns == first.netns
+        assert _is_up(net)
+        assert [x["ifname"] for x in _ip_json(pid, "link", "show")] == ["lo", PEER_NAME]
+        _say(chat, "after")
+        assert _read_line(conn) == "after"
+        conn.sendall(b"down\n")
+        assert lines.next(RESUME_DEADLINE) == "got down"
 
 
 def test_a_new_namespace_gets_a_new_link_and_the_old_one_goes(net: Net, rig: Rig) -> None:
@@ -788,12 +774,14 @@ def _read_line(conn: socket.socket) -> str:
     return data.decode().rstrip("\n")
 
 
-def test_a_flow_opened_before_the_seal_pauses_and_resumes(net: Net, rig: Rig) -> None:
-    pid = rig.workload()
-    rig.keeper.workload_started(pid)
-    rig.keeper.open()
-    listener = socket.create_server((str(net.gateway4), 0))
-    try:
+Chat = tuple[subprocess.Popen[str], Lines, socket.socket]
+
+
+@contextlib.contextmanager
+def _flow_to_host(net: Net, rig: Rig, pid: int) -> Iterator[tuple[Chat, socket.socket]]:
+    """One TCP flow from inside the workload to a host listener on the bridge, connected:
+    the chat process, its lines, the host's end of the flow; and the listener itself."""
+    with socket.create_server((str(net.gateway4), 0)) as listener:
         port = listener.getsockname()[1]
         chat = rig.spawn(
             ["nsenter", _ns(pid), sys.executable, "-I", "-c", CHAT, str(net.gateway4), str(port)],
@@ -804,31 +792,37 @@ def test_a_flow_opened_before_the_seal_pauses_and_resumes(net: Net, rig: Rig) ->
         listener.settimeout(15)
         conn, _ = listener.accept()
         with conn:
-            conn.settimeout(15)
-            _say(chat, "up-1")
-            assert _read_line(conn) == "up-1"
-            conn.sendall(b"down-1\n")
-            assert lines.next(15) == "got down-1"
-
-            rig.keeper.check(rig.keeper.close())
-            # Closed: nothing either way, on the very same connection.
-            _say(chat, "up-2")
-            conn.settimeout(2.0)
-            with pytest.raises(TimeoutError):
-                conn.recv(4096)
-            conn.sendall(b"down-2\n")
-            assert lines.next(2.0) is None
-
-            assert rig.keeper.open() == "unsealed"
-            # Open: both resume where they stopped (TCP retransmits); no new connection.
             conn.settimeout(RESUME_DEADLINE)
-            assert _read_line(conn) == "up-2"
-            assert lines.next(RESUME_DEADLINE) == "got down-2"
-            listener.settimeout(0)
-            with pytest.raises(BlockingIOError):
-                listener.accept()
-    finally:
-        listener.close()
+            yield (chat, lines, conn), listener
+
+
+def test_a_flow_opened_before_the_seal_pauses_and_resumes(net: Net, rig: Rig) -> None:
+    pid = rig.workload()
+    rig.keeper.workload_started(pid)
+    rig.keeper.open()
+    with _flow_to_host(net, rig, pid) as ((chat, lines, conn), listener):
+        _say(chat, "up-1")
+        assert _read_line(conn) == "up-1"
+        conn.sendall(b"down-1\n")
+        assert lines.next(15) == "got down-1"
+
+        rig.keeper.check(rig.keeper.close())
+        # Closed: nothing either way, on the very same connection.
+        _say(chat, "up-2")
+        conn.settimeout(2.0)
+        with pytest.raises(TimeoutError):
+            conn.recv(4096)
+        conn.sendall(b"down-2\n")
+        assert lines.next(2.0) is None
+
+        assert rig.keeper.open() == "unsealed"
+        # Open: both resume where they stopped (TCP retransmits); no new connection.
+        conn.settimeout(RESUME_DEADLINE)
+        assert _read_line(conn) == "up-2"
+        assert lines.next(RESUME_DEADLINE) == "got down-2"
+        listener.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
 
 
 # -- the keeper's monitor rounds ---------------------------------------------------------------
@@ -987,20 +981,9 @@ def test_a_daemon_restart_adopts_the_link_closed_until_told_open(net: Net, rig: 
     pid = rig.workload()
     rig.keeper.workload_started(pid)
     rig.keeper.open()
-    listener = socket.create_server((str(net.gateway4), 0))
     restarted = SealKeeper(net.maker(), Gate(net.rtnl, net.l3), rig.container_id)
     try:
-        port = listener.getsockname()[1]
-        chat = rig.spawn(
-            ["nsenter", _ns(pid), sys.executable, "-I", "-c", CHAT, str(net.gateway4), str(port)],
-            stdin=True,
-        )
-        lines = rig.lines(chat)
-        assert lines.next(30) == "connected"
-        listener.settimeout(15)
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(15)
+        with _flow_to_host(net, rig, pid) as ((chat, _, conn), _):
             _say(chat, "before")
             assert _read_line(conn) == "before"
             before = net.rtnl.link_by_name(net.plan.host_name)
@@ -1019,10 +1002,8 @@ def test_a_daemon_restart_adopts_the_link_closed_until_told_open(net: Net, rig: 
 
             assert restarted.open() == "unsealed"
             _say(chat, "after")
-            conn.settimeout(RESUME_DEADLINE)
             assert _read_line(conn) == "after"  # the same flow
     finally:
-        listener.close()
         with contextlib.suppress(SealError):
             restarted.workload_stopped()
 

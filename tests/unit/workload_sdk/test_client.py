@@ -24,6 +24,16 @@ from typing import Any
 
 import pytest
 
+from tests.unit.workload_sdk.answers import (
+    ENVELOPE,
+    INPUT_KEY,
+    PAYLOAD_ID,
+    SEAL,
+    SEAL_SEQ,
+    SESSION,
+    TOKEN,
+    UNSEAL,
+)
 from workload_sdk.client import EmbassyClient, Result
 from workload_sdk.errors import (
     EmbassyError,
@@ -34,31 +44,6 @@ from workload_sdk.errors import (
     Unavailable,
     error_from_response,
 )
-
-SESSION = "5e" * 16
-TOKEN = base64.b64encode(b"t" * 32).decode()
-INPUT_KEY = bytes(range(100, 132))
-PAYLOAD_ID = bytes(range(16))
-SEAL_SEQ = 5
-SEAL = json.dumps(
-    {
-        "payload": base64.b64encode(
-            json.dumps({"predicate": {"header": {"log": {"seq": SEAL_SEQ}}}}).encode()
-        ).decode(),
-        "payloadType": "application/vnd.in-toto+json",
-        "signatures": [],
-    }
-).encode()
-UNSEAL = b'{"payloadType":"unseal","signatures":[]}'
-ENVELOPE: dict[str, Any] = {
-    "v": 1,
-    "payload_id": PAYLOAD_ID.hex(),
-    "expires_unix": 1_800_000_000,
-    "embassy_keyid": "ab" * 32,
-    "suite": "x25519",
-    "has_action_key": False,
-    "wrapped": base64.b64encode(b"hpke").decode(),
-}
 
 Reply = tuple[int, Any]
 

@@ -23,33 +23,12 @@ from typing import Any
 
 import pytest
 
+from tests.unit.workload_sdk.answers import ENVELOPE, INPUT_KEY, PAYLOAD_ID, SEAL, SESSION, UNSEAL
 from workload_sdk.client import EmbassyClient
 from workload_sdk.stream import encrypt_bytes
 
 app = pytest.importorskip("examples.sealed_service.app")
 
-INPUT_KEY = bytes(range(100, 132))
-PAYLOAD_ID = bytes(range(16))
-SESSION = "5e" * 16
-SEAL = json.dumps(
-    {
-        "payload": base64.b64encode(
-            json.dumps({"predicate": {"header": {"log": {"seq": 5}}}}).encode()
-        ).decode(),
-        "payloadType": "application/vnd.in-toto+json",
-        "signatures": [],
-    }
-).encode()
-UNSEAL = b'{"payloadType":"unseal","signatures":[]}'
-ENVELOPE: dict[str, Any] = {
-    "v": 1,
-    "payload_id": PAYLOAD_ID.hex(),
-    "expires_unix": 1_800_000_000,
-    "embassy_keyid": "ab" * 32,
-    "suite": "x25519",
-    "has_action_key": False,
-    "wrapped": base64.b64encode(b"hpke").decode(),
-}
 PLAINTEXT = b"sealed words arrive whole " * 20_000  # 520 kB: several stream chunks
 
 
