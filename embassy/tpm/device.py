@@ -40,7 +40,6 @@ from tpm2_pytss import (
     TPM2_HC,
     TPM2_PT_NV,
     TPM2_SE,
-    TPM2_ST,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
     TPM2B_PRIVATE,
@@ -51,7 +50,6 @@ from tpm2_pytss import (
     TPMA_SESSION,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
-    TPMS_ATTEST,
     TPMS_SENSITIVE_CREATE,
     TPMT_HA,
     TPMT_PUBLIC,
@@ -62,8 +60,9 @@ from tpm2_pytss import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from embassy.attest.marshal import parse_attest
 from embassy.attest.types import ClockInfo, Quote, TpmMode
-from embassy.errors import TpmError
+from embassy.errors import EmbassyError, TpmError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +125,11 @@ def _pcr_selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
     return TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(p) for p in pcrs))
 
 
+def _digest(pcrs: Sequence[int], values: dict[int, bytes]) -> bytes:
+    """A quote's pcrDigest over one SHA-256 bank: the values in ascending PCR order."""
+    return hashlib.sha256(b"".join(values[p] for p in pcrs)).digest()
+
+
 def _check_pcrs(pcrs: Sequence[int]) -> list[int]:
     """Sorted, de-duplicated SHA-256 bank indices; anything else is refused up front."""
     for p in pcrs:
@@ -149,6 +153,13 @@ class TpmDevice:
         self._ek_public = b""
         self._ek_cert: bytes | None = None
         self._srk_public = b""
+        # The values PCRs were last read at, moved along by this process's own extends: a
+        # quote is returned with them only if they hash to the digest the TPM signed (so a
+        # wrong guess, e.g. after another TPM user's extend, costs a read, never a lie).
+        self._known: dict[int, bytes] = {}
+        self._selections: dict[tuple[int, ...], TPML_PCR_SELECTION] = {}
+        self._quote_scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+        self._quote_scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
 
     @classmethod
     def open(cls, tcti_name: str, tcti_conf: str, mode: TpmMode) -> TpmDevice:
@@ -218,37 +229,49 @@ class TpmDevice:
         ha.digest.sha256 = digest
         values = TPML_DIGEST_VALUES([ha])
         with self._lock, self._tss(f"extend PCR {index}"):
+            # Forgotten first: if the extend fails half-way, the value is unknown.
+            known = self._known.pop(index, None)
             self._ctx().pcr_extend(ESYS_TR.PCR0 + index, values)
+            if known is not None:
+                self._known[index] = hashlib.sha256(known + digest).digest()
 
     def read_pcrs(self, pcrs: Sequence[int]) -> dict[int, bytes]:
         wanted = _check_pcrs(pcrs)
         with self._lock, self._tss("read PCRs"):
-            return self._read_pcrs(self._ctx(), wanted)
+            values = self._read_pcrs(self._ctx(), wanted)
+            self._known.update(values)
+            return values
 
     def quote(self, pcrs: Sequence[int], qualifying_data: bytes) -> Quote:
-        """Quote, then read the PCRs and check they hash to the quote's pcrDigest.
+        """Quote, and return it with the PCR values its signed pcrDigest covers.
 
-        The lock only keeps out this process; another TPM user could extend between the two
-        commands, so a mismatch is retried rather than returning values the quote doesn't cover.
+        The values are the ones this process knows (last read, moved along by its own
+        extends) when they hash to that digest; otherwise they are read, and a mismatch
+        still is retried: another TPM user may extend between the two commands.
         """
         wanted = _check_pcrs(pcrs)
         if not wanted:
             raise TpmError("quote needs at least one PCR")
         if not isinstance(qualifying_data, bytes) or len(qualifying_data) > MAX_QUALIFYING_DATA:
             raise TpmError(f"quote qualifying data must be bytes of at most {MAX_QUALIFYING_DATA}")
-        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
-        scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+        key = tuple(wanted)
+        selection = self._selections.get(key)
+        if selection is None:
+            selection = self._selections.setdefault(key, _pcr_selection(wanted))
         with self._lock, self._tss("quote"):
             ectx = self._ctx()
             for _ in range(_QUOTE_RETRIES):
-                attest, sig = ectx.quote(self._ak, _pcr_selection(wanted), qualifying_data, scheme)
-                values = self._read_pcrs(ectx, wanted)
+                attest, sig = ectx.quote(self._ak, selection, qualifying_data, self._quote_scheme)
                 raw = bytes(attest.attestationData)
-                parsed, _ = TPMS_ATTEST.unmarshal(raw)
-                if parsed.type != TPM2_ST.ATTEST_QUOTE:
-                    raise TpmError("quote: TPM returned a non-quote attestation")
-                digest = hashlib.sha256(b"".join(values[p] for p in wanted)).digest()
-                if bytes(parsed.attested.quote.pcrDigest) == digest:
+                try:
+                    signed = parse_attest(raw).pcr_digest
+                except EmbassyError as exc:
+                    raise TpmError(f"quote: the TPM returned {exc.message}") from None
+                values = {p: self._known[p] for p in wanted if p in self._known}
+                if len(values) < len(wanted) or _digest(wanted, values) != signed:
+                    values = self._read_pcrs(ectx, wanted)
+                    self._known.update(values)
+                if _digest(wanted, values) == signed:
                     return Quote(attest=raw, signature=bytes(sig.marshal()), pcrs=values)
             raise TpmError("quote: PCRs kept changing under the quote (another TPM user?)")
 

@@ -20,7 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from embassy.attest.types import TpmMode
+from embassy.attest.marshal import parse_attest
+from embassy.attest.types import Quote, TpmMode
 from embassy.errors import TpmError
 
 _IN_CI = os.environ.get("CI") == "true"
@@ -35,6 +36,8 @@ from tpm2_pytss import (  # noqa: E402
     TPM2_HC,
     TPM2_SE,
     TPMA_OBJECT,
+    TPML_DIGEST_VALUES,
+    TPMT_HA,
     TPMT_PUBLIC,
     TPMT_SYM_DEF,
 )
@@ -161,6 +164,29 @@ def test_quote_verifies_with_tpm2_checkquote(tpm: TpmDevice, tmp_path: Path) -> 
     assert wrong_pcrs.returncode != 0
     wrong_nonce = _checkquote(tmp_path, pem, q.attest, q.signature, pcr_file, bytes(32))
     assert wrong_nonce.returncode != 0
+
+
+def test_a_quote_carries_exactly_the_values_it_signed(tpm: TpmDevice) -> None:
+    """The device returns the PCR values it knows (read, then moved by its own extends)
+    only when they hash to the signed pcrDigest; an extend it did not make is caught."""
+
+    def check(q: Quote) -> None:
+        signed = parse_attest(q.attest).pcr_digest
+        assert hashlib.sha256(q.pcrs[13] + q.pcrs[14]).digest() == signed
+        assert q.pcrs == tpm.read_pcrs([13, 14])
+
+    check(tpm.quote([13, 14], b"first"))
+    tpm.extend(14, secrets.token_bytes(32))  # known values move along
+    check(tpm.quote([13, 14], b"own extend"))
+    # Another TPM user extends behind the device's back (here: on its own connection).
+    outside = secrets.token_bytes(32)
+    before = tpm.read_pcrs([13])[13]
+    value = TPMT_HA(hashAlg=TPM2_ALG.SHA256)
+    value.digest.sha256 = outside
+    tpm._ctx().pcr_extend(ESYS_TR.PCR13, TPML_DIGEST_VALUES([value]))
+    q = tpm.quote([13, 14], b"outside extend")
+    check(q)
+    assert q.pcrs[13] == hashlib.sha256(before + outside).digest()
 
 
 def test_quote_rejects_bad_arguments(tpm: TpmDevice) -> None:
