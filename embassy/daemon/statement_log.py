@@ -21,6 +21,7 @@ a token bucket (:class:`QuoteBudget`) that refuses with ``RateLimitedError`` whe
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -98,6 +99,11 @@ class Appended:
     entry: LogEntry
 
 
+# A checkpoint whose head is not the entry at its seq (the log was cut back and grew again)
+# is skipped; after this many, a segment starts at the boot's first entry instead.
+_ANCHOR_LOOKBACK = 64
+
+
 class StatementLog:
     def __init__(
         self,
@@ -132,8 +138,19 @@ class StatementLog:
     def head(self) -> LogEntry | None:
         return self._entries.records[-1] if self._entries.records else None
 
+    def _boot_bounds(self, reset_count: int) -> tuple[int, int]:
+        """Where TPM boot ``reset_count``'s entries are, as ``records[first:end]``; found by
+        bisection: a log's boots only ever go up (:meth:`recover` refuses one from a later
+        boot), and entry ``i`` has seq ``i`` (the chain is checked from seq 0). So a
+        segment costs what it holds, not what the log has grown to."""
+        records = self._entries.records
+        first = bisect.bisect_left(records, reset_count, key=lambda e: e.reset_count)
+        end = bisect.bisect_right(records, reset_count, lo=first, key=lambda e: e.reset_count)
+        return first, end
+
     def _boot_entries(self, reset_count: int) -> list[LogEntry]:
-        return [e for e in self._entries.records if e.reset_count == reset_count]
+        first, end = self._boot_bounds(reset_count)
+        return self._entries.records[first:end]
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -285,15 +302,19 @@ class StatementLog:
         with self._lock:
             return self._checkpoint_locked()
 
-    def _anchor(self, boot: Sequence[LogEntry], before_seq: int) -> Checkpoint | None:
-        """The latest stored checkpoint of this boot whose head is before ``before_seq``."""
-        boot_seqs = {e.seq: e for e in boot}
-        best: Checkpoint | None = None
-        for cp in self._checkpoints.records:
-            entry = boot_seqs.get(cp.seq)
-            if entry is not None and entry.digest == cp.head and cp.seq < before_seq:
-                best = cp
-        return best
+    def _anchor(self, first: int, before_seq: int) -> Checkpoint | None:
+        """The latest stored checkpoint at or after seq ``first`` (this boot's start) whose
+        head is before ``before_seq``. Checkpoints are stored in log order: bisected to
+        ``before_seq``, then looked at newest first, down to this boot's start."""
+        records = self._entries.records
+        checkpoints = self._checkpoints.records
+        below = bisect.bisect_left(checkpoints, before_seq, key=lambda cp: cp.seq)
+        for cp in reversed(checkpoints[max(0, below - _ANCHOR_LOOKBACK) : below]):
+            if cp.seq < first:
+                return None
+            if cp.seq < len(records) and records[cp.seq].digest == cp.head:
+                return cp
+        return None
 
     def log_segment(self, from_seq: int) -> Segment:
         """The current boot from ``from_seq``, closed by a checkpoint at the head: the last
@@ -320,10 +341,11 @@ class StatementLog:
             head = self.head
             if head is None:
                 raise TamperError("the log is empty")
-            boot = self._boot_entries(head.reset_count)
-            anchor = self._anchor(boot, from_seq)
-            start = boot[0].seq if anchor is None else anchor.seq + 1
-            entries = tuple(e for e in boot if e.seq >= start)
+            first, end = self._boot_bounds(head.reset_count)
+            anchor = self._anchor(first, from_seq)
+            entries = tuple(
+                self._entries.records[first if anchor is None else anchor.seq + 1 : end]
+            )
             last = self._checkpoints.records[-1] if self._checkpoints.records else None
             if qualifying_data is None and reuse_checkpoint and self._at_head(last, head):
                 assert last is not None
