@@ -113,8 +113,8 @@ SCHEMA: tuple[Key, ...] = (
         "str",
         None,
         "TESTS ONLY: the daemon kills itself (SIGKILL) at this named point of seal or unseal "
-        "(seal:before-statement, seal:after-statement, unseal:after-rules, "
-        "unseal:after-statement). Measured, so such a daemon cannot pass for a production one.",
+        "(seal:before-statement, seal:after-statement, unseal:after-statement). Measured, so "
+        "such a daemon cannot pass for a production one.",
     ),
     Key(
         "workload",

@@ -104,7 +104,7 @@ in
     failpoint = mkOption {
       type = types.nullOr types.str;
       default = null;
-      description = "TESTS ONLY: the daemon kills itself (SIGKILL) at this named point of seal or unseal (seal:before-statement, seal:after-statement, unseal:after-rules, unseal:after-statement). Measured, so such a daemon cannot pass for a production one.";
+      description = "TESTS ONLY: the daemon kills itself (SIGKILL) at this named point of seal or unseal (seal:before-statement, seal:after-statement, unseal:after-statement). Measured, so such a daemon cannot pass for a production one.";
     };
   };
   workload = mkOption {

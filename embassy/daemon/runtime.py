@@ -291,8 +291,12 @@ class Embassy:
             summary = self.metering.finish(session, drain)
         envelope = sessions.close(session, token, output_sha256, summary)
         answer: dict[str, Any] = {"statement": b64encode(envelope)}
-        if log_from is not None:
-            answer["segment"] = self.log_segment(log_from)["segment"]
+        try:
+            if log_from is not None:
+                # Quoted while the gate opens on the netns worker.
+                answer["segment"] = self.log_segment(log_from)["segment"]
+        finally:
+            sessions.settle_gate()
         return answer
 
     def seal_status(self) -> dict[str, Any]:

@@ -19,11 +19,14 @@ Both steps run, in that order, on the netns worker: :meth:`Gate.begin_close` que
 down, then jumps in" and returns, so a session's seal statement is written meanwhile (its
 key is released only after :meth:`Gate.settle` and a check of the kernel's state);
 :meth:`Gate.begin_open` queues "jumps out, then link up" likewise. Every other call settles
-what is pending first, so the steps of two flips can never interleave.
+what is pending first, so the steps of two flips can never interleave. An opening is
+not waited for by whoever started it (a session's close answers at once); a failed one
+leaves the gate closed or half-open, and the next close or the monitor's round finds it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 
@@ -33,6 +36,8 @@ from embassy.net.rtnl import Rtnl
 from embassy.seal.iptables import IptablesL3
 from embassy.seal.rules import L3State, SealRules, state_of
 
+_LOG = logging.getLogger(__name__)
+
 
 class Gate:
     def __init__(self, rtnl: Rtnl, l3: IptablesL3) -> None:
@@ -40,6 +45,7 @@ class Gate:
         self._l3 = l3
         self._lock = threading.Lock()
         self._pending: Future[None] | None = None
+        self._pending_open = False
 
     def close(self, link: WorkloadLink) -> None:
         self.begin_close(link)
@@ -52,7 +58,15 @@ class Gate:
     def begin_close(self, link: WorkloadLink) -> None:
         """Queue the link down, then the layer-3 jumps in, on the worker."""
         with self._lock:
-            self._settle_locked()
+            try:
+                self._settle_locked()
+            except SealError as exc:
+                if not self._pending_open:
+                    raise
+                # An opening that failed left the gate closed or half-open: this close
+                # puts both layers closed whatever it left, so it is reported, not raised.
+                _LOG.error("gate: an earlier opening failed (%s); closing now", exc.message)
+            self._pending_open = False
             self._pending = self._l3.submit_flip(
                 link.netns_path, sealed=True, before=lambda: self._set_link(link, up=False)
             )
@@ -61,6 +75,7 @@ class Gate:
         """Queue the jumps out, then the link up, on the worker."""
         with self._lock:
             self._settle_locked()
+            self._pending_open = True
             self._pending = self._l3.submit_flip(
                 link.netns_path, sealed=False, then=lambda: self._set_link(link, up=True)
             )
@@ -79,7 +94,7 @@ class Gate:
         except SealError:
             raise
         except Exception as exc:  # a timeout, or what the worker raised
-            raise SealError(f"the gate's layer-3 step failed: {exc!r}") from exc
+            raise SealError(f"the gate's flip failed: {exc!r}") from exc
 
     def repair(self, link: WorkloadLink, *, sealed: bool) -> None:
         """Put the layer-3 chains back with exactly their rules, then the gate as ``sealed``

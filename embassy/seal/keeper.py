@@ -96,6 +96,10 @@ class SealKeeper:
     def closed(self) -> bool:
         return self._sealed or bool(self._quarantine)
 
+    @property
+    def quarantined(self) -> bool:
+        return bool(self._quarantine)
+
     def close(self) -> SealProof:
         """Start closing the gate (idempotent): link down, then the layer-3 jumps, on the
         netns worker (:meth:`settle` and :meth:`check` wait for them); return what will be

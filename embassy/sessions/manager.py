@@ -10,10 +10,16 @@ open     (the payload is parsed, unwrapped and checked against replays before th
          claim the payload → seal statement (fsync'd, PCR-extended), meanwhile → wait for
          the gate, check it in the kernel → release the key → unlock
 close    (activation files are drained before, outside the lock)
-         lock → token (constant time) → deadline → open the gate if this was the last open
-         session → unseal statement → unlock. A retried close of a session whose unseal
-         statement exists returns that statement.
-abort    lock → open the gate if last (not while quarantined) → abort statement
+         lock → token (constant time) → deadline → unseal statement → start opening the
+         gate if this was the last open session (on the worker) → unlock; the answer waits
+         for the gate (:meth:`SessionManager.settle_gate`) after fetching the log segment.
+         A retried close of a session whose unseal statement exists returns that statement.
+abort    lock → abort statement → start opening the gate if last (not while quarantined)
+
+Every statement of a session is made with the gate closed: closed before the seal
+statement, opened only after the unseal or abort statement. So the log's window from a
+session's seal to its end is sealed throughout, and a crash anywhere in it leaves the
+workload sealed (fail closed) until the restart reads the log.
 restart  open sessions = seal statements with no unseal or abort; the gate is closed if
          there is any, sessions past their deadline are aborted, and the gate opened only
          if none remain.
@@ -71,6 +77,8 @@ class Seal(Protocol):
 
     def close(self) -> SealProof: ...
     def open(self) -> str: ...
+    @property
+    def quarantined(self) -> bool: ...
     def settle(self) -> None: ...
     def check(self, proof: SealProof, *, settled: bool = True) -> None: ...
     def status(self) -> dict[str, Any]: ...
@@ -177,6 +185,13 @@ class SessionManager:
         if self._open:
             return "still-sealed"
         return self._seal.open()
+
+    def _gate_after(self) -> str:
+        """What an ending session's statement says the gate does next: stay closed for
+        other sessions or a quarantine, or open (it starts opening right after)."""
+        if self._open:
+            return "still-sealed"
+        return "quarantined" if self._seal.quarantined else "unsealed"
 
     # -- open -------------------------------------------------------------------------------
 
@@ -285,11 +300,6 @@ class SessionManager:
                     "it was aborted and its output cannot be certified"
                 )
             del self._open[session]
-            gate = self._open_gate_if_idle()
-            # Opened in full before the statement says so (and before a failpoint can kill
-            # the daemon "after the rules"): the unseal statement states what holds.
-            self._seal.settle()
-            self._point("unseal:after-rules")
             appended = self._log.append_statement(
                 UNSEAL_V2,
                 self._subject(session),
@@ -299,12 +309,26 @@ class SessionManager:
                     "output_sha256": None if output_sha256 is None else output_sha256.hex(),
                     "workload": self._workload.to_json(),
                     "metering": None if metering is None else dict(metering),
-                    "gate": gate,
+                    "gate": self._gate_after(),
                     "wall_time_unix": int(self._now()),
                 },
             )
             self._point("unseal:after-statement")
+            # Stated, then opened. The caller settles (:meth:`settle_gate`) before it
+            # answers, after what it can do meanwhile (the log segment's quote).
+            self._open_gate_if_idle()
             return appended.envelope
+
+    def settle_gate(self) -> None:
+        """Wait until the gate's last change is done, so that the workload's next bytes
+        find the link as the log says (a reply sent into a link still down would wait for
+        a TCP retransmission). A failed opening is logged, not raised: the session's end
+        is stated, the gate stays closed or half-open (fail closed) and the monitor's next
+        round repairs it."""
+        try:
+            self._seal.settle()
+        except SealError as exc:
+            _LOG.error("gate: opening after a session's end failed: %s", exc.message)
 
     def _ended(self, session: bytes) -> bytes:
         """The unseal statement of an ended session (a retried close), else why not."""
@@ -321,7 +345,6 @@ class SessionManager:
 
     def _abort_locked(self, state: OpenSession, reason: str) -> bytes:
         self._open.pop(state.session, None)
-        gate = self._open_gate_if_idle()
         appended = self._log.append_statement(
             SESSION_ABORT_V2,
             self._subject(state.session),
@@ -330,13 +353,13 @@ class SessionManager:
                 "reason": reason,
                 "seal_statement_sha256": state.seal_sha256.hex(),
                 "workload": self._workload.to_json(),
-                "gate": gate,
+                "gate": self._gate_after(),
                 "wall_time_unix": int(self._now()),
             },
         )
         _LOG.warning("session %s aborted: %s", state.session.hex(), reason)
         self._on_abort(state.session)
-        self._seal.settle()
+        self._open_gate_if_idle()
         return appended.envelope
 
     def abort(self, session: bytes, reason: str) -> bytes:

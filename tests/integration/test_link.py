@@ -1060,7 +1060,7 @@ def test_published_port_reaches_the_workload_only_while_open(net: Net, rig: Rig)
             "the published port",
             lambda: _connect_from_host("127.0.0.1", published.host_port) == "ok",
         )
-        rig.keeper.close()
+        rig.keeper.check(rig.keeper.close())  # settled: the link is down now
         assert _connect_from_host("127.0.0.1", published.host_port).startswith("fail")
         rig.keeper.open()
         _wait(

@@ -174,8 +174,7 @@ def _close_argv(session: dict[str, Any]) -> list[str]:
 FAILPOINTS = [
     ("seal:before-statement", None, 0),  # gate closing, nothing stated: reopened at restart
     ("seal:after-statement", False, 1),  # stated and checked: sealed until closed or deadline
-    ("unseal:after-rules", True, 1),  # gate opened, unseal not stated: sealed again
-    ("unseal:after-statement", True, 0),  # stated: open
+    ("unseal:after-statement", False, 0),  # stated, not yet opened: opened at restart
 ]
 
 
