@@ -374,7 +374,8 @@ in
           ];
           IPAddressDeny = "any";
 
-          # Only network namespaces may be entered (setns with CLONE_NEWNET), none created.
+          # Only network namespaces: entered (setns with CLONE_NEWNET), and one empty one
+          # made at start, to build the seal's layer-3 tables in (embassy/seal/iptables.py).
           RestrictNamespaces = "net";
           # @system-service includes setns; @privileged (mount, bpf, module loading, swapon,
           # setuid and friends) is refused, so CAP_SYS_ADMIN cannot undo this sandbox.

@@ -299,6 +299,7 @@ class SealedWorkload:
         keeper = getattr(self, "keeper", None)
         if keeper is not None:
             keeper.close_all()
+        self._l3.close()
         self._worker.close()
         self._rtnl.close()
         self._docker.close()

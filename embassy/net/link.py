@@ -129,6 +129,7 @@ class LinkMaker:
         try:
             self._delete(link.host_index)
         finally:
+            self._l3.forget(link.netns)
             with contextlib.suppress(OSError):
                 os.close(link.netns_fd)
 

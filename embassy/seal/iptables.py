@@ -1,11 +1,18 @@
 """The seal's layer-3 rules through python-iptables (legacy xtables), in a workload netns.
 
-Every operation runs on the netns worker (:mod:`embassy.seal.netns`) inside the workload's
+python-iptables runs on the netns worker (:mod:`embassy.seal.netns`) inside the workload's
 namespace and touches only that namespace's ``filter`` tables. :meth:`IptablesL3.install`
-puts our chains and their rules in once, when the link is made and before it can carry
-anything; :meth:`IptablesL3.flip` then only inserts or deletes the three jumps: one small
-commit per family, about 0.3 ms each, whatever the number of other workloads (their tables
-live in their own namespaces).
+puts our chains and their rules in, when the link is made and before it can carry anything,
+and makes the namespace's two raw sockets (one per family).
+
+A flip does not go through python-iptables: the two states of the table (sealed: the jumps
+first in the built-in chains; open: our chains, no jumps) are built once per process by
+python-iptables in a namespace of its own and read back as whole-table images
+(:mod:`embassy.seal.xt_replace`); a flip puts the wanted image in place of whatever the
+workload's table holds, one atomic replace per family through that namespace's sockets,
+from the calling thread: about 10 µs, no ``setns``, no rule encoding, and a table changed
+behind the embassy's back comes back exactly as it must be. If a replace fails, the flip
+falls back to python-iptables on the worker (a full install of the wanted state).
 
 python-iptables discipline (field-tested): one process-wide ``Table`` object per table,
 ``autocommit = False``, ``refresh()`` before changing it, ``commit()`` once, ``refresh()``
@@ -14,6 +21,11 @@ after (a failed change is discarded by the refresh, never half-committed).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
@@ -24,7 +36,8 @@ from typing import Any, TypeVar
 import iptc
 
 from embassy.errors import SealError
-from embassy.seal.netns import NetnsWorker
+from embassy.net.identity import NetnsId
+from embassy.seal.netns import NetnsWorker, new_netns
 from embassy.seal.rules import (
     BUILTIN_CHAINS,
     JUMP_RULES,
@@ -34,11 +47,24 @@ from embassy.seal.rules import (
     SealRules,
     chain_line,
     chain_rules,
+    open_rules,
+    seal_rules,
 )
+from embassy.seal.xt_replace import TableImage, open_socket, read_image, swap
 
 T = TypeVar("T")
 
+_LOG = logging.getLogger(__name__)
+
 _TABLE_NAMES = {Family.V4: "IPv4 filter", Family.V6: "IPv6 filter"}
+
+
+def _netns_id(netns: Path) -> NetnsId:
+    try:
+        st = os.stat(netns)
+    except OSError as exc:
+        raise SealError(f"netns {netns}: cannot stat: {exc.strerror}") from exc
+    return NetnsId(st.st_dev, st.st_ino)
 
 
 def _table(family: Family) -> Any:
@@ -169,15 +195,78 @@ class IptablesL3:
     def __init__(self, worker: NetnsWorker) -> None:
         self._worker = worker
         self._built: dict[Family, list[tuple[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._images: dict[tuple[Family, bool], TableImage] | None = None
+        self._sockets: dict[NetnsId, dict[Family, socket.socket]] = {}
 
     def install(self, netns: Path, *, sealed: bool) -> None:
-        """Put our chains in ``netns`` (repairing any of ours), jumps as ``sealed`` says."""
+        """Put our chains in ``netns`` (repairing any of ours), jumps as ``sealed`` says;
+        make the namespace's sockets for later flips if it has none yet."""
+        self._prepare()
+        key = _netns_id(netns)
 
-        def apply() -> None:
+        def apply() -> dict[Family, socket.socket] | None:
             for family in Family:
                 self._guard(netns, family, "install", partial(self._install, family, sealed))
+            if key in self._sockets:
+                return None
+            try:
+                return {family: open_socket(family) for family in Family}
+            except OSError as exc:
+                raise SealError(f"netns {netns}: cannot open a raw socket: {exc}") from exc
 
-        self._worker.run(netns, apply)
+        made = self._worker.run(netns, apply)
+        if made is not None:
+            with self._lock:
+                for old in self._sockets.pop(key, {}).values():
+                    old.close()
+                self._sockets[key] = made
+
+    def forget(self, netns: NetnsId) -> None:
+        """Close the sockets of a namespace whose link is gone (they would keep it alive)."""
+        with self._lock:
+            sockets = self._sockets.pop(netns, {})
+        for sock in sockets.values():
+            sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            every = list(self._sockets.values())
+            self._sockets.clear()
+        for sockets in every:
+            for sock in sockets.values():
+                sock.close()
+
+    def _prepare(self) -> None:
+        """Build both states of both tables once, in a namespace of their own, and keep
+        their images (checked line by line against the seal's rules first)."""
+        with self._lock:
+            if self._images is not None:
+                return
+            try:
+                fd = new_netns()
+            except OSError as exc:
+                raise SealError(
+                    f"cannot make a namespace to prepare the seal's tables in: {exc}"
+                ) from exc
+            try:
+                path = Path(f"/proc/self/fd/{fd}")
+                self._images = self._worker.run(path, partial(self._capture, path))
+            finally:
+                os.close(fd)
+
+    def _capture(self, netns: Path) -> dict[tuple[Family, bool], TableImage]:
+        """On the worker, in a new namespace: each state installed, read back, imaged."""
+        images: dict[tuple[Family, bool], TableImage] = {}
+        for family in Family:
+            with contextlib.closing(open_socket(family)) as sock:
+                for sealed, rules in ((True, seal_rules()), (False, open_rules())):
+                    self._guard(netns, family, "prepare", partial(self._install, family, sealed))
+                    lines = _read(family)
+                    if lines != (rules.v4 if family is Family.V4 else rules.v6):
+                        raise SealError(f"the prepared {family.value} table reads back as {lines}")
+                    images[(family, sealed)] = read_image(sock, family)
+        return images
 
     def flip(self, netns: Path, *, sealed: bool) -> None:
         self.submit_flip(netns, sealed=sealed).result()
@@ -190,22 +279,47 @@ class IptablesL3:
         before: Callable[[], None] | None = None,
         then: Callable[[], None] | None = None,
     ) -> Future[None]:
-        """Insert (``sealed``) or delete the jumps: the hot path, a few hundred µs.
-
-        Chains that are missing are reinstalled first; chains whose rules were changed are
-        the monitor's to find (:meth:`read`, about once a second), not this path's: behind
-        the link gate they carry nothing either way.
+        """Put the sealed or the open table in place (``before`` and ``then`` run first
+        and last): the hot path. With the namespace's sockets, done at once on the calling
+        thread (the future is complete); otherwise, or if a replace fails, queued on the
+        worker through python-iptables.
         """
-
-        def apply() -> None:
+        with self._lock:
+            sockets = self._sockets.get(_netns_id(netns)) if self._images is not None else None
+            images = self._images
+        if sockets is None or images is None:
+            return self._worker.submit(netns, partial(self._slow_flip, netns, sealed, before, then))
+        done: Future[None] = Future()
+        try:
             if before is not None:
                 before()
-            for family in Family:
-                self._guard(netns, family, "flip", partial(self._flip, family, sealed))
+            try:
+                for family in Family:
+                    swap(sockets[family], images[(family, sealed)])
+            except OSError as exc:
+                _LOG.warning("netns %s: table replace failed (%s); installing instead", netns, exc)
+                self._worker.run(netns, partial(self._slow_flip, netns, sealed, None, None))
             if then is not None:
                 then()
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        return done
 
-        return self._worker.submit(netns, apply)
+    def _slow_flip(
+        self,
+        netns: Path,
+        sealed: bool,
+        before: Callable[[], None] | None,
+        then: Callable[[], None] | None,
+    ) -> None:
+        if before is not None:
+            before()
+        for family in Family:
+            self._guard(netns, family, "flip", partial(self._flip, family, sealed))
+        if then is not None:
+            then()
 
     def read(self, netns: Path) -> SealRules:
         """The kernel's current lines of ours in ``netns`` (both families)."""

@@ -42,6 +42,36 @@ def setns(fd: int) -> None:
         raise OSError(errno, os.strerror(errno))
 
 
+_unshare = _libc.unshare
+_unshare.argtypes = [ctypes.c_int]
+_unshare.restype = ctypes.c_int
+
+
+def new_netns() -> int:
+    """An fd on a new, empty network namespace. It is made by a short-lived thread of its
+    own (``unshare`` moves the calling thread), so no thread of this process stays in it;
+    the fd keeps it alive until closed."""
+    made: list[int] = []
+    failed: list[OSError] = []
+
+    def make() -> None:
+        if _unshare(CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            failed.append(OSError(errno, os.strerror(errno)))
+            return
+        try:
+            made.append(os.open(_HOME, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=make, name="embassy-new-netns")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made[0]
+
+
 def _ns_id(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 

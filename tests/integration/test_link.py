@@ -390,6 +390,7 @@ def net() -> Iterator[Net]:
         yield made
     finally:
         if made is not None:
+            made.l3.close()
             made.rtnl.close()
             made.worker.close()
         _run("ip", "link", "del", plan.host_name, check=False)
