@@ -77,6 +77,7 @@ class LinkSniffer:
         self.to_workload = 0
         self.from_workload = 0
         self.payloads: list[bytes] = []
+        self.times: list[float] = []  # when each frame in ``payloads`` was seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -96,11 +97,18 @@ class LinkSniffer:
                     self.from_workload += 1
                 if len(self.payloads) < 64:
                     self.payloads.append(frame[:128])
+                    self.times.append(time.time())
 
     def reset(self) -> None:
         with self._lock:
             self.to_workload = self.from_workload = 0
             self.payloads.clear()
+            self.times.clear()
+
+    def seen_before(self, moment: float) -> list[bytes]:
+        """The frames (of the first 64) seen before ``moment`` (time.time())."""
+        with self._lock:
+            return [p for p, t in zip(self.payloads, self.times, strict=True) if t < moment]
 
     @property
     def total(self) -> int:

@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,13 @@ def _workload_echo(scene: Scene, log: str) -> None:
     scene.refresh_workload()
     scene.py(scene.workload, WORKLOAD_ECHO, {"port": ECHO_IN, "log": log}, detach=True)
     assert wait_until(lambda: scene.inbound(scene.workload_v4, ECHO_IN) == "ok")
+
+
+def _docker_time(stamp: str) -> float:
+    """Docker's RFC 3339 time (nanoseconds, ``Z``) as seconds since the epoch."""
+    whole, _, rest = stamp.rstrip("Z").partition(".")
+    micros = (rest + "000000")[:6]
+    return datetime.fromisoformat(f"{whole}.{micros}+00:00").timestamp()
 
 
 def _no_traffic_while_sealed(scene: Scene, seconds: float = 0.0) -> None:
@@ -343,7 +351,10 @@ def test_a_container_joining_the_namespace_is_killed_and_aborts_every_session(
     try:
         assert wait_until(lambda: (joiner.reload() or joiner.status) == "exited", 10)
         assert joiner.attrs["State"]["ExitCode"] != 0, "the relay ran to its end"
-        _no_traffic_while_sealed(scene)
+        # Nothing crossed while the intruder was there. Once it is gone, the quarantine
+        # lifts and the gate opens (the session was aborted): what comes after is allowed.
+        gone = _docker_time(joiner.attrs["State"]["FinishedAt"])
+        assert scene.sniffer.seen_before(gone) == [], "frames crossed while sealed"
         with pytest.raises(ApiError) as excinfo:
             scene.close(opened)
         assert excinfo.value.status == 409
