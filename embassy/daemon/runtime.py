@@ -293,7 +293,8 @@ class Embassy:
         answer: dict[str, Any] = {"statement": b64encode(envelope)}
         try:
             if log_from is not None:
-                # Quoted while the gate opens on the netns worker.
+                # Quoted before waiting for the gate: a fallback flip on the netns worker
+                # goes on meanwhile.
                 answer["segment"] = self.log_segment(log_from)["segment"]
         finally:
             sessions.settle_gate()

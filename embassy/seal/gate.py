@@ -9,19 +9,19 @@ Two independent layers, flipped in a fixed order:
   (AF_PACKET), ARP, IPv6 neighbour discovery, multicast: nothing crosses. Established flows
   are paused, not reset: TCP retransmits once the link is back.
 * **the layer-3 rules** (:mod:`embassy.seal.rules`) inside the workload's namespace: the
-  three jumps to chains installed ahead of time.
+  sealed table (the three jumps first) or the open one, each put in whole.
 
-Closing takes the link down first (silence at once), then puts the jumps in; opening takes
-the jumps out, then brings the link up last. So at every instant between the two steps
-both layers agree on "closed" or the link, the stronger one, is down.
+Closing takes the link down first (silence at once), then puts the sealed table in;
+opening puts the open table in, then brings the link up last. So at every instant between
+the two steps both layers agree on "closed" or the link, the stronger one, is down.
 
-Both steps run, in that order, on the netns worker: :meth:`Gate.begin_close` queues "link
-down, then jumps in" and returns, so a session's seal statement is written meanwhile (its
-key is released only after :meth:`Gate.settle` and a check of the kernel's state);
-:meth:`Gate.begin_open` queues "jumps out, then link up" likewise. Every other call settles
-what is pending first, so the steps of two flips can never interleave. An opening is
-not waited for by whoever started it (a session's close answers at once); a failed one
-leaves the gate closed or half-open, and the next close or the monitor's round finds it.
+:meth:`Gate.begin_close` and :meth:`Gate.begin_open` hand both steps, in that order, to
+:meth:`IptablesL3.submit_flip`: done at once on the calling thread through the namespace's
+own sockets, or, in the fallback to python-iptables, queued on the netns worker. Either
+way the caller gets a future: the key is released only after :meth:`Gate.settle` and a
+check of the kernel's state. Every call settles what is pending first, so the steps of two
+flips can never interleave. A failed opening leaves the gate closed or half-open; the next
+close or the monitor's round finds it.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Gate:
         self.settle()
 
     def begin_close(self, link: WorkloadLink) -> None:
-        """Queue the link down, then the layer-3 jumps in, on the worker."""
+        """Start the link down, then the sealed table in (:meth:`settle` waits for both)."""
         with self._lock:
             try:
                 self._settle_locked()
@@ -72,7 +72,7 @@ class Gate:
             )
 
     def begin_open(self, link: WorkloadLink) -> None:
-        """Queue the jumps out, then the link up, on the worker."""
+        """Start the open table in, then the link up (:meth:`settle` waits for both)."""
         with self._lock:
             self._settle_locked()
             self._pending_open = True
@@ -95,19 +95,6 @@ class Gate:
             raise
         except Exception as exc:  # a timeout, or what the worker raised
             raise SealError(f"the gate's flip failed: {exc!r}") from exc
-
-    def repair(self, link: WorkloadLink, *, sealed: bool) -> None:
-        """Put the layer-3 chains back with exactly their rules, then the gate as ``sealed``
-        says: the monitor's repair. :meth:`close` and :meth:`open` only flip the jumps, so
-        chains whose rules were changed (flushed, an ACCEPT added) stay changed through them.
-        """
-        self.settle()
-        if sealed:
-            self._set_link(link, up=False)
-            self._l3.install(link.netns_path, sealed=True)
-        else:
-            self._l3.install(link.netns_path, sealed=False)
-            self._set_link(link, up=True)
 
     def link_up(self, link: WorkloadLink) -> bool:
         """The host end's state, read from the kernel (about 20 µs)."""

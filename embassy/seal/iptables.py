@@ -118,16 +118,6 @@ def _read(family: Family) -> tuple[str, ...]:
     return tuple(lines)
 
 
-def _chains_intact(family: Family, table: Any) -> bool:
-    for name in SEAL_CHAINS:
-        if not table.is_chain(name):
-            return False
-        wanted = [_build(family, spec) for spec in chain_rules(name)]
-        if iptc.Chain(table, name).rules != wanted:
-            return False
-    return True
-
-
 def _delete_jumps(table: Any) -> None:
     for chain in table.chains:
         if str(chain.name) in SEAL_CHAINS:
@@ -156,23 +146,6 @@ def _put_jumps(family: Family, table: Any) -> None:
         iptc.Chain(table, jump.chain).insert_rule(_build(family, jump), 0)
 
 
-def _jumps_first(table: Any) -> bool:
-    for jump in JUMP_RULES:
-        rules = iptc.Chain(table, jump.chain).rules
-        ours = [r for r in rules if _target(r) in SEAL_CHAINS]
-        if len(ours) != 1 or not rules or _target(rules[0]) != jump.target:
-            return False
-    return True
-
-
-def _has_jumps(table: Any) -> bool:
-    return any(
-        _target(rule) in SEAL_CHAINS
-        for builtin in BUILTIN_CHAINS
-        for rule in iptc.Chain(table, builtin).rules
-    )
-
-
 @contextmanager
 def committing(table: Any) -> Iterator[Any]:
     """``table`` (autocommit off) refreshed to change; committed once on success, and
@@ -194,7 +167,6 @@ class IptablesL3:
 
     def __init__(self, worker: NetnsWorker) -> None:
         self._worker = worker
-        self._built: dict[Family, list[tuple[str, Any]]] = {}
         self._lock = threading.Lock()
         self._images: dict[tuple[Family, bool], TableImage] | None = None
         self._sockets: dict[NetnsId, dict[Family, socket.socket]] = {}
@@ -314,10 +286,12 @@ class IptablesL3:
         before: Callable[[], None] | None,
         then: Callable[[], None] | None,
     ) -> None:
+        """On the worker, inside the netns: the wanted state installed whole, as exact as
+        the replace would have left it."""
         if before is not None:
             before()
         for family in Family:
-            self._guard(netns, family, "flip", partial(self._flip, family, sealed))
+            self._guard(netns, family, "flip", partial(self._install, family, sealed))
         if then is not None:
             then()
 
@@ -340,37 +314,6 @@ class IptablesL3:
             _put_chains(family, table)
             if sealed:
                 _put_jumps(family, table)
-
-    def _flip(self, family: Family, sealed: bool) -> None:
-        table = _table(family)
-        table.refresh()
-        if not all(table.is_chain(name) for name in SEAL_CHAINS):
-            self._install(family, sealed)  # not prepared (or torn down): reinstall
-            return
-        if sealed and _jumps_first(table):
-            return
-        # One refresh per flip (each one re-reads the table from the kernel): changed on the
-        # table just read, committed once; refreshed again only to discard a failed change.
-        try:
-            # The built-in chains of a workload's namespace hold nothing but the seal's jumps
-            # (nothing else may change its rules): flushing them needs no rule decoding.
-            for builtin in BUILTIN_CHAINS:
-                table.flush_entries(builtin)
-            if sealed:
-                for builtin, rule in self._jumps(family):
-                    iptc.Chain(table, builtin).insert_rule(rule, 0)
-            table.commit()
-        except BaseException:
-            table.refresh()
-            raise
-
-    def _jumps(self, family: Family) -> list[tuple[str, Any]]:
-        """The jump rules, built once (building an iptc rule costs more than committing)."""
-        built = self._built.get(family)
-        if built is None:
-            built = [(j.chain, _build(family, j)) for j in JUMP_RULES]
-            self._built[family] = built
-        return built
 
     @staticmethod
     def _guard(netns: Path, family: Family, what: str, fn: Callable[[], T]) -> T:

@@ -101,9 +101,9 @@ class SealKeeper:
         return bool(self._quarantine)
 
     def close(self) -> SealProof:
-        """Start closing the gate (idempotent): link down, then the layer-3 jumps, on the
-        netns worker (:meth:`settle` and :meth:`check` wait for them); return what will be
-        in force."""
+        """Close the gate (idempotent): link down, then the sealed layer-3 table (a fallback
+        flip may still be on the netns worker: :meth:`settle` and :meth:`check` wait for
+        it); return what will be in force."""
         with self._lock:
             self._sealed = True
             if self._link is not None:
@@ -206,8 +206,11 @@ class SealKeeper:
                 wanted = L3State.SEALED if self.closed else L3State.OPEN
                 state = self._gate.l3_state(link)
                 if state is not wanted:
-                    # Not close/open: they flip the jumps only, and leave changed chains be.
-                    self._gate.repair(link, sealed=self.closed)
+                    # A flip puts the whole table back as it must be, whatever it held.
+                    if self.closed:
+                        self._gate.close(link)
+                    else:
+                        self._gate.open(link)
                     if self.closed:
                         findings.intrusions.append(f"layer-3 rules were {state.value} while sealed")
                     else:

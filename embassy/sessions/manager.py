@@ -6,13 +6,13 @@ disagree with the log after a crash.
 
 open     (the payload is parsed, unwrapped and checked against replays before this: a bad
          one never costs a seal)
-         lock → start closing the gate (link down, layer-3 jumps in, on the netns worker) →
-         claim the payload → seal statement (fsync'd, PCR-extended), meanwhile → wait for
-         the gate, check it in the kernel → release the key → unlock
+         lock → close the gate (link down, sealed layer-3 table in) → claim the payload →
+         seal statement (fsync'd, PCR-extended) → wait for the gate (a fallback flip runs on
+         the netns worker meanwhile), check it in the kernel → release the key → unlock
 close    (activation files are drained before, outside the lock)
-         lock → token (constant time) → deadline → unseal statement → start opening the
-         gate if this was the last open session (on the worker) → unlock; the answer waits
-         for the gate (:meth:`SessionManager.settle_gate`) after fetching the log segment.
+         lock → token (constant time) → deadline → unseal statement → open the gate if
+         this was the last open session → unlock; the answer waits for the gate
+         (:meth:`SessionManager.settle_gate`: a fallback flip may still be on the worker).
          A retried close of a session whose unseal statement exists returns that statement.
 abort    lock → abort statement → start opening the gate if last (not while quarantined)
 
@@ -217,8 +217,9 @@ class SessionManager:
                 f"deadline_seconds must be {MIN_DEADLINE_SECONDS} to {MAX_DEADLINE_SECONDS}"
             )
         with self._lock:
-            # The gate closes (link down, then the layer-3 jumps) on the netns worker while
-            # the statement is written: nothing leaves before both are checked in force.
+            # The gate closes (link down, then the sealed table; a fallback flip goes on on the
+            # netns worker while the statement is written): nothing leaves before both are
+            # checked in force.
             proof = self._seal.close()
             self._point("seal:before-statement")
             try:

@@ -47,10 +47,8 @@ class FakeGate:
         self.calls: list[tuple[str, int]] = []
 
     def _flip(self, link: WorkloadLink, state: L3State) -> None:
-        # IptablesL3.flip: inserts or deletes the jumps, reinstalls missing chains, and
-        # leaves chains whose rules were changed as they are.
-        if self.l3[link.host_index] is not L3State.PARTIAL:
-            self.l3[link.host_index] = state
+        # IptablesL3.flip: the whole table replaced by the wanted one, whatever it held.
+        self.l3[link.host_index] = state
 
     def close(self, link: WorkloadLink) -> None:
         self.calls.append(("close", link.host_index))
@@ -87,11 +85,6 @@ class FakeGate:
                 self.close(link)
             else:
                 self.open(link)
-
-    def repair(self, link: WorkloadLink, *, sealed: bool) -> None:
-        self.calls.append(("repair", link.host_index))
-        self.l3[link.host_index] = L3State.SEALED if sealed else L3State.OPEN
-        self.up[link.host_index] = not sealed
 
     def link_up(self, link: WorkloadLink) -> bool:
         if link.host_index not in self.up:
