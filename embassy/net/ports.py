@@ -35,7 +35,7 @@ import iptc
 
 from embassy.errors import SealError
 from embassy.net.plan import Published
-from embassy.seal.iptables import committing
+from embassy.seal.iptables import committing, delete_jumps
 from embassy.seal.netns import NetnsWorker
 from embassy.workload.spec import PortMapping
 
@@ -92,13 +92,7 @@ def _dnat(port: Published, address: ipaddress.IPv4Address) -> Any:
 
 
 def _remove(table: Any, chains: tuple[str, ...]) -> None:
-    for chain in table.chains:
-        if str(chain.name) in chains:
-            continue
-        for rule in chain.rules:
-            target = rule.target
-            if target is not None and str(target.name) in chains:
-                chain.delete_rule(rule)
+    delete_jumps(table, chains)
     for name in chains:
         if table.is_chain(name):
             table.flush_entries(name)

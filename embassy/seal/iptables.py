@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
@@ -118,12 +118,14 @@ def _read(family: Family) -> tuple[str, ...]:
     return tuple(lines)
 
 
-def _delete_jumps(table: Any) -> None:
+def delete_jumps(table: Any, chains: Collection[str]) -> None:
+    """Delete every rule of ``table`` (outside ``chains``) whose target is one of ``chains``
+    (uncommitted)."""
     for chain in table.chains:
-        if str(chain.name) in SEAL_CHAINS:
+        if str(chain.name) in chains:
             continue
         for rule in chain.rules:
-            if _target(rule) in SEAL_CHAINS:
+            if _target(rule) in chains:
                 chain.delete_rule(rule)
 
 
@@ -310,7 +312,7 @@ class IptablesL3:
     @staticmethod
     def _install(family: Family, sealed: bool) -> None:
         with _changing(family) as table:
-            _delete_jumps(table)
+            delete_jumps(table, SEAL_CHAINS)
             _put_chains(family, table)
             if sealed:
                 _put_jumps(family, table)

@@ -363,14 +363,6 @@ class SessionManager:
         self._open_gate_if_idle()
         return appended.envelope
 
-    def abort(self, session: bytes, reason: str) -> bytes:
-        """Abort an open session from inside the embassy; ``reason`` is a bounded code."""
-        with self._lock:
-            state = self._open.get(session)
-            if state is None:
-                raise ConflictError(f"session {session.hex()} is not open")
-            return self._abort_locked(state, reason)
-
     def abort_all(self, reason: str) -> int:
         """Abort every open session (an intrusion: nothing made now can be certified)."""
         with self._lock:
