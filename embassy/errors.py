@@ -18,6 +18,9 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── ForbiddenError           the caller does not hold what the request needs (a session)
     │   ├── PayloadExpiredError      the payload's expiry has passed
     │   ├── WrongEmbassyError        the payload is for another embassy
+    │   ├── WrongMeasurementError    the payload is for another embassy measurement (code, config)
+    │   ├── WrongWorkloadError       the payload is for another workload (launch digest)
+    │   ├── UnboundPayloadError      a payload envelope version that binds neither (v1)
     │   ├── UnsupportedSuiteError    the payload's HPKE suite is not one this embassy has
     │   ├── BadPayloadError          the payload does not unwrap (other key, tampered field)
     │   ├── RateLimitedError         too many requests of a costly kind (a TPM quote); retry later
@@ -51,8 +54,10 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     ├── SealError                    the firewall could not be put in (or out of) the sealed state
     ├── WorkloadError                Docker failed to do what the embassy asked
     ├── TpmError                     the TPM (or swtpm) failed or is unreachable
+    │   └── BootStateChangedError    the master secret is sealed to boot PCRs that now differ
     └── StorageError                 durable state is unreadable or inconsistent
-        └── TamperError              durable state disagrees with the TPM: refuse to continue
+        ├── TamperError              durable state disagrees with the TPM: refuse to continue
+        └── UnboundSealedKeyError    a sealed master secret without a PCR policy (old format)
 """
 
 from __future__ import annotations
@@ -106,6 +111,18 @@ class PayloadExpiredError(RequestError):
 
 class WrongEmbassyError(RequestError):
     code = "wrong-embassy"
+
+
+class WrongMeasurementError(RequestError):
+    code = "payload-wrong-measurement"
+
+
+class WrongWorkloadError(RequestError):
+    code = "payload-wrong-workload"
+
+
+class UnboundPayloadError(RequestError):
+    code = "payload-unbound"
 
 
 class UnsupportedSuiteError(RequestError):
@@ -240,9 +257,17 @@ class TpmError(EmbassyError):
     code = "tpm-error"
 
 
+class BootStateChangedError(TpmError):
+    code = "sealed-boot-changed"
+
+
 class StorageError(EmbassyError):
     code = "storage-error"
 
 
 class TamperError(StorageError):
     code = "tamper-detected"
+
+
+class UnboundSealedKeyError(StorageError):
+    code = "sealed-key-unbound"
