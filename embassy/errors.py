@@ -43,6 +43,11 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── CertificateError         the EK certificate does not chain to the named CA
     │   ├── KeyBindingError          a key does not match the one the evidence binds
     │   ├── ResultMismatchError      an output, seal and unseal that do not belong together
+    │   ├── WorkloadMismatchError    the workload is not the one pinned, or not the identity's
+    │   ├── EmbassyRestartedError    the embassy restarted (or relaunched) within a result
+    │   ├── DeadlineError            a session unsealed after its deadline
+    │   ├── IncompleteLogError       a log shown complete has entries after its end
+    │   ├── TimeWindowError          a result outside the user's own before/after evidence
     │   └── SoftwareTpmError         software-TPM evidence without allow_software_tpm
     ├── ActivationError              an activation file the intake rejects (a statement says why)
     │   ├── ActivationCorruptError   bad magic, version, header field or checksum
@@ -211,6 +216,26 @@ class KeyBindingError(VerificationError):
 
 class ResultMismatchError(VerificationError):
     code = "result-mismatch"
+
+
+class WorkloadMismatchError(VerificationError):
+    code = "workload-mismatch"
+
+
+class EmbassyRestartedError(VerificationError):
+    code = "embassy-restarted"
+
+
+class DeadlineError(VerificationError):
+    code = "deadline-passed"
+
+
+class IncompleteLogError(VerificationError):
+    code = "log-incomplete"
+
+
+class TimeWindowError(VerificationError):
+    code = "outside-time-window"
 
 
 class SoftwareTpmError(VerificationError):

@@ -1,90 +1,46 @@
-"""The embassy's reproducible measurement: its code, its effective config, its policy.
+"""The embassy's reproducible measurement: computed from its code and its effective config.
 
-Wire format (version 1, canonical JSON)::
-
-    {"code":"<hex>","config":"<hex>","measurement":"<hex>","policy":"<hex>","v":1}
-
-``code`` hashes every file of the installed ``embassy`` package (relative POSIX path and
-SHA-256 of its bytes, sorted; byte-code caches excluded), so the same source tree gives the
-same value on any machine. ``config`` hashes the effective config without the policy;
-``policy`` hashes the authorities. ``measurement`` hashes the three. The daemon extends the
-SHA-256 of this document into its PCR at every start, and records the document itself.
+The document's wire format (version 1) and its parser are :mod:`embassy.wire.measurement`
+(pure, what the verifier imports); they are re-exported here. ``code`` hashes every file of
+the installed ``embassy`` package (relative POSIX path and SHA-256 of its bytes, sorted;
+byte-code caches excluded), so the same source tree gives the same value on any machine.
+``config`` hashes the effective config without the policy; ``policy`` hashes the
+authorities. ``measurement`` hashes the three. The daemon extends the SHA-256 of this
+document into its PCR at every start, and records the document itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import embassy
-from embassy.config import Config
-from embassy.errors import WireFormatError
-from embassy.wire.codec import (
-    JsonObject,
-    canonical_json,
-    field,
-    hex_decode,
-    only_fields,
-    parse_json_object,
+from embassy.wire.codec import canonical_json
+from embassy.wire.measurement import (
+    MEASUREMENT_VERSION,
+    Measurement,
+    measurement_from_json,
+    parse_measurement,
 )
 
-MEASUREMENT_VERSION = 1
+if TYPE_CHECKING:
+    from embassy.config import Config
+
+__all__ = [
+    "MEASUREMENT_VERSION",
+    "Measurement",
+    "code_digest",
+    "measure",
+    "measure_config",
+    "measurement_from_json",
+    "package_files",
+    "parse_measurement",
+]
+
 _SKIP_DIRS = {"__pycache__"}
 _SKIP_SUFFIXES = {".pyc", ".pyo"}
-
-
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    code: bytes
-    config: bytes
-    policy: bytes
-
-    @property
-    def digest(self) -> bytes:
-        return hashlib.sha256(
-            canonical_json(
-                {
-                    "v": MEASUREMENT_VERSION,
-                    "code": self.code.hex(),
-                    "config": self.config.hex(),
-                    "policy": self.policy.hex(),
-                }
-            )
-        ).digest()
-
-    def to_json(self) -> JsonObject:
-        return {
-            "v": MEASUREMENT_VERSION,
-            "code": self.code.hex(),
-            "config": self.config.hex(),
-            "policy": self.policy.hex(),
-            "measurement": self.digest.hex(),
-        }
-
-    def encode(self) -> bytes:
-        return canonical_json(self.to_json())
-
-
-def parse_measurement(data: bytes) -> Measurement:
-    return measurement_from_json(parse_json_object(data, "measurement"))
-
-
-def measurement_from_json(obj: JsonObject) -> Measurement:
-    only_fields(obj, {"v", "code", "config", "policy", "measurement"}, "measurement")
-    if field(obj, "v", int, "measurement") != MEASUREMENT_VERSION:
-        raise WireFormatError("measurement: unsupported version")
-    m = Measurement(
-        code=hex_decode(field(obj, "code", str, "measurement"), "measurement.code", size=32),
-        config=hex_decode(field(obj, "config", str, "measurement"), "measurement.config", size=32),
-        policy=hex_decode(field(obj, "policy", str, "measurement"), "measurement.policy", size=32),
-    )
-    claimed = hex_decode(field(obj, "measurement", str, "measurement"), "measurement", size=32)
-    if claimed != m.digest:
-        raise WireFormatError("measurement: digest does not match its components")
-    return m
 
 
 def code_digest(files: Iterable[tuple[str, bytes]]) -> bytes:

@@ -30,11 +30,11 @@ from embassy.log.entry import EntryType, LogEntry
 from embassy.log.event import Event
 from embassy.log.segment import IDENTITY_DOCUMENT_TYPE, parse_segment
 from embassy.log.verify_entry import authenticate_entry
-from embassy.measure import Measurement, measurement_from_json
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.segment import SegmentKeys, VerifiedSegment, verify_segment
 from embassy.wire.codec import b64decode, field, hex_decode, parse_json_object
 from embassy.wire.dsse import parse_envelope, verify_envelope
+from embassy.wire.measurement import Measurement, measurement_from_json
 from embassy.wire.statement import IDENTITY_V1, Statement, parse_statement
 
 
