@@ -32,6 +32,7 @@ from embassy.log.segment import IDENTITY_DOCUMENT_TYPE, parse_segment
 from embassy.log.verify_entry import authenticate_entry
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.segment import SegmentKeys, VerifiedSegment, verify_segment
+from embassy.verify.workload import Workload, check_pins, workload_of_run
 from embassy.wire.codec import b64decode, field, hex_decode, parse_json_object
 from embassy.wire.dsse import parse_envelope, verify_envelope
 from embassy.wire.measurement import Measurement, measurement_from_json
@@ -54,6 +55,8 @@ class VerifiedIdentity:
     tpm_mode: TpmMode
     segment: VerifiedSegment
     checks: tuple[str, ...]
+    # The workload the run launched (its launch events in the segment), None if none.
+    workload: Workload | None = None
 
     @property
     def segment_keys(self) -> SegmentKeys:
@@ -118,6 +121,12 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
 
     measurement = _verify_measurement(claimed, segment.entries, embassy_pcr, signing_key, policy)
     checks.append("measurement")
+    workload = workload_of_run(segment.entries, signing_key)
+    checks += check_pins(
+        workload,
+        expected_image_digest=policy.expected_image_digest,
+        expected_launch_digest=policy.expected_launch_digest,
+    )
     _verify_boot_pcrs(segment.head.quote.pcrs, policy, claimed.header.tpm_mode)
     if policy.expected_pcrs:
         checks.append("boot-pcrs")
@@ -146,6 +155,7 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
         tpm_mode=claimed.header.tpm_mode,
         segment=verified,
         checks=tuple(checks),
+        workload=workload,
     )
 
 

@@ -31,6 +31,10 @@ class TrustPolicy:
     insecure_any_measurement: bool = False
     insecure_any_boot: bool = False
     at: datetime | None = None
+    # The workload beside the embassy (embassy/verify/workload.py): its image ID
+    # ("sha256:<hex>") and its launch digest. None: not pinned.
+    expected_image_digest: str | None = None
+    expected_launch_digest: bytes | None = None
 
     def warn_insecure(self) -> None:
         if self.allow_software_tpm:
