@@ -50,14 +50,28 @@ let
 
   # The daemon imports cryptography.hazmat.primitives.hpke (HPKE with the hybrid
   # ML-KEM-768 + X25519 KEM) on the OpenSSL backend, which needs cryptography 49
-  # (47 has no ML-KEM with OpenSSL, 48 no KEM.enc_length); pyproject.toml requires >= 49.
-  cryptographyOk = lib.versionAtLeast py.cryptography.version "49";
+  # (47 has no ML-KEM with OpenSSL, 48 no KEM.enc_length). The minimum is read from
+  # pyproject.toml's requirement, so the two cannot disagree.
+  cryptographyRequirements = builtins.filter (
+    r: lib.hasPrefix "cryptography" r
+  ) pyproject.project.dependencies;
+  cryptographyMinimum = lib.removePrefix "cryptography>=" (builtins.head cryptographyRequirements);
+
+  # The pinned nixpkgs has an older cryptography: this one is PyPI's wheel, pinned by hash
+  # (nix/cryptography.nix says why the wheel). tpm2-pytss propagates cryptography, so it gets
+  # the same one: the closure must hold one cryptography, not two (nixpkgs' conflict check
+  # refuses a Python closure with two versions of a package).
+  cryptography = py.callPackage ./cryptography.nix { };
+  tpm2-pytss = py.tpm2-pytss.override { inherit cryptography; };
 in
-assert lib.assertMsg cryptographyOk ''
-  embassy needs cryptography >= 49 (HPKE with ML-KEM-768 on OpenSSL), but this nixpkgs
-  has python3Packages.cryptography ${py.cryptography.version}. See nix/README.md ("The
-  cryptography version"): bump the nixpkgs pin to a release that has it, or overlay a newer
-  cryptography. Building with the old one would only fail later, in the tests.
+assert lib.assertMsg (
+  builtins.length cryptographyRequirements == 1
+  && lib.hasPrefix "cryptography>=" (builtins.head cryptographyRequirements)
+) "pyproject.toml must require cryptography as one \"cryptography>=N\"; nix/package.nix reads it.";
+assert lib.assertMsg (lib.versionAtLeast cryptography.version cryptographyMinimum) ''
+  embassy needs cryptography >= ${cryptographyMinimum} (pyproject.toml; HPKE with ML-KEM-768 on
+  OpenSSL), but nix/cryptography.nix packages ${cryptography.version}. Building with it would only
+  fail later, in the tests.
 '';
 py.buildPythonApplication {
   pname = "embassy";
@@ -81,9 +95,9 @@ py.buildPythonApplication {
 
   build-system = [ py.setuptools ];
   dependencies = [
-    py.cryptography
+    cryptography
     py.pyyaml
-    py.tpm2-pytss
+    tpm2-pytss
     python-iptables
     py.docker
     py.watchdog

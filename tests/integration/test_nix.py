@@ -16,12 +16,15 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from embassy.config import SCHEMA, parse_config
 from embassy.seal.rules import CHAIN_RULES, JUMP_RULES, SEAL_CHAINS, Family
@@ -102,6 +105,7 @@ def test_the_nix_files_are_all_here() -> None:
     assert {
         "flake.nix",
         "nix/package.nix",
+        "nix/cryptography.nix",
         "nix/module.nix",
         "nix/settings-options.nix",
         "nix/hardening.nix",
@@ -568,3 +572,212 @@ def test_check_fails_on_a_stale_file(
     target.write_text(target.read_text().replace("default = 64;", "default = 65;"))
     assert generator.main(["--check"]) == 1
     assert "is stale" in capsys.readouterr().err
+
+
+# -- (8) the package's cryptography: pinned, new enough, one in the closure ----------------------
+
+# nix/package.nix and nix/cryptography.nix evaluated over a stub of the few nixpkgs pieces they
+# use (nixpkgs itself cannot be fetched here). Builders return their arguments, so what the
+# package would be built from can be read back; buildPythonPackage refuses a package marked
+# `disabled` for the interpreter, as nixpkgs' does. `knobs` stands in for another nixpkgs:
+# its Python and cffi versions, and a cryptography.nix that packaged another version.
+PACKAGE_STUB = r"""
+{ root, knobsJSON }:
+let
+  knobs = builtins.fromJSON knobsJSON;
+  hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+  lib = {
+    inherit hasPrefix;
+    versionAtLeast = a: b: builtins.compareVersions a b >= 0;
+    assertMsg = ok: msg: ok || builtins.throw msg;
+    removePrefix = p: s:
+      if hasPrefix p s
+      then builtins.substring (builtins.stringLength p) (builtins.stringLength s) s
+      else s;
+    getLib = drv: drv.lib or drv;
+    fileset = { unions = l: l; toSource = _: "/nix/store/0000-source"; };
+    licenses = { asl20 = "asl20"; bsd3 = "bsd3"; };
+    platforms.linux = [ "x86_64-linux" ];
+    sourceTypes.binaryNativeCode = "binaryNativeCode";
+  };
+  package = pname: version: {
+    inherit pname version;
+    outPath = "/nix/store/0000-${pname}-${version}";
+  };
+  python = { version = knobs.python; sitePackages = "lib/python/site-packages"; };
+  stdenv.cc = {
+    libc = package "glibc" "2.40";
+    cc = package "gcc" "14" // { lib = package "gcc-lib" "14"; };
+  };
+  fetchurl = args: args // { outPath = "/nix/store/0000-fetched"; };
+  everything = py // {
+    inherit lib stdenv fetchurl;
+    autoPatchelfHook = package "autoPatchelfHook" "0";
+  };
+  py = rec {
+    inherit python;
+    pythonOlder = v: builtins.compareVersions python.version v < 0;
+    buildPythonPackage = attrs:
+      if attrs.disabled or false
+      then builtins.throw
+        "${attrs.pname}-${attrs.version} not supported for interpreter python${python.version}"
+      else attrs // { outPath = "/nix/store/0000-${attrs.pname}-${attrs.version}"; };
+    buildPythonApplication = buildPythonPackage;
+    callPackage = path: args:
+      let
+        f = import path;
+        built = f (builtins.intersectAttrs (builtins.functionArgs f) everything // args);
+      in
+      if knobs.cryptography == null then built else built // { version = knobs.cryptography; };
+    cffi = package "cffi" knobs.cffi;
+    cryptography = package "cryptography" "47.0.2";
+    tpm2-pytss = package "tpm2-pytss" "2.3.0" // {
+      inherit cryptography;
+      override = args: tpm2-pytss // args;
+    };
+    setuptools = package "setuptools" "80";
+    pyyaml = package "pyyaml" "6.0.2";
+    docker = package "docker" "7.1.0";
+    watchdog = package "watchdog" "6.0.0";
+    numpy = package "numpy" "2.3.0";
+    h11 = package "h11" "0.16.0";
+    pytestCheckHook = package "pytestCheckHook" "0";
+  };
+  embassy = import (root + "/nix/package.nix") {
+    inherit lib stdenv;
+    python3Packages = py;
+    fetchPypi = args: args // { outPath = "/nix/store/0000-pypi"; };
+    iptables-legacy = package "iptables" "1.8.11";
+  };
+  dep = d: {
+    inherit (d) pname version;
+    cryptography = (d.cryptography or { version = null; }).version;
+  };
+  crypto = builtins.head (builtins.filter (d: d.pname == "cryptography") embassy.dependencies);
+in
+{
+  inherit (embassy) pname version;
+  dependencies = map dep embassy.dependencies;
+  cryptography = {
+    inherit (crypto) pname version format pythonImportsCheck;
+    inherit (crypto.src) url hash;
+    dependencies = map dep crypto.dependencies;
+    platforms = crypto.meta.platforms;
+  };
+}
+"""
+
+CRYPTOGRAPHY_NIX = ROOT / "nix" / "cryptography.nix"
+STOCK = {"python": "3.13.5", "cffi": "2.0.0", "cryptography": None}
+
+
+def _package_evaluation(**knobs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "nix-instantiate",
+            "--eval",
+            "--strict",
+            "--json",
+            "--expr",
+            PACKAGE_STUB,
+            "--arg",
+            "root",
+            str(ROOT),
+            "--argstr",
+            "knobsJSON",
+            json.dumps({**STOCK, **knobs}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def evaluate_package(**knobs: Any) -> dict[str, Any]:
+    proc = _package_evaluation(**knobs)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def package_error(**knobs: Any) -> str:
+    proc = _package_evaluation(**knobs)
+    assert proc.returncode != 0, f"evaluation succeeded: {proc.stdout[:500]}"
+    return proc.stderr
+
+
+def _pyproject() -> dict[str, Any]:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        project: dict[str, Any] = tomllib.load(f)["project"]
+    return project
+
+
+def _requirement(name: str) -> Requirement:
+    (requirement,) = (
+        Requirement(r) for r in _pyproject()["dependencies"] if Requirement(r).name == name
+    )
+    return requirement
+
+
+def test_the_package_takes_the_pinned_cryptography_which_pyproject_accepts() -> None:
+    result = evaluate_package()
+    version = result["cryptography"]["version"]
+    assert _requirement("cryptography").specifier.contains(version), version
+    assert result["version"] == _pyproject()["version"]
+    deps = {d["pname"]: d for d in result["dependencies"]}
+    assert deps["cryptography"]["version"] == version  # not the stub nixpkgs' 47.0.2
+    # tpm2-pytss propagates cryptography: it is given the same one, or the closure would
+    # hold two.
+    assert deps["tpm2-pytss"]["cryptography"] == version
+    assert [d for d in result["dependencies"] if d["cryptography"] not in (None, version)] == []
+    assert result["cryptography"]["dependencies"] == [
+        {"pname": "cffi", "version": "2.0.0", "cryptography": None}
+    ]
+    assert "cryptography.hazmat.primitives.hpke" in result["cryptography"]["pythonImportsCheck"]
+
+
+def test_the_pinned_wheel_is_named_and_hashed_consistently() -> None:
+    crypto = evaluate_package()["cryptography"]
+    assert crypto["format"] == "wheel"
+    assert crypto["platforms"] == ["x86_64-linux"]
+    url = crypto["url"]
+    assert url.startswith("https://files.pythonhosted.org/packages/")
+    name = url.rsplit("/", 1)[1]
+    match = re.fullmatch(
+        r"cryptography-(?P<version>[^-]+)-cp3(?P<minor>\d+)-abi3-manylinux_2_(?P<glibc>\d+)_x86_64\.whl",
+        name,
+    )
+    assert match is not None, name
+    assert match["version"] == crypto["version"]
+    # The stable-ABI wheel serves every Python the project supports, from its floor up.
+    floor = SpecifierSet(_pyproject()["requires-python"])
+    assert not floor.contains(f"3.{int(match['minor']) - 1}")
+    assert floor.contains(f"3.{match['minor']}")
+    # The SRI hash is the sha256 written next to it (PyPI's digest of the file).
+    sri = re.fullmatch(r"sha256-([A-Za-z0-9+/]{43}=)", crypto["hash"])
+    assert sri is not None
+    digest = base64.b64decode(sri[1])
+    hex_digest = re.search(r"# sha256 ([0-9a-f]{64})\n", CRYPTOGRAPHY_NIX.read_text())
+    assert hex_digest is not None
+    assert digest == bytes.fromhex(hex_digest[1])
+
+
+def test_a_cryptography_older_than_pyproject_requires_is_refused() -> None:
+    minimum = str(_requirement("cryptography").specifier).removeprefix(">=")
+    older = f"{int(minimum.split('.')[0]) - 1}.0.1"
+    error = package_error(cryptography=older)
+    assert f"embassy needs cryptography >= {minimum} (pyproject.toml" in error
+    assert f"packages {older}" in error
+    evaluate_package(cryptography=minimum)  # the minimum itself is accepted
+
+
+@pytest.mark.parametrize(
+    ("knobs", "needle"),
+    [
+        ({"cffi": "1.17.1"}, "needs cffi >= 2.0.0; this nixpkgs has 1.17.1"),
+        ({"python": "3.10.16"}, "not supported for interpreter python3.10.16"),
+    ],
+)
+def test_the_wheel_refuses_what_it_cannot_run_on(knobs: dict[str, str], needle: str) -> None:
+    assert needle in package_error(**knobs)
