@@ -4,7 +4,9 @@ Every .nix file must parse; the NixOS module (nix/module.nix) and the hardening 
 (nix/hardening.nix) are evaluated with tests/nix/eval-module.nix over a stub of nixpkgs' lib
 (tests/nix/lib-stub.nix): the unit it defines, the options generated from the config schema,
 the config file it renders (read back with the daemon's own parser), the values it refuses,
-and the kernel modules the seal needs. Building the package and the image needs a networked
+and the kernel modules the seal needs. nix/package.nix and nix/cryptography.nix are evaluated
+over a stub of the nixpkgs pieces they call: the pinned cryptography, its consistency with
+pyproject.toml and what it refuses. Building the package and the image needs a networked
 Nix >= 2.18 with nixpkgs (nix/README.md).
 """
 
@@ -59,7 +61,9 @@ def evaluation_error(config: dict[str, Any], modules: tuple[str, ...] = (MODULE,
     return proc.stderr
 
 
-def _run_evaluator(config: dict[str, Any], modules: tuple[str, ...]) -> Any:
+def _run_evaluator(
+    config: dict[str, Any], modules: tuple[str, ...]
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             "nix-instantiate",
