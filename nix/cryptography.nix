@@ -1,4 +1,4 @@
-# cryptography >= 49 for a nixpkgs that has an older one (nixos-26.05 has 47.x; nix/README.md,
+# cryptography >= 49 for a nixpkgs that has an older one (nixos-26.05; nix/README.md,
 # "The cryptography version"): PyPI's manylinux wheel, pinned by its hash, its one native
 # library patched to the store's libc and libgcc_s.
 #
@@ -13,7 +13,8 @@
 #
 # Checked by tests/integration/test_nix.py: the version satisfies pyproject.toml's
 # requirement, the URL names that version and the wheel tag, the SRI hash is the sha256
-# below (which is PyPI's own digest of the file, and the file downloaded here).
+# below. Checked by hand once (the tests have no network): that sha256 is PyPI's index's
+# digest of the file and that of the file downloaded from this URL.
 {
   lib,
   stdenv,
