@@ -177,7 +177,7 @@ class Bench:
         tpm = FakeTpm(b"bench-metering-intake")
         data_dir = self.tmp / "data"
         data_dir.mkdir(mode=0o700)
-        (data_dir / "master.sealed").write_bytes(tpm.seal(os.urandom(32)))
+        (data_dir / "master.sealed").write_bytes(tpm.seal(os.urandom(32), (4, 11, 12)))
         public = self.key.public_key().public_bytes_raw()
         config = parse_config(
             {

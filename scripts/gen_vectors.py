@@ -111,6 +111,7 @@ STALE_NONCE = hashlib.sha256(b"auditor nonce 0").digest()
 AT = "2026-06-01T00:00:00+00:00"
 CHECKPOINT_EVERY = 3
 EMBASSY_PCR, LOG_PCR = 13, 14
+BOOT_PCRS = (4, 11, 12)  # the default pcrs.boot: the master secret is sealed to them
 QUOTED_PCRS = (4, 11, 12, 13, 14)
 
 Vectors = dict[str, bytes]
@@ -123,7 +124,7 @@ def start_embassy(data_dir: Path, tpm: FakeTpm, master: bytes = MASTER) -> Embas
     """An in-process embassy on ``tpm``; reuses ``data_dir`` (a restart) if it exists."""
     if not data_dir.exists():
         data_dir.mkdir(mode=0o700)
-        (data_dir / "master.sealed").write_bytes(tpm.seal(master))
+        (data_dir / "master.sealed").write_bytes(tpm.seal(master, BOOT_PCRS))
     config = parse_config(
         {
             "data_dir": str(data_dir),

@@ -234,3 +234,85 @@ class MemorySeal:
 
     def status(self) -> dict[str, object]:
         return {"gate": "closed" if self.closed else "open"}
+
+
+FAKE_IMAGE_DIGEST = "sha256:" + "ab" * 32
+
+
+class FakeSealedWorkload:
+    """Stands in for ``embassy.daemon.sealed_workload.SealedWorkload`` in an in-process
+    embassy: it logs the launch events a real launch logs (for image ``FAKE_IMAGE_DIGEST``)
+    and runs nothing. ``identity`` is what its seal statements would name."""
+
+    def __init__(self, config: object, spec: object, log: object, **_: object) -> None:
+        import json
+
+        from embassy.log.entry import EntryType
+        from embassy.sessions.manager import WorkloadIdentity
+        from embassy.workload.spec import WorkloadSpec, launch_config_digest, launch_events
+
+        assert isinstance(spec, WorkloadSpec)
+        policy = {"backend": "fake", "rules_sha256": RULES.digest}
+        for kind, body in launch_events(spec, FAKE_IMAGE_DIGEST, policy):
+            log.append_event(EntryType(kind), json.loads(body))  # type: ignore[attr-defined]
+        self.identity = WorkloadIdentity(
+            FAKE_IMAGE_DIGEST, "c0ffee" * 4, launch_config_digest(spec, FAKE_IMAGE_DIGEST)
+        )
+
+    def close(self) -> None:
+        pass
+
+    def is_own_process(self, peer: object) -> bool:
+        return False
+
+
+class _NoIntake:
+    @classmethod
+    def for_metering(cls, *_: object, **__: object) -> _NoIntake:
+        return cls()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def drain(self) -> int:
+        return 0
+
+
+class FakeWorkloadRuntime:
+    """While active, an ``Embassy`` whose config has a workload launches a
+    :class:`FakeSealedWorkload` (no Docker, no spool mount, no activation intake)."""
+
+    _NAME = "embassy.daemon.sealed_workload"
+
+    def __enter__(self) -> None:
+        import sys
+        import types
+
+        import embassy.daemon.runtime as runtime
+        import embassy.daemon.spool as spool
+
+        module = types.ModuleType(self._NAME)
+        module.SealedWorkload = FakeSealedWorkload  # type: ignore[attr-defined]
+        self._saved = (
+            sys.modules.get(self._NAME),
+            spool.ensure_spool,
+            runtime.ActivationIntake,
+        )
+        sys.modules[self._NAME] = module
+        spool.ensure_spool = lambda *_, **__: "mounted"  # type: ignore[assignment]
+        runtime.ActivationIntake = _NoIntake  # type: ignore[assignment,misc]
+
+    def __exit__(self, *_: object) -> None:
+        import sys
+
+        import embassy.daemon.runtime as runtime
+        import embassy.daemon.spool as spool
+
+        module, spool.ensure_spool, runtime.ActivationIntake = self._saved  # type: ignore[misc]
+        if module is None:
+            sys.modules.pop(self._NAME, None)
+        else:
+            sys.modules[self._NAME] = module

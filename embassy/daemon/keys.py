@@ -2,14 +2,21 @@
 
 Only the TPM-sealed blob of the master secret is on disk; every private key is derived
 from it in memory with HKDF-SHA256 under a distinct label, so no private key ever touches
-disk in the clear and the keys survive restarts (same TPM, same blob, same keys). A blob
-that does not unseal (another TPM, a cleared TPM) is an error, never a silent re-key.
+disk in the clear and the keys survive restarts (same TPM, same boot, same blob, same keys).
+
+The blob is sealed under PolicyPCR over the boot PCRs (``pcrs.boot``) at their values when
+it was made (ADR 0010): another boot image, kernel command line or boot path cannot unseal
+it (:class:`BootStateChangedError`, naming the PCRs). A blob that does not unseal (another
+TPM, a cleared TPM, another boot), or one in the old format without a policy
+(:class:`UnboundSealedKeyError`), is an error, never a silent re-key: new keys are an
+operator's decision, made by moving the sealed file aside.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from embassy.daemon.atomic import write_atomic
+from embassy.errors import BootStateChangedError, ConfigError, UnboundSealedKeyError
 from embassy.tpm.interface import Tpm
 from embassy.wire.codec import JsonObject, b64encode
 from embassy.wire.dsse import keyid, raw_public_key
@@ -89,13 +97,29 @@ def derive_keys(master: bytes) -> EmbassyKeys:
     )
 
 
-def load_or_create_keys(tpm: Tpm, data_dir: Path) -> EmbassyKeys:
+def load_or_create_keys(tpm: Tpm, data_dir: Path, boot_pcrs: Sequence[int]) -> EmbassyKeys:
+    """Unseal the master secret at ``data_dir``, or make and seal one to ``boot_pcrs``."""
+    if not boot_pcrs:
+        raise ConfigError(
+            "pcrs.boot: is empty, so the master secret would be bound to no boot state "
+            "(any OS booted on this machine could unseal it); list the boot PCRs"
+        )
     path = data_dir / SEALED_KEY_FILE
     if path.exists():
-        master = tpm.unseal(path.read_bytes())
+        try:
+            master = tpm.unseal(path.read_bytes())
+        except (BootStateChangedError, UnboundSealedKeyError) as exc:
+            raise type(exc)(
+                f"{exc.message}. {path}: to start with new keys (a new identity; payloads "
+                "sealed to the old one are lost), move this file aside"
+            ) from None
         _LOG.info("keys: unsealed the master secret from %s", path)
     else:
         master = os.urandom(32)
-        write_atomic(path, tpm.seal(master))
-        _LOG.info("keys: new master secret sealed to the TPM at %s", path)
+        write_atomic(path, tpm.seal(master, boot_pcrs))
+        _LOG.info(
+            "keys: new master secret sealed to the TPM at %s, bound to boot PCRs %s",
+            path,
+            ", ".join(str(p) for p in sorted(boot_pcrs)),
+        )
     return derive_keys(master)

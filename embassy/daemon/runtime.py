@@ -94,7 +94,7 @@ class Embassy:
         self._intake: ActivationIntake | None = None
         try:
             ensure_private_dir(config.data_dir)
-            self.keys = load_or_create_keys(tpm_device, config.data_dir)
+            self.keys = load_or_create_keys(tpm_device, config.data_dir, config.pcrs.boot)
             self.log = StatementLog(
                 data_dir=config.data_dir,
                 tpm=tpm_device,

@@ -12,6 +12,9 @@ the very same keys back from the TPM's seeds):
   dictionary-attack lockout.
 * **SRK** - ECC P-256 restricted decrypt key, AES-128-CFB, owner hierarchy, parent of sealed
   blobs. Sealed data travels over the bus in a parameter-encrypted session salted by the SRK.
+* **Sealed objects** - authorised only by PolicyPCR over the boot PCRs at their values when
+  sealed (no userWithAuth: a password session is refused); the blob format and the policy
+  digest are pure Python in :mod:`embassy.tpm.sealed` (ADR 0010).
 
 Only the AK stays loaded (quotes are the hot path). The EK and SRK are re-derived on demand
 and flushed: a TPM without a resource manager (swtpm, /dev/tpm0) guarantees as few as three
@@ -40,6 +43,7 @@ from tpm2_pytss import (
     TPM2_HC,
     TPM2_PT_NV,
     TPM2_SE,
+    TPM2B_DIGEST,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
     TPM2B_PRIVATE,
@@ -63,10 +67,16 @@ from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 from embassy.attest.marshal import parse_attest
 from embassy.attest.types import ClockInfo, Quote, TpmMode
 from embassy.errors import EmbassyError, TpmError
+from embassy.tpm.sealed import (
+    SEALED_ATTRIBUTES,
+    SealedBlob,
+    check_pcrs,
+    parse_sealed,
+    policy_pcr_digest,
+)
 
 log = logging.getLogger(__name__)
 
-SEAL_MAGIC = b"EMBSEAL1"
 MAX_SEAL_BYTES = 128
 MAX_QUALIFYING_DATA = 64
 PCR_COUNT = 24
@@ -91,9 +101,6 @@ SRK_ATTRS = (
     | TPMA_OBJECT.DECRYPT
     | TPMA_OBJECT.NODA
 )
-SEALED_ATTRS = (
-    TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA
-)
 
 
 def _ecc_template(attrs: int, *, signing: bool) -> TPM2B_PUBLIC:
@@ -113,9 +120,12 @@ def _ecc_template(attrs: int, *, signing: bool) -> TPM2B_PUBLIC:
     return TPM2B_PUBLIC(publicArea=pub)
 
 
-def _sealed_template() -> TPM2B_PUBLIC:
+def _sealed_template(policy: bytes) -> TPM2B_PUBLIC:
     pub = TPMT_PUBLIC(
-        type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256, objectAttributes=SEALED_ATTRS
+        type=TPM2_ALG.KEYEDHASH,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=TPMA_OBJECT(SEALED_ATTRIBUTES),
+        authPolicy=TPM2B_DIGEST(policy),
     )
     pub.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
     return TPM2B_PUBLIC(publicArea=pub)
@@ -314,27 +324,70 @@ class TpmDevice:
                 self._flush_quietly(ectx, session)
                 self._flush_quietly(ectx, ek)
 
-    def seal(self, data: bytes) -> bytes:
-        """1..128 bytes (the TPM refuses an empty caller-supplied sealed object)."""
+    def seal(self, data: bytes, pcrs: Sequence[int]) -> bytes:
+        """Seal 1..128 bytes under PolicyPCR over ``pcrs`` at their current values.
+
+        The TPM refuses an empty caller-supplied sealed object. The PCRs are read again
+        after the create: a blob sealed to values that moved meanwhile is never returned.
+        """
         if not isinstance(data, bytes) or not 0 < len(data) <= MAX_SEAL_BYTES:
             raise TpmError(f"seal takes 1 to {MAX_SEAL_BYTES} bytes")
+        wanted = check_pcrs(pcrs)
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=data))
         with self._lock, self._tss("seal"):
             ectx = self._ctx()
+            current = self._read_pcrs(ectx, list(wanted))
+            values = tuple(current[p] for p in wanted)
+            template = _sealed_template(policy_pcr_digest(wanted, values))
             with self._srk_session(ectx, TPMA_SESSION.DECRYPT) as (srk, session):
-                priv, pub, *_ = ectx.create(srk, sensitive, _sealed_template(), session1=session)
-            return SEAL_MAGIC + bytes(pub.marshal()) + bytes(priv.marshal())
+                priv, pub, *_ = ectx.create(srk, sensitive, template, session1=session)
+            if self._read_pcrs(ectx, list(wanted)) != current:
+                raise TpmError(f"seal: boot PCRs {list(wanted)} changed while sealing")
+            blob = SealedBlob(wanted, values, bytes(pub.marshal()), bytes(priv.marshal()))
+            return parse_sealed(blob.encode()).encode()  # what unseal will accept, or raise
 
     def unseal(self, blob: bytes) -> bytes:
-        pub, priv = _parse_sealed(blob)
+        """Unseal in a policy session (PolicyPCR), salted by the SRK so the secret is
+        encrypted on the bus. A boot PCR that moved since the seal raises
+        :class:`BootStateChangedError` naming it, whether seen by the read before or by the
+        TPM's own PolicyPCR check (a PCR extended in between)."""
+        sealed = parse_sealed(blob)
+        try:
+            pub, _ = TPM2B_PUBLIC.unmarshal(sealed.public)
+            priv, _ = TPM2B_PRIVATE.unmarshal(sealed.private)
+        except (TSS2_Exception, ValueError, TypeError, IndexError) as e:
+            raise TpmError(f"unseal: malformed sealed blob: {e}") from e
+        selection = _pcr_selection(sealed.pcrs)
+        selected = hashlib.sha256(b"".join(sealed.values)).digest()
         with self._lock, self._tss("unseal"):
             ectx = self._ctx()
-            with self._srk_session(ectx, TPMA_SESSION.ENCRYPT) as (srk, session):
-                obj = ectx.load(srk, priv, pub)
+            sealed.check_boot(self._read_pcrs(ectx, list(sealed.pcrs)))
+            srk = self._load_primary(
+                ectx, ESYS_TR.OWNER, _ecc_template(SRK_ATTRS, signing=False), self._srk_public
+            )
+            session = obj = ESYS_TR.NONE
+            try:
+                session = ectx.start_auth_session(
+                    srk,
+                    ESYS_TR.NONE,
+                    TPM2_SE.POLICY,
+                    TPMT_SYM_DEF.parse("aes128cfb"),
+                    TPM2_ALG.SHA256,
+                )
+                ectx.trsess_set_attributes(
+                    session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.ENCRYPT
+                )
                 try:
-                    return bytes(ectx.unseal(obj, session1=session))
-                finally:
-                    self._flush_quietly(ectx, obj)
+                    ectx.policy_pcr(session, TPM2B_DIGEST(selected), selection)
+                except TSS2_Exception as e:
+                    sealed.check_boot(self._read_pcrs(ectx, list(sealed.pcrs)))
+                    raise TpmError(f"tpm unseal: PolicyPCR refused: {e}") from e
+                obj = ectx.load(srk, priv, pub)
+                return bytes(ectx.unseal(obj, session1=session))
+            finally:
+                self._flush_quietly(ectx, obj)
+                self._flush_quietly(ectx, session)
+                self._flush_quietly(ectx, srk)
 
     def close(self) -> None:
         with self._lock:
@@ -492,20 +545,3 @@ def _trim_der(cert: bytes) -> bytes:
     if total > len(cert):
         raise TpmError("EK certificate in NV is truncated")
     return cert[:total]
-
-
-def _parse_sealed(blob: bytes) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
-    if not isinstance(blob, bytes) or not blob.startswith(SEAL_MAGIC):
-        raise TpmError("unseal: not an embassy sealed blob (bad magic/version)")
-    body = blob[len(SEAL_MAGIC) :]
-    try:
-        pub, n = TPM2B_PUBLIC.unmarshal(body)
-        priv, m = TPM2B_PRIVATE.unmarshal(body[n:])
-    except (TSS2_Exception, ValueError, TypeError, IndexError) as e:
-        raise TpmError(f"unseal: malformed sealed blob: {e}") from e
-    if n + m != len(body):
-        raise TpmError("unseal: trailing bytes after sealed blob")
-    area = pub.publicArea
-    if area.type != TPM2_ALG.KEYEDHASH or int(area.objectAttributes) != int(SEALED_ATTRS):
-        raise TpmError("unseal: blob is not an embassy sealed object")
-    return pub, priv

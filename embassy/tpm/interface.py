@@ -55,12 +55,18 @@ class Tpm(Protocol):
         """
         ...
 
-    def seal(self, data: bytes) -> bytes:
-        """Seal up to 128 bytes to this TPM (storage hierarchy). Returns an opaque blob."""
+    def seal(self, data: bytes, pcrs: Sequence[int]) -> bytes:
+        """Seal 1..128 bytes to this TPM under PolicyPCR over ``pcrs`` (at least one) at
+        their current values. Returns a blob in the format of :mod:`embassy.tpm.sealed`."""
         ...
 
     def unseal(self, blob: bytes) -> bytes:
-        """Unseal a blob made by :meth:`seal` on this same TPM."""
+        """Unseal a blob made by :meth:`seal` on this same TPM, in a policy session.
+
+        Raises :class:`embassy.errors.BootStateChangedError` (naming the PCRs) when a PCR
+        it is sealed to has moved, :class:`embassy.errors.UnboundSealedKeyError` for a
+        format-1 blob (no policy), :class:`embassy.errors.TpmError` otherwise.
+        """
         ...
 
     def close(self) -> None:

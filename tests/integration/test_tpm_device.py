@@ -50,6 +50,7 @@ pytestmark = pytest.mark.integration
 
 _TOOLS = ("swtpm", "swtpm_setup", "tpm2_checkquote")
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+_BOOT = (4, 11, 12)  # sealed to their values now; a PCR change is tested in test_keys_bound.py
 
 
 def require_swtpm() -> None:
@@ -250,21 +251,23 @@ def test_reopen_keeps_the_same_boot(swtpm: Swtpm) -> None:
 
 def test_seal_unseal_round_trip(tpm: TpmDevice) -> None:
     for data in (b"k", secrets.token_bytes(128)):
-        blob = tpm.seal(data)
-        assert blob.startswith(b"EMBSEAL1")
+        blob = tpm.seal(data, _BOOT)
+        assert blob.startswith(b"EMBSEAL2")
         assert len(data) < 16 or data not in blob
         assert tpm.unseal(blob) == data
 
 
 def test_seal_rejects_bad_sizes(tpm: TpmDevice) -> None:
     with pytest.raises(TpmError):
-        tpm.seal(bytes(129))
+        tpm.seal(bytes(129), _BOOT)
     with pytest.raises(TpmError):
-        tpm.seal(b"")
+        tpm.seal(b"", _BOOT)
+    with pytest.raises(TpmError):
+        tpm.seal(b"k", [])
 
 
 def test_unseal_rejects_corrupted_blobs(tpm: TpmDevice) -> None:
-    blob = tpm.seal(b"the workload key")
+    blob = tpm.seal(b"the workload key", _BOOT)
     flipped = bytearray(blob)
     flipped[-5] ^= 0x40  # inside the encrypted private area
     for bad in (
@@ -283,7 +286,7 @@ def test_unseal_rejects_corrupted_blobs(tpm: TpmDevice) -> None:
 def test_blob_from_another_tpm_does_not_unseal(swtpm: Swtpm, other_swtpm: Swtpm) -> None:
     dev = _open(other_swtpm)
     try:
-        foreign = dev.seal(b"not for you")
+        foreign = dev.seal(b"not for you", _BOOT)
     finally:
         dev.close()
     dev = _open(swtpm)

@@ -24,6 +24,7 @@ from tests.fakes import FakeTpm  # noqa: E402
 
 MASTER = bytes(range(32))
 MEASUREMENT = Measurement(code=bytes(32), config=bytes([1]) * 32, policy=bytes([2]) * 32)
+BOOT_PCRS = (4, 11, 12)  # the default pcrs.boot, which the master secret is sealed to
 AT = datetime(2026, 6, 1, tzinfo=UTC)
 
 
@@ -50,7 +51,7 @@ class EmbassyFactory:
         data_dir = self._tmp / name
         if not data_dir.exists():
             data_dir.mkdir(mode=0o700)
-            (data_dir / "master.sealed").write_bytes(tpm.seal(MASTER))
+            (data_dir / "master.sealed").write_bytes(tpm.seal(MASTER, BOOT_PCRS))
         config = parse_config(
             {
                 "data_dir": str(data_dir),
