@@ -85,7 +85,7 @@ from embassy.log.segment import parse_segment  # noqa: E402
 from embassy.measure import Measurement  # noqa: E402
 from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E402
 from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope  # noqa: E402
-from embassy.wire.statement import LIFECYCLE_V1, Header, Statement  # noqa: E402
+from embassy.wire.statement import LIFECYCLE_V1, Header, Statement, embassy_subject  # noqa: E402
 from tests.fakes import FakeTpm  # noqa: E402
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
 from workload_sdk.activations import DTYPES, FIXED_HEADER_LEN, HEADER  # noqa: E402
@@ -156,8 +156,10 @@ def sign_statement(
     header = Header(
         seq=seq, prev=prev, clock=ClockInfo(clock_ms, 1, 0, True), tpm_mode=TpmMode.SOFTWARE
     )
-    payload = Statement(LIFECYCLE_V1, (), header, body).encode()
-    return sign_envelope(payload, derive_keys(master).signing)
+    signing = derive_keys(master).signing
+    subject = (embassy_subject(raw_public_key(signing.public_key())),)
+    payload = Statement(LIFECYCLE_V1, subject, header, body).encode()
+    return sign_envelope(payload, signing)
 
 
 def signed_start(master: bytes = MASTER) -> bytes:
@@ -237,6 +239,20 @@ def forged_clock_log() -> JsonObject:
             seq=seq, prev=prev, reset_count=1, pcr=LOG_PCR, type=EntryType.STATEMENT, data=env
         ).digest
     return forge_segment(items)
+
+
+def forged_noncanonical_log() -> JsonObject:
+    """A statement signed with the embassy key over a payload that says what an honest one
+    says, in a non-canonical encoding (a space after each separator)."""
+    start = encode_entry(
+        seq=0, prev=GENESIS, reset_count=1, pcr=EMBASSY_PCR, type=EntryType.EMBASSY_START,
+        data=signed_start(),
+    )  # fmt: skip
+    honest = sign_statement(seq=1, prev=start.digest, clock_ms=1500, body={"event": "test"})
+    payload = base64.b64decode(json.loads(honest)["payload"])
+    loose = json.dumps(json.loads(payload), sort_keys=True, separators=(", ", ": ")).encode()
+    env = sign_envelope(loose, derive_keys(MASTER).signing)
+    return forge_segment([(EntryType.EMBASSY_START, signed_start()), (EntryType.STATEMENT, env)])
 
 
 # -- the honest run ------------------------------------------------------------------------
@@ -619,6 +635,14 @@ def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads b
         id1,
     )
     log(
+        "bad-log-statement-noncanonical",
+        "a statement signed with the embassy key over a valid but non-canonical payload "
+        "(spaces after separators): refused after its signature verifies",
+        [cj(forged_noncanonical_log())],
+        error("malformed", "statement: not canonical JSON"),
+        id1,
+    )
+    log(
         "bad-log-segment-wrong-version",
         "a segment claiming version 2",
         [mutate(full_b, lambda o: o["segment"].update(v=2))],
@@ -852,6 +876,60 @@ def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads b
         "an unknown field in the signed header",
         good_payload.replace(b'"tpm_mode":', b'"x":1,"tpm_mode":'),
         error("malformed", "unknown field"),
+    )
+    good_obj = json.loads(good_payload)
+    statement(
+        "bad-statement-payload-empty-subject",
+        "no subject (in-toto Statement v1 requires at least one)",
+        cj({**good_obj, "subject": []}),
+        error("malformed", "statement.subject: empty"),
+    )
+    statement(
+        "bad-statement-payload-subject-no-digest",
+        "a subject with a name and no digest",
+        cj({**good_obj, "subject": [{"name": good_obj["subject"][0]["name"]}]}),
+        error("malformed", "statement.subject[0]: missing field 'digest'"),
+    )
+    statement(
+        "bad-statement-payload-subject-short-digest",
+        "a subject whose sha256 is 31 bytes",
+        cj({**good_obj, "subject": [{**good_obj["subject"][0], "digest": {"sha256": "ab" * 31}}]}),
+        error("malformed", "statement.subject[0].digest.sha256: expected 32 bytes, got 31"),
+    )
+    statement(
+        "bad-statement-payload-subject-other-algorithm",
+        "a subject digest with a second algorithm besides sha256",
+        cj(
+            {
+                **good_obj,
+                "subject": [
+                    {
+                        **good_obj["subject"][0],
+                        "digest": {**good_obj["subject"][0]["digest"], "sha512": "00" * 64},
+                    }
+                ],
+            }
+        ),
+        error("malformed", "statement.subject[0].digest: unknown field(s) 'sha512'"),
+    )
+    statement(
+        "bad-statement-payload-noncanonical-whitespace",
+        "the same statement with a space after each separator",
+        json.dumps(good_obj, sort_keys=True, separators=(", ", ": ")).encode(),
+        error("malformed", "statement: not canonical JSON"),
+    )
+    statement(
+        "bad-statement-payload-noncanonical-key-order",
+        "the same statement with its top-level keys in reverse order",
+        json.dumps(dict(reversed(good_obj.items())), separators=(",", ":")).encode(),
+        error("malformed", "first difference at byte 2"),
+    )
+    assert good_payload.count(b'"event":"test"') == 1
+    statement(
+        "bad-statement-payload-noncanonical-escape",
+        "the same statement with one letter written as a JSON escape (\\u0074 for t)",
+        good_payload.replace(b'"event":"test"', b'"event":"\\u0074est"'),
+        error("malformed", "statement: not canonical JSON"),
     )
     statement(
         "bad-statement-payload-not-object",

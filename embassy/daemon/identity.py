@@ -20,7 +20,7 @@ from embassy.measure import Measurement
 from embassy.tpm.interface import Tpm
 from embassy.wire.codec import b64encode
 from embassy.wire.dsse import raw_public_key
-from embassy.wire.statement import Subject
+from embassy.wire.statement import Subject, embassy_subject
 
 
 def identity_body(
@@ -28,10 +28,7 @@ def identity_body(
 ) -> tuple[list[Subject], dict[str, Any]]:
     ak_public = tpm.ak_public()
     subjects = [
-        Subject(
-            "embassy-signing-key",
-            hashlib.sha256(raw_public_key(keys.signing.public_key())).digest(),
-        ),
+        embassy_subject(raw_public_key(keys.signing.public_key())),
         Subject("tpm-attestation-key", hashlib.sha256(ak_public).digest()),
     ]
     body = {

@@ -259,7 +259,7 @@ class MeteringService:
         digests = [hashlib.sha256(raw).digest() for raw, _ in refusals]
         self._log.append_statement(
             INSTRUCTION_REFUSED_V2,
-            [Subject("instruction", d) for d in digests],
+            [Subject(f"instruction:{i}", d) for i, d in enumerate(digests)],
             {
                 "session": session.hex(),
                 "refused": [

@@ -55,8 +55,8 @@ from embassy.log.segment import Segment, check_chain, replay
 from embassy.log.verify_entry import authenticate_entry
 from embassy.tpm.interface import Tpm
 from embassy.wire.codec import canonical_json
-from embassy.wire.dsse import sign_envelope
-from embassy.wire.statement import Header, Statement, Subject
+from embassy.wire.dsse import raw_public_key, sign_envelope
+from embassy.wire.statement import Header, Statement, Subject, embassy_subject
 
 _LOG = logging.getLogger(__name__)
 # Evidence quotes a caller may ask for: 20 a second on average, 40 at once. A relying party
@@ -267,7 +267,12 @@ class StatementLog:
     def append_statement(
         self, predicate_type: str, subjects: Sequence[Subject], body: Mapping[str, Any]
     ) -> Appended:
-        """Sign a statement at the log's next position and append it."""
+        """Sign a statement at the log's next position and append it.
+
+        No ``subjects``: the statement is about the embassy itself, and its subject is the
+        embassy's signing key (in-toto v1 requires at least one subject)."""
+        if not subjects:
+            subjects = [embassy_subject(raw_public_key(self._keys.signing.public_key()))]
         with self._lock:
             seq, prev = self._next()
             clock = self._tpm.clock()

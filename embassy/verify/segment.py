@@ -75,15 +75,21 @@ def _check_clocks(
             )
         if prev is not None:
             if clock.reset_count < prev.reset_count:
-                raise ClockError(f"statement seq {item.entry.seq}: reset count went backwards")
+                raise ClockError(
+                    f"statement seq {item.entry.seq}: tpm_clock.reset_count went backwards "
+                    f"({prev.reset_count} -> {clock.reset_count})"
+                )
             if clock.reset_count == prev.reset_count and (
                 clock.restart_count < prev.restart_count
                 or (clock.restart_count == prev.restart_count and clock.clock < prev.clock)
             ):
-                raise ClockError(
-                    f"statement seq {item.entry.seq}: TPM clock or restart count went "
-                    f"backwards ({prev.clock} ms -> {clock.clock} ms)"
+                which = (
+                    f"tpm_clock.restart_count went backwards ({prev.restart_count} -> "
+                    f"{clock.restart_count})"
+                    if clock.restart_count < prev.restart_count
+                    else f"tpm_clock.clock went backwards ({prev.clock} ms -> {clock.clock} ms)"
                 )
+                raise ClockError(f"statement seq {item.entry.seq}: {which}")
         prev = clock
     if (
         prev is not None
@@ -93,7 +99,12 @@ def _check_clocks(
             or (prev.restart_count == head.restart_count and prev.clock > head.clock)
         )
     ):
-        raise ClockError("a statement is dated after the quote that closes its segment")
+        what = f"statement seq {statements[-1].entry.seq}" if statements else "the anchor"
+        raise ClockError(
+            f"{what} is dated after the quote that closes its segment (tpm_clock "
+            f"restart_count/clock {prev.restart_count}/{prev.clock} ms, the quote's "
+            f"{head.restart_count}/{head.clock} ms)"
+        )
 
 
 def _verify_ends(segment: Segment, keys: SegmentKeys) -> tuple[dict[int, bytes], ClockInfo | None]:
@@ -103,10 +114,16 @@ def _verify_ends(segment: Segment, keys: SegmentKeys) -> tuple[dict[int, bytes],
     if not entries:
         raise LogIntegrityError("segment has no entries")
     head, last = segment.head, entries[-1]
-    if head.seq != last.seq or head.head != last.digest:
+    if head.seq != last.seq:
         raise LogIntegrityError(
-            f"the closing quote is for entry seq {head.seq}, but the segment ends at seq "
-            f"{last.seq}: entries were dropped from or added to its end"
+            f"head.seq: the closing quote is for entry seq {head.seq}, but the segment ends "
+            f"at seq {last.seq}: entries were dropped from or added to its end"
+        )
+    if head.head != last.digest:
+        raise LogIntegrityError(
+            f"head.head: the closing quote is for entry seq {head.seq} with digest "
+            f"{head.head.hex()}, but the segment's entry seq {last.seq} has digest "
+            f"{last.digest.hex()}: its last entry was replaced"
         )
     anchor = segment.anchor
     if anchor is None:
@@ -116,11 +133,19 @@ def _verify_ends(segment: Segment, keys: SegmentKeys) -> tuple[dict[int, bytes],
         anchor, keys.ak, checkpoint_qualifying_data(anchor.seq, anchor.head), QuoteError
     )
     if anchor_clock.reset_count != entries[0].reset_count:
-        raise LogIntegrityError("the anchor checkpoint is from another TPM boot")
+        raise LogIntegrityError(
+            f"anchor: the anchor checkpoint's quote is from TPM boot (reset count) "
+            f"{anchor_clock.reset_count}, but the segment's first entry seq {entries[0].seq} "
+            f"is from boot {entries[0].reset_count}"
+        )
     check_chain(entries, after_seq=anchor.seq, after=anchor.head)
     roles = (keys.embassy_pcr, keys.log_pcr)
-    if any(p not in anchor.quote.pcrs for p in roles):
-        raise QuoteError("the anchor quote does not cover the log's PCRs")
+    missing = [p for p in roles if p not in anchor.quote.pcrs]
+    if missing:
+        raise QuoteError(
+            f"anchor.quote.pcrs: the anchor quote does not cover log PCR(s) {missing} "
+            f"(it covers {sorted(anchor.quote.pcrs)})"
+        )
     return {p: anchor.quote.pcrs[p] for p in roles}, anchor_clock
 
 

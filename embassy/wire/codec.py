@@ -94,6 +94,36 @@ def parse_json_object(data: bytes, what: str) -> JsonObject:
     return value
 
 
+def require_canonical(data: bytes, value: JsonObject, what: str) -> None:
+    """Refuse ``data`` unless it is exactly ``canonical_json(value)``, ``value`` being what
+    :func:`parse_json_object` read from it.
+
+    A signer must sign the canonical bytes: a document with two encodings is two documents
+    to anyone who hashes it (a digest that differs from the one the embassy would make), and
+    one signed encoding must not stand for another. Run this after the signature check and
+    the field checks, so a forgery fails on its signature and a malformed document on the
+    field that is wrong; this names the first byte that differs and what the canonical
+    encoding has there.
+    """
+    try:
+        canonical = canonical_json(value)
+    except TypeError:
+        raise WireFormatError(f"{what}: not canonical JSON: a float (use integers)") from None
+    except UnicodeEncodeError:
+        raise WireFormatError(f"{what}: not canonical JSON: a lone surrogate escape") from None
+    if canonical == data:
+        return
+    at = next(
+        (i for i, (a, b) in enumerate(zip(data, canonical, strict=False)) if a != b),
+        min(len(data), len(canonical)),
+    )
+    raise WireFormatError(
+        f"{what}: not canonical JSON (sorted keys, no whitespace, UTF-8 unescaped): first "
+        f"difference at byte {at}, where the canonical encoding has "
+        f"{canonical[at : at + 12]!r}, not {data[at : at + 12]!r}"
+    )
+
+
 def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

@@ -6,6 +6,14 @@ Binding the log position into the signed bytes means a statement moved elsewhere
 no longer matches its entry, so reordering is caught even before any PCR replay.
 
 Predicate types are versioned URNs; a new shape of predicate gets a new version.
+
+The in-toto Statement v1 rules hold for every statement made and are enforced on every one
+read: at least one subject; each subject a non-empty ``name`` and a ``digest`` that is
+exactly ``{"sha256": <64 lower-case hex>}`` (the embassy's subset of the in-toto DigestSet);
+subject names unique within the statement. A statement whose subject is no artifact of its
+own (a lifecycle event, a summary of rejected files) is about the embassy, named by its
+signing key as in the identity statement (:data:`EMBASSY_SUBJECT_NAME`). The payload must be
+the canonical encoding of what it says (see :func:`parse_statement`).
 """
 
 from __future__ import annotations
@@ -24,10 +32,14 @@ from embassy.wire.codec import (
     hex_decode,
     only_fields,
     parse_json_object,
+    require_canonical,
 )
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_PREFIX = "urn:embassy:predicate:"
+# The subject of a statement about the embassy itself: SHA-256 of its raw Ed25519 public
+# signing key, the same subject the identity statement has.
+EMBASSY_SUBJECT_NAME = "embassy-signing-key"
 
 IDENTITY_V1 = PREDICATE_PREFIX + "identity:v1"
 LIFECYCLE_V1 = PREDICATE_PREFIX + "lifecycle:v1"
@@ -83,6 +95,11 @@ class Subject:
         return {"name": self.name, "digest": {"sha256": self.sha256.hex()}}
 
 
+def embassy_subject(raw_signing_key: bytes) -> Subject:
+    """The subject of a statement about the embassy itself (its raw Ed25519 public key)."""
+    return Subject(EMBASSY_SUBJECT_NAME, hashlib.sha256(raw_signing_key).digest())
+
+
 @dataclass(frozen=True, slots=True)
 class Header:
     """What every embassy predicate carries, signed with it."""
@@ -111,6 +128,11 @@ class Statement:
         """The canonical payload bytes, which are what gets signed."""
         if "header" in self.body:
             raise ValueError("predicate body must not define 'header'")
+        if not self.subjects:
+            raise ValueError("an in-toto v1 statement needs at least one subject")
+        names = [s.name for s in self.subjects]
+        if "" in names or len(set(names)) != len(names):
+            raise ValueError(f"subject names must be non-empty and unique: {names}")
         predicate = {"header": self.header.to_json(), **self.body}
         return canonical_json(
             {
@@ -166,14 +188,42 @@ def _parse_subject(obj: object, i: int) -> Subject:
         raise WireFormatError(f"{what}: expected an object")
     only_fields(obj, {"name", "digest"}, what)
     digest = field(obj, "digest", dict, what)
+    only_fields(digest, {"sha256"}, f"{what}.digest")
+    name = field(obj, "name", str, what)
+    if not name:
+        raise WireFormatError(f"{what}.name: empty")
     return Subject(
-        name=field(obj, "name", str, what),
-        sha256=hex_decode(field(digest, "sha256", str, f"{what}.digest"), what, size=32),
+        name=name,
+        sha256=hex_decode(
+            field(digest, "sha256", str, f"{what}.digest"), f"{what}.digest.sha256", size=32
+        ),
     )
 
 
+def _parse_subjects(items: list[object]) -> tuple[Subject, ...]:
+    if not items:
+        raise WireFormatError("statement.subject: empty (in-toto v1 needs at least one subject)")
+    subjects = tuple(_parse_subject(s, i) for i, s in enumerate(items))
+    seen: dict[str, int] = {}
+    for i, subject in enumerate(subjects):
+        first = seen.get(subject.name)
+        if first is not None:
+            raise WireFormatError(
+                f"statement.subject[{i}].name: {subject.name!r} is also subject[{first}]'s "
+                "(names must be unique)"
+            )
+        seen[subject.name] = i
+    return subjects
+
+
 def parse_statement(payload: bytes) -> Statement:
-    """Strictly parse a statement payload (the exact bytes a DSSE envelope carried)."""
+    """Strictly parse a statement payload (the exact bytes a DSSE envelope carried).
+
+    The payload must be the canonical encoding of what it says: the embassy signs exactly
+    ``canonical_json`` of the statement, and a signed payload in any other encoding (spaces,
+    another key order, escaped characters) is refused after its fields are checked, so that
+    every statement has one byte form, one digest, and one log entry.
+    """
     obj = parse_json_object(payload, "statement")
     only_fields(obj, {"_type", "subject", "predicateType", "predicate"}, "statement")
     if field(obj, "_type", str, "statement") != STATEMENT_TYPE:
@@ -181,11 +231,10 @@ def parse_statement(payload: bytes) -> Statement:
     predicate_type = field(obj, "predicateType", str, "statement")
     if predicate_type not in KNOWN_PREDICATES:
         raise WireFormatError(f"statement.predicateType: unknown {predicate_type!r}")
-    subjects = tuple(
-        _parse_subject(s, i) for i, s in enumerate(field(obj, "subject", list, "statement"))
-    )
+    subjects = _parse_subjects(field(obj, "subject", list, "statement"))
     predicate = dict(field(obj, "predicate", dict, "statement"))
     header = _parse_header(predicate.pop("header", None))
+    require_canonical(payload, obj, "statement")
     return Statement(predicate_type, subjects, header, predicate)
 
 

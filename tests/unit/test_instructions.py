@@ -38,7 +38,7 @@ from embassy.metering.reading import (
 )
 from embassy.wire.codec import canonical_json
 from embassy.wire.dsse import keyid, sign_envelope
-from embassy.wire.statement import METER_READING_V1, SEAL_V1, Header, Statement
+from embassy.wire.statement import METER_READING_V1, SEAL_V1, Header, Statement, Subject
 from tests.fakes import FakeTpm
 
 NOW = 1_800_000_000
@@ -255,7 +255,8 @@ def test_reading_refused_to_others_and_when_forged() -> None:
 def test_statement_of_another_kind_is_not_a_reading() -> None:
     tpm = FakeTpm()
     header = Header(seq=1, prev=bytes(32), clock=tpm.clock(), tpm_mode=tpm.mode)
-    data = sign_envelope(Statement(SEAL_V1, (), header, {}).encode(), EMBASSY)
+    subject = (Subject("session:00", bytes(32)),)
+    data = sign_envelope(Statement(SEAL_V1, subject, header, {}).encode(), EMBASSY)
     with pytest.raises(VerificationError, match="not a meter reading"):
         open_reading(
             data,

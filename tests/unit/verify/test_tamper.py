@@ -40,8 +40,8 @@ from embassy.verify.policy import TrustPolicy
 from embassy.verify.report import verify_segments
 from embassy.verify.segment import VerifiedSegment, verify_segment
 from embassy.wire.codec import b64encode, canonical_json
-from embassy.wire.dsse import parse_envelope, sign_envelope, verify_envelope
-from embassy.wire.statement import LIFECYCLE_V1, Header, Statement
+from embassy.wire.dsse import parse_envelope, raw_public_key, sign_envelope, verify_envelope
+from embassy.wire.statement import LIFECYCLE_V1, Header, Statement, embassy_subject
 from tests.fakes import FakeTpm
 from tests.unit.conftest import policy_for
 
@@ -98,7 +98,8 @@ def signed(
     key: Ed25519PrivateKey, *, seq: int, prev: bytes, clock_ms: int, reset_count: int = 1
 ) -> bytes:
     header = Header(seq, prev, ClockInfo(clock_ms, reset_count, 0, True), TpmMode.SOFTWARE)
-    return sign_envelope(Statement(LIFECYCLE_V1, (), header, {"event": "x"}).encode(), key)
+    subject = (embassy_subject(raw_public_key(key.public_key())),)
+    return sign_envelope(Statement(LIFECYCLE_V1, subject, header, {"event": "x"}).encode(), key)
 
 
 def start_event(embassy: Embassy) -> bytes:
@@ -293,7 +294,12 @@ def test_reordered_entries_renumbered(full_log: Doc, ident: VerifiedIdentity) ->
     last entry's digest no longer matches the closing checkpoint."""
     entries = raw_entries(full_log)
     swapped = rechain([*entries[:3], entries[4], entries[3], *entries[5:]], 3)
-    with pytest.raises(LogIntegrityError, match="closing quote is for entry seq 6"):
+    # Same seq, another entry: the message names the digest, not the seq, as what differs.
+    with pytest.raises(
+        LogIntegrityError,
+        match=r"head\.head: the closing quote is for entry seq 6 with digest [0-9a-f]{64}, "
+        r"but the segment's entry seq 6 has digest [0-9a-f]{64}",
+    ):
         check_log(with_entries(full_log, swapped), ident)
 
 

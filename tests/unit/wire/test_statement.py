@@ -48,7 +48,7 @@ def test_encoding_is_canonical_in_toto() -> None:
 
 def test_body_cannot_define_the_header() -> None:
     with pytest.raises(ValueError, match="must not define 'header'"):
-        Statement(LIFECYCLE_V1, (), HEADER, {"header": {}}).encode()
+        Statement(LIFECYCLE_V1, STATEMENT.subjects, HEADER, {"header": {}}).encode()
 
 
 def _payload(change: object) -> bytes:
@@ -82,5 +82,5 @@ def test_parse_refuses(change: object, reason: str) -> None:
 
 
 def test_every_known_predicate_parses() -> None:
-    payload = Statement(IDENTITY_V1, (), HEADER, {}).encode()
+    payload = Statement(IDENTITY_V1, STATEMENT.subjects, HEADER, {}).encode()
     assert parse_statement(payload).predicate_type == IDENTITY_V1
