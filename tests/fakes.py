@@ -29,7 +29,9 @@ from embassy.attest.marshal import (
     ak_public_from_key,
     ek_public_from_key,
     encode_attest,
+    encode_public,
     encode_signature,
+    parse_public_2b,
 )
 from embassy.attest.quote import pcr_digest
 from embassy.attest.types import ClockInfo, Quote, TpmMode
@@ -37,6 +39,13 @@ from embassy.errors import SealError, TpmError
 from embassy.net.identity import NetnsId
 from embassy.seal.proof import SealProof
 from embassy.seal.rules import seal_rules
+from embassy.tpm.sealed import (
+    SealedBlob,
+    check_pcrs,
+    parse_sealed,
+    policy_pcr_digest,
+    sealed_area,
+)
 
 RULES = seal_rules()
 
@@ -176,16 +185,36 @@ class FakeTpm:
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
         raise TpmError("FakeTpm does not implement ActivateCredential; use the swtpm tests")
 
-    def seal(self, data: bytes) -> bytes:
-        blob = b"FAKESEAL" + hashlib.sha256(data).digest()
-        self.sealed[blob] = data
-        return blob
+    def seal(self, data: bytes, pcrs: Sequence[int]) -> bytes:
+        """A real format-2 blob: PolicyPCR over ``pcrs`` now, as a TPM would make it."""
+        wanted = check_pcrs(pcrs)
+        values = tuple(self.pcrs[p] for p in wanted)
+        unique = hashlib.sha256(b"fake-sealed-unique" + data).digest()
+        public = encode_public(sealed_area(policy_pcr_digest(wanted, values), unique))
+        private = b"FAKESEAL" + hashlib.sha256(public + data).digest()
+        self.sealed[private] = data
+        return SealedBlob(
+            wanted,
+            values,
+            len(public).to_bytes(2, "big") + public,
+            len(private).to_bytes(2, "big") + private,
+        ).encode()
 
     def unseal(self, blob: bytes) -> bytes:
-        try:
-            return self.sealed[blob]
-        except KeyError:
-            raise TpmError("unseal: blob not sealed by this TPM") from None
+        """As a TPM: the policy session's PolicyPCR digest over the *current* values must be
+        the object's authPolicy, else it is refused (naming the PCRs that moved)."""
+        sealed = parse_sealed(blob)
+        current = self.read_pcrs(sealed.pcrs)
+        sealed.check_boot(current)
+        session = policy_pcr_digest(sealed.pcrs, tuple(current[p] for p in sealed.pcrs))
+        if parse_public_2b(sealed.public).auth_policy != session:
+            raise TpmError("unseal: TPM_RC_POLICY_FAIL")
+        data = self.sealed.get(sealed.private[2:])
+        if data is None or sealed.private[2:] != (
+            b"FAKESEAL" + hashlib.sha256(sealed.public[2:] + data).digest()
+        ):
+            raise TpmError("unseal: blob not sealed by this TPM")
+        return data
 
     def close(self) -> None:
         pass
