@@ -1,139 +1,119 @@
-"""Run one ``embassy verify`` kind and describe what was proved, for humans and machines."""
+"""Run one ``embassy verify`` kind and describe what was proved, for humans and machines.
+
+A thin layer over :class:`embassy.verify.api.Verifier`: read the files the arguments name,
+call the API, turn its result into ``{"ok", "checks", "facts"}``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from embassy.errors import ConfigError, FreshnessError, LogIntegrityError, WireFormatError
-from embassy.log.segment import EVIDENCE_TYPE, LOG_SEGMENT_TYPE, Segment, parse_segment
-from embassy.verify.identity import VerifiedIdentity, verify_identity_document
+from embassy.errors import ConfigError, WireFormatError
+from embassy.verify.api import Verifier
+from embassy.verify.evidence import VerifiedEvidence
+from embassy.verify.identity import VerifiedIdentity
+from embassy.verify.logs import verify_segments
 from embassy.verify.policy import TrustPolicy
-from embassy.verify.result import verify_result
-from embassy.verify.segment import VerifiedSegment, verify_segment
-from embassy.wire.codec import field, only_fields, parse_json_object
 
 Reader = Callable[[str], bytes]
 
-
-def _segment_file(data: bytes, kind: str, what: str) -> tuple[Segment, dict[str, Any]]:
-    obj = parse_json_object(data, what)
-    only_fields(obj, {"v", "type", "segment", "nonce"}, what)
-    if field(obj, "v", int, what) != 1 or field(obj, "type", str, what) != kind:
-        raise WireFormatError(f"{what}: expected v 1 and type {kind!r}")
-    return parse_segment(obj.get("segment"), f"{what}.segment"), obj
+__all__ = ["Reader", "run", "verify_segments"]
 
 
 def _identity_facts(identity: VerifiedIdentity) -> list[str]:
-    return [
+    facts = [
         f"measurement {identity.measurement.digest.hex()}",
         f"signing key {identity.keys['signing']['keyid']}",
         f"AK name {identity.ak.name().hex()}",
         f"TPM mode {identity.tpm_mode.value}, boot {identity.segment.reset_count}",
-        "AK-EK link: not provable offline; `embassy identity` proves it live by credential "
-        "activation (a document alone could pair a real EK certificate with another TPM's AK)",
     ]
-
-
-def verify_segments(
-    segments: list[Segment], identity: VerifiedIdentity, policy: TrustPolicy
-) -> list[VerifiedSegment]:
-    """Verify several segments in log order; contiguous ones must chain."""
-    out: list[VerifiedSegment] = []
-    for segment in segments:
-        verified = verify_segment(
-            segment, identity.segment_keys, allow_software_tpm=policy.allow_software_tpm
+    workload = identity.workload
+    if workload is None:
+        facts.append("workload: none launched by this run")
+    else:
+        facts.append(
+            f"workload {workload.name!r} ({workload.image}): image digest "
+            f"{workload.image_digest}, launch digest {workload.launch_digest.hex()} "
+            f"(launch events seq {workload.first_seq}..{workload.last_seq})"
         )
-        if out:
-            last = out[-1].entries[-1]
-            first = verified.entries[0]
-            if first.seq <= last.seq:
-                raise LogIntegrityError(
-                    f"segments overlap or are out of order (seq {first.seq} after {last.seq})"
-                )
-            if verified.reset_count < out[-1].reset_count:
-                raise LogIntegrityError("a later segment is from an earlier TPM boot")
-            if first.seq == last.seq + 1 and first.prev != last.digest:
-                raise LogIntegrityError(
-                    f"segment starting at seq {first.seq} does not chain to the one before it"
-                )
-        out.append(verified)
-    return out
+    return facts
+
+
+def _hex_arg(value: str, flag: str) -> bytes:
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ConfigError(f"{flag}: not hex: {value!r}") from None
+
+
+def _evidence(
+    verifier: Verifier,
+    identity: VerifiedIdentity,
+    read: Reader,
+    *,
+    path: str | None,
+    nonce: str | None,
+    flag: str,
+) -> VerifiedEvidence | None:
+    if path is None and nonce is None:
+        return None
+    if path is None or nonce is None:
+        raise ConfigError(f"{flag} and {flag}-nonce go together: the evidence and your nonce")
+    return verifier.evidence(identity, read(path), _hex_arg(nonce, f"{flag}-nonce"))
 
 
 def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) -> dict[str, Any]:
+    verifier = Verifier(policy)
     if kind == "identity":
-        identity = verify_identity_document(read(args.file), policy)
+        identity = verifier.identity(read(args.file))
         return {"ok": True, "checks": list(identity.checks), "facts": _identity_facts(identity)}
-    identity = verify_identity_document(read(args.identity), policy)
+    identity = verifier.identity(read(args.identity))
     checks = [f"identity:{c}" for c in identity.checks]
     if kind == "log":
-        segments = [_segment_file(read(f), LOG_SEGMENT_TYPE, f)[0] for f in args.file]
-        all_verified = verify_segments(segments, identity, policy)
-        count = sum(len(v.statements) for v in all_verified)
-        checks += sorted({c for v in all_verified for c in v.checks})
-        first, last = all_verified[0].entries[0].seq, all_verified[-1].entries[-1].seq
-        return {
-            "ok": True,
-            "checks": checks,
-            "facts": [f"{count} statements in entries {first}..{last}"],
-        }
+        complete = None
+        if getattr(args, "complete", False):
+            if not getattr(args, "evidence", None) or not getattr(args, "nonce", None):
+                raise ConfigError(
+                    "--complete needs --evidence FILE and --nonce HEX: fresh evidence over "
+                    "your nonce, taken after you fetched the log"
+                )
+            complete = _evidence(
+                verifier, identity, read, path=args.evidence, nonce=args.nonce, flag="--evidence"
+            )
+        log = verifier.log(identity, *(read(f) for f in args.file), complete_with=complete)
+        return {"ok": True, "checks": [*checks, *log.checks], "facts": log.facts()}
     if kind == "evidence":
-        segment, _obj = _segment_file(read(args.file), EVIDENCE_TYPE, args.file)
-        try:
-            nonce = bytes.fromhex(args.nonce)
-        except ValueError:
-            raise ConfigError(f"--nonce: not hex: {args.nonce!r}") from None
-        verified = verify_segment(
-            segment,
-            identity.segment_keys,
-            expected_qualifying_data=nonce,
-            freshness_error=FreshnessError,
-            allow_software_tpm=policy.allow_software_tpm,
-        )
+        evidence = verifier.evidence(identity, read(args.file), _hex_arg(args.nonce, "--nonce"))
         return {
             "ok": True,
-            "checks": [*checks, *verified.checks, "nonce"],
-            "facts": [
-                f"fresh quote over nonce {nonce.hex()}",
-                f"log head seq {verified.entries[-1].seq}",
-            ],
+            "checks": [*checks, *evidence.segment.checks, "nonce"],
+            "facts": evidence.facts(),
         }
     if kind == "statement":
-        envelope = read(args.file).rstrip(b"\n")
-        segment, _ = _segment_file(read(args.log), LOG_SEGMENT_TYPE, args.log)
-        verified = verify_segment(
-            segment, identity.segment_keys, allow_software_tpm=policy.allow_software_tpm
-        )
-        for logged in verified.statements:
-            if logged.envelope == envelope:
-                return {
-                    "ok": True,
-                    "checks": [*checks, *verified.checks, "statement-in-log"],
-                    "facts": [f"{logged.statement.predicate_type} at seq {logged.entry.seq}"],
-                }
-        raise LogIntegrityError(
-            "the statement is not in the verified log segment (changed, or from another log)"
-        )
+        found = verifier.statement(identity, read(args.file).rstrip(b"\n"), read(args.log))
+        return {"ok": True, "checks": [*checks, *found.checks], "facts": found.facts()}
     if kind == "result":
-        payload_id = None
-        if args.payload_id:
-            try:
-                payload_id = bytes.fromhex(args.payload_id)
-            except ValueError:
-                raise ConfigError(f"--payload-id: not hex: {args.payload_id!r}") from None
-        result = verify_result(read(args.file), identity, policy, expected_payload_id=payload_id)
-        return {
-            "ok": True,
-            "checks": [*checks, *result.checks],
-            "facts": [
-                f"output sha256 {hashlib.sha256(result.output).hexdigest()} "
-                f"({len(result.output)} bytes)",
-                f"made in session {result.session} (payload {result.payload_id}), sealed at "
-                f"log seq {result.seal.entry.seq}, unsealed at seq {result.unseal.entry.seq}",
-                f"workload image {result.workload.get('image_digest')}",
-            ],
-        }
+        payload_id = _hex_arg(args.payload_id, "--payload-id") if args.payload_id else None
+        before = _evidence(
+            verifier,
+            identity,
+            read,
+            path=getattr(args, "before", None),
+            nonce=getattr(args, "before_nonce", None),
+            flag="--before",
+        )
+        after = _evidence(
+            verifier,
+            identity,
+            read,
+            path=getattr(args, "after", None),
+            nonce=getattr(args, "after_nonce", None),
+            flag="--after",
+        )
+        result = verifier.result(
+            identity, read(args.file), payload_id=payload_id, before=before, after=after
+        )
+        return {"ok": True, "checks": [*checks, *result.checks], "facts": result.facts()}
     raise WireFormatError(f"unknown verify kind {kind!r}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -39,6 +40,10 @@ class VerifiedSegment:
     head_clock: ClockInfo
     reset_count: int
     checks: tuple[str, ...]
+    # The log PCRs' values before the first entry (the anchor's quote, or zeros) and at the
+    # head (the closing quote, which the entries replay to).
+    start_pcrs: Mapping[int, bytes] = field(default_factory=dict)
+    head_pcrs: Mapping[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +229,13 @@ def verify_segment(
     checks.append("entry-signatures")
     _check_clocks(statements, head_clock, floor=start_clock)
     checks.append("tpm-clock")
+    roles = (keys.embassy_pcr, keys.log_pcr)
     return VerifiedSegment(
-        tuple(statements), segment.entries, head_clock, head_clock.reset_count, tuple(checks)
+        tuple(statements),
+        segment.entries,
+        head_clock,
+        head_clock.reset_count,
+        tuple(checks),
+        start_pcrs={p: start.get(p, bytes(32)) for p in roles},
+        head_pcrs={p: head.quote.pcrs[p] for p in roles},
     )
