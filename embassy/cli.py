@@ -236,17 +236,19 @@ def _cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _activate(socket_path: Path, doc: dict[str, Any]) -> None:
-    """Challenge the daemon to prove its AK and the certified EK share one TPM."""
+def _activate(socket_path: Path, doc: dict[str, Any]) -> bytes:
+    """Challenge the daemon to prove its AK and the certified EK share one TPM; return the
+    AK's TPM name."""
     from embassy.attest.credential import check_activation, make_credential
     from embassy.attest.marshal import parse_public
     from embassy.client import call
-    from embassy.verify.identity import identity_keys_unverified
+    from embassy.verify.identity import identity_tpm_unverified
     from embassy.wire.codec import b64decode, b64encode
 
-    ak_raw, ek_raw = identity_keys_unverified(doc)
+    ak_raw, ek_raw, _ = identity_tpm_unverified(doc)
+    ak_name = parse_public(ak_raw).name()
     secret = os.urandom(32)
-    blob, encrypted = make_credential(parse_public(ek_raw), parse_public(ak_raw).name(), secret)
+    blob, encrypted = make_credential(parse_public(ek_raw), ak_name, secret)
     answer = call(
         socket_path,
         "POST",
@@ -254,6 +256,7 @@ def _activate(socket_path: Path, doc: dict[str, Any]) -> None:
         {"credential_blob": b64encode(blob), "encrypted_secret": b64encode(encrypted)},
     )
     check_activation(secret, b64decode(answer.get("secret"), "secret"))
+    return ak_name
 
 
 def _policy(args: argparse.Namespace) -> Any:
@@ -273,18 +276,46 @@ def _policy(args: argparse.Namespace) -> Any:
     )
     if args.expected:
         measurement = _pin_expected(args.expected, pcrs, measurement)
-    cas: list[Any] = []
-    for path in args.ek_ca or []:
-        cas += load_pem_bundle(_read(path))
+
+    def bundles(paths: list[str] | None) -> tuple[Any, ...]:
+        return tuple(c for path in paths or [] for c in load_pem_bundle(_read(path)))
+
+    activated: frozenset[bytes] = frozenset()
+    if args.activate:
+        from embassy.client import call
+
+        socket_path = Path(args.activate)
+        activated = frozenset({_activate(socket_path, call(socket_path, "GET", "/v1/identity"))})
     return TrustPolicy(
-        ek_cas=tuple(cas),
+        ek_cas=bundles(args.ek_ca),
+        software_ek_cas=bundles(args.swtpm_ca),
+        ak_cas=bundles(args.ak_ca),
+        vtpm_ak_cas=bundles(args.vtpm_ak_ca),
+        insecure_skip_ak_certificate=args.insecure_skip_ak_certificate,
+        activated_aks=activated,
         expected_measurement=measurement,
         expected_pcrs=pcrs,
         allow_software_tpm=args.allow_software_tpm,
         insecure_skip_ek_ca=args.insecure_skip_ek_ca,
         insecure_any_measurement=args.insecure_any_measurement,
         insecure_any_boot=args.insecure_any_boot,
+        expected_image_digest=_image_digest(args.expect_image_digest),
+        expected_launch_digest=(
+            _hex(args.expect_launch_digest, "--expect-launch-digest", 32)
+            if args.expect_launch_digest
+            else None
+        ),
     )
+
+
+def _image_digest(text: str | None) -> str | None:
+    """An image ID as Docker writes it: ``sha256:`` and 64 hex digits (the prefix may be
+    left out)."""
+    if text is None:
+        return None
+    hexpart = text.removeprefix("sha256:")
+    _hex(hexpart, "--expect-image-digest", 32)
+    return "sha256:" + hexpart.lower()
 
 
 def _pin_expected(path: str, pcrs: dict[int, bytes], measurement: bytes | None) -> bytes | None:
@@ -323,9 +354,43 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _add_policy_args(p: Any) -> None:
     """What an auditor or user trusts: the same flags wherever evidence is checked."""
     p.add_argument(
-        "--ek-ca", action="append", help="PEM CA bundle the EK cert must chain to (repeatable)"
+        "--ek-ca",
+        action="append",
+        help="PEM bundle of hardware TPM makers' EK CAs (repeatable)",
+    )
+    p.add_argument(
+        "--swtpm-ca",
+        action="append",
+        help="PEM bundle of software TPMs' EK CAs (swtpm's local CA); their TPMs are software "
+        "TPMs, accepted only with --allow-software-tpm (repeatable)",
+    )
+    p.add_argument(
+        "--ak-ca",
+        action="append",
+        help="PEM bundle of registrars' CAs whose AK certificates you trust (repeatable)",
+    )
+    p.add_argument(
+        "--vtpm-ak-ca",
+        action="append",
+        help="PEM bundle of cloud vTPM AK CAs that vouch for an AK directly (repeatable)",
+    )
+    p.add_argument(
+        "--activate",
+        metavar="SOCKET",
+        help="prove the AK live by credential activation with the daemon at SOCKET, instead "
+        "of an AK certificate",
     )
     p.add_argument("--expect-measurement", help="the embassy measurement you rebuilt (hex)")
+    p.add_argument(
+        "--expect-image-digest",
+        metavar="sha256:HEX",
+        help="pin the workload's image: its image ID (docker image inspect -f {{.Id}})",
+    )
+    p.add_argument(
+        "--expect-launch-digest",
+        metavar="HEX",
+        help="pin the workload's launch configuration digest (its launch events)",
+    )
     p.add_argument("--expect-pcr", action="append", help="pin a boot PCR: N=HEX")
     p.add_argument(
         "--expected",
@@ -341,6 +406,11 @@ def _add_policy_args(p: Any) -> None:
         "--insecure-skip-ek-ca",
         action="store_true",
         help="INSECURE: do not check the EK certificate's issuer",
+    )
+    p.add_argument(
+        "--insecure-skip-ak-certificate",
+        action="store_true",
+        help="INSECURE: accept an AK that nothing ties to the EK certificate's TPM",
     )
     p.add_argument(
         "--insecure-any-measurement",
@@ -693,6 +763,17 @@ def _verify_parser(sub: Any) -> None:
             p.add_argument("--nonce", required=True, help="the nonce you sent (hex)")
         if name == "result":
             p.add_argument("--payload-id", help="your payload's id (hex): the session opened it")
+            for when, what in (("before", "before sending"), ("after", "after receiving")):
+                p.add_argument(f"--{when}", metavar="EVIDENCE", help=f"evidence you fetched {what}")
+                p.add_argument(f"--{when}-nonce", metavar="HEX", help=f"the --{when} nonce")
+        if name == "log":
+            p.add_argument(
+                "--complete",
+                action="store_true",
+                help="show that no entry follows the last segment (needs --evidence, --nonce)",
+            )
+            p.add_argument("--evidence", help="fresh evidence fetched after the log")
+            p.add_argument("--nonce", help="the nonce of --evidence (hex)")
         _add_policy_args(p)
         p.add_argument("--json", action="store_true", help="machine-readable result")
 
@@ -744,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     _payload_parser(sub)
     _keygen_parser(sub)
     _meters_parser(sub)
+    from embassy.registrar.cli import add_parser as add_registrar_parser
+
+    add_registrar_parser(sub)
     return parser
 
 

@@ -42,6 +42,8 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── ClockError               a TPM clock or counter went backwards
     │   ├── CertificateError         the EK certificate does not chain to the named CA
     │   ├── KeyBindingError          a key does not match the one the evidence binds
+    │   │   └── AkNotCertifiedError  an AK with no certificate chain and no live activation
+    │   ├── TpmKindError             the tpm_mode claimed contradicts the EK certificate's kind
     │   ├── ResultMismatchError      an output, seal and unseal that do not belong together
     │   ├── WorkloadMismatchError    the workload is not the one pinned, or not the identity's
     │   ├── EmbassyRestartedError    the embassy restarted (or relaunched) within a result
@@ -212,6 +214,18 @@ class CertificateError(VerificationError):
 
 class KeyBindingError(VerificationError):
     code = "key-binding"
+
+
+class AkNotCertifiedError(KeyBindingError):
+    """An AK with neither a certificate chain to a trusted AK CA nor a live activation."""
+
+    code = "ak-not-certified"
+
+
+class TpmKindError(VerificationError):
+    """The embassy's ``tpm_mode`` claim contradicts the TPM kind its evidence proves."""
+
+    code = "tpm-kind-contradiction"
 
 
 class ResultMismatchError(VerificationError):

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from embassy.attest.akcert import Issuer, issue_ak_certificate
 from embassy.attest.marshal import (
     TPM_ALG_ECDSA,
     TPM_ALG_SHA256,
@@ -31,6 +32,7 @@ from embassy.attest.marshal import (
     encode_attest,
     encode_public,
     encode_signature,
+    parse_public,
     parse_public_2b,
 )
 from embassy.attest.quote import pcr_digest
@@ -218,6 +220,26 @@ class FakeTpm:
 
     def close(self) -> None:
         pass
+
+
+def fake_registrar(seed: bytes = b"registrar") -> Issuer:
+    """A registrar's CA, deterministic from ``seed`` like the FakeTpm's EK CA."""
+    key, cert = make_ca(seed, "fake-registrar-ca")
+    return Issuer(key, cert)
+
+
+def ak_chain_for(tpm: FakeTpm, registrar: Issuer, *, serial: int = 11) -> list[bytes]:
+    """The AK certificate chain a registrar issues for ``tpm`` after credential activation
+    (which a FakeTpm would pass: its AK and EK are one object's)."""
+    cert = issue_ak_certificate(
+        registrar,
+        parse_public(tpm.ak_public()),
+        tpm.ek_certificate(),
+        now=_EPOCH,
+        lifetime=datetime.timedelta(days=3650),
+        serial=serial,
+    )
+    return [cert.public_bytes(serialization.Encoding.DER)]
 
 
 class MemorySeal:

@@ -1,155 +1,118 @@
-"""Check that an endorsement key is certified by a TPM manufacturer CA the auditor trusts.
+"""The endorsement key's certificate: which TPM maker vouches for the EK, and what kind of
+TPM that makes it.
 
-The EK certificate is what ties "some key" to "a genuine TPM from vendor X". EK
-certificates are not web-PKI certificates: swtpm and several vendors issue them with an
-empty subject, a critical subjectAltName holding a directoryName of TPM manufacturer,
-model and version attributes, and key usages a browser policy would reject. So the chain
-is built and checked here by hand: names, signatures, validity windows and the CA flag of
-every issuer, and nothing that only makes sense for TLS servers.
+The EK certificate ties "some key" to "a TPM from vendor X". The kind of TPM is read from
+evidence, never from the embassy's own ``tpm_mode`` claim: the auditor's policy sorts the EK
+CAs it trusts into hardware vendors' and software TPMs' (swtpm's local CA), the chain says
+which one vouches, and the certificate's TCG attributes (manufacturer, model) must not
+contradict it: a chain to a hardware vendor for a certificate whose model is "swtpm" is a
+failure, not a hardware TPM.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from embassy.attest.chain import load_der, load_pem_bundle, same_key, verify_chain
 from embassy.attest.marshal import PublicArea
-from embassy.errors import CertificateError, KeyBindingError, WireFormatError
+from embassy.attest.types import TpmMode
+from embassy.errors import CertificateError, KeyBindingError
 
-MAX_CHAIN_DEPTH = 5
+__all__ = ["CertifiedEk", "TpmAttributes", "load_pem_bundle", "verify_ek_certificate"]
+
+# TCG EK Credential Profile: the subjectAltName directoryName attributes.
+OID_TPM_MANUFACTURER = x509.ObjectIdentifier("2.23.133.2.1")
+OID_TPM_MODEL = x509.ObjectIdentifier("2.23.133.2.2")
+OID_TPM_VERSION = x509.ObjectIdentifier("2.23.133.2.3")
+# Models that only software TPMs report. A hardware vendor's CA never certifies one.
+SOFTWARE_MODELS = ("swtpm",)
 
 
-def _describe(name: x509.Name) -> str:
-    text = name.rfc4514_string()
-    return f'"{text}"' if text else "(an empty name)"
+@dataclass(frozen=True, slots=True)
+class TpmAttributes:
+    """The TCG attributes an EK certificate names (empty strings when absent)."""
+
+    manufacturer: str
+    model: str
+    version: str
+
+    @property
+    def claims_software(self) -> bool:
+        return any(m in self.model.lower() for m in SOFTWARE_MODELS)
+
+    def describe(self) -> str:
+        parts = [f"manufacturer {self.manufacturer or '?'}", f"model {self.model or '?'}"]
+        if self.version:
+            parts.append(f"version {self.version}")
+        return ", ".join(parts)
 
 
-def load_pem_bundle(data: bytes) -> list[x509.Certificate]:
-    """Every certificate in a PEM bundle; junk or an empty bundle is a WireFormatError."""
+@dataclass(frozen=True, slots=True)
+class CertifiedEk:
+    """An EK certificate that chains to a trusted CA and certifies the document's EK."""
+
+    certificate: x509.Certificate
+    anchor: x509.Certificate
+    kind: TpmMode
+    attributes: TpmAttributes
+
+
+def tpm_attributes(cert: x509.Certificate) -> TpmAttributes:
+    found: dict[x509.ObjectIdentifier, str] = {}
     try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise WireFormatError(f"not a PEM certificate bundle: {exc}") from None
-    if not certs:
-        raise WireFormatError("the PEM bundle holds no certificates")
-    return certs
-
-
-def _load_der(cert_der: bytes) -> x509.Certificate:
-    try:
-        return x509.load_der_x509_certificate(cert_der)
-    except ValueError as exc:
-        raise WireFormatError(f"the EK certificate is not DER X.509: {exc}") from None
-
-
-def _is_self_issued(cert: x509.Certificate) -> bool:
-    return cert.issuer == cert.subject
-
-
-def _check_can_issue(issuer: x509.Certificate) -> None:
-    try:
-        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is not None and not constraints.ca:
-        raise CertificateError(
-            f"{_describe(issuer.subject)} issued a certificate but is not a CA (cA=false)"
-        )
-    try:
-        usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return
-    if not usage.key_cert_sign:
-        raise CertificateError(f"{_describe(issuer.subject)} may not sign certificates")
-
-
-def _find_issuer(cert: x509.Certificate, trusted: Sequence[x509.Certificate]) -> x509.Certificate:
-    candidates = [c for c in trusted if c.subject == cert.issuer]
-    if not candidates:
-        raise CertificateError(
-            f"{_describe(cert.subject)} is issued by {_describe(cert.issuer)}, which is not "
-            f"among the {len(trusted)} trusted CA certificates"
-        )
-    for candidate in candidates:
-        try:
-            cert.verify_directly_issued_by(candidate)
-        except (InvalidSignature, ValueError, TypeError):
-            continue
-        _check_can_issue(candidate)
-        return candidate
-    raise CertificateError(
-        f"the signature of {_describe(cert.subject)} does not verify with any trusted "
-        f"certificate named {_describe(cert.issuer)}"
+        san = None
+    except ValueError as exc:
+        raise CertificateError(f"the EK certificate's subjectAltName is malformed: {exc}") from None
+    for name in san.get_values_for_type(x509.DirectoryName) if san is not None else []:
+        for attribute in name:
+            value = attribute.value
+            if attribute.oid in (OID_TPM_MANUFACTURER, OID_TPM_MODEL, OID_TPM_VERSION):
+                text = value if isinstance(value, str) else value.decode("ascii", "replace")
+                found.setdefault(attribute.oid, text)
+    return TpmAttributes(
+        found.get(OID_TPM_MANUFACTURER, ""),
+        found.get(OID_TPM_MODEL, ""),
+        found.get(OID_TPM_VERSION, ""),
     )
-
-
-def _build_chain(
-    leaf: x509.Certificate, trusted: Sequence[x509.Certificate]
-) -> list[x509.Certificate]:
-    """Leaf first, then issuers from ``trusted`` up to a self-issued root or a dead end."""
-    chain = [leaf]
-    cert = _find_issuer(leaf, trusted)
-    while True:
-        if cert in chain:
-            raise CertificateError(f"the chain loops at {_describe(cert.subject)}")
-        chain.append(cert)
-        if len(chain) > MAX_CHAIN_DEPTH:
-            raise CertificateError(f"the chain is longer than {MAX_CHAIN_DEPTH} certificates")
-        if _is_self_issued(cert) or not any(c.subject == cert.issuer for c in trusted):
-            return chain  # every certificate in ``trusted`` is an anchor
-        cert = _find_issuer(cert, trusted)
-
-
-def _check_validity(chain: Sequence[x509.Certificate], at: datetime) -> None:
-    for cert in chain:
-        who = "the EK certificate" if cert is chain[0] else _describe(cert.subject)
-        if at < cert.not_valid_before_utc:
-            raise CertificateError(
-                f"{who} is not yet valid at {at.isoformat()} "
-                f"(valid from {cert.not_valid_before_utc.isoformat()})"
-            )
-        if at > cert.not_valid_after_utc:
-            raise CertificateError(
-                f"{who} expired at {cert.not_valid_after_utc.isoformat()} "
-                f"(checked at {at.isoformat()})"
-            )
-
-
-def _same_key(a: object, b: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bool:
-    if isinstance(a, rsa.RSAPublicKey) and isinstance(b, rsa.RSAPublicKey):
-        return a.public_numbers() == b.public_numbers()
-    if isinstance(a, ec.EllipticCurvePublicKey) and isinstance(b, ec.EllipticCurvePublicKey):
-        return a.curve.name == b.curve.name and a.public_numbers() == b.public_numbers()
-    return False
 
 
 def verify_ek_certificate(
     cert_der: bytes,
-    trusted: Sequence[x509.Certificate],
+    hardware_cas: Sequence[x509.Certificate],
     ek: PublicArea,
     *,
+    software_cas: Sequence[x509.Certificate] = (),
     at: datetime | None = None,
-) -> x509.Certificate:
-    """Check ``cert_der`` chains to ``trusted`` and certifies ``ek``; return the certificate.
+) -> CertifiedEk:
+    """Check ``cert_der`` chains to a trusted EK CA and certifies ``ek``; classify the TPM.
 
-    Every certificate in ``trusted`` is a trust anchor, so a bundle may hold roots and
-    intermediates; the chain is followed up to a self-issued root when the bundle has one,
-    and every certificate on it must be valid at ``at`` (timezone-aware; default now).
+    A chain to one of ``hardware_cas`` makes a hardware TPM, to one of ``software_cas`` a
+    software TPM. Raises CertificateError for a chain to neither, or for a certificate whose
+    own attributes contradict the kind its CA vouches for; KeyBindingError when it certifies
+    another key than ``ek``.
     """
-    when = at if at is not None else datetime.now(UTC)
-    if when.tzinfo is None:
-        raise ValueError("verify_ek_certificate needs a timezone-aware time")
-    leaf = _load_der(cert_der)
-    chain = _build_chain(leaf, trusted)
-    _check_validity(chain, when)
+    leaf = load_der(cert_der, "the EK certificate")
+    chain = verify_chain(leaf, [*hardware_cas, *software_cas], "the EK certificate", at=at)
     try:
         cert_key = leaf.public_key()
     except (ValueError, TypeError) as exc:
         raise CertificateError(f"the EK certificate's public key is unusable: {exc}") from None
-    if not _same_key(cert_key, ek.public_key()):
+    if not same_key(cert_key, ek.public_key()):
         raise KeyBindingError("the EK certificate certifies a different key than the TPM's EK")
-    return leaf
+    attributes = tpm_attributes(leaf)
+    # An anchor in both groups counts as software: the weaker claim wins.
+    software = any(c == chain.anchor for c in software_cas)
+    if not software and attributes.claims_software:
+        raise CertificateError(
+            f"the EK certificate chains to a hardware EK CA but names a software TPM "
+            f"({attributes.describe()}): a contradiction, refused"
+        )
+    return CertifiedEk(
+        leaf, chain.anchor, TpmMode.SOFTWARE if software else TpmMode.HARDWARE, attributes
+    )

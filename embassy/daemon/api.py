@@ -10,6 +10,9 @@ Routes (all JSON):
   before it), closed by a new checkpoint.
 - ``POST /v1/attestation/activate-credential``: ``{"credential_blob", "encrypted_secret"}``
   (base64); returns ``{"secret"}``, proving the AK lives in the TPM holding the EK.
+- ``PUT  /v1/attestation/ak-certificate``: ``{"ak_certificates": [<b64 DER>, ...]}``, the
+  AK's certificate chain (leaf first) from a registrar or a vTPM; checked against the AK
+  and served in the identity document from then on. Not from the workload's processes.
 Session routes answer only the workload's own processes (the peer's credentials, read from
 the socket, name a process in the workload container's cgroup): anything else gets 403.
 
@@ -44,6 +47,7 @@ from embassy.wire.codec import (
 )
 
 MIN_NONCE, MAX_NONCE = 16, 64
+MAX_AK_CHAIN = 4
 # Hex as the nonce is written: pairs of ASCII hex digits and nothing else (bytes.fromhex
 # would also take spaces and newlines).
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
@@ -55,6 +59,7 @@ class Service(Protocol):
     def evidence(self, nonce: bytes) -> dict[str, Any]: ...
     def log_segment(self, from_seq: int) -> dict[str, Any]: ...
     def activate_credential(self, blob: bytes, secret: bytes) -> bytes: ...
+    def install_ak_chain(self, chain: list[bytes], peer: Peer | None) -> dict[str, Any]: ...
     def open_session(
         self,
         deadline_seconds: int,
@@ -124,6 +129,7 @@ class Api:
             "/v1/evidence": ("GET", lambda r: Response(200, service.evidence(_nonce(r)))),
             "/v1/log": ("GET", lambda r: Response(200, service.log_segment(_from_seq(r)))),
             "/v1/attestation/activate-credential": ("POST", self._activate),
+            "/v1/attestation/ak-certificate": ("PUT", self._install_ak_chain),
             "/v1/sessions": ("POST", self._open),
             "/v1/sessions/close": ("POST", self._close),
             "/v1/seal": ("GET", lambda r: Response(200, service.seal_status())),
@@ -136,6 +142,20 @@ class Api:
         secret = b64decode(field(body, "encrypted_secret", str, "request body"), "encrypted_secret")
         _check_credential_shape(blob, secret)
         return Response(200, {"secret": b64encode(self._service.activate_credential(blob, secret))})
+
+    def _install_ak_chain(self, request: Request) -> Response:
+        what = "request body"
+        body = parse_json_object(request.body, what)
+        only_fields(body, {"ak_certificates"}, what)
+        items = field(body, "ak_certificates", list, what)
+        if not items or len(items) > MAX_AK_CHAIN:
+            raise RequestError(f"ak_certificates: 1 to {MAX_AK_CHAIN} certificates")
+        chain = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise RequestError(f"ak_certificates[{i}]: expected a base64 string")
+            chain.append(b64decode(item, f"ak_certificates[{i}]"))
+        return Response(200, self._service.install_ak_chain(chain, request.peer))
 
     def _open(self, request: Request) -> Response:
         self._service.authorize_session(request.peer)

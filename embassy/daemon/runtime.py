@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from embassy.attest.types import TpmMode
 from embassy.config import Config
+from embassy.daemon.ak_chain import AkChainStore
 from embassy.daemon.api import Api
 from embassy.daemon.atomic import ensure_private_dir
 from embassy.daemon.http import UnixHttpServer
@@ -28,7 +29,7 @@ from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.keys import load_or_create_keys
 from embassy.daemon.metering import MeteringService
 from embassy.daemon.statement_log import StatementLog
-from embassy.errors import ConflictError
+from embassy.errors import ConflictError, ForbiddenError
 from embassy.log.entry import EntryType
 from embassy.log.segment import EVIDENCE_TYPE, IDENTITY_DOCUMENT_TYPE, LOG_SEGMENT_TYPE
 from embassy.measure import Measurement, measure
@@ -145,7 +146,11 @@ class Embassy:
             appended = self.log.append_statement(IDENTITY_V1, subjects, body)
             payload = parse_envelope(appended.envelope).payload
             segment = self.log.current_segment(start.seq, hashlib.sha256(payload).digest())
-            self._identity = {"v": 1, "type": IDENTITY_DOCUMENT_TYPE, "segment": segment.to_json()}
+            self._identity = {"v": 2, "type": IDENTITY_DOCUMENT_TYPE, "segment": segment.to_json()}
+            self._ak_store = AkChainStore(
+                config.data_dir, tpm_device.ak_public(), tpm_device.ek_certificate()
+            )
+            self._ak_chain = self._ak_store.load()
             self.log.checkpoint()
             if self.workload is not None:
                 self._intake = ActivationIntake.for_metering(
@@ -188,7 +193,19 @@ class Embassy:
         }
 
     def identity_document(self) -> dict[str, Any]:
-        return self._identity
+        return {**self._identity, "ak_certificates": [b64encode(c) for c in self._ak_chain]}
+
+    def install_ak_chain(self, chain: list[bytes], peer: Peer | None) -> dict[str, Any]:
+        """Serve ``chain`` (checked against this TPM's AK) in the identity document from now.
+
+        Not from the workload: a chain only it could replace would let it make the identity
+        unverifiable for everyone who trusts the registrar.
+        """
+        if self.workload is not None and self.workload.is_own_process(peer):
+            raise ForbiddenError("the AK certificate is installed from the host, not the workload")
+        self._ak_store.install(chain)
+        self._ak_chain = list(chain)
+        return {"installed": len(chain)}
 
     def evidence(self, nonce: bytes) -> dict[str, Any]:
         return {
@@ -241,6 +258,10 @@ class Embassy:
                     "mlkem768-x25519": self.keys.hpke_hybrid,
                 },
                 own_keyid=keyid(self.keys.signing.public_key()),
+                # What this embassy is and runs: a payload sealed for another measurement
+                # or workload is refused with its own code, before anything is decrypted.
+                own_measurement=self.measurement.digest,
+                own_launch_digest=bytes.fromhex(sealed.launched.launch_digest),
                 now=time.time(),
             )
 

@@ -270,16 +270,20 @@ class SealedWorkload:
         The pid is checked against its start time on both sides of the cgroup read, so a
         caller that exited and left its pid to a workload process is not taken for it.
         """
-        if (
-            peer is None
-            or not same_process(peer)
-            or not in_container(peer.pid, self.launched.workload_id)
-            or not same_process(peer)
-        ):
+        if not self.is_own_process(peer):
             raise ForbiddenError(
                 "session routes answer only the workload's own processes (by the peer "
                 "credentials of the socket)"
             )
+
+    def is_own_process(self, peer: Peer | None) -> bool:
+        """Whether ``peer`` is a process of the workload's container (not a reused pid)."""
+        return (
+            peer is not None
+            and same_process(peer)
+            and in_container(peer.pid, self.launched.workload_id)
+            and same_process(peer)
+        )
 
     def status(self) -> dict[str, Any]:
         return {

@@ -1,10 +1,12 @@
 """Verify an identity document: the embassy's keys, bound by a quote to its TPM and software.
 
-An identity document (version 1) is ``{"v":1,"type":"embassy-identity-document",
-"segment":{...}}``: a log segment whose last entry is the identity statement and whose
-closing quote's qualifying data is SHA-256 of that statement's payload. Everything the
-relying party needs is inside; nothing is taken on the embassy's word that the TPM
-does not also vouch for.
+An identity document (version 2) is ``{"v":2,"type":"embassy-identity-document",
+"segment":{...},"ak_certificates":["<b64 DER>", ...]}``: a log segment whose last entry is
+the identity statement and whose closing quote's qualifying data is SHA-256 of that
+statement's payload, and the AK's certificate chain (leaf first; empty until a registrar
+enrolled the embassy). Version 1 is the same without the chain. Everything the relying
+party needs is inside; nothing is taken on the embassy's word that the TPM, the EK's maker
+or the registrar does not also vouch for (:mod:`embassy.verify.tpm_trust`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from embassy.attest.ek import verify_ek_certificate
 from embassy.attest.marshal import PublicArea, parse_public
 from embassy.attest.quote import verify_ak_attributes
 from embassy.attest.types import TpmMode
 from embassy.errors import (
-    CertificateError,
     LogIntegrityError,
     MeasurementMismatchError,
     PcrMismatchError,
@@ -32,8 +32,9 @@ from embassy.log.segment import IDENTITY_DOCUMENT_TYPE, parse_segment
 from embassy.log.verify_entry import authenticate_entry
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.segment import SegmentKeys, VerifiedSegment, verify_segment
+from embassy.verify.tpm_trust import TpmBinding, verify_tpm_binding
 from embassy.verify.workload import Workload, check_pins, workload_of_run
-from embassy.wire.codec import b64decode, field, hex_decode, parse_json_object
+from embassy.wire.codec import b64decode, field, hex_decode, only_fields, parse_json_object
 from embassy.wire.dsse import parse_envelope, verify_envelope
 from embassy.wire.measurement import Measurement, measurement_from_json
 from embassy.wire.statement import IDENTITY_V1, Statement, parse_statement
@@ -57,6 +58,8 @@ class VerifiedIdentity:
     checks: tuple[str, ...]
     # The workload the run launched (its launch events in the segment), None if none.
     workload: Workload | None = None
+    # What the EK and AK certificates proved about the TPM (tpm_trust).
+    tpm: TpmBinding | None = None
 
     @property
     def segment_keys(self) -> SegmentKeys:
@@ -80,14 +83,34 @@ def _identity_fields(body: dict[str, Any]) -> tuple[bytes, bytes, bytes, bytes, 
     )
 
 
+MAX_AK_CHAIN = 4
+
+
+def _ak_chain(doc: dict[str, Any]) -> list[bytes]:
+    """The document's AK certificate chain (version 2; version 1 has none)."""
+    what = "identity document"
+    if doc.get("type") != IDENTITY_DOCUMENT_TYPE or doc.get("v") not in (1, 2):
+        raise WireFormatError(f"{what}: expected v 1 or 2 and type {IDENTITY_DOCUMENT_TYPE!r}")
+    if doc["v"] == 1:
+        only_fields(doc, {"v", "type", "segment"}, what)
+        return []
+    only_fields(doc, {"v", "type", "segment", "ak_certificates"}, what)
+    items = field(doc, "ak_certificates", list, what)
+    if len(items) > MAX_AK_CHAIN:
+        raise WireFormatError(f"{what}.ak_certificates: more than {MAX_AK_CHAIN} certificates")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise WireFormatError(f"{what}.ak_certificates[{i}]: expected a base64 string")
+        out.append(b64decode(item, f"{what}.ak_certificates[{i}]"))
+    return out
+
+
 def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdentity:
     """Verify an identity document against the auditor's policy, or raise why not."""
     policy.warn_insecure()
     doc = parse_json_object(data, "identity document")
-    if doc.get("v") != 1 or doc.get("type") != IDENTITY_DOCUMENT_TYPE:
-        raise WireFormatError(
-            f"identity document: expected v 1 and type {IDENTITY_DOCUMENT_TYPE!r}"
-        )
+    ak_chain = _ak_chain(doc)
     segment = parse_segment(doc.get("segment"), "identity document.segment")
     if not segment.entries or segment.entries[-1].type is not EntryType.STATEMENT:
         raise LogIntegrityError(
@@ -127,19 +150,18 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
         expected_image_digest=policy.expected_image_digest,
         expected_launch_digest=policy.expected_launch_digest,
     )
-    _verify_boot_pcrs(segment.head.quote.pcrs, policy, claimed.header.tpm_mode)
+    binding = verify_tpm_binding(
+        ak=ak,
+        ek=ek,
+        ek_certificate=ek_cert,
+        ak_chain=ak_chain,
+        claimed=claimed.header.tpm_mode,
+        policy=policy,
+    )
+    checks += binding.checks
+    _verify_boot_pcrs(segment.head.quote.pcrs, policy, binding.kind)
     if policy.expected_pcrs:
         checks.append("boot-pcrs")
-    if policy.insecure_skip_ek_ca:
-        pass
-    elif not policy.ek_cas:
-        raise CertificateError(
-            "no EK CA certificate given: name the TPM manufacturer's CA "
-            "(or swtpm's local CA for a software TPM)"
-        )
-    else:
-        verify_ek_certificate(ek_cert, policy.ek_cas, ek, at=policy.at)
-        checks.append("ek-certificate")
     return VerifiedIdentity(
         statement=claimed,
         payload=payload,
@@ -152,10 +174,11 @@ def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdenti
         log_pcr=log_pcr,
         boot_pcrs=boot,
         measurement=measurement,
-        tpm_mode=claimed.header.tpm_mode,
+        tpm_mode=binding.kind,
         segment=verified,
         checks=tuple(checks),
         workload=workload,
+        tpm=binding,
     )
 
 
@@ -214,8 +237,9 @@ def _verify_boot_pcrs(quoted: dict[int, bytes], policy: TrustPolicy, mode: TpmMo
             raise PcrMismatchError(f"PCR {pcr} is {quoted[pcr].hex()}, expected {value.hex()}")
 
 
-def identity_keys_unverified(doc: dict[str, Any]) -> tuple[bytes, bytes]:
-    """(AK public, EK public) as a document *claims* them, for a live credential challenge.
+def identity_tpm_unverified(doc: dict[str, Any]) -> tuple[bytes, bytes, bytes]:
+    """(AK public, EK public, EK certificate) as a document *claims* them, for a live
+    credential challenge or a registrar's enrolment.
 
     Nothing here is trusted: the challenge itself proves (or disproves) the claim.
     """
@@ -223,5 +247,5 @@ def identity_keys_unverified(doc: dict[str, Any]) -> tuple[bytes, bytes]:
     if not segment.entries:
         raise WireFormatError("identity document: empty segment")
     statement = parse_statement(parse_envelope(segment.entries[-1].data).payload)
-    _, ak, ek, _, _ = _identity_fields(dict(statement.body))
-    return ak, ek
+    _, ak, ek, ek_cert, _ = _identity_fields(dict(statement.body))
+    return ak, ek, ek_cert

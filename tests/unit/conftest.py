@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 # tests/unit has no __init__.py, so pytest puts tests/unit (not the repo root) on sys.path;
 # the shared FakeTpm lives in tests/fakes.py.
@@ -16,16 +17,19 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from embassy.attest.ek import load_pem_bundle  # noqa: E402
+from embassy.attest.types import TpmMode  # noqa: E402
 from embassy.config import parse_config  # noqa: E402
 from embassy.daemon.runtime import Embassy, TpmHandle  # noqa: E402
 from embassy.measure import Measurement  # noqa: E402
 from embassy.verify.policy import TrustPolicy  # noqa: E402
-from tests.fakes import FakeTpm  # noqa: E402
+from tests.fakes import FakeTpm, ak_chain_for, fake_registrar  # noqa: E402
 
 MASTER = bytes(range(32))
-MEASUREMENT = Measurement(code=bytes(32), config=bytes([1]) * 32, policy=bytes([2]) * 32)
 BOOT_PCRS = (4, 11, 12)  # the default pcrs.boot, which the master secret is sealed to
+MEASUREMENT = Measurement(code=bytes(32), config=bytes([1]) * 32, policy=bytes([2]) * 32)
 AT = datetime(2026, 6, 1, tzinfo=UTC)
+# The registrar that certifies every test embassy's AK (as `embassy registrar enroll` would).
+REGISTRAR = fake_registrar()
 
 
 @pytest.fixture
@@ -46,6 +50,8 @@ class EmbassyFactory:
         name: str = "embassy",
         checkpoint_every: int = 3,
         extra: dict[str, object] | None = None,
+        *,
+        certify_ak: bool = True,
     ) -> Embassy:
         """Start (or, if ``name``'s data dir exists, restart) an embassy on ``tpm``."""
         data_dir = self._tmp / name
@@ -62,6 +68,8 @@ class EmbassyFactory:
         )
         embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
         self._running.append(embassy)
+        if certify_ak:
+            embassy.install_ak_chain(ak_chain_for(tpm, REGISTRAR), None)
         return embassy
 
     def crash(self, embassy: Embassy) -> None:
@@ -88,8 +96,10 @@ def embassy(make_embassy: EmbassyFactory, tpm: FakeTpm) -> Embassy:
 
 
 def policy_for(tpm: FakeTpm, **changes: object) -> TrustPolicy:
+    ek_group = "software_ek_cas" if tpm.mode is TpmMode.SOFTWARE else "ek_cas"
     fields: dict[str, object] = {
-        "ek_cas": tuple(load_pem_bundle(tpm.ca_pem())),
+        ek_group: tuple(load_pem_bundle(tpm.ca_pem())),
+        "ak_cas": (REGISTRAR.certificate,),
         "expected_measurement": MEASUREMENT.digest,
         "allow_software_tpm": True,
         "at": AT,
@@ -101,3 +111,12 @@ def policy_for(tpm: FakeTpm, **changes: object) -> TrustPolicy:
 @pytest.fixture
 def policy(tpm: FakeTpm) -> TrustPolicy:
     return policy_for(tpm)
+
+
+def trust_flags(tpm: FakeTpm, directory: Path) -> list[str]:
+    """The CLI flags that trust ``tpm``'s EK CA (by its kind) and the test registrar."""
+    ek, registrar = directory / "ek-ca.pem", directory / "registrar-ca.pem"
+    ek.write_bytes(tpm.ca_pem())
+    registrar.write_bytes(REGISTRAR.certificate.public_bytes(serialization.Encoding.PEM))
+    group = "--swtpm-ca" if tpm.mode is TpmMode.SOFTWARE else "--ek-ca"
+    return [group, str(ek), "--ak-ca", str(registrar)]

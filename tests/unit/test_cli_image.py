@@ -19,7 +19,7 @@ from embassy.image.uki import predict_boot_pcrs
 from embassy.measure import measure
 from embassy.wire.codec import canonical_json
 from tests.fakes import FakeTpm
-from tests.unit.conftest import MEASUREMENT, EmbassyFactory
+from tests.unit.conftest import MEASUREMENT, EmbassyFactory, trust_flags
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "image"
 UKI = VECTORS / "uki-252.efi"
@@ -83,11 +83,10 @@ class Booted:
         self.embassy = factory(self.tpm)
         self.identity = tmp / "identity.json"
         self.identity.write_bytes(canonical_json(self.embassy.identity_document()))
-        self.ca = tmp / "ca.pem"
-        self.ca.write_bytes(self.tpm.ca_pem())
+        self.trust = trust_flags(self.tpm, tmp)
 
     def verify(self, *flags: str) -> int:
-        return main(["verify", "identity", str(self.identity), "--ek-ca", str(self.ca), *flags])
+        return main(["verify", "identity", str(self.identity), *self.trust, *flags])
 
 
 def _expected_file(tmp: Path, uki: Path, name: str = "expected.json") -> Path:

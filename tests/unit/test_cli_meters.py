@@ -43,7 +43,7 @@ from embassy.payload.envelope import PayloadEnvelope, open_payload
 from embassy.wire.codec import canonical_json
 from embassy.wire.dsse import keyid, parse_envelope
 from tests.fakes import FakeTpm
-from tests.unit.conftest import MEASUREMENT
+from tests.unit.conftest import MEASUREMENT, trust_flags
 from workload_sdk.activations import ActivationWriter
 from workload_sdk.stream import decrypt_bytes
 
@@ -83,8 +83,7 @@ class World:
         self.trust = [
             "--identity",
             str(self.identity),
-            "--ek-ca",
-            str(ca),
+            *trust_flags(tpm, tmp_path),
             "--allow-software-tpm",
             "--expect-measurement",
             MEASUREMENT.digest.hex(),

@@ -12,7 +12,7 @@ from embassy.payload.envelope import PayloadEnvelope, open_payload
 from embassy.wire.codec import canonical_json
 from embassy.wire.dsse import keyid
 from tests.fakes import FakeTpm
-from tests.unit.conftest import MEASUREMENT
+from tests.unit.conftest import MEASUREMENT, trust_flags
 from workload_sdk.stream import decrypt_bytes
 
 
@@ -36,8 +36,7 @@ def test_payload_seal_wraps_to_a_verified_identity_only(
         str(stream),
         "--envelope",
         str(env),
-        "--ek-ca",
-        str(ca),
+        *trust_flags(tpm, tmp_path),
         "--allow-software-tpm",
     ]
 
@@ -80,8 +79,7 @@ def test_payload_seal_reports_a_missing_input(
             str(tmp_path / "o"),
             "--envelope",
             str(tmp_path / "e"),
-            "--ek-ca",
-            str(ca),
+            *trust_flags(tpm, tmp_path),
             "--allow-software-tpm",
             "--expect-measurement",
             MEASUREMENT.digest.hex(),
