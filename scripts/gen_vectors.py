@@ -61,6 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+
 from embassy.attest.types import ClockInfo, TpmMode  # noqa: E402
 from embassy.config import parse_config  # noqa: E402
 from embassy.daemon.keys import derive_keys  # noqa: E402
@@ -86,12 +88,14 @@ from embassy.measure import Measurement  # noqa: E402
 from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E402
 from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope  # noqa: E402
 from embassy.wire.statement import LIFECYCLE_V1, Header, Statement, embassy_subject  # noqa: E402
-from tests.fakes import FakeTpm  # noqa: E402
+from tests.fakes import FakeTpm, ak_chain_for, fake_registrar  # noqa: E402
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
 from workload_sdk.activations import DTYPES, FIXED_HEADER_LEN, HEADER  # noqa: E402
 
 VECTOR_DIR = ROOT / "tests" / "vectors"
 CA_FILE = "ek-ca.pem"
+REGISTRAR_FILE = "registrar-ca.pem"
+REGISTRAR = fake_registrar()
 ACTIVATION_DIR = "activations"
 ACTIVATION_EXPECTED = f"{ACTIVATION_DIR}/expected.json"
 IMAGE_DIR = "image"
@@ -120,8 +124,11 @@ Vectors = dict[str, bytes]
 # -- building an embassy -------------------------------------------------------------------
 
 
-def start_embassy(data_dir: Path, tpm: FakeTpm, master: bytes = MASTER) -> Embassy:
-    """An in-process embassy on ``tpm``; reuses ``data_dir`` (a restart) if it exists."""
+def start_embassy(
+    data_dir: Path, tpm: FakeTpm, master: bytes = MASTER, *, certify_ak: bool = True
+) -> Embassy:
+    """An in-process embassy on ``tpm``, its AK certified by the test registrar; reuses
+    ``data_dir`` (a restart) if it exists."""
     if not data_dir.exists():
         data_dir.mkdir(mode=0o700)
         (data_dir / "master.sealed").write_bytes(tpm.seal(master, BOOT_PCRS))
@@ -132,7 +139,10 @@ def start_embassy(data_dir: Path, tpm: FakeTpm, master: bytes = MASTER) -> Embas
             "statement_log": {"checkpoint_every": CHECKPOINT_EVERY},
         }
     )
-    return Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
+    embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
+    if certify_ak:
+        embassy.install_ak_chain(ak_chain_for(tpm, REGISTRAR), None)
+    return embassy
 
 
 def append(embassy: Embassy, n: int) -> bytes:
@@ -292,7 +302,29 @@ class Run:
         e_other = start_embassy(tmp / "other", other_tpm)
         self.identity_other = cj(e_other.identity_document())
         e_other.log.close()
+        # The attacker's own TPM, presenting the first TPM's EK and EK certificate.
+        impostor = _Impostor(OTHER_SEED, tpm)
+        e_impostor = start_embassy(tmp / "impostor", impostor, certify_ak=False)
+        self.identity_impostor = cj(e_impostor.identity_document())
+        e_impostor.log.close()
+        # A software TPM whose statements claim a hardware TPM.
+        liar = FakeTpm(SEED + b"-liar", mode=TpmMode.HARDWARE, ca=(tpm.ca_key, tpm.ca_cert))
+        e_liar = start_embassy(tmp / "liar", liar)
+        self.identity_liar = cj(e_liar.identity_document())
+        e_liar.log.close()
         self.ca_pem = tpm.ca_pem()
+
+
+class _Impostor(FakeTpm):
+    def __init__(self, seed: bytes, genuine: FakeTpm) -> None:
+        super().__init__(seed)
+        self._genuine = genuine
+
+    def ek_public(self) -> bytes:
+        return self._genuine.ek_public()
+
+    def ek_certificate(self) -> bytes:
+        return self._genuine.ek_certificate()
 
 
 # -- vector assembly ----------------------------------------------------------------------
@@ -305,7 +337,8 @@ def policy(
     nonce: bytes | None = None,
 ) -> JsonObject:
     out: JsonObject = {
-        "ek_ca": CA_FILE,
+        "swtpm_ca": CA_FILE,
+        "ak_ca": REGISTRAR_FILE,
         "expected_measurement": measurement.digest.hex(),
         "allow_software_tpm": allow_software_tpm,
         "at": AT,
@@ -365,7 +398,10 @@ def _entry_json(raw: bytes) -> JsonObject:
 def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads best)
     with tempfile.TemporaryDirectory(prefix="embassy-vectors-") as tmp:
         run = Run(Path(tmp))
-    out: Vectors = {CA_FILE: run.ca_pem}
+    out: Vectors = {
+        CA_FILE: run.ca_pem,
+        REGISTRAR_FILE: REGISTRAR.certificate.public_bytes(serialization.Encoding.PEM),
+    }
 
     def add(name: str, *args: Any) -> None:
         out[f"{name}.json"] = vector(*args)
@@ -401,6 +437,28 @@ def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads b
         id1,
         error("software-tpm", "software TPM"),
         policy(allow_software_tpm=False),
+    )
+    identity(
+        "bad-identity-ak-uncertified",
+        "an AK of the attacker's own TPM beside a genuine TPM's EK and EK certificate, "
+        "with no AK certificate",
+        run.identity_impostor,
+        error("ak-not-certified", "carries no AK certificate"),
+    )
+    identity(
+        "bad-identity-ak-from-other-tpm",
+        "the same forgery with the genuine TPM's AK certificate copied in",
+        mutate(
+            run.identity_impostor,
+            lambda o: o.update(ak_certificates=json.loads(id1)["ak_certificates"]),
+        ),
+        error("key-binding", "certifies another key than the document's AK"),
+    )
+    identity(
+        "bad-identity-software-tpm-claims-hardware",
+        "a software TPM (EK certificate from swtpm's CA) whose statements claim hardware",
+        run.identity_liar,
+        error("tpm-kind-contradiction", "claims a hardware TPM but its EK certificate"),
     )
     identity(
         "bad-identity-ek-from-other-ca",
@@ -475,9 +533,15 @@ def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads b
     )
     identity(
         "bad-identity-wrong-version",
-        "identity document version 2",
-        mutate(id1, lambda o: o.update(v=2)),
-        error("malformed", "expected v 1"),
+        "identity document version 3",
+        mutate(id1, lambda o: o.update(v=3)),
+        error("malformed", "expected v 1 or 2"),
+    )
+    identity(
+        "bad-identity-v1-with-ak-certificates",
+        "a version 1 document (which has no AK chain) carrying one",
+        mutate(id1, lambda o: o.update(v=1)),
+        error("malformed", "ak_certificates"),
     )
     identity(
         "bad-identity-segment-wrong-version",

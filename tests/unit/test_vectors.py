@@ -55,8 +55,15 @@ def _bytes(inputs: dict[str, Any], key: str) -> bytes:
 
 def _policy(spec: dict[str, Any]) -> TrustPolicy:
     measurement = spec.get("expected_measurement")
+
+    def bundle(key: str) -> tuple[Any, ...]:
+        name = spec.get(key)
+        return () if name is None else tuple(load_pem_bundle((VECTOR_DIR / name).read_bytes()))
+
     return TrustPolicy(
-        ek_cas=tuple(load_pem_bundle((VECTOR_DIR / spec["ek_ca"]).read_bytes())),
+        ek_cas=bundle("ek_ca"),
+        software_ek_cas=bundle("swtpm_ca"),
+        ak_cas=bundle("ak_ca"),
         expected_measurement=None if measurement is None else bytes.fromhex(measurement),
         allow_software_tpm=spec["allow_software_tpm"],
         at=datetime.fromisoformat(spec["at"]),
