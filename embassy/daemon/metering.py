@@ -451,8 +451,20 @@ class MeteringService:
             summaries = self._rejections.due(final=final)
             for summary in summaries:
                 body = summary.body()
+                # About the session it is charged to; about the embassy (the default subject)
+                # when no session can be charged.
+                subjects = (
+                    []
+                    if summary.session is None
+                    else [
+                        Subject(
+                            f"session:{summary.session.hex()}",
+                            hashlib.sha256(summary.session).digest(),
+                        )
+                    ]
+                )
                 try:
-                    self._log.append_statement(ACTIVATION_REJECTED_V2, [], body)
+                    self._log.append_statement(ACTIVATION_REJECTED_V2, subjects, body)
                 except EmbassyError as exc:  # a full disk: the session's totals stay exact
                     _LOG.error("activation rejections: summary not stated (%s)", exc.code)
                     continue
