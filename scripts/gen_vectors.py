@@ -12,8 +12,8 @@ measurement. Two runs write byte-identical files, so CI diffs them against the c
 
 Each vector is a JSON file::
 
-    {"description": ..., "kind": "identity"|"log"|"evidence"|"statement"|"envelope"|"entry"
-     |"statement-payload", "input": {...}, "policy": {...},
+    {"description": ..., "kind": "identity"|"log"|"evidence"|"statement"|"result"|"envelope"
+     |"entry"|"statement-payload", "input": {...}, "policy": {...},
      "expect": {"ok": true} | {"error": "<EmbassyError code>", "message": "<substring>"}}
 
 ``input`` holds exact bytes as base64 (``*_b64`` keys). ``policy`` is what the verifier is
@@ -21,6 +21,11 @@ told: the EK CA bundle (a file name in this directory), the expected measurement
 software TPM is allowed, the time certificates are checked at, and the caller's nonce.
 An oversize input is written as base64 bytes plus ``pad_to``: the bytes are padded with
 JSON whitespace (which a parser ignores) up to that many bytes, so only the size is wrong.
+A ``result`` vector's input is the identity document and the result bundle, optionally the
+user's ``payload_id`` (hex) and evidence taken before sending and after receiving
+(``before_b64``/``before_nonce``, ``after_b64``/``after_nonce``); a ``log`` vector with
+``evidence_b64`` asks the verifier to show the log complete (``verify log --complete``) with
+that evidence and the policy's nonce.
 
 The activation files of ``scripts/activation_vectors.py`` are pinned under ``activations/``:
 each as ``<name>.act`` (its exact bytes), plus ``activations/expected.json``, canonical JSON
@@ -88,8 +93,9 @@ from embassy.measure import Measurement  # noqa: E402
 from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E402
 from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope  # noqa: E402
 from embassy.wire.statement import LIFECYCLE_V1, Header, Statement, embassy_subject  # noqa: E402
-from tests.fakes import FakeTpm, ak_chain_for, fake_registrar  # noqa: E402
+from tests.fakes import FakeTpm, FakeWorkloadRuntime, ak_chain_for, fake_registrar  # noqa: E402
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
+from tests.unit.verify import result_vectors  # noqa: E402
 from workload_sdk.activations import DTYPES, FIXED_HEADER_LEN, HEADER  # noqa: E402
 
 VECTOR_DIR = ROOT / "tests" / "vectors"
@@ -125,10 +131,16 @@ Vectors = dict[str, bytes]
 
 
 def start_embassy(
-    data_dir: Path, tpm: FakeTpm, master: bytes = MASTER, *, certify_ak: bool = True
+    data_dir: Path,
+    tpm: FakeTpm,
+    master: bytes = MASTER,
+    *,
+    certify_ak: bool = True,
+    workload: JsonObject | None = None,
 ) -> Embassy:
     """An in-process embassy on ``tpm``, its AK certified by the test registrar; reuses
-    ``data_dir`` (a restart) if it exists."""
+    ``data_dir`` (a restart) if it exists. With ``workload`` (a config section) it launches
+    a fake workload: its launch events are logged, nothing runs."""
     if not data_dir.exists():
         data_dir.mkdir(mode=0o700)
         (data_dir / "master.sealed").write_bytes(tpm.seal(master, BOOT_PCRS))
@@ -137,9 +149,14 @@ def start_embassy(
             "data_dir": str(data_dir),
             "socket": str(data_dir.parent / "s.sock"),
             "statement_log": {"checkpoint_every": CHECKPOINT_EVERY},
+            **({} if workload is None else {"workload": workload}),
         }
     )
-    embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
+    if workload is None:
+        embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
+    else:
+        with FakeWorkloadRuntime():
+            embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
     if certify_ak:
         embassy.install_ak_chain(ak_chain_for(tpm, REGISTRAR), None)
     return embassy
@@ -1004,6 +1021,99 @@ def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads b
     return out
 
 
+# -- results and completeness (an embassy with a workload) ---------------------------------
+
+
+def build_result_vectors() -> Vectors:
+    """Results checked against the identity that launched their workload, and a log shown
+    complete (or not) by fresh evidence (tests/unit/verify/result_vectors.py makes them)."""
+    with tempfile.TemporaryDirectory(prefix="embassy-vectors-") as tmp:
+        run = result_vectors.result_run(
+            Path(tmp),
+            FakeTpm(SEED),
+            lambda data, tpm, workload: start_embassy(data, tpm, workload=workload),
+        )
+    rv = result_vectors
+    out: Vectors = {}
+
+    def result(name: str, desc: str, bundle: bytes, expect: JsonObject, **more: Any) -> None:
+        inputs = {"identity_b64": b64(run.identity), "result_b64": b64(bundle), **more}
+        out[f"{name}.json"] = vector(desc, "result", inputs, expect, policy())
+
+    honest = run.results["honest"]
+    result(
+        "good-result",
+        "a result of the identity's workload, for the user's payload",
+        honest,
+        ok(),
+        payload_id=rv.PAYLOAD.hex(),
+    )
+    window = {
+        "before_b64": b64(run.evidence["before"]),
+        "before_nonce": rv.NONCE_BEFORE.hex(),
+        "after_b64": b64(run.evidence["after"]),
+        "after_nonce": rv.NONCE_AFTER.hex(),
+    }
+    result(
+        "good-result-window",
+        "a result bounded by the user's evidence taken before sending and after receiving",
+        honest,
+        ok(),
+        **window,
+    )
+    result(
+        "bad-result-window-swapped",
+        "the user's before- and after-evidence swapped: the 'before' quote came after the seal",
+        honest,
+        error("outside-time-window", "sealed before you asked for that quote"),
+        **{**window, "before_b64": window["after_b64"], "before_nonce": window["after_nonce"]},
+    )
+    result(
+        "bad-result-other-workload",
+        "a session of another workload (another image digest), signed by the same embassy key "
+        "and in its log, checked against the identity that launched the first",
+        run.results["other-workload"],
+        error("workload-mismatch", "the result is from another workload"),
+    )
+    result(
+        "bad-result-restart-between-seal-and-unseal",
+        "sealed, then the embassy restarted (same measurement, same workload) and the session "
+        "was closed by the new run",
+        run.results["restart-between"],
+        error("embassy-restarted", "between the seal and the unseal"),
+    )
+    result(
+        "bad-result-past-deadline",
+        "the embassy's wall clock stood still while the TPM clock ran 70 s of a 60 s session",
+        run.results["past-deadline"],
+        error("deadline-passed", "the session unsealed past its deadline"),
+    )
+
+    def log(name: str, desc: str, evidence: bytes, expect: JsonObject) -> None:
+        inputs = {
+            "identity_b64": b64(run.identity),
+            "segments_b64": [b64(run.segments["earlier"])],
+            "evidence_b64": b64(evidence),
+        }
+        out[f"{name}.json"] = vector(desc, "log", inputs, expect, policy(nonce=rv.NONCE_COMPLETE))
+
+    log(
+        "good-log-complete",
+        "a segment shown complete: fresh evidence over the verifier's nonce, its head the "
+        "segment's last entry",
+        run.evidence["complete-at-earlier"],
+        ok(),
+    )
+    log(
+        "bad-log-truncated-presented-as-complete",
+        "a genuine segment closed by an earlier checkpoint, shown as complete; fresh evidence "
+        "shows three entries after it",
+        run.evidence["complete-later"],
+        error("log-incomplete", "the log has entries after seq"),
+    )
+    return out
+
+
 # -- activation files ----------------------------------------------------------------------
 
 
@@ -1090,7 +1200,12 @@ def build_image_vectors() -> Vectors:
 
 def build_all() -> Vectors:
     """Every file of the vector directory, by path relative to it."""
-    return {**build_vectors(), **build_activation_vectors(), **build_image_vectors()}
+    return {
+        **build_vectors(),
+        **build_result_vectors(),
+        **build_activation_vectors(),
+        **build_image_vectors(),
+    }
 
 
 # -- writing and checking ----------------------------------------------------------------

@@ -30,7 +30,16 @@ from embassy.wire.statement import parse_statement
 ROOT = Path(__file__).resolve().parents[2]
 VECTOR_DIR = ROOT / "tests" / "vectors"
 VECTORS = sorted(VECTOR_DIR.glob("*.json"))
-KINDS = {"identity", "log", "evidence", "statement", "envelope", "entry", "statement-payload"}
+KINDS = {
+    "identity",
+    "log",
+    "evidence",
+    "statement",
+    "result",
+    "envelope",
+    "entry",
+    "statement-payload",
+}
 
 
 def _load_generator() -> ModuleType:
@@ -98,7 +107,11 @@ def run_vector(vector: dict[str, Any]) -> None:
         for i, segment in enumerate(inputs["segments_b64"]):
             names.append(f"segment-{i}")
             files[names[-1]] = base64.b64decode(segment)
-        _run_report("log", files, _policy(spec), identity="identity", file=names)
+        complete: dict[str, Any] = {}
+        if "evidence_b64" in inputs:  # shown complete by fresh evidence over the nonce
+            files["ev"] = _bytes(inputs, "evidence_b64")
+            complete = {"complete": True, "evidence": "ev", "nonce": spec["nonce"]}
+        _run_report("log", files, _policy(spec), identity="identity", file=names, **complete)
     elif kind == "evidence":
         files = {"identity": _bytes(inputs, "identity_b64"), "ev": _bytes(inputs, "evidence_b64")}
         _run_report(
@@ -112,6 +125,22 @@ def run_vector(vector: dict[str, Any]) -> None:
         }
         _run_report(
             "statement", files, _policy(spec), identity="identity", file="statement", log="segment"
+        )
+    elif kind == "result":
+        files = {"identity": _bytes(inputs, "identity_b64"), "r": _bytes(inputs, "result_b64")}
+        evidence: dict[str, Any] = {}
+        for when in ("before", "after"):
+            if f"{when}_b64" in inputs:
+                files[when] = _bytes(inputs, f"{when}_b64")
+                evidence |= {when: when, f"{when}_nonce": inputs[f"{when}_nonce"]}
+        _run_report(
+            "result",
+            files,
+            _policy(spec),
+            identity="identity",
+            file="r",
+            payload_id=inputs.get("payload_id"),
+            **evidence,
         )
     else:
         raise AssertionError(f"unknown vector kind {kind!r}")
