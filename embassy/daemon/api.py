@@ -10,7 +10,7 @@ Routes (all JSON):
   before it), closed by a new checkpoint.
 - ``POST /v1/attestation/activate-credential``: ``{"credential_blob", "encrypted_secret"}``
   (base64); returns ``{"secret"}``, proving the AK lives in the TPM holding the EK.
-- ``PUT  /v1/attestation/ak-certificate``: ``{"ak_certificates": [<b64 DER>, ...]}``, the
+- ``POST /v1/attestation/ak-certificate``: ``{"ak_certificates": [<b64 DER>, ...]}``, the
   AK's certificate chain (leaf first) from a registrar or a vTPM; checked against the AK
   and served in the identity document from then on. Not from the workload's processes.
 Session routes answer only the workload's own processes (the peer's credentials, read from
@@ -129,7 +129,7 @@ class Api:
             "/v1/evidence": ("GET", lambda r: Response(200, service.evidence(_nonce(r)))),
             "/v1/log": ("GET", lambda r: Response(200, service.log_segment(_from_seq(r)))),
             "/v1/attestation/activate-credential": ("POST", self._activate),
-            "/v1/attestation/ak-certificate": ("PUT", self._install_ak_chain),
+            "/v1/attestation/ak-certificate": ("POST", self._install_ak_chain),
             "/v1/sessions": ("POST", self._open),
             "/v1/sessions/close": ("POST", self._close),
             "/v1/seal": ("GET", lambda r: Response(200, service.seal_status())),

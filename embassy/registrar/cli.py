@@ -4,7 +4,7 @@
   self-signed certificate ``D/registrar-ca.pem``, the file auditors pin with ``--ak-ca``.
 - ``enroll --dir D --socket S --ek-ca/--swtpm-ca F``: check the embassy's EK certificate, run
   credential activation through its socket, issue the AK certificate and install it in the
-  daemon (``PUT /v1/attestation/ak-certificate``), which serves it in its identity document.
+  daemon (``POST /v1/attestation/ak-certificate``), which serves it in its identity document.
 - ``install --socket S --chain F``: install an AK certificate chain obtained elsewhere (a
   cloud vTPM's own AK certificate), checked by the daemon against its AK.
 """
@@ -77,7 +77,7 @@ class SocketAttester:
 
         return call(
             self._socket,
-            "PUT",
+            "POST",
             "/v1/attestation/ak-certificate",
             {"ak_certificates": [b64encode(c) for c in chain]},
         )

@@ -15,15 +15,23 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from embassy.attest.chain import load_pem_bundle
 from embassy.client import ConnectError, call
+from embassy.daemon.ak_chain import AK_CHAIN_FILE
+from embassy.registrar.ca import CERT_FILE, init_ca, load_ca
+from embassy.registrar.cli import SocketAttester
+from embassy.registrar.enroll import EkTrust, chain_for, enroll
 from embassy.tpm.swtpm import Swtpm
+from embassy.verify.policy import TrustPolicy
 
 IN_CI = os.environ.get("CI") == "true"
+REGISTRAR_PASSPHRASE = b"test registrar passphrase"
 
 
 def require(*binaries: str) -> None:
@@ -42,6 +50,7 @@ class Daemon:
     root: Path
     config_extra: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    enroll_on_start: bool = True
     logs: list[Path] = field(default_factory=list)
 
     @property
@@ -61,6 +70,51 @@ class Daemon:
         path = self.root / "ek-ca.pem"
         path.write_bytes(Swtpm(self.data_dir / "swtpm").ca_certificates_pem())
         return path
+
+    @property
+    def registrar_dir(self) -> Path:
+        return self.root / "registrar"
+
+    def registrar_pem(self) -> Path:
+        return self.registrar_dir / CERT_FILE
+
+    def enroll(self) -> None:
+        """What an operator does once: a registrar certifies the daemon's AK, by a real
+        credential activation with its swtpm, and installs the chain in the daemon."""
+        now = datetime.now(UTC)
+        if not self.registrar_pem().exists():
+            init_ca(
+                self.registrar_dir,
+                REGISTRAR_PASSPHRASE,
+                name=f"test registrar {self.root.name}",
+                now=now,
+                lifetime=timedelta(days=30),
+            )
+        issuer = load_ca(self.registrar_dir, REGISTRAR_PASSPHRASE)
+        swtpm_cas = tuple(load_pem_bundle(self.ca_pem().read_bytes()))
+        attester = SocketAttester(self.socket)
+        enrollment = enroll(
+            attester,
+            issuer,
+            EkTrust((), swtpm_cas, allow_software_tpm=True),
+            now=now,
+            lifetime=timedelta(days=30),
+        )
+        attester.install_ak_chain(chain_for(enrollment))
+
+    def trust_flags(self) -> list[str]:
+        """CLI flags that trust this daemon's swtpm (as a software TPM) and its registrar."""
+        return ["--swtpm-ca", str(self.ca_pem()), "--ak-ca", str(self.registrar_pem())]
+
+    def trust(self, **changes: Any) -> TrustPolicy:
+        """The verifier policy matching :meth:`trust_flags`, with ``changes``."""
+        fields: dict[str, Any] = {
+            "software_ek_cas": tuple(load_pem_bundle(self.ca_pem().read_bytes())),
+            "ak_cas": tuple(load_pem_bundle(self.registrar_pem().read_bytes())),
+            "allow_software_tpm": True,
+            **changes,
+        }
+        return TrustPolicy(**fields)
 
     def start(self) -> None:
         self.config.write_text(
@@ -85,6 +139,8 @@ class Daemon:
             except ConnectError:
                 time.sleep(0.05)
                 continue
+            if self.enroll_on_start and not (self.data_dir / AK_CHAIN_FILE).exists():
+                self.enroll()
             return
         raise AssertionError(f"daemon did not come up:\n{log.read_text()}")
 

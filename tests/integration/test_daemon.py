@@ -23,7 +23,7 @@ from embassy.attest.marshal import parse_public
 from embassy.cli import main
 from embassy.client import ApiError, call
 from embassy.log.entry import parse_entry
-from embassy.verify.identity import identity_keys_unverified
+from embassy.verify.identity import identity_tpm_unverified
 from embassy.wire.codec import b64decode, canonical_json
 from tests.integration.conftest import Daemon, require
 
@@ -54,9 +54,9 @@ def test_identity_verifies_end_to_end(
     shared_daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     doc = _identity(shared_daemon, tmp_path / "identity.json")
-    ca = str(shared_daemon.ca_pem())
+    trust = shared_daemon.trust_flags()
     measurement = _measure(shared_daemon, capsys)
-    base = [str(doc), "--ek-ca", ca, "--expect-measurement", measurement]
+    base = [str(doc), *trust, "--expect-measurement", measurement]
 
     assert _verify("identity", *base, "--allow-software-tpm", "--json") == 0
     result = json.loads(capsys.readouterr().out)
@@ -73,8 +73,7 @@ def test_identity_verifies_end_to_end(
         _verify(
             "identity",
             str(doc),
-            "--ek-ca",
-            ca,
+            *trust,
             "--allow-software-tpm",
             "--expect-measurement",
             "00" * 32,
@@ -92,8 +91,7 @@ def test_evidence_is_fresh_and_passes_tpm2_checkquote(
     nonce = secrets.token_bytes(32)
     evidence = _fetch(shared_daemon, f"/v1/evidence?nonce={nonce.hex()}", tmp_path / "ev.json")
     policy = [
-        "--ek-ca",
-        str(shared_daemon.ca_pem()),
+        *shared_daemon.trust_flags(),
         "--allow-software-tpm",
         "--expect-measurement",
         _measure(shared_daemon, capsys),
@@ -111,7 +109,7 @@ def test_evidence_is_fresh_and_passes_tpm2_checkquote(
     # The independent check: tpm2-tools verifies the embassy's quote as it is.
     obj = json.loads(evidence.read_bytes())
     quote = obj["segment"]["head"]["quote"]
-    ak_raw, _ = identity_keys_unverified(json.loads(doc.read_bytes()))
+    ak_raw, _, _ = identity_tpm_unverified(json.loads(doc.read_bytes()))
     pem = (
         parse_public(ak_raw)
         .public_key()
@@ -169,8 +167,7 @@ def test_log_verifies_across_a_crash_in_one_boot(
     doc = _identity(daemon, tmp_path / "identity.json")
     log = _fetch(daemon, "/v1/log?from=0", tmp_path / "log.json")
     policy = [
-        "--ek-ca",
-        str(daemon.ca_pem()),
+        *daemon.trust_flags(),
         "--allow-software-tpm",
         "--expect-measurement",
         _measure(daemon, capsys),
@@ -208,8 +205,7 @@ def test_clean_restart_is_a_new_tpm_boot_and_both_segments_verify(
     assert len(boots[0]) == len(boots[1]) == 1
     assert min(boots[1]) > max(boots[0]), "a clean stop powers the swtpm off: a new boot"
     policy = [
-        "--ek-ca",
-        str(daemon.ca_pem()),
+        *daemon.trust_flags(),
         "--allow-software-tpm",
         "--expect-measurement",
         _measure(daemon, capsys),

@@ -32,11 +32,9 @@ from typing import Any, BinaryIO, cast
 
 import pytest
 
-from embassy.attest.ek import load_pem_bundle
 from embassy.cli import main
 from embassy.payload.envelope import make_payload
 from embassy.verify.identity import verify_identity_document
-from embassy.verify.policy import TrustPolicy
 from tests.integration.conftest import (
     SEALED_SERVICE_IMAGE,
     Daemon,
@@ -171,17 +169,18 @@ def test_one_gib_streams_through_with_bounded_memory(
     rss_idle = _service_peak_rss(workload)  # after start-up: the interpreter and the model
 
     # The user verifies the identity, makes a payload, and encrypts the input to disk.
-    doc, ca = tmp_path / "identity.json", daemon.ca_pem()
+    doc = tmp_path / "identity.json"
     assert main(["identity", "--socket", str(daemon.socket), "--out", str(doc)]) == 0
     identity = verify_identity_document(
         doc.read_bytes(),
-        TrustPolicy(
-            ek_cas=tuple(load_pem_bundle(ca.read_bytes())),
-            allow_software_tpm=True,
-            insecure_any_measurement=True,
-        ),
+        daemon.trust(insecure_any_measurement=True),
     )
-    envelope, input_key, _ = make_payload(identity.keys)
+    assert identity.workload is not None
+    envelope, input_key, _ = make_payload(
+        identity.keys,
+        measurement=identity.measurement.digest,
+        launch_digest=identity.workload.launch_digest,
+    )
     plaintext = Plaintext()
     stream = tmp_path / "input.embstrm"
     try:
@@ -226,7 +225,7 @@ def test_one_gib_streams_through_with_bounded_memory(
 
     bundle = tmp_path / "result.json"
     bundle.write_text(json.dumps(reply["result"]))
-    policy = ["--identity", str(doc), "--ek-ca", str(ca), "--allow-software-tpm"]
+    policy = ["--identity", str(doc), *daemon.trust_flags(), "--allow-software-tpm"]
     policy += ["--expect-measurement", identity.measurement.digest.hex()]
     verify = ["verify", "result", str(bundle), "--payload-id", envelope.payload_id.hex()]
     assert main([*verify, *policy]) == 0

@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from embassy.attest.ek import load_pem_bundle
 from embassy.cli import main
 from embassy.client import call
 from embassy.daemon.spool import SOURCE, mounted_at
@@ -39,7 +38,6 @@ from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.metering.reading import Reading, open_reading, reply_public_bytes
 from embassy.payload.envelope import embassy_keyid, make_payload
 from embassy.verify.identity import verify_identity_document
-from embassy.verify.policy import TrustPolicy
 from embassy.wire.codec import b64encode
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import parse_statement
@@ -145,13 +143,14 @@ class World:
         assert main(["identity", "--socket", str(self.daemon.socket), "--out", str(doc)]) == 0
         identity = verify_identity_document(
             doc.read_bytes(),
-            TrustPolicy(
-                ek_cas=tuple(load_pem_bundle(self.daemon.ca_pem().read_bytes())),
-                allow_software_tpm=True,
-                insecure_any_measurement=True,
-            ),
+            self.daemon.trust(insecure_any_measurement=True),
         )
         self.keys = identity.keys
+        assert identity.workload is not None
+        self.binding = {
+            "measurement": identity.measurement.digest,
+            "launch_digest": identity.workload.launch_digest,
+        }
         self.keyid = embassy_keyid(identity.keys)
         self.signing_key = identity.signing_key
 
@@ -178,7 +177,7 @@ class World:
     def embed(
         self, prompt: str, instructions: list[bytes], *, unmetered_ok: bool = False
     ) -> tuple[int, dict[str, Any]]:
-        envelope, input_key, action_key = make_payload(self.keys, action_key=True)
+        envelope, input_key, action_key = make_payload(self.keys, action_key=True, **self.binding)
         stream = io.BytesIO()
         encrypt_stream(input_key, envelope.payload_id, io.BytesIO(prompt.encode()), stream)
         assert action_key is not None
@@ -286,9 +285,8 @@ def test_write_update_read_on_the_real_model_survives_kill_9(world: World, tmp_p
     assert [i["op"] for i in metering["instructions"]] == ["update"]
     bundle = tmp_path / "result.json"
     bundle.write_text(json.dumps(reply["result"]))
-    ca = world.daemon.ca_pem()
     doc = world.daemon.root / "identity.json"
-    policy = ["--identity", str(doc), "--ek-ca", str(ca), "--allow-software-tpm"]
+    policy = ["--identity", str(doc), *world.daemon.trust_flags(), "--allow-software-tpm"]
     assert main(["verify", "result", str(bundle), *policy, "--insecure-any-measurement"]) == 0
 
     status, _ = world.embed(

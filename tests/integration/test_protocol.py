@@ -20,12 +20,10 @@ from typing import Any
 
 import pytest
 
-from embassy.attest.ek import load_pem_bundle
 from embassy.cli import main
 from embassy.daemon.keys import derive_keys
 from embassy.payload.envelope import seal_input
 from embassy.verify.identity import verify_identity_document
-from embassy.verify.policy import TrustPolicy
 from tests.integration.conftest import (
     SEALED_SERVICE_ACCESS,
     SEALED_SERVICE_IMAGE,
@@ -56,21 +54,21 @@ class User:
         self.ca = daemon.ca_pem()
         identity = verify_identity_document(
             self.doc.read_bytes(),
-            TrustPolicy(
-                ek_cas=tuple(load_pem_bundle(self.ca.read_bytes())),
-                allow_software_tpm=True,
-                insecure_any_measurement=True,
-            ),
+            daemon.trust(insecure_any_measurement=True),
         )
         self.keys = identity.keys
         self.measurement = identity.measurement.digest.hex()
+        assert identity.workload is not None
+        self.binding = {
+            "measurement": identity.measurement.digest,
+            "launch_digest": identity.workload.launch_digest,
+        }
 
     def policy(self) -> list[str]:
         return [
             "--identity",
             str(self.doc),
-            "--ek-ca",
-            str(self.ca),
+            *self.daemon.trust_flags(),
             "--allow-software-tpm",
             "--expect-measurement",
             self.measurement,
@@ -80,7 +78,7 @@ class User:
         self, data: bytes, keys: dict[str, Any] | None = None, **kw: Any
     ) -> tuple[dict[str, Any], bytes]:
         out = io.BytesIO()
-        envelope, _ = seal_input(keys or self.keys, io.BytesIO(data), out, **kw)
+        envelope, _ = seal_input(keys or self.keys, io.BytesIO(data), out, **{**self.binding, **kw})
         return envelope.to_json(), out.getvalue()
 
 
@@ -168,6 +166,15 @@ def test_expired_and_foreign_payloads_are_refused(world: tuple[User, int]) -> No
     envelope, stream = user.seal(b"x", keys={**other, "signing": user.keys["signing"]})
     status, reply = _post(port, envelope, stream)
     assert (status, reply["error"]["code"]) == (400, "bad-payload"), reply
+
+    # Sealed for another embassy measurement (code, config) or another workload, on the
+    # same keys: each refused with its own code, before anything is unwrapped.
+    envelope, stream = user.seal(b"x", measurement=bytes(32))
+    status, reply = _post(port, envelope, stream)
+    assert (status, reply["error"]["code"]) == (400, "payload-wrong-measurement"), reply
+    envelope, stream = user.seal(b"x", launch_digest=bytes(32))
+    status, reply = _post(port, envelope, stream)
+    assert (status, reply["error"]["code"]) == (400, "payload-wrong-workload"), reply
 
     # After all that, the workload is unsealed and serves a good request.
     envelope, stream = user.seal(b"still works", suite="x25519")
