@@ -25,17 +25,24 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
 import embassy.daemon.statement_log as statement_log_module
 from benchmarks.stats import percentile
+from embassy.attest.akcert import issue_ak_certificate
 from embassy.attest.ek import load_pem_bundle
+from embassy.attest.marshal import parse_public
 from embassy.attest.types import TpmMode
 from embassy.config import Config, parse_config
 from embassy.daemon.runtime import Embassy, TpmHandle
 from embassy.log.segment import Segment, parse_segment
+from embassy.registrar.ca import make_ca
+from embassy.registrar.enroll import EkTrust, chain_for, enroll
 from embassy.tpm.device import TpmDevice
 from embassy.tpm.swtpm import Swtpm
 from embassy.verify.identity import verify_identity_document
@@ -63,6 +70,8 @@ class Counts:
     statement_quote: tuple[int, int]
     quote: tuple[int, int]
     segment_repeats: tuple[int, int]
+    identity: tuple[int, int]
+    enroll: tuple[int, int]
 
 
 FULL = Counts(
@@ -75,6 +84,8 @@ FULL = Counts(
     statement_quote=(10, 300),
     quote=(10, 300),
     segment_repeats=(1, 5),
+    identity=(20, 500),
+    enroll=(3, 50),
 )
 QUICK = Counts(
     sign=(200, 3000),
@@ -86,6 +97,8 @@ QUICK = Counts(
     statement_quote=(5, 50),
     quote=(5, 50),
     segment_repeats=(1, 3),
+    identity=(5, 100),
+    enroll=(1, 10),
 )
 
 
@@ -274,15 +287,48 @@ class Bench:
         # 5. Verification of the segment the log now holds (before the quote-per-statement
         # run, so its size is the statement run's).
         self._progress("segment and identity verification")
+        # A registrar certifies the AK (a real credential activation with the swtpm), so the
+        # identity verified below carries its AK certificate chain.
+        swtpm_cas = tuple(load_pem_bundle(swtpm.ca_certificates_pem()))
+        registrar = make_ca("bench registrar", now=datetime.now(UTC), lifetime=timedelta(1))
+        trust = EkTrust((), swtpm_cas, allow_software_tpm=True)
+        enrollment = enroll(embassy, registrar, trust, now=datetime.now(UTC), lifetime=timedelta(1))
+        embassy.install_ak_chain(chain_for(enrollment), None)
         identity_bytes = canonical_json(embassy.identity_document())
         policy = TrustPolicy(
-            ek_cas=tuple(load_pem_bundle(swtpm.ca_certificates_pem())),
+            software_ek_cas=swtpm_cas,
+            ak_cas=(registrar.certificate,),
             expected_measurement=embassy.measurement.digest,
             allow_software_tpm=True,
         )
         t0 = time.perf_counter_ns()
         identity = verify_identity_document(identity_bytes, policy)
         r["identity_verify_ms"] = (time.perf_counter_ns() - t0) / 1e6
+        quiet = logging.getLogger("embassy")
+        level, quiet.level = quiet.level, logging.ERROR  # allow_software_tpm warns per call
+        try:
+            r["identity_verify"] = measure(
+                lambda: verify_identity_document(identity_bytes, policy), *c.identity
+            )
+        finally:
+            quiet.setLevel(level)
+        ak, ek_cert = parse_public(embassy.tpm.ak_public()), embassy.tpm.ek_certificate()
+        now = datetime.now(UTC)
+        r["ak_issue"] = measure(
+            lambda: issue_ak_certificate(
+                registrar, ak, ek_cert, now=now, lifetime=timedelta(1), serial=1
+            ),
+            *c.identity,
+        )
+        baseline_key = ec.generate_private_key(ec.SECP256R1())
+        tbs = os.urandom(BASELINE_PAYLOAD_BYTES)
+        r["baseline_ecdsa_sign"] = measure(
+            lambda: baseline_key.sign(tbs, ec.ECDSA(hashes.SHA256())), *c.identity
+        )
+        r["enroll"] = measure(
+            lambda: enroll(embassy, registrar, trust, now=now, lifetime=timedelta(1)),
+            *c.enroll,
+        )
         keys = identity.segment_keys
         segment_json = canonical_json(embassy.log_segment(0)["segment"])
         self._bench_segment(segment_json, keys)
@@ -356,6 +402,9 @@ def derive(r: dict[str, Any]) -> dict[str, float]:
         "statement+quote/statement": stmt_q.ops_per_s / stmt.ops_per_s,
         "verify-statement/baseline-verify": seg["statements_verified_per_s"] / ver.ops_per_s,
         "verify-statement/statement": seg["statements_verified_per_s"] / stmt.ops_per_s,
+        "ak-issue/baseline-ecdsa-sign": r["ak_issue"].ops_per_s
+        / r["baseline_ecdsa_sign"].ops_per_s,
+        "verify-identity/baseline-verify": r["identity_verify"].ops_per_s / ver.ops_per_s,
     }
     split = {f"split_{k}_us": v for k, v in parts.items()}
     split["split_other_us"] = stmt.mean_us - sum(parts.values())
@@ -403,6 +452,10 @@ def report(r: dict[str, Any], derived: dict[str, float]) -> str:
     row(f"   write+fsync {FSYNC_LINE_BYTES} B line", r["prim_fsync_append"])
     row(f"   TPM PCR extend (PCR {r['prim_extend_pcr']})", r["prim_extend"])
     row("   TPM read clock", r["prim_clock"])
+    row("7. verify identity (AK chain, EK chain)", r["identity_verify"])
+    row("8. registrar: issue an AK certificate", r["ak_issue"])
+    row(f"   baseline ECDSA P-256 sign ({BASELINE_PAYLOAD_BYTES} B)", r["baseline_ecdsa_sign"])
+    row("   registrar: whole enrolment (activation)", r["enroll"])
     head = ("benchmark", "n", "ops/s", "p50", "p99", "mean")
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(6)]
 

@@ -82,14 +82,23 @@ port=$(curl -s --unix-socket "$demo/run/embassy.sock" http://embassy/v1/seal | "
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
 echo "workload serving on 127.0.0.1:$port"
 
+cat "$demo/data/swtpm-ca/swtpm-localca-rootca-cert.pem" "$demo/data/swtpm-ca/issuercert.pem" \
+  > "$demo/ek-ca.pem"
+step "registrar: check the EK certificate, credential activation, certify the AK (offline proof)"
+# A demo passphrase: a real registrar's CA key lives with the registrar, never on the host.
+export EMBASSY_REGISTRAR_PASSPHRASE="demo registrar passphrase"
+"$bin/embassy" registrar init --dir "$demo/registrar" --name "demo registrar CA"
+"$bin/embassy" registrar enroll --dir "$demo/registrar" --socket "$demo/run/embassy.sock" \
+  --swtpm-ca "$demo/ek-ca.pem" --allow-software-tpm
+unset EMBASSY_REGISTRAR_PASSPHRASE
+
 step "user: fetch the identity document (live credential activation of AK and EK)"
 "$bin/embassy" identity --socket "$demo/run/embassy.sock" --out "$demo/identity.json"
 
 step "auditor: rebuild the measurement from the same code and config, verify the identity"
 measurement=$("$bin/embassy" measure --config "$demo/config.yaml")
-cat "$demo/data/swtpm-ca/swtpm-localca-rootca-cert.pem" "$demo/data/swtpm-ca/issuercert.pem" \
-  > "$demo/ek-ca.pem"
-policy=(--ek-ca "$demo/ek-ca.pem" --expect-measurement "$measurement" --allow-software-tpm)
+policy=(--swtpm-ca "$demo/ek-ca.pem" --ak-ca "$demo/registrar/registrar-ca.pem"
+  --expect-measurement "$measurement" --allow-software-tpm)
 "$bin/embassy" verify identity "$demo/identity.json" "${policy[@]}"
 
 step "user: seal an input to that embassy (HPKE ML-KEM-768+X25519, streamed AES-256-GCM)"
