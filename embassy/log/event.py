@@ -24,6 +24,7 @@ from embassy.wire.codec import (
     hex_decode,
     only_fields,
     parse_json_object,
+    require_canonical,
 )
 
 EVENT_PAYLOAD_TYPE = "application/vnd.embassy.event+json"
@@ -59,9 +60,12 @@ def parse_event(payload: bytes) -> Event:
     seq = field(log, "seq", int, "event.log")
     if seq < 0:
         raise WireFormatError("event.log.seq: negative")
-    return Event(
+    event = Event(
         type=field(obj, "type", str, "event"),
         seq=seq,
         prev=hex_decode(field(log, "prev", str, "event.log"), "event.log.prev", size=32),
         body=field(obj, "body", dict, "event"),
     )
+    # One byte form for a signed event, as for a statement (embassy.wire.statement).
+    require_canonical(payload, obj, "event")
+    return event

@@ -29,8 +29,14 @@ def authenticate_entry(entry: LogEntry, key: Ed25519PublicKey) -> Statement | Ev
             )
         seq, prev = event.seq, event.prev
         result = event
-    if seq != entry.seq or prev != entry.prev:
+    if seq != entry.seq:
         raise LogIntegrityError(
-            f"entry signed for log position {seq} sits at seq {entry.seq}: it was moved"
+            f"log.seq: entry signed for log position {seq} sits at seq {entry.seq}: it was moved"
+        )
+    if prev != entry.prev:
+        raise LogIntegrityError(
+            f"log.prev: entry seq {entry.seq} was signed to follow an entry with digest "
+            f"{prev.hex()}, but the entry before it has digest {entry.prev.hex()}: it was "
+            "moved to another log or the entries before it were changed"
         )
     return result

@@ -342,6 +342,23 @@ def test_statement_moved_to_another_position(embassy: Embassy, ident: VerifiedId
         check_log(moved, ident)
 
 
+def test_statement_signed_after_another_entry(embassy: Embassy, ident: VerifiedIdentity) -> None:
+    """Signed for seq 1 after another predecessor (from another log): the seq matches, so
+    the message names the digest it was signed to follow, and the one it follows."""
+    start = encode_entry(
+        seq=0, prev=GENESIS, reset_count=1, pcr=13, type=EntryType.EMBASSY_START,
+        data=start_event(embassy),
+    )  # fmt: skip
+    elsewhere = signed(embassy.keys.signing, seq=1, prev=b"\x07" * 32, clock_ms=2000)
+    moved = forge(FakeTpm(b"seed"), start_event(embassy), [elsewhere])
+    with pytest.raises(
+        LogIntegrityError,
+        match=f"log.prev: entry seq 1 was signed to follow an entry with digest {'07' * 32}, "
+        f"but the entry before it has digest {start.digest.hex()}",
+    ):
+        check_log(moved, ident)
+
+
 # -- clocks ----------------------------------------------------------------------------------
 
 
