@@ -122,9 +122,11 @@ class World:
     daemon: Daemon
     port: int
     keys: dict[str, Any]
+    # What a payload is bound to: the embassy's measurement and its workload's launch digest.
+    binding: dict[str, bytes]
 
 
-def _verified_keys(daemon: Daemon, tmp: Path) -> dict[str, Any]:
+def _verified_keys(daemon: Daemon, tmp: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     doc = tmp / "identity.json"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         if embassy_main(["identity", "--socket", str(daemon.socket), "--out", str(doc)]) != 0:
@@ -137,7 +139,12 @@ def _verified_keys(daemon: Daemon, tmp: Path) -> dict[str, Any]:
             insecure_any_measurement=True,
         ),
     )
-    return dict(identity.keys)
+    assert identity.workload is not None
+    binding = {
+        "measurement": identity.measurement.digest,
+        "launch_digest": identity.workload.launch_digest,
+    }
+    return dict(identity.keys), binding
 
 
 @contextlib.contextmanager
@@ -152,7 +159,7 @@ def running_world(base_dir: str | None) -> Iterator[World]:
         daemon.start()
         port = published_port(client, embassy_id(daemon))
         wait_for_http(port)
-        yield World(daemon, port, _verified_keys(daemon, root))
+        yield World(daemon, port, *_verified_keys(daemon, root))
     finally:
         try:
             if daemon.proc is not None and daemon.proc.poll() is None:
@@ -204,7 +211,7 @@ class Sealed:
 def seal(world: World, data: bytes) -> Sealed:
     """The user's side: a fresh payload and the encrypted stream."""
     out = io.BytesIO()
-    envelope, _ = seal_input(world.keys, io.BytesIO(data), out)
+    envelope, _ = seal_input(world.keys, io.BytesIO(data), out, **world.binding)
     env = envelope.to_json()
     header = base64.b64encode(json.dumps(env).encode()).decode()
     return Sealed(header, out.getvalue(), env)

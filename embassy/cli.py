@@ -444,9 +444,21 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
         raise ConfigError(f"payload seal: at most {MAX_INSTRUCTIONS} --instruction per payload")
     # Never wrap a key to an embassy whose identity does not verify under your policy.
     identity = verify_identity_document(_read(args.identity), _policy(args))
+    if identity.workload is None:
+        raise ConfigError(
+            "payload seal: the identity shows no workload launched beside the embassy, and a "
+            "payload is bound to the workload that opens it"
+        )
     instructions = _instructions_for(paths, identity.keys, args.ttl)
+    # Bound to what the verified identity proves: only an embassy of this measurement,
+    # running this workload, opens the payload.
     envelope, input_key, action_key = make_payload(
-        identity.keys, suite=args.suite, ttl_seconds=args.ttl, action_key=bool(paths)
+        identity.keys,
+        measurement=identity.measurement.digest,
+        launch_digest=identity.workload.launch_digest,
+        suite=args.suite,
+        ttl_seconds=args.ttl,
+        action_key=bool(paths),
     )
     try:
         with open(args.input, "rb") as src, open(args.out, "wb") as dst:
@@ -461,7 +473,9 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
         _write_out(blob, args.actions, newline=False)
     sys.stderr.write(
         f"payload {envelope.payload_id.hex()} sealed to embassy {envelope.embassy_keyid[:16]}… "
-        f"({envelope.suite}); expires at {envelope.expires_unix}"
+        f"({envelope.suite}), measurement {envelope.measurement.hex()[:16]}…, workload "
+        f"{identity.workload.name} (launch digest {envelope.launch_digest.hex()[:16]}…); "
+        f"expires at {envelope.expires_unix}"
         + (
             f"; {len(instructions)} instruction(s) sealed in its actions"
             + (" (unmetered if refused)" if args.unmetered_ok else "")

@@ -13,12 +13,15 @@ measurement. Two runs write byte-identical files, so CI diffs them against the c
 Each vector is a JSON file::
 
     {"description": ..., "kind": "identity"|"log"|"evidence"|"statement"|"result"|"envelope"
-     |"entry"|"statement-payload", "input": {...}, "policy": {...},
+     |"entry"|"statement-payload"|"payload", "input": {...}, "policy": {...},
      "expect": {"ok": true} | {"error": "<EmbassyError code>", "message": "<substring>"}}
 
 ``input`` holds exact bytes as base64 (``*_b64`` keys). ``policy`` is what the verifier is
 told: the EK CA bundle (a file name in this directory), the expected measurement, whether a
 software TPM is allowed, the time certificates are checked at, and the caller's nonce.
+A ``payload`` vector is opened by an embassy instead: its ``policy`` is that embassy (its
+vector master secret, measurement, workload launch digest and clock, ``now``), and a good
+one unwraps to ``input_key_b64``.
 An oversize input is written as base64 bytes plus ``pad_to``: the bytes are padded with
 JSON whitespace (which a parser ignores) up to that many bytes, so only the size is wrong.
 A ``result`` vector's input is the identity document and the result bundle, optionally the
@@ -95,6 +98,7 @@ from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope 
 from embassy.wire.statement import LIFECYCLE_V1, Header, Statement, embassy_subject  # noqa: E402
 from tests.fakes import FakeTpm, FakeWorkloadRuntime, ak_chain_for, fake_registrar  # noqa: E402
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
+from tests.unit.payload.payload_vectors import payload_cases  # noqa: E402
 from tests.unit.verify import result_vectors  # noqa: E402
 from workload_sdk.activations import DTYPES, FIXED_HEADER_LEN, HEADER  # noqa: E402
 
@@ -122,6 +126,8 @@ AT = "2026-06-01T00:00:00+00:00"
 CHECKPOINT_EVERY = 3
 EMBASSY_PCR, LOG_PCR = 13, 14
 BOOT_PCRS = (4, 11, 12)  # the default pcrs.boot: the master secret is sealed to them
+# The launch digest of the workload the payload vectors are sealed for.
+PAYLOAD_LAUNCH_DIGEST = hashlib.sha256(b"embassy vectors: the workload's launch config").digest()
 QUOTED_PCRS = (4, 11, 12, 13, 14)
 
 Vectors = dict[str, bytes]
@@ -1198,10 +1204,21 @@ def build_image_vectors() -> Vectors:
     return out
 
 
+def build_payload_vectors() -> Vectors:
+    """Payload envelopes bound to a measurement and a workload, opened by the vectors'
+    embassy (tests/unit/payload/payload_vectors.py makes them, deterministically)."""
+    out: Vectors = {}
+    for name, case in payload_cases(MASTER, MEASUREMENT.digest, PAYLOAD_LAUNCH_DIGEST).items():
+        inputs = {"envelope_b64": b64(case.envelope), "input_key_b64": b64(case.input_key)}
+        out[f"{name}.json"] = vector(case.description, "payload", inputs, case.expect, case.embassy)
+    return out
+
+
 def build_all() -> Vectors:
     """Every file of the vector directory, by path relative to it."""
     return {
         **build_vectors(),
+        **build_payload_vectors(),
         **build_result_vectors(),
         **build_activation_vectors(),
         **build_image_vectors(),

@@ -56,9 +56,12 @@ from embassy.errors import (
     SealError,
     StorageError,
     TpmError,
+    UnboundPayloadError,
     VerificationError,
     WireFormatError,
     WorkloadError,
+    WrongMeasurementError,
+    WrongWorkloadError,
 )
 from embassy.wire.codec import canonical_json
 
@@ -86,6 +89,11 @@ _STATUS: tuple[tuple[type[EmbassyError], int], ...] = (
     (NotOwnerError, 403),
     (PolicyError, 403),
     (ConflictError, 409),
+    # A payload for another measurement or workload, or of the unbound version 1: 400 as
+    # wrong-embassy (the request is for another embassy, not a conflict of a session's).
+    (WrongMeasurementError, 400),
+    (WrongWorkloadError, 400),
+    (UnboundPayloadError, 400),
     (RequestError, 400),
     (WireFormatError, 400),
     (ActivationError, 422),

@@ -2,12 +2,19 @@
 
 ::
 
-    {"v":1,"payload_id":"<hex16>","expires_unix":N,"embassy_keyid":"<hex32>",
+    {"v":2,"payload_id":"<hex16>","expires_unix":N,"embassy_keyid":"<hex32>",
+     "measurement":"<hex32>","launch_digest":"<hex32>",
      "suite":"x25519" | "mlkem768-x25519","has_action_key":false,"wrapped":"<b64>"}
 
     wrapped   = HPKE base mode (KEM of the suite, HKDF-SHA256, AES-256-GCM) of
                 input_key (32 B) || action_key (32 B, only if has_action_key)
-    info      = b"embassy-payload-v1\\0" || canonical JSON of every field but ``wrapped``
+    info      = b"embassy-payload-v2\\0" || canonical JSON of every field but ``wrapped``
+
+``measurement`` is the embassy's measurement digest (its code, config and policy) and
+``launch_digest`` its workload's launch digest, both as the user's verified identity shows
+them. The embassy refuses a payload for another measurement or workload with codes of their
+own before it decrypts anything, and as both are in the HPKE ``info``, an envelope whose
+fields were rewritten to match does not unwrap. Version 1 bound neither: it is refused.
 
 The user side (:func:`make_payload`, :func:`seal_input`) wraps to the public keys of an
 identity the user has verified; the embassy side (:func:`open_payload`) unwraps with its
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import os
 import time
 from collections.abc import Mapping
@@ -32,9 +40,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from embassy.errors import (
     BadPayloadError,
     PayloadExpiredError,
+    UnboundPayloadError,
     UnsupportedSuiteError,
     WireFormatError,
     WrongEmbassyError,
+    WrongMeasurementError,
+    WrongWorkloadError,
 )
 from embassy.wire.codec import (
     JsonObject,
@@ -48,11 +59,12 @@ from embassy.wire.codec import (
 )
 from workload_sdk.stream import DEFAULT_CHUNK_SIZE, encrypt_stream
 
-VERSION = 1
-INFO_PREFIX = b"embassy-payload-v1\0"
+VERSION = 2
+INFO_PREFIX = b"embassy-payload-v2\0"
 PAYLOAD_ID_LEN = 16
 KEY_LEN = 32
 KEYID_LEN = 32
+DIGEST_LEN = 32
 SUITE_X25519 = "x25519"
 SUITE_MLKEM768_X25519 = "mlkem768-x25519"
 # The longest ``wrapped`` a supported suite makes is 1,120 (enc) + 64 + 16 (tag) bytes.
@@ -73,7 +85,17 @@ _PRIVATE_TYPES: Mapping[str, type] = {
     SUITE_MLKEM768_X25519: hpke.MLKEM768X25519PrivateKey,
 }
 
-_FIELDS = {"v", "payload_id", "expires_unix", "embassy_keyid", "suite", "has_action_key", "wrapped"}
+_FIELDS = {
+    "v",
+    "payload_id",
+    "expires_unix",
+    "embassy_keyid",
+    "measurement",
+    "launch_digest",
+    "suite",
+    "has_action_key",
+    "wrapped",
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,8 @@ class PayloadEnvelope:
     payload_id: bytes
     expires_unix: int
     embassy_keyid: str
+    measurement: bytes
+    launch_digest: bytes
     suite: str
     has_action_key: bool
     wrapped: bytes
@@ -92,6 +116,8 @@ class PayloadEnvelope:
             "payload_id": self.payload_id.hex(),
             "expires_unix": self.expires_unix,
             "embassy_keyid": self.embassy_keyid,
+            "measurement": self.measurement.hex(),
+            "launch_digest": self.launch_digest.hex(),
             "suite": self.suite,
             "has_action_key": self.has_action_key,
         }
@@ -108,10 +134,16 @@ class PayloadEnvelope:
         """Strictly parse an already-decoded JSON value (e.g. the ``payload`` of a request)."""
         if not isinstance(obj, dict):
             raise WireFormatError(f"{what}: expected a JSON object")
-        only_fields(obj, _FIELDS, what)
         version = field(obj, "v", int, what)
+        if version == 1:
+            raise UnboundPayloadError(
+                f"{what}: version 1 binds neither the embassy's measurement nor its workload, "
+                "so any embassy holding the keys would open it; seal the payload again with "
+                f"version {VERSION} (embassy payload seal)"
+            )
         if version != VERSION:
             raise WireFormatError(f"{what}: unsupported version {version}")
+        only_fields(obj, _FIELDS, what)
         payload_id = hex_decode(
             field(obj, "payload_id", str, what), f"{what}.payload_id", size=PAYLOAD_ID_LEN
         )
@@ -120,6 +152,12 @@ class PayloadEnvelope:
             raise WireFormatError(f"{what}.expires_unix: out of range")
         keyid = field(obj, "embassy_keyid", str, what)
         hex_decode(keyid, f"{what}.embassy_keyid", size=KEYID_LEN)
+        measurement = hex_decode(
+            field(obj, "measurement", str, what), f"{what}.measurement", size=DIGEST_LEN
+        )
+        launch = hex_decode(
+            field(obj, "launch_digest", str, what), f"{what}.launch_digest", size=DIGEST_LEN
+        )
         suite = field(obj, "suite", str, what)
         # An unknown suite is well-formed: open_payload refuses it as unsupported-suite.
         if not suite or len(suite) > MAX_SUITE_LEN or not suite.isascii():
@@ -128,7 +166,7 @@ class PayloadEnvelope:
         wrapped = b64decode(field(obj, "wrapped", str, what), f"{what}.wrapped")
         if not 0 < len(wrapped) <= MAX_WRAPPED_LEN:
             raise WireFormatError(f"{what}.wrapped: {len(wrapped)} bytes is out of range")
-        return cls(payload_id, expires, keyid, suite, has_action_key, wrapped)
+        return cls(payload_id, expires, keyid, measurement, launch, suite, has_action_key, wrapped)
 
     @classmethod
     def parse(cls, data: bytes) -> PayloadEnvelope:
@@ -201,9 +239,17 @@ def embassy_keyid(identity_keys_json: Mapping[str, Any]) -> str:
 # User side
 
 
+def _digest_arg(name: str, value: bytes) -> bytes:
+    if not isinstance(value, bytes) or len(value) != DIGEST_LEN:
+        raise ValueError(f"{name} must be {DIGEST_LEN} bytes (a SHA-256 digest)")
+    return bytes(value)
+
+
 def make_payload(
     identity_keys_json: Mapping[str, Any],
     *,
+    measurement: bytes,
+    launch_digest: bytes,
     suite: str = SUITE_MLKEM768_X25519,
     ttl_seconds: int = 3600,
     now: float | None = None,
@@ -213,8 +259,12 @@ def make_payload(
     """Wrap a fresh input key (and action key) to the embassy of a *verified* identity.
 
     Returns (envelope, input_key, action_key or None). ``identity_keys_json`` is
-    :attr:`embassy.verify.identity.VerifiedIdentity.keys`.
+    :attr:`embassy.verify.identity.VerifiedIdentity.keys`, ``measurement`` its
+    ``measurement.digest`` and ``launch_digest`` its ``workload.launch_digest``: only an
+    embassy of that measurement, running that workload, opens the payload.
     """
+    measurement = _digest_arg("measurement", measurement)
+    launch_digest = _digest_arg("launch_digest", launch_digest)
     hpke_suite = suite_for(suite)
     public = hpke_public_keys(identity_keys_json).get(suite)
     if public is None:
@@ -231,6 +281,8 @@ def make_payload(
         payload_id=bytes(payload_id),
         expires_unix=int(time.time() if now is None else now) + ttl_seconds,
         embassy_keyid=embassy_keyid(identity_keys_json),
+        measurement=measurement,
+        launch_digest=launch_digest,
         suite=suite,
         has_action_key=action_key,
         wrapped=b"",
@@ -244,6 +296,8 @@ def seal_input(
     src: BinaryIO,
     dst: BinaryIO,
     *,
+    measurement: bytes,
+    launch_digest: bytes,
     suite: str = SUITE_MLKEM768_X25519,
     ttl_seconds: int = 3600,
     now: float | None = None,
@@ -255,7 +309,13 @@ def seal_input(
     For an action key too, call :func:`make_payload` and ``encrypt_stream`` yourself.
     """
     envelope, input_key, _ = make_payload(
-        identity_keys_json, suite=suite, ttl_seconds=ttl_seconds, now=now, payload_id=payload_id
+        identity_keys_json,
+        measurement=measurement,
+        launch_digest=launch_digest,
+        suite=suite,
+        ttl_seconds=ttl_seconds,
+        now=now,
+        payload_id=payload_id,
     )
     encrypt_stream(input_key, envelope.payload_id, src, dst, chunk_size=chunk_size)
     return envelope, input_key
@@ -270,15 +330,19 @@ def open_payload(
     *,
     private_keys: Mapping[str, HpkePrivateKey],
     own_keyid: str,
+    own_measurement: bytes,
+    own_launch_digest: bytes,
     now: float,
 ) -> tuple[bytes, bytes | None]:
     """Unwrap (input_key, action_key or None), or raise, checking in this order:
 
     expired (:class:`PayloadExpiredError`), another embassy's keyid
-    (:class:`WrongEmbassyError`), a suite without a key here (:class:`UnsupportedSuiteError`),
-    then HPKE (:class:`BadPayloadError`). The first three read fields HPKE has not yet
-    authenticated; a forged field there can only make the embassy refuse, never accept.
-    Replay is not checked here.
+    (:class:`WrongEmbassyError`), another measurement (:class:`WrongMeasurementError`),
+    another workload (:class:`WrongWorkloadError`), a suite without a key here
+    (:class:`UnsupportedSuiteError`), then HPKE (:class:`BadPayloadError`). The first five
+    read fields HPKE has not yet authenticated; a forged field there can only make the
+    embassy refuse, never accept: each is in the HPKE ``info``, so an envelope rewritten to
+    name this embassy's measurement or workload does not unwrap. Replay is not checked here.
     """
     if now >= envelope.expires_unix:
         raise PayloadExpiredError(
@@ -288,6 +352,18 @@ def open_payload(
     if envelope.embassy_keyid != own_keyid:
         raise WrongEmbassyError(
             f"payload is for embassy {envelope.embassy_keyid}, this embassy is {own_keyid}"
+        )
+    if not hmac.compare_digest(envelope.measurement, own_measurement):
+        raise WrongMeasurementError(
+            f"payload.measurement is {envelope.measurement.hex()}, this embassy's measurement "
+            f"is {own_measurement.hex()}: the payload was sealed for another embassy "
+            "code, config or policy"
+        )
+    if not hmac.compare_digest(envelope.launch_digest, own_launch_digest):
+        raise WrongWorkloadError(
+            f"payload.launch_digest is {envelope.launch_digest.hex()}, this embassy's "
+            f"workload has launch digest {own_launch_digest.hex()}: the payload was sealed "
+            "for another workload (image or launch configuration)"
         )
     hpke_suite = suite_for(envelope.suite)
     private = private_keys.get(envelope.suite)

@@ -42,8 +42,9 @@ from embassy.metering.reading import reply_public_bytes
 from embassy.payload.envelope import PayloadEnvelope, open_payload
 from embassy.wire.codec import canonical_json
 from embassy.wire.dsse import keyid, parse_envelope
-from tests.fakes import FakeTpm
+from tests.fakes import FakeTpm, FakeWorkloadRuntime
 from tests.unit.conftest import MEASUREMENT, trust_flags
+from tests.unit.verify.conftest import WORKLOAD, sealed_workload
 from workload_sdk.activations import ActivationWriter
 from workload_sdk.stream import decrypt_bytes
 
@@ -69,6 +70,13 @@ def private(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
 
 def authority(entry: dict[str, Any], *capabilities: str) -> dict[str, Any]:
     return {"name": entry["name"], "ed25519": entry["ed25519"], "capabilities": list(capabilities)}
+
+
+def with_workload(make_embassy: Any, tpm: FakeTpm, extra: dict[str, Any]) -> Embassy:
+    """An embassy running a (fake) workload: a payload is bound to the workload it is for."""
+    with FakeWorkloadRuntime():
+        embassy: Embassy = make_embassy(tpm, extra={**extra, "workload": WORKLOAD})
+        return embassy
 
 
 class World:
@@ -109,6 +117,8 @@ class World:
                 "mlkem768-x25519": self.embassy.keys.hpke_hybrid,
             },
             own_keyid=self.keyid,
+            own_measurement=MEASUREMENT.digest,
+            own_launch_digest=sealed_workload(self.embassy).identity.launch_digest,
             now=time.time(),
         )
         return envelope, input_key, action_key
@@ -141,7 +151,7 @@ def world(
 ) -> World:
     _, entry = aisi_key
     extra = {"authorities": [authority(entry, "bio", "cyber")]}
-    return World(make_embassy(tpm, extra=extra), tpm, tmp_path)
+    return World(with_workload(make_embassy, tpm, extra), tpm, tmp_path)
 
 
 # -- keygen ----------------------------------------------------------------------------
@@ -403,7 +413,7 @@ def test_meters_read_opens_a_reading_for_its_authority_only(
     extra = {
         "authorities": [authority(aisi_entry, "bio", "cyber"), authority(rights_entry, "lyrics")]
     }
-    world = World(make_embassy(tpm, extra=extra), tpm, tmp_path)
+    world = World(with_workload(make_embassy, tpm, extra), tpm, tmp_path)
     acts = tmp_path / "acts"
     acts.mkdir()
     # Teach cyber one positive sample, then meter one session against it.

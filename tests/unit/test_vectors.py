@@ -39,6 +39,7 @@ KINDS = {
     "envelope",
     "entry",
     "statement-payload",
+    "payload",
 }
 
 
@@ -142,8 +143,28 @@ def run_vector(vector: dict[str, Any]) -> None:
             payload_id=inputs.get("payload_id"),
             **evidence,
         )
+    elif kind == "payload":
+        _open_payload(inputs, spec)
     else:
         raise AssertionError(f"unknown vector kind {kind!r}")
+
+
+def _open_payload(inputs: dict[str, Any], embassy: dict[str, Any]) -> None:
+    """The embassy side: the vector's embassy opens the payload (and gets its key back)."""
+    from embassy.daemon.keys import derive_keys
+    from embassy.payload.envelope import PayloadEnvelope, open_payload
+    from embassy.wire.dsse import keyid
+
+    keys = derive_keys(bytes.fromhex(embassy["master"]))
+    input_key, _ = open_payload(
+        PayloadEnvelope.parse(_bytes(inputs, "envelope_b64")),
+        private_keys={"x25519": keys.hpke_x25519, "mlkem768-x25519": keys.hpke_hybrid},
+        own_keyid=keyid(keys.signing.public_key()),
+        own_measurement=bytes.fromhex(embassy["measurement"]),
+        own_launch_digest=bytes.fromhex(embassy["launch_digest"]),
+        now=embassy["now"],
+    )
+    assert input_key == _bytes(inputs, "input_key_b64")
 
 
 def test_vectors_exist() -> None:

@@ -13,7 +13,13 @@ import pytest
 from cryptography.hazmat.primitives import hpke
 
 from embassy.daemon.keys import EmbassyKeys, derive_keys
-from embassy.errors import RequestError, WireFormatError
+from embassy.errors import (
+    RequestError,
+    UnboundPayloadError,
+    WireFormatError,
+    WrongMeasurementError,
+    WrongWorkloadError,
+)
 from embassy.payload.envelope import (
     SUITES,
     BadPayloadError,
@@ -47,10 +53,35 @@ def _embassy(seed: int) -> tuple[EmbassyKeys, dict[str, Any], dict[str, HpkePriv
 
 _, PUBLIC, PRIVATE, KEYID = _embassy(1)
 _, OTHER_PUBLIC, OTHER_PRIVATE, OTHER_KEYID = _embassy(2)
+# Measurement A and workload A: what this embassy is and runs; B: another.
+MEASUREMENT, OTHER_MEASUREMENT = b"\xa1" * 32, b"\xb1" * 32
+LAUNCH, OTHER_LAUNCH = b"\xa2" * 32, b"\xb2" * 32
 
 
-def _open(env: PayloadEnvelope, now: float = NOW) -> tuple[bytes, bytes | None]:
-    return open_payload(env, private_keys=PRIVATE, own_keyid=KEYID, now=now)
+def _make(keys: Any, **kw: Any) -> tuple[PayloadEnvelope, bytes, bytes | None]:
+    """make_payload for measurement A, workload A unless told otherwise."""
+    kw.setdefault("measurement", MEASUREMENT)
+    kw.setdefault("launch_digest", LAUNCH)
+    return make_payload(keys, **kw)
+
+
+def _open(
+    env: PayloadEnvelope,
+    now: float = NOW,
+    *,
+    measurement: bytes = MEASUREMENT,
+    launch_digest: bytes = LAUNCH,
+    private_keys: Any = None,
+    own_keyid: str = KEYID,
+) -> tuple[bytes, bytes | None]:
+    return open_payload(
+        env,
+        private_keys=PRIVATE if private_keys is None else private_keys,
+        own_keyid=own_keyid,
+        own_measurement=measurement,
+        own_launch_digest=launch_digest,
+        now=now,
+    )
 
 
 # --- round trips ---------------------------------------------------------------------
@@ -59,11 +90,12 @@ def _open(env: PayloadEnvelope, now: float = NOW) -> tuple[bytes, bytes | None]:
 @pytest.mark.parametrize("suite", SUITE_NAMES)
 @pytest.mark.parametrize("action_key", [False, True])
 def test_round_trip(suite: str, action_key: bool) -> None:
-    env, input_key, action = make_payload(PUBLIC, suite=suite, now=NOW, action_key=action_key)
+    env, input_key, action = _make(PUBLIC, suite=suite, now=NOW, action_key=action_key)
     assert len(input_key) == 32
     assert (action is not None) == action_key == env.has_action_key
     assert env.suite == suite
     assert env.embassy_keyid == KEYID
+    assert (env.measurement, env.launch_digest) == (MEASUREMENT, LAUNCH)
     assert env.expires_unix == int(NOW) + 3600
     assert len(env.payload_id) == 16
     assert _open(env) == (input_key, action)
@@ -72,22 +104,22 @@ def test_round_trip(suite: str, action_key: bool) -> None:
 
 
 def test_wrapped_sizes() -> None:
-    x, _, _ = make_payload(PUBLIC, suite="x25519", now=NOW)
-    h, _, _ = make_payload(PUBLIC, suite="mlkem768-x25519", now=NOW, action_key=True)
+    x, _, _ = _make(PUBLIC, suite="x25519", now=NOW)
+    h, _, _ = _make(PUBLIC, suite="mlkem768-x25519", now=NOW, action_key=True)
     assert len(x.wrapped) == hpke.KEM.X25519.enc_length() + 32 + 16
     assert len(h.wrapped) == hpke.KEM.MLKEM768_X25519.enc_length() + 64 + 16
 
 
 def test_default_suite_is_hybrid_and_keys_are_fresh() -> None:
-    a, ka, _ = make_payload(PUBLIC, now=NOW)
-    b, kb, _ = make_payload(PUBLIC, now=NOW)
+    a, ka, _ = _make(PUBLIC, now=NOW)
+    b, kb, _ = _make(PUBLIC, now=NOW)
     assert a.suite == "mlkem768-x25519"
     assert a.payload_id != b.payload_id
     assert ka != kb
 
 
 def test_given_payload_id_and_ttl() -> None:
-    env, _, _ = make_payload(PUBLIC, now=NOW, ttl_seconds=60, payload_id=b"p" * 16)
+    env, _, _ = _make(PUBLIC, now=NOW, ttl_seconds=60, payload_id=b"p" * 16)
     assert env.payload_id == b"p" * 16
     assert env.expires_unix == int(NOW) + 60
 
@@ -95,24 +127,32 @@ def test_given_payload_id_and_ttl() -> None:
 @pytest.mark.parametrize("ttl", [0, -1, True])
 def test_bad_ttl(ttl: int) -> None:
     with pytest.raises(ValueError, match="ttl_seconds"):
-        make_payload(PUBLIC, now=NOW, ttl_seconds=ttl)
+        _make(PUBLIC, now=NOW, ttl_seconds=ttl)
+
+
+def _env(has_action_key: bool, wrapped: bytes) -> PayloadEnvelope:
+    return PayloadEnvelope(
+        b"\x01" * 16, 1_800_000_000, "ab" * 32, b"\xcd" * 32, b"\xef" * 32, "x25519",
+        has_action_key, wrapped,
+    )  # fmt: skip
 
 
 def test_to_json_is_the_wire_shape() -> None:
-    env = PayloadEnvelope(b"\x01" * 16, 1_800_000_000, "ab" * 32, "x25519", False, b"\xff\x00")
-    assert env.to_bytes() == (
+    assert _env(False, b"\xff\x00").to_bytes() == (
         b'{"embassy_keyid":"' + b"ab" * 32 + b'","expires_unix":1800000000,'
-        b'"has_action_key":false,"payload_id":"' + b"01" * 16 + b'","suite":"x25519",'
-        b'"v":1,"wrapped":"/wA="}'
+        b'"has_action_key":false,"launch_digest":"' + b"ef" * 32 + b'",'
+        b'"measurement":"' + b"cd" * 32 + b'","payload_id":"' + b"01" * 16 + b'",'
+        b'"suite":"x25519","v":2,"wrapped":"/wA="}'
     )
 
 
 def test_info_binds_every_field_but_wrapped() -> None:
-    env = PayloadEnvelope(b"\x01" * 16, 1_800_000_000, "ab" * 32, "x25519", True, b"\xff")
+    env = _env(True, b"\xff")
     assert info_for(env) == (
-        b'embassy-payload-v1\x00{"embassy_keyid":"' + b"ab" * 32 + b'",'
-        b'"expires_unix":1800000000,"has_action_key":true,"payload_id":"' + b"01" * 16 + b'",'
-        b'"suite":"x25519","v":1}'
+        b'embassy-payload-v2\x00{"embassy_keyid":"' + b"ab" * 32 + b'",'
+        b'"expires_unix":1800000000,"has_action_key":true,"launch_digest":"' + b"ef" * 32 + b'",'
+        b'"measurement":"' + b"cd" * 32 + b'","payload_id":"' + b"01" * 16 + b'",'
+        b'"suite":"x25519","v":2}'
     )
     assert info_for(dataclasses.replace(env, wrapped=b"other")) == info_for(env)
 
@@ -120,7 +160,15 @@ def test_info_binds_every_field_but_wrapped() -> None:
 def test_seal_input_end_to_end() -> None:
     data = os.urandom(200_000)
     out = io.BytesIO()
-    env, input_key = seal_input(PUBLIC, io.BytesIO(data), out, now=NOW, chunk_size=4096)
+    env, input_key = seal_input(
+        PUBLIC,
+        io.BytesIO(data),
+        out,
+        measurement=MEASUREMENT,
+        launch_digest=LAUNCH,
+        now=NOW,
+        chunk_size=4096,
+    )
     opened, action = _open(PayloadEnvelope.parse(env.to_bytes()))
     assert (opened, action) == (input_key, None)
     assert decrypt_bytes(opened, out.getvalue(), expected_payload_id=env.payload_id) == data
@@ -131,7 +179,7 @@ def test_seal_input_end_to_end() -> None:
 
 @pytest.fixture(params=SUITE_NAMES)
 def envelope(request: pytest.FixtureRequest) -> PayloadEnvelope:
-    env, _, _ = make_payload(PUBLIC, suite=request.param, now=NOW, action_key=True)
+    env, _, _ = _make(PUBLIC, suite=request.param, now=NOW, action_key=True)
     return env
 
 
@@ -185,7 +233,7 @@ def test_tampered_keyid_is_wrong_embassy_first(envelope: PayloadEnvelope) -> Non
 
 
 def test_other_embassys_payload() -> None:
-    env, _, _ = make_payload(OTHER_PUBLIC, now=NOW)
+    env, _, _ = _make(OTHER_PUBLIC, now=NOW)
     assert env.embassy_keyid == OTHER_KEYID
     with pytest.raises(WrongEmbassyError, match=f"this embassy is {KEYID}"):
         _open(env)
@@ -197,13 +245,73 @@ def test_other_embassys_payload() -> None:
 @pytest.mark.parametrize("suite", SUITE_NAMES)
 def test_wrapped_to_another_embassys_key_but_naming_this_one(suite: str) -> None:
     forged = {"signing": PUBLIC["signing"], "hpke": OTHER_PUBLIC["hpke"]}
-    env, _, _ = make_payload(forged, suite=suite, now=NOW)
+    env, _, _ = _make(forged, suite=suite, now=NOW)
     assert env.embassy_keyid == KEYID
     with pytest.raises(BadPayloadError, match="wrapped to another key"):
         _open(env)
     # ... which the other embassy cannot use either: it names this one.
     with pytest.raises(WrongEmbassyError):
-        open_payload(env, private_keys=OTHER_PRIVATE, own_keyid=OTHER_KEYID, now=NOW)
+        _open(env, private_keys=OTHER_PRIVATE, own_keyid=OTHER_KEYID)
+
+
+# --- bound to the embassy's measurement and workload ----------------------------------
+
+
+def test_a_payload_for_measurement_a_is_refused_by_measurement_b(
+    envelope: PayloadEnvelope,
+) -> None:
+    """The same keys (the same TPM and boot) restarted with another code or config."""
+    with pytest.raises(WrongMeasurementError) as caught:
+        _open(envelope, measurement=OTHER_MEASUREMENT)
+    assert caught.value.code == "payload-wrong-measurement"
+    assert f"payload.measurement is {MEASUREMENT.hex()}" in caught.value.message
+    assert f"this embassy's measurement is {OTHER_MEASUREMENT.hex()}" in caught.value.message
+    # Checked after the keyid and expiry, before the workload.
+    with pytest.raises(WrongEmbassyError):
+        _open(envelope, measurement=OTHER_MEASUREMENT, own_keyid=OTHER_KEYID)
+    with pytest.raises(WrongMeasurementError):
+        _open(envelope, measurement=OTHER_MEASUREMENT, launch_digest=OTHER_LAUNCH)
+
+
+def test_a_payload_for_workload_a_is_refused_beside_workload_b(
+    envelope: PayloadEnvelope,
+) -> None:
+    with pytest.raises(WrongWorkloadError) as caught:
+        _open(envelope, launch_digest=OTHER_LAUNCH)
+    assert caught.value.code == "payload-wrong-workload"
+    assert f"payload.launch_digest is {LAUNCH.hex()}" in caught.value.message
+    assert f"launch digest {OTHER_LAUNCH.hex()}" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value"), [("measurement", OTHER_MEASUREMENT), ("launch_digest", OTHER_LAUNCH)]
+)
+def test_rewriting_a_bound_field_to_match_does_not_unwrap(
+    envelope: PayloadEnvelope, field_name: str, value: bytes
+) -> None:
+    """The attacker's edit: make a payload for A claim B so that embassy B takes it."""
+    forged = PayloadEnvelope.from_json({**envelope.to_json(), field_name: value.hex()})
+    at_b = {field_name: value}
+    with pytest.raises(BadPayloadError, match="does not unwrap"):
+        _open(forged, **at_b)  # type: ignore[arg-type]
+    # Unaltered, only A opens it.
+    assert _open(envelope)[0]
+
+
+def test_a_version_1_envelope_is_refused_as_unbound() -> None:
+    good = _good()
+    v1 = {k: v for k, v in good.items() if k not in ("measurement", "launch_digest")}
+    for obj in ({**v1, "v": 1}, {**good, "v": 1}):
+        with pytest.raises(UnboundPayloadError, match="version 1 binds neither") as caught:
+            _parse(obj)
+        assert caught.value.code == "payload-unbound"
+
+
+@pytest.mark.parametrize("name", ["measurement", "launch_digest"])
+@pytest.mark.parametrize("value", [b"", b"\x00" * 31, "ab" * 32])
+def test_make_payload_needs_both_digests(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=name):
+        _make(PUBLIC, now=NOW, **{name: value})
 
 
 def test_unknown_suite(envelope: PayloadEnvelope) -> None:
@@ -219,7 +327,7 @@ def test_unknown_suite(envelope: PayloadEnvelope) -> None:
 
 def test_suite_without_a_key_here(envelope: PayloadEnvelope) -> None:
     with pytest.raises(UnsupportedSuiteError, match="has no"):
-        open_payload(envelope, private_keys={}, own_keyid=KEYID, now=NOW)
+        _open(envelope, private_keys={})
 
 
 def test_mismatched_private_key_type_is_a_programming_error(envelope: PayloadEnvelope) -> None:
@@ -228,12 +336,14 @@ def test_mismatched_private_key_type_is_a_programming_error(envelope: PayloadEnv
         "mlkem768-x25519": PRIVATE["x25519"],
     }
     with pytest.raises(TypeError):
-        open_payload(envelope, private_keys=swapped, own_keyid=KEYID, now=NOW)
+        _open(envelope, private_keys=swapped)
 
 
 @pytest.mark.parametrize("size", [0, 31, 33, 48, 64, 96])
 def test_wrong_plaintext_length(size: int) -> None:
-    unsigned = PayloadEnvelope(os.urandom(16), int(NOW) + 60, KEYID, "x25519", False, b"")
+    unsigned = PayloadEnvelope(
+        os.urandom(16), int(NOW) + 60, KEYID, MEASUREMENT, LAUNCH, "x25519", False, b""
+    )
     public = hpke_public_keys(PUBLIC)["x25519"]
     wrapped = SUITES["x25519"].encrypt(bytes(size), public, info=info_for(unsigned))
     env = dataclasses.replace(unsigned, wrapped=wrapped)
@@ -243,12 +353,12 @@ def test_wrong_plaintext_length(size: int) -> None:
 
 def test_make_payload_refusals() -> None:
     with pytest.raises(UnsupportedSuiteError, match="unsupported HPKE suite 'p256'"):
-        make_payload(PUBLIC, suite="p256", now=NOW)
+        _make(PUBLIC, suite="p256", now=NOW)
     only_x = {"signing": PUBLIC["signing"], "hpke": PUBLIC["hpke"][:1]}
     with pytest.raises(UnsupportedSuiteError, match="offers no 'mlkem768-x25519' HPKE key"):
-        make_payload(only_x, now=NOW)
+        _make(only_x, now=NOW)
     with pytest.raises(ValueError, match="payload_id"):
-        make_payload(PUBLIC, now=NOW, payload_id=b"short")
+        _make(PUBLIC, now=NOW, payload_id=b"short")
 
 
 def test_error_codes_and_tree() -> None:
@@ -257,6 +367,9 @@ def test_error_codes_and_tree() -> None:
         WrongEmbassyError: "wrong-embassy",
         UnsupportedSuiteError: "unsupported-suite",
         BadPayloadError: "bad-payload",
+        WrongMeasurementError: "payload-wrong-measurement",
+        WrongWorkloadError: "payload-wrong-workload",
+        UnboundPayloadError: "payload-unbound",
     }
     for cls, code in codes.items():
         assert issubclass(cls, RequestError)
@@ -306,14 +419,14 @@ def test_bad_identity_hpke_keys(keys: dict[str, Any], match: str) -> None:
 def test_identity_keyid_must_match_its_public_key() -> None:
     bad = {**PUBLIC, "signing": {**PUBLIC["signing"], "keyid": OTHER_KEYID}}
     with pytest.raises(WireFormatError, match="not SHA-256 of the signing public key"):
-        make_payload(bad, now=NOW)
+        _make(bad, now=NOW)
 
 
 # --- strict parsing ------------------------------------------------------------------
 
 
 def _good() -> dict[str, Any]:
-    env, _, _ = make_payload(PUBLIC, suite="x25519", now=NOW)
+    env, _, _ = _make(PUBLIC, suite="x25519", now=NOW)
     return env.to_json()
 
 
@@ -331,7 +444,8 @@ def test_parse_accepts_non_canonical_key_order_and_spacing() -> None:
     ("change", "match"),
     [
         ({"extra": 1}, "unknown field"),
-        ({"v": 2}, "unsupported version 2"),
+        ({"v": 3}, "unsupported version 3"),
+        ({"v": 0}, "unsupported version 0"),
         ({"v": True}, "v: expected int, got bool"),
         ({"v": "1"}, "v: expected int, got str"),
         ({"expires_unix": True}, "expires_unix: expected int, got bool"),
@@ -345,6 +459,11 @@ def test_parse_accepts_non_canonical_key_order_and_spacing() -> None:
         ({"payload_id": 5}, "payload_id: expected str"),
         ({"embassy_keyid": "ab" * 20}, "embassy_keyid: expected 32 bytes"),
         ({"embassy_keyid": "xyz"}, "embassy_keyid: not valid hex"),
+        ({"measurement": "ab" * 31}, "measurement: expected 32 bytes, got 31"),
+        ({"measurement": "AB" * 32}, "measurement: hex must be lower-case"),
+        ({"measurement": None}, "measurement: expected str"),
+        ({"launch_digest": "ab" * 33}, "launch_digest: expected 32 bytes, got 33"),
+        ({"launch_digest": "zz" * 32}, "launch_digest: not valid hex"),
         ({"suite": ""}, "suite: expected a short ASCII suite name"),
         ({"suite": "é"}, "suite: expected a short ASCII suite name"),
         ({"suite": 1}, "suite: expected str"),
@@ -362,7 +481,17 @@ def test_strict_fields(change: dict[str, Any], match: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["v", "payload_id", "expires_unix", "embassy_keyid", "suite", "has_action_key"]
+    "name",
+    [
+        "v",
+        "payload_id",
+        "expires_unix",
+        "embassy_keyid",
+        "measurement",
+        "launch_digest",
+        "suite",
+        "has_action_key",
+    ],
 )
 def test_missing_field(name: str) -> None:
     good = _good()
@@ -380,7 +509,7 @@ def test_non_canonical_base64() -> None:
 
 
 def test_duplicate_keys() -> None:
-    text = json.dumps(_good())[:-1] + ', "v": 1}'
+    text = json.dumps(_good())[:-1] + ', "v": 2}'
     with pytest.raises(WireFormatError, match="duplicate JSON key 'v'"):
         PayloadEnvelope.parse(text.encode())
 
