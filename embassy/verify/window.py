@@ -48,9 +48,7 @@ class StatementTime:
         )
 
     def describe(self) -> str:
-        wall = (
-            "" if self.wall_time_unix is None else f", wall time {self.wall_time_unix} (unix s)"
-        )
+        wall = "" if self.wall_time_unix is None else f", wall time {self.wall_time_unix} (unix s)"
         return (
             f"seq {self.seq}, TPM clock {self.clock.clock} ms (boot {self.clock.reset_count}, "
             f"restart {self.clock.restart_count}){wall}"
