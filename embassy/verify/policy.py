@@ -20,7 +20,8 @@ class TrustPolicy:
     ``software_ek_cas``: software TPMs' CAs (swtpm's local CA), whose TPMs are software TPMs
     whatever the embassy claims. ``ak_cas``: registrars' CAs, whose AK certificates name the
     EK certificate they activated against; ``vtpm_ak_cas``: cloud vTPM AK CAs that vouch for
-    an AK directly. An AK needs one of them (or a live activation the caller ran). ``expected_measurement``:
+    an AK directly. An AK needs one of them (or a live activation the caller ran).
+    ``expected_measurement``:
     the measurement the auditor rebuilt. ``expected_pcrs``: boot PCR values to pin (e.g.
     from the image's expected.json); hardware-TPM evidence needs at least one, since the
     embassy's own PCRs mean something only on a known boot. The ``insecure_*``/``allow_*``

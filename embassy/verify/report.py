@@ -28,6 +28,7 @@ def _identity_facts(identity: VerifiedIdentity) -> list[str]:
         f"signing key {identity.keys['signing']['keyid']}",
         f"AK name {identity.ak.name().hex()}",
         f"TPM mode {identity.tpm_mode.value}, boot {identity.segment.reset_count}",
+        *(identity.tpm.describe() if identity.tpm is not None else []),
     ]
     workload = identity.workload
     if workload is None:

@@ -239,7 +239,7 @@ def test_hardware_ca_and_hardware_model_is_hardware(
 def test_swtpm_certificate_under_a_hardware_ca_is_a_contradiction(
     leaf: bytes, intermediate: Ca, ek: m.PublicArea
 ) -> None:
-    with pytest.raises(CertificateError, match="names a software TPM.*model swtpm"):
+    with pytest.raises(CertificateError, match=r"names a software TPM.*model swtpm"):
         verify_ek_certificate(leaf, [intermediate.cert], ek, at=NOW)
 
 
