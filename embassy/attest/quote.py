@@ -153,7 +153,8 @@ def verify_quote(quote: Quote, ak: PublicArea) -> Attest:
     expected = pcr_digest(attest.pcr_selection, quote.pcrs)
     if not hmac.compare_digest(expected, attest.pcr_digest):
         raise PcrMismatchError(
-            "the PCR values supplied with the quote do not hash to its pcrDigest"
+            "pcrDigest: the PCR values supplied with the quote do not hash to its pcrDigest "
+            f"(they hash to {expected.hex()}, the quote signed {attest.pcr_digest.hex()})"
         )
     return attest
 

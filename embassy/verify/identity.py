@@ -195,17 +195,18 @@ def _verify_measurement(
     start_seq = field(m, "start_entry", int, what)
     starts = [e for e in entries if e.type is EntryType.EMBASSY_START]
     if not starts or starts[-1].seq != start_seq or starts[-1].pcr != embassy_pcr:
+        latest = f"seq {starts[-1].seq} in PCR {starts[-1].pcr}" if starts else "absent"
         raise LogIntegrityError(
-            f"identity names start entry seq {start_seq}, but the latest start event in its "
-            "segment is not that entry"
+            f"measurement.start_entry: the identity names start entry seq {start_seq} (in PCR "
+            f"{embassy_pcr}), but the latest start event in its segment is {latest}"
         )
     event = authenticate_entry(starts[-1], signing_key)
     assert isinstance(event, Event)
     measurement = measurement_from_json(event.body)
     if measurement.digest != claimed:
         raise MeasurementMismatchError(
-            "the identity statement's measurement differs from the "
-            "one its start event extended into the PCR"
+            f"measurement.digest: the identity statement says {claimed.hex()}, but its start "
+            f"event (seq {starts[-1].seq}) extended {measurement.digest.hex()} into the PCR"
         )
     if policy.expected_measurement is not None:
         if measurement.digest != policy.expected_measurement:

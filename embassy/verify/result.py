@@ -84,6 +84,17 @@ class VerifiedResult:
         return out
 
 
+def _differing(a: object, b: object, what: str) -> str:
+    """The fields in which two JSON values differ, named by path (for error messages)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return ", ".join(
+            _differing(a.get(k), b.get(k), f"{what}.{k}")
+            for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)
+        )
+    return what
+
+
 def _find(statements: tuple[LoggedStatement, ...], envelope: bytes, what: str) -> LoggedStatement:
     for logged in statements:
         if logged.envelope == envelope:
@@ -202,13 +213,27 @@ def verify_result(
         raise ResultMismatchError("the statements are not a seal and an unseal statement")
     sealed, unsealed = dict(seal.statement.body), dict(unseal.statement.body)
     if unsealed.get("session") != sealed.get("session"):
-        raise ResultMismatchError("the seal and unseal statements are for different sessions")
-    if unsealed.get("seal_statement_sha256") != hashlib.sha256(seal_env).hexdigest():
-        raise ResultMismatchError("the unseal statement does not name this seal statement")
+        raise ResultMismatchError(
+            "session: the seal and unseal statements are for different sessions (seal: "
+            f"{sealed.get('session')}, unseal: {unsealed.get('session')})"
+        )
+    seal_sha256 = hashlib.sha256(seal_env).hexdigest()
+    if unsealed.get("seal_statement_sha256") != seal_sha256:
+        raise ResultMismatchError(
+            f"seal_statement_sha256: the unseal statement names seal statement "
+            f"{unsealed.get('seal_statement_sha256')}, but this seal statement's SHA-256 is "
+            f"{seal_sha256}"
+        )
     if unsealed.get("workload") != sealed.get("workload"):
-        raise ResultMismatchError("the seal and unseal statements name different workloads")
+        raise ResultMismatchError(
+            "the seal and unseal statements name different workloads (differing: "
+            f"{_differing(sealed.get('workload'), unsealed.get('workload'), 'workload')})"
+        )
     if not seal.entry.seq < unseal.entry.seq:
-        raise ResultMismatchError("the unseal statement does not come after the seal statement")
+        raise ResultMismatchError(
+            f"the unseal statement (seq {unseal.entry.seq}) does not come after the seal "
+            f"statement (seq {seal.entry.seq})"
+        )
     checks.append("seal-before-unseal")
     check_statement_workload(sealed.get("workload"), identity.workload, "seal")
     checks.append("identity-workload")
@@ -221,7 +246,9 @@ def verify_result(
         committed, hashlib.sha256(output).hexdigest()
     ):
         raise ResultMismatchError(
-            "the output is not the one the workload committed to in its unseal statement"
+            "output_sha256: the output is not the one the workload committed to in its "
+            f"unseal statement (the output's SHA-256 is {hashlib.sha256(output).hexdigest()}, "
+            f"the statement says {committed})"
         )
     checks.append("output-digest")
     payload_id = sealed.get("payload_id")
