@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from embassy.attest.types import TpmMode
 from embassy.errors import BootStateChangedError, UnboundSealedKeyError
+from tests.integration.conftest import Daemon
 
 _IN_CI = os.environ.get("CI") == "true"
 if not _IN_CI:
@@ -262,3 +264,29 @@ def _digest_values(label: bytes) -> object:
     ha = TPMT_HA(hashAlg=TPM2_ALG.SHA256)
     ha.digest.sha256 = hashlib.sha256(label).digest()
     return TPML_DIGEST_VALUES([ha])
+
+
+def test_the_daemon_refuses_to_start_on_another_boot(daemon_factory: type[Daemon]) -> None:
+    """`embassy serve` end to end: killed (its swtpm, the machine's TPM, stays up), a boot
+    PCR moves (another UKI on the same TPM boot), and the next start stops before signing
+    anything, naming the PCR, with the TPM's exit code; the blob stays for the operator."""
+    daemon = daemon_factory()
+    daemon.start()
+    blob = (daemon.data_dir / SEALED_KEY_FILE).read_bytes()
+    assert blob.startswith(b"EMBSEAL2")
+    assert parse_sealed(blob).pcrs == BOOT  # the default pcrs.boot
+    log_before = (daemon.data_dir / "log.jsonl").read_bytes()
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    machine_tpm = Swtpm(daemon.data_dir / "swtpm")
+    machine_tpm.ensure_running()  # finds the swtpm the killed daemon left running
+    ectx = _raw(machine_tpm)
+    try:
+        ectx.pcr_extend(ESYS_TR.PCR4, _digest_values(b"another UKI"))
+    finally:
+        ectx.close()
+    with pytest.raises(AssertionError, match="daemon exited 4") as caught:
+        daemon.start()
+    assert "sealed-boot-changed" in str(caught.value)
+    assert "PCR 4 was" in str(caught.value)
+    assert (daemon.data_dir / SEALED_KEY_FILE).read_bytes() == blob
+    assert (daemon.data_dir / "log.jsonl").read_bytes() == log_before
