@@ -94,7 +94,7 @@ def _write_out(data: bytes, out: str | None, *, newline: bool = True) -> None:
         write_atomic(Path(out), data, mode=0o644)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """argparse type: a count of seconds, so a bad value is a usage error (exit 2)."""
     try:
         value = int(text)
@@ -674,7 +674,7 @@ def _payload_parser(sub: Any) -> None:
         help="HPKE suite (default: the post-quantum hybrid)",
     )  # fmt: skip
     seal.add_argument(
-        "--ttl", type=_positive_int, default=3600, help="seconds until the payload expires"
+        "--ttl", type=positive_int, default=3600, help="seconds until the payload expires"
     )
     seal.add_argument(
         "--instruction",
@@ -735,7 +735,7 @@ def _meters_parser(sub: Any) -> None:
     )
     instruct.add_argument(
         "--ttl",
-        type=_positive_int,
+        type=positive_int,
         default=3600,
         metavar="SECONDS",
         help="seconds until the instruction expires (default 3600)",

@@ -38,6 +38,7 @@ from embassy.daemon.http import Request, Response, ascii_decimal
 from embassy.daemon.http_server import Peer
 from embassy.errors import MethodNotAllowedError, NotFoundError, RequestError
 from embassy.wire.codec import (
+    b64_list,
     b64decode,
     b64encode,
     field,
@@ -47,7 +48,6 @@ from embassy.wire.codec import (
 )
 
 MIN_NONCE, MAX_NONCE = 16, 64
-MAX_AK_CHAIN = 4
 # Hex as the nonce is written: pairs of ASCII hex digits and nothing else (bytes.fromhex
 # would also take spaces and newlines).
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
@@ -147,14 +147,9 @@ class Api:
         what = "request body"
         body = parse_json_object(request.body, what)
         only_fields(body, {"ak_certificates"}, what)
-        items = field(body, "ak_certificates", list, what)
-        if not items or len(items) > MAX_AK_CHAIN:
-            raise RequestError(f"ak_certificates: 1 to {MAX_AK_CHAIN} certificates")
-        chain = []
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise RequestError(f"ak_certificates[{i}]: expected a base64 string")
-            chain.append(b64decode(item, f"ak_certificates[{i}]"))
+        chain = b64_list(field(body, "ak_certificates", list, what), "ak_certificates", most=4)
+        if not chain:
+            raise RequestError("ak_certificates: at least one certificate (the AK's, first)")
         return Response(200, self._service.install_ak_chain(chain, request.peer))
 
     def _open(self, request: Request) -> Response:

@@ -157,17 +157,9 @@ def _cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def add_parser(sub: Any) -> None:
+    from embassy.cli import positive_int
+
     registrar = sub.add_parser(
         "registrar", help="a privacy CA: certify that an embassy's AK is in its certified TPM"
     )
@@ -175,7 +167,7 @@ def add_parser(sub: Any) -> None:
     init = commands.add_parser("init", help="create the registrar's CA")
     init.add_argument("--dir", required=True, help="directory for the CA key and certificate")
     init.add_argument("--name", default="embassy registrar CA", help="the CA's common name")
-    init.add_argument("--days", type=_positive, default=3650, help="CA lifetime in days")
+    init.add_argument("--days", type=positive_int, default=3650, help="CA lifetime in days")
     init.set_defaults(func=_cmd_init)
     enroll = commands.add_parser("enroll", help="certify a running embassy's AK")
     enroll.add_argument("--dir", required=True, help="the registrar's CA directory")
@@ -187,7 +179,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="INSECURE: certify an AK in a software TPM (testing only)",
     )
-    enroll.add_argument("--days", type=_positive, default=365, help="AK certificate lifetime")
+    enroll.add_argument("--days", type=positive_int, default=365, help="AK certificate lifetime")
     enroll.add_argument("--out", help="also write the AK certificate here (PEM)")
     enroll.add_argument("--no-install", action="store_true", help="do not install it in the daemon")
     enroll.set_defaults(func=_cmd_enroll)

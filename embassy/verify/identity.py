@@ -34,7 +34,14 @@ from embassy.verify.policy import TrustPolicy
 from embassy.verify.segment import SegmentKeys, VerifiedSegment, verify_segment
 from embassy.verify.tpm_trust import TpmBinding, verify_tpm_binding
 from embassy.verify.workload import Workload, check_pins, workload_of_run
-from embassy.wire.codec import b64decode, field, hex_decode, only_fields, parse_json_object
+from embassy.wire.codec import (
+    b64_list,
+    b64decode,
+    field,
+    hex_decode,
+    only_fields,
+    parse_json_object,
+)
 from embassy.wire.dsse import parse_envelope, verify_envelope
 from embassy.wire.measurement import Measurement, measurement_from_json
 from embassy.wire.statement import IDENTITY_V1, Statement, parse_statement
@@ -95,15 +102,7 @@ def _ak_chain(doc: dict[str, Any]) -> list[bytes]:
         only_fields(doc, {"v", "type", "segment"}, what)
         return []
     only_fields(doc, {"v", "type", "segment", "ak_certificates"}, what)
-    items = field(doc, "ak_certificates", list, what)
-    if len(items) > MAX_AK_CHAIN:
-        raise WireFormatError(f"{what}.ak_certificates: more than {MAX_AK_CHAIN} certificates")
-    out = []
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise WireFormatError(f"{what}.ak_certificates[{i}]: expected a base64 string")
-        out.append(b64decode(item, f"{what}.ak_certificates[{i}]"))
-    return out
+    return b64_list(doc.get("ak_certificates"), f"{what}.ak_certificates", most=MAX_AK_CHAIN)
 
 
 def verify_identity_document(data: bytes, policy: TrustPolicy) -> VerifiedIdentity:

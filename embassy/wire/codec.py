@@ -172,3 +172,12 @@ def only_fields(obj: JsonObject, allowed: set[str], what: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise WireFormatError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}")
+
+
+def b64_list(value: object, what: str, *, most: int) -> list[bytes]:
+    """A JSON list of 0 to ``most`` canonical base64 strings, decoded."""
+    if not isinstance(value, list):
+        raise WireFormatError(f"{what}: expected a list")
+    if len(value) > most:
+        raise WireFormatError(f"{what}: more than {most} items")
+    return [b64decode(item, f"{what}[{i}]") for i, item in enumerate(value)]
