@@ -51,7 +51,7 @@ def encode_event(event_type: str, seq: int, prev: bytes, body: Mapping[str, Any]
 
 
 def parse_event(payload: bytes) -> Event:
-    obj = parse_json_object(payload, "event")
+    obj = parse_json_object(payload, "event", integers_only=True)
     only_fields(obj, {"v", "type", "log", "body"}, "event")
     if field(obj, "v", int, "event") != EVENT_VERSION:
         raise WireFormatError(f"event: unsupported version {obj['v']}")
@@ -67,5 +67,5 @@ def parse_event(payload: bytes) -> Event:
         body=field(obj, "body", dict, "event"),
     )
     # One byte form for a signed event, as for a statement (embassy.wire.statement).
-    require_canonical(payload, obj, "event")
+    require_canonical(payload, obj, "event", parsed_integers_only=True)
     return event

@@ -31,6 +31,10 @@ MAX_INT_MAGNITUDE = (1 << 64) - 1
 def canonical_json(value: Mapping[str, Any]) -> bytes:
     """Encode ``value`` canonically. Floats are refused: they have no canonical form."""
     _reject_floats(value)
+    return _dumps(value)
+
+
+def _dumps(value: Mapping[str, Any]) -> bytes:
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
@@ -60,6 +64,12 @@ def _no_constants(name: str) -> Any:
     raise WireFormatError(f"JSON constant {name} is not allowed")
 
 
+def _no_floats(text: str) -> Any:
+    raise WireFormatError(
+        f"JSON number {text[:24]!r}: only integers (floats have no canonical form)"
+    )
+
+
 def _bounded_int(text: str) -> int:
     # The scanner hands over the literal as matched: ASCII digits with an optional '-'.
     # Its length is checked before int() runs, so no huge literal is ever converted.
@@ -72,8 +82,12 @@ def _bounded_int(text: str) -> int:
     return value
 
 
-def parse_json_object(data: bytes, what: str) -> JsonObject:
-    """Strictly parse ``data`` as one JSON object; ``what`` names it in errors."""
+def parse_json_object(data: bytes, what: str, *, integers_only: bool = False) -> JsonObject:
+    """Strictly parse ``data`` as one JSON object; ``what`` names it in errors.
+
+    ``integers_only`` refuses any number with a fraction or exponent: for documents that
+    must be canonical (:func:`require_canonical`), where a float can never be.
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -84,6 +98,7 @@ def parse_json_object(data: bytes, what: str) -> JsonObject:
             object_pairs_hook=_no_duplicates,
             parse_constant=_no_constants,
             parse_int=_bounded_int,
+            parse_float=_no_floats if integers_only else None,
         )
     except json.JSONDecodeError as exc:
         raise WireFormatError(f"{what}: invalid JSON: {exc.msg} at offset {exc.pos}") from None
@@ -94,9 +109,13 @@ def parse_json_object(data: bytes, what: str) -> JsonObject:
     return value
 
 
-def require_canonical(data: bytes, value: JsonObject, what: str) -> None:
+def require_canonical(
+    data: bytes, value: JsonObject, what: str, *, parsed_integers_only: bool = False
+) -> None:
     """Refuse ``data`` unless it is exactly ``canonical_json(value)``, ``value`` being what
-    :func:`parse_json_object` read from it.
+    :func:`parse_json_object` read from it. With ``parsed_integers_only`` (the caller parsed
+    with ``integers_only=True``, so ``value`` holds no float) the walk that looks for floats
+    is skipped: it costs as much as the encoding itself.
 
     A signer must sign the canonical bytes: a document with two encodings is two documents
     to anyone who hashes it (a digest that differs from the one the embassy would make), and
@@ -106,7 +125,7 @@ def require_canonical(data: bytes, value: JsonObject, what: str) -> None:
     encoding has there.
     """
     try:
-        canonical = canonical_json(value)
+        canonical = _dumps(value) if parsed_integers_only else canonical_json(value)
     except TypeError:
         raise WireFormatError(f"{what}: not canonical JSON: a float (use integers)") from None
     except UnicodeEncodeError:

@@ -224,7 +224,7 @@ def parse_statement(payload: bytes) -> Statement:
     another key order, escaped characters) is refused after its fields are checked, so that
     every statement has one byte form, one digest, and one log entry.
     """
-    obj = parse_json_object(payload, "statement")
+    obj = parse_json_object(payload, "statement", integers_only=True)
     only_fields(obj, {"_type", "subject", "predicateType", "predicate"}, "statement")
     if field(obj, "_type", str, "statement") != STATEMENT_TYPE:
         raise WireFormatError(f"statement._type: expected {STATEMENT_TYPE!r}")
@@ -234,7 +234,7 @@ def parse_statement(payload: bytes) -> Statement:
     subjects = _parse_subjects(field(obj, "subject", list, "statement"))
     predicate = dict(field(obj, "predicate", dict, "statement"))
     header = _parse_header(predicate.pop("header", None))
-    require_canonical(payload, obj, "statement")
+    require_canonical(payload, obj, "statement", parsed_integers_only=True)
     return Statement(predicate_type, subjects, header, predicate)
 
 

@@ -101,3 +101,16 @@ def test_the_message_says_where_and_what() -> None:
 def test_values_with_no_canonical_form(data: bytes, reason: str) -> None:
     with pytest.raises(WireFormatError, match=reason):
         require_canonical(data, parse_json_object(data, "x"), "x")
+
+
+@pytest.mark.parametrize("number", [b"1.5", b"1e3", b"-0.0", b"10E-2"])
+def test_a_float_in_a_signed_payload_is_refused_while_parsing(number: bytes) -> None:
+    """Statements and events are parsed integers-only, so the canonical check can skip its
+    walk for floats: a float never gets that far."""
+    data = PAYLOAD.replace(b'"event":"test"', b'"event":' + number)
+    assert data != PAYLOAD
+    with pytest.raises(WireFormatError, match="only integers"):
+        parse_statement(data)
+    with pytest.raises(WireFormatError, match="only integers"):
+        parse_json_object(data, "x", integers_only=True)
+    assert parse_json_object(data, "x")["predicate"]["event"] == float(number)
