@@ -6,7 +6,10 @@
   credential activation through its socket, issue the AK certificate and install it in the
   daemon (``POST /v1/attestation/ak-certificate``), which serves it in its identity document.
 - ``install --socket S --chain F``: install an AK certificate chain obtained elsewhere (a
-  cloud vTPM's own AK certificate), checked by the daemon against its AK.
+  cloud vTPM's own AK certificate, or one ``issue`` wrote), checked by the daemon.
+- Relayed, for a registrar elsewhere (:mod:`embassy.registrar.relay`): ``challenge --dir D
+  --identity F`` on the registrar, ``answer --socket S --challenge F`` on the host, ``issue
+  --dir D --answer F`` on the registrar, then ``install`` on the host.
 """
 
 from __future__ import annotations
@@ -114,12 +117,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
     from embassy.daemon.atomic import write_atomic
     from embassy.registrar.ca import load_ca
-    from embassy.registrar.enroll import EkTrust, chain_for, enroll
+    from embassy.registrar.enroll import chain_for, enroll
 
     issuer = load_ca(Path(args.dir), _passphrase())
-    trust = EkTrust(_bundle(args.ek_ca), _bundle(args.swtpm_ca), args.allow_software_tpm)
-    if not trust.hardware and not trust.software:
-        raise ConfigError("name the EK CAs you trust: --ek-ca (hardware) or --swtpm-ca")
+    trust = _trust(args)
     attester = SocketAttester(Path(args.socket))
     enrollment = enroll(
         attester, issuer, trust, now=datetime.now(UTC), lifetime=timedelta(days=args.days)
@@ -148,6 +149,91 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust(args: argparse.Namespace) -> Any:
+    from embassy.registrar.enroll import EkTrust
+
+    trust = EkTrust(_bundle(args.ek_ca), _bundle(args.swtpm_ca), args.allow_software_tpm)
+    if not trust.hardware and not trust.software:
+        raise ConfigError("name the EK CAs you trust: --ek-ca (hardware) or --swtpm-ca")
+    return trust
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+
+
+def _cmd_challenge(args: argparse.Namespace) -> int:
+    from embassy.daemon.atomic import write_atomic
+    from embassy.registrar.enroll import make_challenge
+    from embassy.registrar.relay import PendingStore, challenge_json
+    from embassy.wire.codec import canonical_json, parse_json_object
+
+    doc = parse_json_object(_read_file(args.identity), args.identity)
+    challenge = make_challenge(doc, _trust(args), now=datetime.now(UTC))
+    challenge_id = PendingStore(Path(args.dir)).put(challenge)
+    write_atomic(Path(args.out), canonical_json(challenge_json(challenge_id, challenge)), 0o644)
+    _emit(
+        args,
+        {"ok": True, "id": challenge_id.hex(), "ak_name": challenge.ak_name.hex()},
+        f"registrar: challenge {challenge_id.hex()} for AK {challenge.ak_name.hex()} written to "
+        f"{args.out}; have the host answer it (`embassy registrar answer`)",
+    )
+    return 0
+
+
+def _cmd_answer(args: argparse.Namespace) -> int:
+    from embassy.daemon.atomic import write_atomic
+    from embassy.registrar.relay import answer_json, parse_challenge
+    from embassy.wire.codec import canonical_json
+
+    relayed = parse_challenge(_read_file(args.challenge))
+    secret = SocketAttester(Path(args.socket)).activate_credential(
+        relayed.credential_blob, relayed.encrypted_secret
+    )
+    # Only the registrar that made the challenge can use this; it is one-use.
+    write_atomic(Path(args.out), canonical_json(answer_json(relayed.id, secret)), 0o600)
+    _emit(args, {"ok": True, "id": relayed.id.hex()}, f"registrar: answer written to {args.out}")
+    return 0
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from embassy.daemon.atomic import write_atomic
+    from embassy.registrar.ca import load_ca
+    from embassy.registrar.enroll import Challenge, check_tpm, complete
+    from embassy.registrar.relay import PendingStore, parse_answer
+
+    challenge_id, secret = parse_answer(_read_file(args.answer))
+    issuer = load_ca(Path(args.dir), _passphrase())
+    pending = PendingStore(Path(args.dir)).take(challenge_id, now=datetime.now(UTC).timestamp())
+    now = datetime.now(UTC)
+    certified = check_tpm(
+        pending.ak_public, pending.ek_public, pending.ek_certificate, _trust(args), now=now
+    )
+    kept = Challenge(
+        pending.ak_public,
+        pending.ek_public,
+        pending.ek_certificate,
+        certified,
+        b"",
+        b"",
+        pending.secret,
+    )
+    enrollment = complete(kept, secret, issuer, now=now, lifetime=timedelta(days=args.days))
+    write_atomic(Path(args.out), enrollment.certificate.public_bytes(Encoding.PEM), 0o644)
+    _emit(
+        args,
+        {"ok": True, "ak_name": enrollment.ak_name.hex(), "tpm_kind": certified.kind.value},
+        f"registrar: AK {enrollment.ak_name.hex()} certified; install {args.out} on the host "
+        "(`embassy registrar install`)",
+    )
+    return 0
+
+
 def _cmd_install(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -170,22 +256,43 @@ def add_parser(sub: Any) -> None:
     init.add_argument("--days", type=positive_int, default=3650, help="CA lifetime in days")
     init.set_defaults(func=_cmd_init)
     enroll = commands.add_parser("enroll", help="certify a running embassy's AK")
-    enroll.add_argument("--dir", required=True, help="the registrar's CA directory")
     enroll.add_argument("--socket", default="/run/embassy/embassy.sock")
-    enroll.add_argument("--ek-ca", action="append", help="hardware TPM makers' EK CAs (PEM)")
-    enroll.add_argument("--swtpm-ca", action="append", help="software TPMs' EK CAs (PEM)")
-    enroll.add_argument(
-        "--allow-software-tpm",
-        action="store_true",
-        help="INSECURE: certify an AK in a software TPM (testing only)",
+    challenge = commands.add_parser(
+        "challenge", help="relayed enrolment, 1/3: a challenge for an identity document"
     )
-    enroll.add_argument("--days", type=positive_int, default=365, help="AK certificate lifetime")
+    challenge.add_argument("--identity", required=True, help="the embassy's identity document")
+    challenge.add_argument("--out", required=True, help="the challenge file for the host")
+    answer = commands.add_parser(
+        "answer", help="relayed enrolment, 2/3 (on the host): the TPM answers a challenge"
+    )
+    answer.add_argument("--socket", default="/run/embassy/embassy.sock")
+    answer.add_argument("--challenge", required=True, help="the registrar's challenge file")
+    answer.add_argument("--out", required=True, help="the answer file for the registrar")
+    issue = commands.add_parser(
+        "issue", help="relayed enrolment, 3/3: check the answer, write the AK certificate"
+    )
+    issue.add_argument("--answer", required=True, help="the host's answer file")
+    issue.add_argument("--out", required=True, help="the AK certificate (PEM) to install")
+    for p in (enroll, challenge, issue):
+        p.add_argument("--dir", required=True, help="the registrar's CA directory")
+        p.add_argument("--ek-ca", action="append", help="hardware TPM makers' EK CAs (PEM)")
+        p.add_argument("--swtpm-ca", action="append", help="software TPMs' EK CAs (PEM)")
+        p.add_argument(
+            "--allow-software-tpm",
+            action="store_true",
+            help="INSECURE: certify an AK in a software TPM (testing only)",
+        )
+    for p in (enroll, issue):
+        p.add_argument("--days", type=positive_int, default=365, help="AK certificate lifetime")
     enroll.add_argument("--out", help="also write the AK certificate here (PEM)")
     enroll.add_argument("--no-install", action="store_true", help="do not install it in the daemon")
     enroll.set_defaults(func=_cmd_enroll)
+    challenge.set_defaults(func=_cmd_challenge)
+    answer.set_defaults(func=_cmd_answer)
+    issue.set_defaults(func=_cmd_issue)
     install = commands.add_parser("install", help="install an AK certificate chain (PEM)")
     install.add_argument("--socket", default="/run/embassy/embassy.sock")
     install.add_argument("--chain", required=True, help="PEM: the AK certificate first")
     install.set_defaults(func=_cmd_install)
-    for p in (init, enroll, install):
+    for p in (init, enroll, install, challenge, answer, issue):
         p.add_argument("--json", action="store_true", help="machine-readable result")

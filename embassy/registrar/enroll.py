@@ -55,16 +55,30 @@ class Enrollment:
     ak_name: bytes
 
 
-def enroll(
-    attester: Attester,
-    issuer: Issuer,
-    trust: EkTrust,
-    *,
-    now: datetime,
-    lifetime: timedelta,
-) -> Enrollment:
-    """Run the whole enrolment against ``attester``; return the AK certificate or raise."""
-    ak_raw, ek_raw, ek_cert = identity_tpm_unverified(attester.identity_document())
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """What the registrar sends to the embassy (relayed: the embassy has no network), and
+    what it keeps to check the answer. ``secret`` never leaves the registrar: whoever knew
+    it could answer without the TPM."""
+
+    ak_public: bytes
+    ek_public: bytes
+    ek_certificate: bytes
+    ek: CertifiedEk
+    credential_blob: bytes
+    encrypted_secret: bytes
+    secret: bytes
+
+    @property
+    def ak_name(self) -> bytes:
+        return parse_public(self.ak_public).name()
+
+
+def check_tpm(
+    ak_raw: bytes, ek_raw: bytes, ek_cert: bytes, trust: EkTrust, *, now: datetime
+) -> CertifiedEk:
+    """The registrar's own checks of what an embassy claims: an AK that cannot sign outside
+    the TPM, an EK certificate from a CA it trusts for an EK of that key."""
     ak, ek = parse_public(ak_raw), parse_public(ek_raw)
     verify_ak_attributes(ak)
     certified = verify_ek_certificate(
@@ -77,13 +91,59 @@ def enroll(
                 "a registrar certifies one only with --allow-software-tpm"
             )
         _LOG.warning("allow_software_tpm: certifying an AK in a software TPM")
+    return certified
+
+
+def make_challenge(
+    identity_document: dict[str, Any], trust: EkTrust, *, now: datetime
+) -> Challenge:
+    """Check what a document claims (:func:`check_tpm`); encrypt a fresh secret to its EK,
+    bound to its AK's name (TPM2_MakeCredential)."""
+    ak_raw, ek_raw, ek_cert = identity_tpm_unverified(identity_document)
+    certified = check_tpm(ak_raw, ek_raw, ek_cert, trust, now=now)
     secret = os.urandom(32)
-    blob, encrypted = make_credential(ek, ak.name(), secret)
-    check_activation(secret, attester.activate_credential(blob, encrypted))
+    blob, encrypted = make_credential(parse_public(ek_raw), parse_public(ak_raw).name(), secret)
+    return Challenge(ak_raw, ek_raw, ek_cert, certified, blob, encrypted, secret)
+
+
+def complete(
+    challenge: Challenge,
+    answer: bytes,
+    issuer: Issuer,
+    *,
+    now: datetime,
+    lifetime: timedelta,
+) -> Enrollment:
+    """Certify the AK if ``answer`` is the secret only the TPM holding both could recover.
+
+    Only ``ak_public``, ``ek_certificate``, ``ek`` and ``secret`` of ``challenge`` are used:
+    a relayed enrolment rebuilds it from what the registrar kept (:mod:`relay`).
+    """
+    check_activation(challenge.secret, answer)
+    ak = parse_public(challenge.ak_public)
     certificate = issue_ak_certificate(
-        issuer, ak, ek_cert, now=now, lifetime=lifetime, serial=x509.random_serial_number()
+        issuer,
+        ak,
+        challenge.ek_certificate,
+        now=now,
+        lifetime=lifetime,
+        serial=x509.random_serial_number(),
     )
-    return Enrollment(certificate, certified, ak.name())
+    return Enrollment(certificate, challenge.ek, ak.name())
+
+
+def enroll(
+    attester: Attester,
+    issuer: Issuer,
+    trust: EkTrust,
+    *,
+    now: datetime,
+    lifetime: timedelta,
+) -> Enrollment:
+    """Run the whole enrolment against ``attester``; return the AK certificate or raise."""
+    challenge = make_challenge(attester.identity_document(), trust, now=now)
+    answer = attester.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+    return complete(challenge, answer, issuer, now=now, lifetime=lifetime)
 
 
 def chain_for(

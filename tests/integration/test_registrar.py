@@ -182,3 +182,65 @@ def test_registrar_refuses_an_ak_beside_another_tpms_ek(daemon_factory: type[Dae
     assert refused.value.status == 422
     assert refused.value.code == "key-binding"
     assert SocketAttester(attacker.socket).identity_document()["ak_certificates"] == []
+
+
+def test_relayed_enrolment_through_files(daemon_factory: type[Daemon], tmp_path: Path) -> None:
+    """The registrar is elsewhere: challenge and answer travel as files the host carries."""
+    daemon = daemon_factory()
+    daemon.enroll_on_start = False
+    daemon.start()
+    registrar, swtpm_ca = tmp_path / "registrar", ["--swtpm-ca", str(daemon.ca_pem())]
+    assert _cli("registrar", "init", "--dir", str(registrar)).returncode == 0
+    doc = _identity(daemon, tmp_path / "identity.json")
+    challenge, answer, cert = tmp_path / "c.json", tmp_path / "a.json", tmp_path / "ak.pem"
+    made = _cli(
+        "registrar", "challenge", "--dir", str(registrar), "--identity", str(doc),
+        *swtpm_ca, "--allow-software-tpm", "--out", str(challenge),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    # The host never sees the secret: only the TPM's answer recovers it.
+    pending = list((registrar / "pending").iterdir())
+    assert len(pending) == 1
+    assert pending[0].stat().st_mode & 0o077 == 0
+    secret = json.loads(pending[0].read_bytes())["secret"]
+    assert secret not in challenge.read_text()
+
+    answered = _cli(
+        "registrar", "answer", "--socket", str(daemon.socket), "--challenge", str(challenge),
+        "--out", str(answer),
+    )  # fmt: skip
+    assert answered.returncode == 0, answered.stderr
+    # A forged answer (the host guessing) is refused, and it used the challenge up.
+    forged = json.loads(answer.read_bytes())
+    forged["secret"] = b64encode(bytes(32))
+    forged_path = tmp_path / "forged.json"
+    forged_path.write_text(json.dumps(forged))
+    issue = ["registrar", "issue", "--dir", str(registrar), *swtpm_ca, "--allow-software-tpm"]
+    refused = _cli(*issue, "--answer", str(forged_path), "--out", str(cert))
+    assert refused.returncode == 1
+    assert "did not recover the credential" in refused.stderr
+    replayed = _cli(*issue, "--answer", str(answer), "--out", str(cert))
+    assert replayed.returncode != 0
+    assert "no open challenge" in replayed.stderr
+
+    # Again, honestly this time.
+    assert _cli(
+        "registrar", "challenge", "--dir", str(registrar), "--identity", str(doc),
+        *swtpm_ca, "--allow-software-tpm", "--out", str(challenge),
+    ).returncode == 0  # fmt: skip
+    assert _cli(
+        "registrar", "answer", "--socket", str(daemon.socket), "--challenge", str(challenge),
+        "--out", str(answer),
+    ).returncode == 0  # fmt: skip
+    issued = _cli(*issue, "--answer", str(answer), "--out", str(cert))
+    assert issued.returncode == 0, issued.stderr
+    installed = _cli("registrar", "install", "--socket", str(daemon.socket), "--chain", str(cert))
+    assert installed.returncode == 0, installed.stderr
+    ok = _verify(
+        _identity(daemon, tmp_path / "after.json"),
+        *swtpm_ca,
+        "--ak-ca",
+        str(registrar / "registrar-ca.pem"),
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "ak-certificate" in json.loads(ok.stdout)["checks"]
