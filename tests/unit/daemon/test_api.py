@@ -27,6 +27,7 @@ class _Service:
     def __init__(self) -> None:
         self.nonces: list[bytes] = []
         self.activated: list[tuple[bytes, bytes]] = []
+        self.chains: list[list[bytes]] = []
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok"}
@@ -44,6 +45,10 @@ class _Service:
     def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
         self.activated.append((blob, secret))
         return b"s3cret"
+
+    def install_ak_chain(self, chain: list[bytes], peer: object) -> dict[str, Any]:
+        self.chains.append(chain)
+        return {"installed": len(chain)}
 
 
 def _get(path: str, query: dict[str, list[str]] | None = None) -> Request:
@@ -66,6 +71,14 @@ def test_routes_reach_the_service() -> None:
         "secret": b64encode(b"s3cret")
     }
     assert service.activated == [(blob, bytes(256))]
+    chain = b'{"ak_certificates":["%s","%s"]}' % (
+        b64encode(b"leaf").encode(),
+        b64encode(b"ca").encode(),
+    )
+    assert api(Request("POST", "/v1/attestation/ak-certificate", {}, chain)).body == {
+        "installed": 2
+    }
+    assert service.chains == [[b"leaf", b"ca"]]
 
 
 @pytest.mark.parametrize(
@@ -94,6 +107,26 @@ def test_bad_requests_raise_precise_errors(request_: Request, error: type[Embass
     with pytest.raises(error):
         Api(service)(request_)
     assert service.nonces == []
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "message"),
+    [
+        (b'{"ak_certificates":[]}', RequestError, "at least one"),
+        (b'{"ak_certificates":"AAAA"}', WireFormatError, "expected list"),
+        (b'{"ak_certificates":["AAAA"],"x":1}', WireFormatError, "x"),
+        (b'{"ak_certificates":["not base64!"]}', WireFormatError, r"ak_certificates\[0\]"),
+        (b'{"ak_certificates":[1]}', WireFormatError, r"ak_certificates\[0\]"),
+        (b'{"ak_certificates":["AAAA","AAAA","AAAA","AAAA","AAAA"]}', WireFormatError, "more"),
+    ],
+)
+def test_bad_ak_chains_are_refused_before_the_service(
+    body: bytes, error: type[EmbassyError], message: str
+) -> None:
+    service = _Service()
+    with pytest.raises(error, match=message):
+        Api(service)(Request("POST", "/v1/attestation/ak-certificate", {}, body))
+    assert service.chains == []
 
 
 @pytest.mark.parametrize(
