@@ -7,6 +7,7 @@ call the API, turn its result into ``{"ok", "checks", "facts"}``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -116,5 +117,16 @@ def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) 
         result = verifier.result(
             identity, read(args.file), payload_id=payload_id, before=before, after=after
         )
-        return {"ok": True, "checks": [*checks, *result.checks], "facts": result.facts()}
+        out: dict[str, Any] = {
+            "ok": True,
+            "checks": [*checks, *result.checks],
+            "facts": result.facts(),
+            "output_sha256": hashlib.sha256(result.output).hexdigest(),
+            "session": result.session,
+            "payload_id": result.payload_id,
+            "deadline_unix": result.deadline_unix,
+        }
+        if result.window is not None:
+            out["window"] = result.window.to_json()
+        return out
     raise WireFormatError(f"unknown verify kind {kind!r}")

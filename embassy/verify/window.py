@@ -47,6 +47,9 @@ class StatementTime:
             wall if isinstance(wall, int) and not isinstance(wall, bool) else None,
         )
 
+    def to_json(self) -> dict[str, object]:
+        return {"seq": self.seq, "tpm": self.clock.to_json(), "wall_time_unix": self.wall_time_unix}
+
     def describe(self) -> str:
         wall = "" if self.wall_time_unix is None else f", wall time {self.wall_time_unix} (unix s)"
         return (
@@ -68,6 +71,24 @@ class TimeWindow:
     def tpm_ms(self) -> int:
         """TPM milliseconds from the seal to the unseal."""
         return self.unseal.clock.clock - self.seal.clock.clock
+
+    def to_json(self) -> dict[str, object]:
+        """The window for machines (``verify result --json``): what each fact above says."""
+        out: dict[str, object] = {
+            "seal": self.seal.to_json(),
+            "unseal": self.unseal.to_json(),
+            "sealed_tpm_ms": self.tpm_ms,
+        }
+        for name, evidence in (("before", self.before), ("after", self.after)):
+            if evidence is not None:
+                out[name] = {
+                    "nonce": evidence.nonce.hex(),
+                    "head_seq": evidence.head_seq,
+                    "tpm": evidence.clock.to_json(),
+                }
+        if self.before is not None and self.after is not None:
+            out["bounded_tpm_ms"] = self.after.clock.clock - self.before.clock.clock
+        return out
 
     def facts(self) -> list[str]:
         out = [

@@ -96,6 +96,16 @@ def test_pins_window_completeness_and_another_workload(
         for line in ("ok    identity-workload", "ok    no-restart", "ok    deadline"):
             assert line in out
         assert "the whole session lies between your two nonces" in out
+        # The same window, for machines.
+        assert main([*args, *pins, *window, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        seen = report["window"]
+        assert seen["before"]["nonce"] == nonce_before
+        assert seen["after"]["nonce"] == nonce_after
+        tpm_ms = [seen[k]["tpm"]["clock"] for k in ("before", "seal", "unseal", "after")]
+        assert tpm_ms == sorted(tpm_ms)
+        assert seen["bounded_tpm_ms"] == tpm_ms[3] - tpm_ms[0] >= seen["sealed_tpm_ms"] >= 0
+        assert report["payload_id"] == payload
         # The evidence swapped: the "before" quote came after the seal.
         swapped = ["--before", str(after), "--before-nonce", nonce_after]
         assert main([*args, *swapped]) == 1
