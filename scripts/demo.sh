@@ -219,8 +219,8 @@ read_meters
 step "proved"
 cat <<TXT
 - the embassy's keys are bound by a TPM quote to its log, whose start event carries the
-  measurement rebuilt here ($measurement), and the AK lives in the TPM whose EK
-  certificate chains to the given CA;
+  measurement rebuilt here ($measurement); a registrar's AK certificate proves,
+  offline, that the AK lives in the TPM whose EK certificate chains to swtpm's CA;
 - the workload's launch inputs were logged before it ran, and the seal statement names it;
 - the input key left the embassy only after the workload was sealed, for payload
   $payload_id, once;
