@@ -1,0 +1,1 @@
+"""Encrypted model weights: the file format, its encryption, and the key release."""
