@@ -50,7 +50,8 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── DeadlineError            a session unsealed after its deadline
     │   ├── IncompleteLogError       a log shown complete has entries after its end
     │   ├── TimeWindowError          a result outside the user's own before/after evidence
-    │   └── SoftwareTpmError         software-TPM evidence without allow_software_tpm
+    │   ├── SoftwareTpmError         software-TPM evidence without allow_software_tpm
+    │   └── DecisionLogError         a broker decision log with a gap, reorder, fork or bad entry
     ├── ActivationError              an activation file the intake rejects (a statement says why)
     │   ├── ActivationCorruptError   bad magic, version, header field or checksum
     │   ├── ActivationTruncatedError shorter than its header says
@@ -254,6 +255,17 @@ class TimeWindowError(VerificationError):
 
 class SoftwareTpmError(VerificationError):
     code = "software-tpm"
+
+
+class DecisionLogError(VerificationError):
+    """A key broker's decision log that does not verify. ``reason`` names how: ``gap``,
+    ``reorder``, ``duplicate``, ``fork``, ``changed``, ``chain``, ``signature``, ``malformed``."""
+
+    code = "decision-log"
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ActivationError(EmbassyError):
