@@ -10,7 +10,13 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     EmbassyError
     ├── ConfigError                  bad config file or value (the key's path is in the message)
     ├── WireFormatError              bytes that do not parse as the versioned format they claim
-    │   └── ImageFormatError         a PE/UKI the boot model cannot parse or does not cover
+    │   ├── ImageFormatError         a PE/UKI the boot model cannot parse or does not cover
+    │   └── WeightsFileError         an encrypted model file that is not what it claims
+    │       ├── WeightsTruncatedError      shorter than its header says
+    │       ├── WeightsWrongModelError     for another model id
+    │       ├── WeightsWrongKeyError       for another key id, or the key does not open it
+    │       ├── WeightsHeaderTamperedError its header's MAC does not check
+    │       └── WeightsChunkTamperedError  a chunk (or the hidden table) does not authenticate
     ├── RequestError                 a well-formed request the API refuses
     │   ├── NotFoundError            no such route or object
     │   ├── MethodNotAllowedError
@@ -91,6 +97,33 @@ class WireFormatError(EmbassyError):
 
 class ImageFormatError(WireFormatError):
     code = "image-malformed"
+
+
+class WeightsFileError(WireFormatError):
+    """An encrypted model file (``workload_sdk.weights``) that does not parse; its subclasses
+    name the check that failed. The codes are the SDK's ``WeightsError`` codes."""
+
+    code = "weights-malformed"
+
+
+class WeightsTruncatedError(WeightsFileError):
+    code = "weights-truncated"
+
+
+class WeightsWrongModelError(WeightsFileError):
+    code = "weights-wrong-model"
+
+
+class WeightsWrongKeyError(WeightsFileError):
+    code = "weights-wrong-key"
+
+
+class WeightsHeaderTamperedError(WeightsFileError):
+    code = "weights-header-tampered"
+
+
+class WeightsChunkTamperedError(WeightsFileError):
+    code = "weights-chunk-tampered"
 
 
 class RequestError(EmbassyError):
