@@ -2,7 +2,9 @@
 # Idempotent setup for a fresh Debian machine, as root: the Debian packages the embassy
 # drives for real (Docker, netfilter, swtpm, tpm2-tools, the TSS library tpm2-pytss binds
 # to; Nix to parse and evaluate nix/; QEMU, OVMF and systemd's UKI stub to boot a measured
-# unified kernel image) and a virtual environment with the project and its dev tools.
+# unified kernel image; PostgreSQL, the key broker's store for replicas, which its tests
+# start as their own throwaway server) and a virtual environment with the project and its
+# dev tools.
 #
 #   scripts/setup.sh            # system packages + .venv
 #   EMBASSY_VENV=/path ...      # put the venv elsewhere
@@ -16,6 +18,7 @@ packages=(
   swtpm swtpm-tools tpm2-tools libtss2-dev
   debootstrap busybox-static nix-bin runsc
   qemu-system-x86 ovmf systemd-boot-efi binutils pesign
+  postgresql
   python3-venv python3-dev pkg-config gcc
 )
 
