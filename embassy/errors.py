@@ -32,7 +32,15 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── RateLimitedError         too many requests of a costly kind (a TPM quote); retry later
     │   ├── ConflictError            the request contradicts stored state
     │   │   ├── PayloadReplayedError a payload opens once
-    │   │   └── InstructionReplayedError an authority's instruction is carried out once
+    │   │   ├── InstructionReplayedError an authority's instruction is carried out once
+    │   │   ├── WeightsSealedError   no weights key is asked for or released while sealed
+    │   │   └── WeightsRequestError  no pending weights-key request answers the release
+    │   │       ├── WeightsRequestUnknownError never made here, or forgotten (restart, bound)
+    │   │       ├── WeightsRequestExpiredError older than its time to live
+    │   │       └── WeightsRequestUsedError    answered already (a request is answered once)
+    │   ├── WeightsReleaseError      a broker's release that does not answer the request
+    │   │   ├── WeightsReleaseMismatchError for another model or key id than requested
+    │   │   └── WeightsUnwrapError   does not unwrap: another embassy's, or a field changed
     │   └── InstructionError         an authority's instruction that is not carried out
     │       ├── InstructionUnsignedError  no authority's signature on it
     │       ├── InstructionSignatureError signed, but not by the authority it names
@@ -188,6 +196,41 @@ class PayloadReplayedError(ConflictError):
 
 class InstructionReplayedError(ConflictError):
     code = "instruction-replayed"
+
+
+class WeightsSealedError(ConflictError):
+    """A weights-key route called while the workload is sealed: keys are fetched before a
+    session, so no workload-chosen model name reaches the log while it is sealed."""
+
+    code = "weights-workload-sealed"
+
+
+class WeightsRequestError(ConflictError):
+    code = "weights-request-refused"
+
+
+class WeightsRequestUnknownError(WeightsRequestError):
+    code = "weights-request-unknown"
+
+
+class WeightsRequestExpiredError(WeightsRequestError):
+    code = "weights-request-expired"
+
+
+class WeightsRequestUsedError(WeightsRequestError):
+    code = "weights-request-used"
+
+
+class WeightsReleaseError(RequestError):
+    code = "weights-release-refused"
+
+
+class WeightsReleaseMismatchError(WeightsReleaseError):
+    code = "weights-release-mismatch"
+
+
+class WeightsUnwrapError(WeightsReleaseError):
+    code = "weights-release-unwrap"
 
 
 class InstructionError(RequestError):

@@ -293,10 +293,16 @@ FAKE_IMAGE_DIGEST = "sha256:" + "ab" * 32
 class FakeSealedWorkload:
     """Stands in for ``embassy.daemon.sealed_workload.SealedWorkload`` in an in-process
     embassy: it logs the launch events a real launch logs (for image ``FAKE_IMAGE_DIGEST``)
-    and runs nothing. ``identity`` is what its seal statements would name."""
+    and runs nothing. ``identity`` is what its seal statements would name.
+
+    ``own_processes`` says whether every peer is taken for a workload process (default: no
+    peer is); ``keeper.closed`` whether the workload counts as sealed."""
+
+    own_processes = False
 
     def __init__(self, config: object, spec: object, log: object, **_: object) -> None:
         import json
+        import types
 
         from embassy.log.entry import EntryType
         from embassy.sessions.manager import WorkloadIdentity
@@ -309,12 +315,25 @@ class FakeSealedWorkload:
         self.identity = WorkloadIdentity(
             FAKE_IMAGE_DIGEST, "c0ffee" * 4, launch_config_digest(spec, FAKE_IMAGE_DIGEST)
         )
+        # What the runtime reads of a real SealedWorkload's launch and seal keeper.
+        self.launched = types.SimpleNamespace(
+            image_digest=FAKE_IMAGE_DIGEST,
+            workload_id=self.identity.container_id,
+            launch_digest=self.identity.launch_digest.hex(),
+        )
+        self.keeper = types.SimpleNamespace(closed=False)
 
     def close(self) -> None:
         pass
 
     def is_own_process(self, peer: object) -> bool:
-        return False
+        return self.own_processes
+
+    def authorize(self, peer: object) -> None:
+        from embassy.errors import ForbiddenError
+
+        if not self.is_own_process(peer):
+            raise ForbiddenError("session routes answer only the workload's own processes")
 
 
 class _NoIntake:

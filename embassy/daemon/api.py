@@ -26,6 +26,15 @@ the socket, name a process in the workload container's cgroup): anything else ge
   result bundle); unseals after the last open session.
 - ``GET  /v1/seal``: the seal's state, read from the kernel: the gate, the link, the layer-3
   rules, the workload's namespace, any quarantine, and whether a key release would pass now.
+
+Weights-key routes (docs/protocol.md §10) answer only the workload's own processes too, and
+only while it is not sealed:
+
+- ``POST /v1/weights/request``: ``{"model_id", "key_id", "tenant", "operation", "nonce"}``
+  (the broker's 32-byte nonce, hex); returns the release request for the broker.
+- ``POST /v1/weights/key``: ``{"release": <the broker's release>}`` returns ``{"key",
+  "statement"}`` (weights-key-released); ``{"denial": <the broker's denial>}`` returns
+  ``{"reason", "statement"}`` (weights-key-denied).
 """
 
 from __future__ import annotations
@@ -37,10 +46,18 @@ from typing import Any, Protocol
 from embassy.daemon.http import Request, Response, ascii_decimal
 from embassy.daemon.http_server import Peer
 from embassy.errors import MethodNotAllowedError, NotFoundError, RequestError
+from embassy.weights.release import (
+    NONCE_LEN,
+    Denial,
+    Release,
+    parse_denial,
+    parse_release,
+)
 from embassy.wire.codec import (
     b64_list,
     b64decode,
     b64encode,
+    canonical_json,
     field,
     hex_decode,
     only_fields,
@@ -75,6 +92,18 @@ class Service(Protocol):
     ) -> dict[str, Any]: ...
     def seal_status(self) -> dict[str, Any]: ...
     def authorize_session(self, peer: Peer | None) -> None: ...
+    def weights_request(
+        self,
+        peer: Peer | None,
+        *,
+        model_id: str,
+        key_id: str,
+        tenant: str,
+        operation: str,
+        nonce: bytes,
+    ) -> dict[str, Any]: ...
+    def weights_key(self, peer: Peer | None, release: Release) -> dict[str, Any]: ...
+    def weights_denied(self, peer: Peer | None, denial: Denial) -> dict[str, Any]: ...
 
 
 def _one(request: Request, name: str) -> str:
@@ -133,6 +162,8 @@ class Api:
             "/v1/sessions": ("POST", self._open),
             "/v1/sessions/close": ("POST", self._close),
             "/v1/seal": ("GET", lambda r: Response(200, service.seal_status())),
+            "/v1/weights/request": ("POST", self._weights_request),
+            "/v1/weights/key": ("POST", self._weights_key),
         }
 
     def _activate(self, request: Request) -> Response:
@@ -180,6 +211,40 @@ class Api:
             if log_from < 0:
                 raise RequestError("log_from must be a log position (>= 0)")
         return Response(200, self._service.close_session(session, token, output_sha256, log_from))
+
+    def _weights_request(self, request: Request) -> Response:
+        self._service.authorize_session(request.peer)  # before the body is even read
+        what = "request body"
+        body = parse_json_object(request.body, what)
+        fields = ("model_id", "key_id", "tenant", "operation", "nonce")
+        only_fields(body, set(fields), what)
+        model_id, key_id, tenant, operation, nonce = (field(body, f, str, what) for f in fields)
+        return Response(
+            200,
+            self._service.weights_request(
+                request.peer,
+                model_id=model_id,
+                key_id=key_id,
+                tenant=tenant,
+                operation=operation,
+                nonce=hex_decode(nonce, "nonce", size=NONCE_LEN),
+            ),
+        )
+
+    def _weights_key(self, request: Request) -> Response:
+        self._service.authorize_session(request.peer)
+        what = "request body"
+        body = parse_json_object(request.body, what)
+        only_fields(body, {"release", "denial"}, what)
+        if len(body) != 1:
+            raise RequestError("request body: exactly one of 'release' and 'denial'")
+        # The broker signed canonical fields, not these bytes; the embassy checks the
+        # release by unwrapping it (every field is in the HPKE info), not by its encoding.
+        if "release" in body:
+            release = parse_release(canonical_json(field(body, "release", dict, what)))
+            return Response(200, self._service.weights_key(request.peer, release))
+        denial = parse_denial(canonical_json(field(body, "denial", dict, what)))
+        return Response(200, self._service.weights_denied(request.peer, denial))
 
     @property
     def routes(self) -> frozenset[str]:

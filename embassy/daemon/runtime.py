@@ -29,17 +29,19 @@ from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.keys import load_or_create_keys
 from embassy.daemon.metering import MeteringService
 from embassy.daemon.statement_log import StatementLog
-from embassy.errors import ConflictError, ForbiddenError
+from embassy.daemon.weights_keys import WeightsKeys
+from embassy.errors import ConflictError, ForbiddenError, WeightsSealedError
 from embassy.log.entry import EntryType
 from embassy.log.segment import EVIDENCE_TYPE, IDENTITY_DOCUMENT_TYPE, LOG_SEGMENT_TYPE
 from embassy.measure import Measurement, measure
 from embassy.metering.registry import Registry
 from embassy.payload.envelope import PayloadEnvelope, open_payload
-from embassy.sessions.manager import opened_payloads
+from embassy.sessions.manager import WorkloadIdentity, opened_payloads
 from embassy.sessions.replay import ReplayStore
 from embassy.tpm.device import TpmDevice
 from embassy.tpm.interface import Tpm
 from embassy.tpm.swtpm import Swtpm
+from embassy.weights.release import Denial, Release
 from embassy.wire.codec import b64encode
 from embassy.wire.dsse import keyid, parse_envelope
 
@@ -151,6 +153,18 @@ class Embassy:
                 config.data_dir, tpm_device.ak_public(), tpm_device.ek_certificate()
             )
             self._ak_chain = self._ak_store.load()
+            # Weights-key requests live in memory only: a restart forgets them (the
+            # workload asks again), and no key ever reaches the data dir.
+            self.weights = WeightsKeys(
+                log=self.log,
+                own_keyid=keyid(self.keys.signing.public_key()),
+                private_keys={
+                    "x25519": self.keys.hpke_x25519,
+                    "mlkem768-x25519": self.keys.hpke_hybrid,
+                },
+                identity_document=self.identity_document,
+                evidence=self.evidence,
+            )
             self.log.checkpoint()
             if self.workload is not None:
                 self._intake = ActivationIntake.for_metering(
@@ -326,6 +340,49 @@ class Embassy:
 
     def authorize_session(self, peer: Peer | None) -> None:
         self._sealed().authorize(peer)
+
+    # -- the weights-key release (embassy/daemon/weights_keys.py) ---------------------------
+
+    def _weights_workload(self, peer: Peer | None) -> WorkloadIdentity:
+        """The launched workload, if ``peer`` is one of its processes and it is not sealed.
+
+        Not while sealed: the model and key ids are the workload's words and they go into
+        the log, which leaves the machine; a sealed workload must not write there.
+        """
+        sealed = self._sealed()
+        sealed.authorize(peer)
+        if sealed.keeper.closed:
+            raise WeightsSealedError(
+                "the workload is sealed (a session is open, or it is quarantined): weights "
+                "keys are asked for and released before a session, not during one"
+            )
+        launched = sealed.launched
+        return WorkloadIdentity(
+            image_digest=launched.image_digest,
+            container_id=launched.workload_id,
+            launch_digest=bytes.fromhex(launched.launch_digest),
+        )
+
+    def weights_request(
+        self,
+        peer: Peer | None,
+        *,
+        model_id: str,
+        key_id: str,
+        tenant: str,
+        operation: str,
+        nonce: bytes,
+    ) -> dict[str, Any]:
+        self._weights_workload(peer)
+        return self.weights.request(
+            model_id=model_id, key_id=key_id, tenant=tenant, operation=operation, nonce=nonce
+        )
+
+    def weights_key(self, peer: Peer | None, release: Release) -> dict[str, Any]:
+        return self.weights.release(release, self._weights_workload(peer))
+
+    def weights_denied(self, peer: Peer | None, denial: Denial) -> dict[str, Any]:
+        return self.weights.denied(denial, self._weights_workload(peer))
 
     # -- shutdown --------------------------------------------------------------------------
 
