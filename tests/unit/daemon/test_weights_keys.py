@@ -471,3 +471,26 @@ def test_a_denial_is_stated_and_answers_the_request(embassy: Embassy, broker: Br
     answer = hand(embassy, broker.release(request.request, identity))
     assert code(answer) == "weights-request-used"
     assert "key" not in answer.body
+
+
+def release_and_deny(embassy: Embassy, tpm: FakeTpm) -> None:
+    """Make ``embassy`` (with a fake workload) state one release and one denial (for the
+    tests that drive every statement kind)."""
+    broker = Broker(tpm)
+    workload = sealed_workload(embassy)
+    was, workload.own_processes = workload.own_processes, True
+    try:
+        request, identity = ask(embassy, broker)
+        assert hand(embassy, broker.release(request.request, identity)).status == 200
+        request, _ = ask(embassy, broker)
+        denial = deny(
+            request.request.digest(),
+            decision_id="d-2",
+            reason="model-not-listed",
+            message="",
+            policy_sha256=None,
+            broker_key=broker.key,
+        )
+        assert call(embassy, "/v1/weights/key", {"denial": denial.to_json()}).status == 200
+    finally:
+        workload.own_processes = was

@@ -29,12 +29,16 @@ from embassy.wire.statement import (
     SESSION_ABORT_V1,
     SIGNATURE_WRITE_V1,
     UNSEAL_V1,
+    WEIGHTS_KEY_DENIED_V1,
+    WEIGHTS_KEY_RELEASED_V1,
     parse_statement,
 )
-from tests.fakes import FakeTpm, MemorySeal
+from tests.fakes import FakeTpm, FakeWorkloadRuntime, MemorySeal
 from tests.unit.conftest import EmbassyFactory
 from tests.unit.daemon.test_metering import AISI, AUTHORITIES, RIGHTS, Authority, begin, feed
+from tests.unit.daemon.test_weights_keys import release_and_deny
 from tests.unit.sessions.test_manager import Clock, manager, release_key
+from tests.unit.verify.conftest import WORKLOAD
 from tests.unit.wire.intoto_v1 import envelope_violations, statement_violations
 from workload_sdk.activations import file_name
 
@@ -94,8 +98,10 @@ def _logged_envelopes(data_dir: Path) -> list[bytes]:
 def test_every_statement_kind_the_daemon_makes_is_valid_in_toto_v1(
     make_embassy: EmbassyFactory, tpm: FakeTpm, tmp_path: Path
 ) -> None:
-    embassy = make_embassy(tpm, extra=AUTHORITIES)
+    with FakeWorkloadRuntime():  # a launched workload: it may ask for weights keys
+        embassy = make_embassy(tpm, extra={**AUTHORITIES, "workload": WORKLOAD})
     _drive_every_kind(embassy, tmp_path)
+    release_and_deny(embassy, tpm)  # weights-key-released and weights-key-denied
     make_embassy._running.remove(embassy)  # closed here, not by the fixture's teardown
     embassy.close()  # the stop statement
     envelopes = _logged_envelopes(tmp_path / "embassy")
@@ -112,6 +118,10 @@ def test_every_statement_kind_the_daemon_makes_is_valid_in_toto_v1(
     assert set(kinds) == KNOWN_PREDICATES - LEGACY
     # A statement about no artifact of its own is about the embassy (its signing key).
     assert subjects[LIFECYCLE_V1] == {"embassy-signing-key"}
+    # A weights-key statement is about the key request (the digest the broker's log names).
+    assert (
+        subjects[WEIGHTS_KEY_RELEASED_V1] == subjects[WEIGHTS_KEY_DENIED_V1] == {"weights-request"}
+    )
     assert kinds[ACTIVATION_REJECTED_V2] == 2  # one charged to a session, one to nobody
 
 
