@@ -38,6 +38,10 @@ each as ``<name>.act`` (its exact bytes), plus ``activations/expected.json``, ca
 embassy's parser (which tests/unit/test_activation_vectors.py checks against them), and are
 what ``parse_activation(data, max_bytes=VECTOR_MAX_BYTES)`` must return.
 
+The encrypted model files of ``tests/unit/weights/weights_vectors.py`` are pinned under
+``weights/``: each as ``<name>.emw``, plus ``weights/expected.json`` (how to load each one and
+its verdict, checked with the workload's loader by tests/unit/test_vectors.py).
+
 The PE images and UKIs of ``tests/unit/image/image_vectors.py`` are pinned under ``image/``:
 each as ``<name>.efi``, plus ``image/expected.json``, canonical JSON (and a newline) that
 maps each name to ``{"kind": "pe"|"uki", "expect": "ok" | <error code>}``, adding the
@@ -100,6 +104,7 @@ from tests.fakes import FakeTpm, FakeWorkloadRuntime, ak_chain_for, fake_registr
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
 from tests.unit.payload.payload_vectors import payload_cases  # noqa: E402
 from tests.unit.verify import result_vectors  # noqa: E402
+from tests.unit.weights.weights_vectors import weights_vectors  # noqa: E402
 from workload_sdk.activations import DTYPES, FIXED_HEADER_LEN, HEADER  # noqa: E402
 
 VECTOR_DIR = ROOT / "tests" / "vectors"
@@ -1222,6 +1227,7 @@ def build_all() -> Vectors:
         **build_result_vectors(),
         **build_activation_vectors(),
         **build_image_vectors(),
+        **weights_vectors(),
     }
 
 

@@ -190,6 +190,38 @@ def test_vector(path: Path) -> None:
     assert expect["message"] in caught.value.message
 
 
+WEIGHTS_DIR = VECTOR_DIR / "weights"
+WEIGHTS: dict[str, dict[str, Any]] = json.loads((WEIGHTS_DIR / "expected.json").read_bytes())
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTS))
+def test_weights_vector(name: str) -> None:
+    """Each encrypted model file loads with the workload's loader exactly as pinned."""
+    import hashlib
+
+    from workload_sdk.weights import DTYPES, WeightsError, load_encrypted
+
+    case = WEIGHTS[name]
+    path = WEIGHTS_DIR / f"{name}.emw"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == case["sha256"]
+    load = case["load"]
+    for threads in (1, 4):
+        args = {"model_id": load["model_id"], "key_id": load["key_id"], "threads": threads}
+        if case["expect"] != "ok":
+            with pytest.raises(WeightsError) as caught:
+                load_encrypted(path, bytes.fromhex(load["key"]), **args)
+            assert caught.value.code == case["expect"], caught.value.message
+            assert case["message"] in caught.value.message
+            continue
+        tensors = load_encrypted(path, bytes.fromhex(load["key"]), **args)
+        assert sorted(tensors) == sorted(case["tensors"])
+        for tensor, want in case["tensors"].items():
+            array = tensors[tensor]
+            assert array.dtype.str == DTYPES[want["dtype"]][1]
+            assert list(array.shape) == want["shape"]
+            assert hashlib.sha256(array.tobytes()).hexdigest() == want["sha256"]
+
+
 def test_vectors_are_up_to_date() -> None:
     problems = _load_generator().check(VECTOR_DIR)
     assert problems == [], "run python scripts/gen_vectors.py and review the diff"
