@@ -842,6 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     from embassy.registrar.cli import add_parser as add_registrar_parser
 
     add_registrar_parser(sub)
+    from embassy.broker.cli import add_parser as add_broker_parser
+
+    add_broker_parser(sub)
     from embassy.weights.cli import add_parser as add_weights_parser
 
     add_weights_parser(sub)
