@@ -33,7 +33,7 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── ConflictError            the request contradicts stored state
     │   │   ├── PayloadReplayedError a payload opens once
     │   │   ├── InstructionReplayedError an authority's instruction is carried out once
-    │   │   ├── WeightsSealedError   no weights key is asked for or released while sealed
+    │   │   ├── WeightsSealedError   no weights-key release or denial is stated while sealed
     │   │   └── WeightsRequestError  no pending weights-key request answers the release
     │   │       ├── WeightsRequestUnknownError never made here, or forgotten (restart, bound)
     │   │       ├── WeightsRequestExpiredError older than its time to live
@@ -199,8 +199,8 @@ class InstructionReplayedError(ConflictError):
 
 
 class WeightsSealedError(ConflictError):
-    """A weights-key route called while the workload is sealed: keys are fetched before a
-    session, so no workload-chosen model name reaches the log while it is sealed."""
+    """A broker's release or denial handed over while the workload is sealed: its statement
+    would carry workload-chosen ids out of the seal, so it waits for the session's end."""
 
     code = "weights-workload-sealed"
 

@@ -343,18 +343,21 @@ class Embassy:
 
     # -- the weights-key release (embassy/daemon/weights_keys.py) ---------------------------
 
-    def _weights_workload(self, peer: Peer | None) -> WorkloadIdentity:
-        """The launched workload, if ``peer`` is one of its processes and it is not sealed.
+    def _weights_workload(self, peer: Peer | None, *, states: bool) -> WorkloadIdentity:
+        """The launched workload, if ``peer`` is one of its processes.
 
-        Not while sealed: the model and key ids are the workload's words and they go into
-        the log, which leaves the machine; a sealed workload must not write there.
+        A request may be made while sealed (it writes nothing to the log; the broker's
+        policy may want its evidence to show the seal). What ``states`` a release or a
+        denial may not: the model, key and tenant ids, and an unverified broker's decision
+        id and policy digest, are the workload's words, and the log leaves the machine.
         """
         sealed = self._sealed()
         sealed.authorize(peer)
-        if sealed.keeper.closed:
+        if states and sealed.keeper.closed:
             raise WeightsSealedError(
-                "the workload is sealed (a session is open, or it is quarantined): weights "
-                "keys are asked for and released before a session, not during one"
+                "the workload is sealed (a session is open, or it is quarantined): a "
+                "release or denial is handed to the embassy after the session, since its "
+                "statement would carry the workload's words out of the seal"
             )
         launched = sealed.launched
         return WorkloadIdentity(
@@ -373,16 +376,16 @@ class Embassy:
         operation: str,
         nonce: bytes,
     ) -> dict[str, Any]:
-        self._weights_workload(peer)
+        self._weights_workload(peer, states=False)
         return self.weights.request(
             model_id=model_id, key_id=key_id, tenant=tenant, operation=operation, nonce=nonce
         )
 
     def weights_key(self, peer: Peer | None, release: Release) -> dict[str, Any]:
-        return self.weights.release(release, self._weights_workload(peer))
+        return self.weights.release(release, self._weights_workload(peer, states=True))
 
     def weights_denied(self, peer: Peer | None, denial: Denial) -> dict[str, Any]:
-        return self.weights.denied(denial, self._weights_workload(peer))
+        return self.weights.denied(denial, self._weights_workload(peer, states=True))
 
     # -- shutdown --------------------------------------------------------------------------
 

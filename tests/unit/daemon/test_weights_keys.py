@@ -379,19 +379,31 @@ def test_no_workload_no_weights(embassy: Embassy, make_embassy: EmbassyFactory) 
     assert (answer.status, code(answer)) == (409, "conflict")
 
 
-def test_nothing_is_asked_or_released_while_sealed(
+def test_nothing_is_stated_while_sealed(
     embassy: Embassy, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(sealed_workload(embassy).keeper, "closed", True)
+    # Asking is fine while sealed (nothing is logged; the evidence may show the seal) ...
     request, identity = ask(embassy, broker)
     release = broker.release(request.request, identity)
-    monkeypatch.setattr(sealed_workload(embassy).keeper, "closed", True)
-    answer = call(embassy, "/v1/weights/request", {**ASK, "nonce": broker.nonce()})
-    assert (answer.status, code(answer)) == (409, "weights-workload-sealed")
+    # ... but a release or denial, whose statement carries the workload's words, waits.
     answer = hand(embassy, release)
     assert (answer.status, code(answer)) == (409, "weights-workload-sealed")
     assert "key" not in answer.body
+    denial = deny(
+        request.request.digest(),
+        decision_id="d-9",
+        reason="not-sealed",
+        message="",
+        policy_sha256=None,
+        broker_key=broker.key,
+    )
+    answer = call(embassy, "/v1/weights/key", {"denial": denial.to_json()})
+    assert code(answer) == "weights-workload-sealed"
+    assert statements(embassy, WEIGHTS_KEY_RELEASED_V1) == []
+    assert statements(embassy, WEIGHTS_KEY_DENIED_V1) == []
     monkeypatch.setattr(sealed_workload(embassy).keeper, "closed", False)
-    assert hand(embassy, release).status == 200
+    assert base64.b64decode(hand(embassy, release).body["key"]) == KEY
 
 
 def test_requests_draw_on_the_evidence_quote_budget(embassy: Embassy, broker: Broker) -> None:
