@@ -163,7 +163,7 @@ class RegoPolicy:
         except UnicodeDecodeError:
             raise ConfigError(f"{policy_path}: not UTF-8") from None
         except WireFormatError as exc:
-            raise ConfigError(exc.message) from None
+            raise ConfigError(f"{data_path}: {exc.message}") from None
         return cls(text, data, name=policy_path.rsplit("/", 1)[-1], timeout_s=timeout_s)
 
     def _borrow(self) -> Any:
