@@ -115,6 +115,22 @@ class Result:
         }
 
 
+@dataclass(slots=True)
+class WeightsKey:
+    """A model's weights key as the embassy released it, and its weights-key-released
+    statement. ``key`` is a bytearray so it can be zeroed (:meth:`wipe`); best effort:
+    the JSON reply it came in, and its base64 text, are freed but not overwritten."""
+
+    key: bytearray
+    statement: bytes
+
+    def wipe(self) -> None:
+        self.key[:] = bytes(len(self.key))
+
+    def __repr__(self) -> str:
+        return f"WeightsKey(key=<{len(self.key)} bytes>, statement=<{len(self.statement)} bytes>)"
+
+
 def _log_seq(statement: bytes) -> int:
     """The log position a DSSE-wrapped embassy statement was signed for."""
     payload = json.loads(base64.b64decode(json.loads(statement)["payload"]))
@@ -165,6 +181,53 @@ class EmbassyClient:
             body["actions"] = base64.b64encode(actions).decode("ascii")
         reply = self.request("POST", "/v1/sessions", body)
         return Session._from_reply(self, reply, payload_id)
+
+    def weights_request(
+        self,
+        *,
+        model_id: str,
+        key_id: str,
+        tenant: str,
+        nonce: str,
+        operation: str = "decrypt-for-load",
+    ) -> dict[str, Any]:
+        """Ask for a model's weights key: ``POST /v1/weights/request``.
+
+        ``nonce`` is the key broker's (hex, from its ``/v1/nonce``). Returns the release
+        request to send to the broker as it is: the embassy's key request with fresh
+        evidence over it. The embassy keeps it pending for a short while (two minutes by
+        default). Not while a session is open (``WeightsKeyRefused``
+        ``weights-workload-sealed``): load the model before the first session.
+        """
+        body = {
+            "model_id": model_id,
+            "key_id": key_id,
+            "tenant": tenant,
+            "operation": operation,
+            "nonce": nonce,
+        }
+        return self.request("POST", "/v1/weights/request", body)
+
+    def weights_key(self, release: Mapping[str, Any]) -> WeightsKey:
+        """Hand the broker's release to the embassy: ``POST /v1/weights/key``.
+
+        The embassy opens it only for its own pending request, once, and states it
+        (weights-key-released) before answering. Raises ``WeightsKeyRefused`` if the release
+        is not for it (unknown, expired or used request, changed, another embassy's).
+        Wipe the key (:meth:`WeightsKey.wipe`, or the loader's ``wipe_key``) once the model
+        is loaded.
+        """
+        reply = self.request("POST", "/v1/weights/key", {"release": dict(release)})
+        key = bytearray(_b64(reply.get("key"), "key"))
+        if len(key) != KEY_SIZE:
+            raise _bad_reply(f"key is {len(key)} bytes, not {KEY_SIZE}")
+        return WeightsKey(key, _b64(reply.get("statement"), "statement"))
+
+    def weights_denied(self, denial: Mapping[str, Any]) -> bytes:
+        """Relay the broker's denial to the embassy, which states it (weights-key-denied)
+        and takes the request; returns the statement (DSSE envelope bytes)."""
+        reply = self.request("POST", "/v1/weights/key", {"denial": dict(denial)})
+        return _b64(reply.get("statement"), "statement")
 
     def request(
         self, method: str, path: str, body: Mapping[str, Any] | None = None

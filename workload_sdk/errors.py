@@ -9,6 +9,7 @@ not know, by the status::
     ├── PayloadRejected          the user's payload will not open: tell the user
     ├── SealFailed (NotSealed)   the embassy could not seal: do not touch the input
     ├── SessionError             the session is gone, not ours, or in the wrong state
+    ├── WeightsKeyRefused        the embassy would not ask for or hand out a weights key
     └── Unavailable              no embassy answered, or it failed (5xx): retry later
 
 Every instance carries the embassy's ``status`` (``None`` when no HTTP answer came),
@@ -60,6 +61,12 @@ class Unavailable(EmbassyError):
     """The embassy could not be reached, or failed on its side (a 5xx)."""
 
 
+class WeightsKeyRefused(EmbassyError):
+    """A weights-key request or release the embassy refused: asked while sealed, a
+    release for no pending request (unknown, expired, used), or one that is not for it
+    (another model or key, another embassy's, changed on the way)."""
+
+
 PAYLOAD_CODES = frozenset(
     {
         "payload-expired",
@@ -81,6 +88,18 @@ PAYLOAD_CODES = frozenset(
     }
 )
 SEAL_CODES = frozenset({"seal-failed"})
+WEIGHTS_CODES = frozenset(
+    {
+        "weights-workload-sealed",
+        "weights-request-refused",
+        "weights-request-unknown",
+        "weights-request-expired",
+        "weights-request-used",
+        "weights-release-refused",
+        "weights-release-mismatch",
+        "weights-release-unwrap",
+    }
+)
 SESSION_CODES = frozenset({"forbidden", "not-found", "conflict"})
 # Known codes that say the request itself was wrong: not a session's fault.
 GENERIC_CODES = frozenset(
@@ -92,6 +111,7 @@ _BY_CODE: dict[str, type[EmbassyError]] = {
     **dict.fromkeys(PAYLOAD_CODES, PayloadRejected),
     **dict.fromkeys(SEAL_CODES, SealFailed),
     **dict.fromkeys(SESSION_CODES, SessionError),
+    **dict.fromkeys(WEIGHTS_CODES, WeightsKeyRefused),
     **dict.fromkeys(GENERIC_CODES, EmbassyError),
 }
 
