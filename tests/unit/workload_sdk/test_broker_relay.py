@@ -155,3 +155,18 @@ def test_an_unreachable_broker_and_a_bad_url(client: EmbassyClient, sockets: Pat
     for url in ("ftp://broker/", "file:///etc/passwd", "http://user:pw@broker/", "broker:80"):
         with pytest.raises(ValueError, match="broker URL"):
             release_weights_key(client, url, "minilm-l6", "k1", "acme")
+
+
+def test_the_relay_needs_only_the_standard_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, workload_sdk.broker; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('embassy', 'cryptography', 'numpy')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
