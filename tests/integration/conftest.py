@@ -29,6 +29,7 @@ from embassy.registrar.cli import SocketAttester
 from embassy.registrar.enroll import EkTrust, chain_for, enroll
 from embassy.tpm.swtpm import Swtpm
 from embassy.verify.policy import TrustPolicy
+from tests.integration.postgres import PostgresServer, find_bindir, running_postgres
 
 IN_CI = os.environ.get("CI") == "true"
 REGISTRAR_PASSPHRASE = b"test registrar passphrase"
@@ -277,3 +278,17 @@ def remove_published_ports(eid: str) -> None:
     for chain in chains & {w for line in saved.splitlines() for w in line.split()[1:2]}:
         subprocess.run(["iptables-legacy", "-t", "nat", "-F", chain], check=True, timeout=30)
         subprocess.run(["iptables-legacy", "-t", "nat", "-X", chain], check=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the session (unix socket only); tests take a fresh
+    database each with ``create_database()``."""
+    bindir = find_bindir()
+    if bindir is None:
+        msg = "real component missing: PostgreSQL's initdb/postgres (run scripts/setup.sh)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with running_postgres(bindir) as server:
+        yield server
