@@ -27,8 +27,8 @@ the socket, name a process in the workload container's cgroup): anything else ge
 - ``GET  /v1/seal``: the seal's state, read from the kernel: the gate, the link, the layer-3
   rules, the workload's namespace, any quarantine, and whether a key release would pass now.
 
-Weights-key routes (docs/protocol.md §10) answer only the workload's own processes too, and
-only while it is not sealed:
+Weights-key routes (docs/protocol.md §11) answer only the workload's own processes too;
+a release or denial is taken only while the workload is not sealed:
 
 - ``POST /v1/weights/request``: ``{"model_id", "key_id", "tenant", "operation", "nonce"}``
   (the broker's 32-byte nonce, hex); returns the release request for the broker.

@@ -1,4 +1,4 @@
-"""The embassy's side of the weights-key release (docs/protocol.md §10).
+"""The embassy's side of the weights-key release (docs/protocol.md §11).
 
 The launched workload asks for its model's key in two steps, carrying every message to and
 from the key broker itself (the embassy has no network):
