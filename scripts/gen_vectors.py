@@ -42,6 +42,11 @@ The encrypted model files of ``tests/unit/weights/weights_vectors.py`` are pinne
 ``weights/``: each as ``<name>.emw``, plus ``weights/expected.json`` (how to load each one and
 its verdict, checked with the workload's loader by tests/unit/test_vectors.py).
 
+The key broker's decision logs of ``tests/unit/broker/decision_log_vectors.py`` are pinned
+under ``decision-log/``: a good log, a good tail after a checkpoint, and each way of editing
+one (gap, reorder, duplicate, fork, chain, changed, signature, malformed), plus
+``decision-log/expected.json`` with each verdict (tests/unit/broker/test_decision_log.py).
+
 The PE images and UKIs of ``tests/unit/image/image_vectors.py`` are pinned under ``image/``:
 each as ``<name>.efi``, plus ``image/expected.json``, canonical JSON (and a newline) that
 maps each name to ``{"kind": "pe"|"uki", "expect": "ok" | <error code>}``, adding the
@@ -101,6 +106,7 @@ from embassy.wire.codec import JsonObject, b64encode, canonical_json  # noqa: E4
 from embassy.wire.dsse import MAX_ENVELOPE_BYTES, raw_public_key, sign_envelope  # noqa: E402
 from embassy.wire.statement import LIFECYCLE_V1, Header, Statement, embassy_subject  # noqa: E402
 from tests.fakes import FakeTpm, FakeWorkloadRuntime, ak_chain_for, fake_registrar  # noqa: E402
+from tests.unit.broker.decision_log_vectors import decision_log_vectors  # noqa: E402
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
 from tests.unit.payload.payload_vectors import payload_cases  # noqa: E402
 from tests.unit.verify import result_vectors  # noqa: E402
@@ -1228,6 +1234,7 @@ def build_all() -> Vectors:
         **build_activation_vectors(),
         **build_image_vectors(),
         **weights_vectors(),
+        **decision_log_vectors(),
     }
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from embassy.broker.decision_log import (
     GENESIS_PREV,
@@ -23,6 +24,7 @@ from embassy.broker.decision_log import (
 )
 from embassy.errors import DecisionLogError, WireFormatError
 from embassy.wire.codec import canonical_json
+from tests.unit.broker.decision_log_vectors import DIR, decision_log_vectors, load
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -287,3 +289,38 @@ def test_a_forged_checkpoint_is_refused() -> None:
     log = build(3)
     forged = dataclasses.replace(log[1], signature=OTHER.sign(SIGNATURE_PREFIX + log[1].entry))
     assert reason_of(log[2:], after=forged) == "signature"
+
+
+# -- the pinned vectors (tests/vectors/decision-log/) ---------------------------------------------
+
+VECTOR_DIR = Path(__file__).resolve().parents[2] / "vectors" / DIR
+EXPECTED = json.loads((VECTOR_DIR / "expected.json").read_text())
+
+
+def test_every_vector_file_has_a_verdict() -> None:
+    names = {p.stem for p in VECTOR_DIR.glob("*.json")} - {"expected"}
+    assert names == set(EXPECTED)
+    assert any(v.get("ok") for v in EXPECTED.values())
+    assert len({v.get("reason") for v in EXPECTED.values()} - {None}) >= 8
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_pinned_vector(name: str) -> None:
+    public_raw, after, entries = load((VECTOR_DIR / f"{name}.json").read_bytes())
+    public = Ed25519PublicKey.from_public_bytes(public_raw)
+    verdict = EXPECTED[name]
+    if verdict.get("ok"):
+        verify_decision_log(entries, public, after=after)
+        return
+    with pytest.raises(DecisionLogError) as info:
+        verify_decision_log(entries, public, after=after)
+    assert info.value.code == verdict["error"]
+    assert info.value.reason == verdict["reason"]
+    assert verdict["message_contains"] in info.value.message
+
+
+def test_the_pinned_vectors_are_current() -> None:
+    for path, data in decision_log_vectors().items():
+        assert (VECTOR_DIR.parent / path).read_bytes() == data, (
+            f"{path} is stale: run .venv/bin/python scripts/gen_vectors.py"
+        )
