@@ -79,6 +79,7 @@ MAX_TABLE_LEN = MAX_HEADER_LEN + TAG_LEN
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+READ_SIZE = 256 * 1024  # the loader reads a chunk in pieces this big (one buffer per thread)
 MAX_NDIM = 16
 MAX_TENSOR_BYTES = 2**48
 MAX_NAME_LEN = 1024
@@ -526,7 +527,7 @@ def _default_threads() -> int:
 
 
 class _Decryptor:
-    """Decrypts chunks straight into their tensors' bytes, one scratch buffer per thread."""
+    """Decrypts chunks straight into their tensors' bytes, one small read buffer per thread."""
 
     def __init__(
         self, fd: int, keys: Keys, header: Header, table: TensorTable, views: list[memoryview]
@@ -542,26 +543,34 @@ class _Decryptor:
     def _scratch(self) -> memoryview:
         view = getattr(self._local, "view", None)
         if view is None:
-            view = memoryview(bytearray(self._chunk_size + TAG_LEN))
+            view = memoryview(bytearray(min(self._chunk_size, READ_SIZE)))
             self._local.view = view
         return view
 
     def __call__(self, chunk: Chunk) -> None:
-        sealed = self._scratch()[: chunk.length + TAG_LEN]
-        if os.preadv(self._fd, [sealed], chunk.position) != len(sealed):
+        fd, scratch = self._fd, self._scratch()
+        tag = os.pread(fd, TAG_LEN, chunk.position + chunk.length)
+        if len(tag) != TAG_LEN:
             raise WeightsError("weights-truncated", f"chunk {chunk.index}: the file ends in it")
-        tag = bytes(sealed[chunk.length :])
         decryptor = Cipher(self._algorithm, modes.GCM(data_nonce(chunk.index), tag)).decryptor()
         decryptor.authenticate_additional_data(data_aad(self._digest, chunk))
         out = self._views[chunk.tensor][chunk.offset : chunk.offset + chunk.length]
-        # update_into wants room for a cipher block beyond the data (cryptography 38 and later):
-        # all but the last 15 bytes go straight into the tensor, those 15 through update().
-        head = max(0, chunk.length - 15)
-        if head:
-            written = decryptor.update_into(sealed[:head], out)
-            if written != head:
-                raise WeightsError("weights-chunk-tampered", f"chunk {chunk.index}: short write")
-        out[head:] = decryptor.update(sealed[head : chunk.length])
+        # The chunk is read in pieces the size of the scratch buffer, each decrypted straight
+        # into the tensor while it is still in the CPU's cache. update_into wants room for a
+        # cipher block beyond its data (cryptography 38 and later): a piece with fewer than
+        # 15 bytes of the chunk after it sends its last 15 bytes through update() instead.
+        done = 0
+        while done < chunk.length:
+            n = min(len(scratch), chunk.length - done)
+            piece = scratch[:n]
+            if os.preadv(fd, [piece], chunk.position + done) != n:
+                raise WeightsError("weights-truncated", f"chunk {chunk.index}: the file ends in it")
+            head = n if chunk.length - done - n >= 15 else max(0, n - 15)
+            if head:
+                decryptor.update_into(piece[:head], out[done : done + head + 15])
+            if head < n:
+                out[done + head : done + n] = decryptor.update(piece[head:])
+            done += n
         try:
             decryptor.finalize()
         except InvalidTag:
@@ -616,8 +625,9 @@ def load_encrypted(
 
     Each tensor's array is allocated once and its chunks are decrypted in parallel
     (``threads``, default: the CPUs this process may use) straight into its memory, each
-    chunk read with ``pread``: extra memory is about ``threads x chunk_size``, whatever the
-    model's size. Every chunk is authenticated before this returns; on any failure every
+    chunk read with ``pread`` in pieces of at most ``READ_SIZE`` (256 KiB) into one buffer
+    per thread, each piece decrypted while still in cache: extra memory is about ``threads x
+    min(chunk_size, READ_SIZE)``, whatever the model's size. Every chunk is authenticated before this returns; on any failure every
     array is zeroed and a :class:`WeightsError` is raised, so no unauthenticated bytes
     escape. ``as_torch=True`` returns torch tensors sharing the arrays' memory (BF16 and
     8-bit floats viewed as their torch dtypes; numpy gets their raw bits).
