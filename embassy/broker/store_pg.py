@@ -10,8 +10,11 @@ hosts by the server:
   waits for the first to commit, re-reads it, finds it used and matches nothing.
 
 Tables live in the schema ``embassy_broker`` (created, with its version, when absent; a
-version this code does not know is refused). Commits are durable when the server's
-``synchronous_commit`` is on, its default.
+version this code does not know is refused). Every transaction sets ``synchronous_commit``
+on, so a call returns once its commit is flushed to the server's WAL (given the server runs
+with ``fsync`` on). A lost connection fails the call that meets it (a StorageError: the
+broker denies); the next call connects again. A commit whose outcome was lost with the
+connection may have been made: an entry the broker reported as failed can be in the log.
 """
 
 from __future__ import annotations
@@ -81,12 +84,10 @@ class PostgresStore:
 
     def __init__(self, dsn: str, *, connect_timeout_s: int = 10) -> None:
         self._lock = threading.Lock()
-        try:
-            self._db: psycopg.Connection[Any] | None = psycopg.connect(
-                dsn, autocommit=False, connect_timeout=connect_timeout_s
-            )
-        except psycopg.Error as exc:
-            raise StorageError(f"broker store: cannot connect to PostgreSQL: {exc}") from None
+        self._dsn = dsn
+        self._connect_timeout_s = connect_timeout_s
+        self._closed = False
+        self._db: psycopg.Connection[Any] | None = None
         try:
             self._setup()
         except BaseException:
@@ -94,17 +95,34 @@ class PostgresStore:
             raise
 
     def _conn(self) -> psycopg.Connection[Any]:
-        if self._db is None:
+        """The connection, made again if the last one was lost (a server restart, a
+        failover): the call that saw it fail was refused, the next one goes ahead."""
+        if self._closed:
             raise StorageError("broker store: closed")
+        if self._db is None or self._db.closed or self._db.broken:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            try:
+                self._db = psycopg.connect(
+                    self._dsn, autocommit=False, connect_timeout=self._connect_timeout_s
+                )
+            except psycopg.Error as exc:
+                raise StorageError(f"broker store: cannot connect to PostgreSQL: {exc}") from None
         return self._db
 
     @contextmanager
     def _tx(self) -> Iterator[psycopg.Cursor[Any]]:
-        """One transaction; a database error is a StorageError naming what failed."""
+        """One transaction; a database error is a StorageError naming what failed.
+
+        ``synchronous_commit`` is forced on for it, whatever the server's default: a taken
+        nonce or an appended decision that a crash could undo would be a replay or a
+        decision missing from the log."""
         with self._lock:
             db = self._conn()
             try:
                 with db.transaction(), db.cursor() as cur:
+                    cur.execute("SET LOCAL synchronous_commit = on")
                     yield cur
             except psycopg.Error as exc:
                 raise StorageError(f"broker store: PostgreSQL: {exc}") from None
@@ -224,6 +242,7 @@ class PostgresStore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 self._db.close()
                 self._db = None

@@ -297,3 +297,19 @@ def test_the_test_server_is_unprivileged_and_has_no_tcp(postgres_server: Postgre
     status = Path(f"/proc/{postgres_server.proc.pid}/status").read_text()
     uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
     assert int(uid) != 0
+
+
+def test_a_lost_connection_fails_one_call_and_the_next_reconnects(
+    store: PostgresStore, dsn: str
+) -> None:
+    store.append_decision(decision(0), KEY.sign)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            b"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            b"WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    with pytest.raises(StorageError, match="PostgreSQL"):
+        store.append_decision(decision(1), KEY.sign)
+    logged = store.append_decision(decision(1), KEY.sign)
+    assert logged.seq == 2
+    verify_decision_log(store.decisions(), PUBLIC)
