@@ -627,10 +627,11 @@ def load_encrypted(
     (``threads``, default: the CPUs this process may use) straight into its memory, each
     chunk read with ``pread`` in pieces of at most ``READ_SIZE`` (256 KiB) into one buffer
     per thread, each piece decrypted while still in cache: extra memory is about ``threads x
-    min(chunk_size, READ_SIZE)``, whatever the model's size. Every chunk is authenticated before this returns; on any failure every
-    array is zeroed and a :class:`WeightsError` is raised, so no unauthenticated bytes
-    escape. ``as_torch=True`` returns torch tensors sharing the arrays' memory (BF16 and
-    8-bit floats viewed as their torch dtypes; numpy gets their raw bits).
+    min(chunk_size, READ_SIZE)``, whatever the model's size. Every chunk is authenticated
+    before this returns; on any failure every array is zeroed and a :class:`WeightsError` is
+    raised, so no unauthenticated bytes escape. ``as_torch=True`` returns torch tensors
+    sharing the arrays' memory (BF16 and 8-bit floats viewed as their torch dtypes; numpy
+    gets their raw bits).
 
     ``wipe_key=True`` overwrites ``key`` (a bytearray) with zeros when done, success or not.
     This is best effort: Python and OpenSSL may hold copies of the key and of the keys
