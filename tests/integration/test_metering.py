@@ -52,6 +52,15 @@ from tests.integration.conftest import (
     require,
     wait_for_http,
 )
+from tests.integration.model_broker import (
+    ModelBroker,
+    broker_env,
+    free_port,
+    gateway,
+    image_digest,
+    measurement,
+    wait_for_model,
+)
 from workload_sdk.activations import encode_activation, file_name
 from workload_sdk.stream import encrypt_stream
 
@@ -84,14 +93,15 @@ NEUTRAL = [
 ]
 
 
-def _config() -> str:
+def _config(broker_port: int) -> str:
     def entry(name: str, key: Ed25519PrivateKey, caps: list[str]) -> str:
         raw = b64encode(key.public_key().public_bytes_raw())
         return f"  - name: {name}\n    ed25519: {raw}\n    capabilities: {json.dumps(caps)}\n"
 
     return (
         f'workload:\n  image: {SEALED_SERVICE_IMAGE}\n  ports: ["127.0.0.1:0:8080/tcp"]\n'
-        f"metering:\n  max_activation_bytes: {MAX_ACTIVATION}\n"
+        + broker_env(broker_port)
+        + f"metering:\n  max_activation_bytes: {MAX_ACTIVATION}\n"
         f"  spool_bytes: {SPOOL_BYTES}\n  spool_inodes: {SPOOL_INODES}\n"
         f"  drain_timeout_seconds: {DRAIN_TIMEOUT}\n"
         # The example runs as 10001:10001: the socket's group and the spool's are its.
@@ -228,17 +238,30 @@ class World:
 
 
 @pytest.fixture
-def world(daemon_factory: type[Daemon]) -> Iterator[World]:
+def world(daemon_factory: type[Daemon], tmp_path: Path) -> Iterator[World]:
     require("docker")
     client = docker.from_env()
     ensure_sealed_service_image(client)
-    daemon = daemon_factory(_config())
+    broker_port = free_port()
+    daemon = daemon_factory(_config(broker_port))
     daemon.start()
+    # The example's model is encrypted: its owner's broker releases the key to this embassy.
+    broker = ModelBroker(tmp_path / "owner", daemon, gateway(client, daemon), broker_port)
     try:
+        broker.root.mkdir()
+        broker.init()
+        broker.serve(
+            broker.data(
+                images=[image_digest(client, SEALED_SERVICE_IMAGE)],
+                measurements=[measurement(daemon)],
+            )
+        )
         port = published_port(client, embassy_id(daemon))
         wait_for_http(port)
+        wait_for_model(port)
         yield World(daemon, port, client)
     finally:
+        broker.stop()
         remove_embassy_containers(client, embassy_id(daemon))
         client.close()
 
