@@ -145,32 +145,15 @@ def _load_signing_key(path: str) -> Ed25519PrivateKey:
 
 
 def _write_new_private(path: Path, data: bytes) -> None:
-    """Write a secret once: 0600 from creation, fsync'd, never over an existing file.
+    """Write a secret once (:func:`embassy.daemon.atomic.create_private`)."""
+    from embassy.daemon.atomic import create_private
 
-    The temp file is linked into place (``link`` refuses an existing target atomically,
-    where ``replace`` would silently overwrite one created meanwhile).
-    """
-    from embassy.daemon.atomic import fsync_dir
-
-    if os.path.lexists(path):
-        raise ConfigError(f"{path}: exists; refusing to overwrite a key")
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise ConfigError(f"{path}: exists; refusing to overwrite a key") from None
-        fsync_dir(path.parent)
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        create_private(path, data)
+    except FileExistsError:
+        raise ConfigError(f"{path}: exists; refusing to overwrite a key") from None
+    except StorageError as exc:  # a path given on the command line: the caller's to fix
+        raise ConfigError(exc.message) from None
 
 
 # -- commands --------------------------------------------------------------------------

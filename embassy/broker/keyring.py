@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from embassy.daemon.atomic import ensure_private_dir, fsync_dir, write_all, write_atomic
-from embassy.errors import ConfigError, EmbassyError, StorageError
+from embassy.daemon.atomic import create_private, ensure_private_dir, write_atomic
+from embassy.errors import ConfigError, EmbassyError
 from embassy.weights.release import KEY_LEN, check_id
 from embassy.wire.codec import (
     b64decode,
@@ -61,17 +61,9 @@ def passphrase_from_env() -> bytes:
 
 def _create_private(path: Path, data: bytes) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_private(path, data)
     except FileExistsError:
         raise ConfigError(f"{path}: exists; refusing to overwrite a broker key") from None
-    except OSError as exc:
-        raise StorageError(f"{path}: {exc.strerror}") from None
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
 
 
 def init_broker(directory: Path, passphrase: bytes) -> Ed25519PublicKey:

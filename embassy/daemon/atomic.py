@@ -60,3 +60,32 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
 def ensure_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
+
+
+def create_private(path: Path, data: bytes) -> None:
+    """Write a secret once: 0600 from creation, fsync'd, never over an existing file.
+
+    The bytes go to a temporary file that is then *linked* into place: ``link`` refuses an
+    existing target atomically (``replace`` would overwrite one created meanwhile), and a
+    failed write leaves nothing at ``path``. Raises ``FileExistsError`` if ``path`` exists
+    (the caller says what it refused to overwrite) and :class:`StorageError` otherwise.
+    """
+    if os.path.lexists(path):
+        raise FileExistsError(path)
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+        fsync_dir(path.parent)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot be written: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -6,7 +6,6 @@ clear); the certificate is what auditors pin (``embassy verify --ak-ca``).
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from embassy.attest.akcert import Issuer
 from embassy.attest.chain import load_pem_bundle
-from embassy.daemon.atomic import fsync_dir, write_all, write_atomic
+from embassy.daemon.atomic import create_private, write_atomic
 from embassy.errors import ConfigError
 
 KEY_FILE = "registrar-ca.key"
@@ -57,22 +56,6 @@ def make_ca(name: str, *, now: datetime, lifetime: timedelta) -> Issuer:
     return Issuer(key, cert)
 
 
-def _create_private(path: Path, data: bytes) -> None:
-    """0600 from creation, fsync'd, never over an existing file."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{path}: exists; refusing to overwrite a CA key") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
-
-
 def init_ca(
     directory: Path, passphrase: bytes, *, name: str, now: datetime, lifetime: timedelta
 ) -> Issuer:
@@ -88,7 +71,12 @@ def init_ca(
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(passphrase),
     )
-    _create_private(directory / KEY_FILE, encrypted)
+    try:
+        create_private(directory / KEY_FILE, encrypted)
+    except FileExistsError:
+        raise ConfigError(
+            f"{directory / KEY_FILE}: exists; refusing to overwrite a CA key"
+        ) from None
     write_atomic(
         directory / CERT_FILE,
         issuer.certificate.public_bytes(serialization.Encoding.PEM),

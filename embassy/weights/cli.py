@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from embassy.errors import ConfigError, StorageError
+from embassy.errors import ConfigError
 from workload_sdk.weights import DEFAULT_CHUNK_SIZE, KEY_LEN, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 
@@ -55,18 +55,14 @@ def read_key_file(path: str) -> bytearray:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    from embassy.daemon.atomic import create_private
+
     key = bytearray(os.urandom(KEY_LEN))
     try:
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        create_private(Path(args.out), key.hex().encode() + b"\n")
     except FileExistsError:
         raise ConfigError(f"--out {args.out}: exists; a key is never overwritten") from None
-    except OSError as exc:
-        raise StorageError(f"--out {args.out}: {exc.strerror}") from None
-    try:
-        os.write(fd, key.hex().encode() + b"\n")
-        os.fsync(fd)
     finally:
-        os.close(fd)
         key[:] = bytes(KEY_LEN)
     _emit(args, {"ok": True, "key_file": args.out}, f"weights: new key in {args.out} (0600)")
     return 0
