@@ -132,6 +132,65 @@ SCHEMA: tuple[Key, ...] = (
         "workload:, and EMBASSY_WORKLOAD_* variables override it. Null: no such file.",
     ),
     Key(
+        "jobs.image",
+        "str",
+        None,
+        "Job mode (docs/adr/0014-jobs.md): the image each job runs in, one fresh container "
+        "per request with no network at any moment. Null: job mode is off. Used by ID once "
+        "inspected; never pulled.",
+    ),
+    Key(
+        "jobs.command",
+        "str-list",
+        None,
+        "The job container's command (a list of arguments). Null: the image's own.",
+    ),
+    Key(
+        "jobs.runtime",
+        "str",
+        None,
+        "Docker runtime of job containers: null (runc) or a registered gVisor runtime with "
+        "--network=none in its runtimeArgs (scripts/ensure_dockerd.sh registers runsc-nonet).",
+    ),
+    Key(
+        "jobs.user",
+        "str",
+        "65534",
+        "User (uid or uid:gid, numeric) job processes run as; never root. The socket's group "
+        "(socket_group, required with jobs) is added so the job reaches the embassy.",
+    ),
+    Key("jobs.pool_size", "int", 2, "Warm job containers created and started ahead (0-64)."),
+    Key(
+        "jobs.deadline_seconds",
+        "int",
+        300,
+        "A job not committed this long after it was assigned is killed, destroyed and aborted "
+        "(1 to 86400).",
+    ),
+    Key("jobs.memory", "int", 512 << 20, "Memory limit of a job container (bytes, >= 6 MiB)."),
+    Key("jobs.cpus", "int", 1000, "CPU limit of a job container in thousandths of a CPU (>= 10)."),
+    Key("jobs.pids", "int", 128, "Process limit of a job container (8 to 4194304)."),
+    Key(
+        "jobs.scratch_bytes",
+        "int",
+        64 << 20,
+        "Size of the tmpfs at /tmp in a job container, its only writable scratch.",
+    ),
+    Key(
+        "jobs.max_input_bytes",
+        "int",
+        64 << 20,
+        "Largest encrypted input a job takes (bytes); inline base64 inputs are also bounded "
+        "by http.max_body_bytes.",
+    ),
+    Key(
+        "jobs.max_output_bytes",
+        "int",
+        64 << 20,
+        "Largest encrypted result a job may commit (bytes); more ends the job output-too-large.",
+    ),
+    Key("jobs.max_concurrent", "int", 4, "Jobs running at once; more are refused (busy, 503)."),
+    Key(
         "authorities",
         "authorities",
         [],
@@ -200,6 +259,42 @@ class Metering:
 
 
 @dataclass(frozen=True, slots=True)
+class Jobs:
+    """Job mode (``jobs.*``): what each job's fresh container is made from and its limits."""
+
+    image: str
+    command: tuple[str, ...] | None = None
+    runtime: str | None = None
+    user: str = "65534"
+    pool_size: int = 2
+    deadline_seconds: int = 300
+    memory: int = 512 << 20
+    cpus: int = 1000  # thousandths of a CPU
+    pids: int = 128
+    scratch_bytes: int = 64 << 20
+    max_input_bytes: int = 64 << 20
+    max_output_bytes: int = 64 << 20
+    max_concurrent: int = 4
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "command": None if self.command is None else list(self.command),
+            "runtime": self.runtime,
+            "user": self.user,
+            "pool_size": self.pool_size,
+            "deadline_seconds": self.deadline_seconds,
+            "memory": self.memory,
+            "cpus": self.cpus,
+            "pids": self.pids,
+            "scratch_bytes": self.scratch_bytes,
+            "max_input_bytes": self.max_input_bytes,
+            "max_output_bytes": self.max_output_bytes,
+            "max_concurrent": self.max_concurrent,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class HttpLimits:
     backlog: int = 128
     workers: int = 16
@@ -234,6 +329,7 @@ class Config:
     workload: WorkloadSpec | None = None
     metering: Metering = Metering()
     workload_metadata: Path | None = None
+    jobs: Jobs | None = None
 
     def effective(self) -> dict[str, Any]:
         """The config as measured: every key, defaults filled, in schema names."""
@@ -268,6 +364,8 @@ class Config:
                 "spool_inodes": self.metering.spool_inodes,
                 "spool_gid": self.metering.spool_gid,
             },
+            # Measured: a payload sealed to this measurement binds the jobs' limits too.
+            **({} if self.jobs is None else {"jobs": self.jobs.to_json()}),
             "authorities": [
                 {
                     "name": a.name,
@@ -368,6 +466,12 @@ def _as_authorities(path: str, value: Any) -> tuple[Authority, ...]:
     return tuple(out)
 
 
+def _as_str_list(path: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or len(value) > 1024:
+        raise _fail(path, f"expected a non-empty list of strings, got {show_value(value)}")
+    return tuple(_as_str(f"{path}[{i}]", v) for i, v in enumerate(value))
+
+
 def _as_capabilities(path: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or len(value) > MAX_CAPABILITIES:
         raise _fail(path, f"expected a list of at most {MAX_CAPABILITIES} capability names")
@@ -391,12 +495,18 @@ def _as_level(path: str, value: Any) -> str:
 
 
 # String keys whose values have a shape of their own.
-_PATTERNS: Mapping[str, re.Pattern[str]] = {"socket_group": _GROUP, "debug.failpoint": _FAILPOINT}
+_PATTERNS: Mapping[str, re.Pattern[str]] = {
+    "socket_group": _GROUP,
+    "debug.failpoint": _FAILPOINT,
+    "jobs.runtime": re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"),
+    "jobs.user": re.compile(r"[1-9][0-9]{0,9}(?::[0-9]{1,10})?"),
+}
 
 _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
     "str": lambda p, v: None if v is None else _as_str(p, v, _PATTERNS.get(p)),
     "path": lambda p, v: _as_socket(p, v) if p == "socket" else Path(_as_str(p, v)),
     "int": _as_int,
+    "str-list": lambda p, v: None if v is None else _as_str_list(p, v),
     "pcr": _as_pcr,
     "pcr-list": _as_pcr_list,
     "authorities": _as_authorities,
@@ -477,6 +587,13 @@ def parse_config(
         values["metering.spool_gid"],
     )
     _check_metering(metering)
+    jobs = _jobs(values)
+    if jobs is not None and values["socket_group"] is None:
+        raise _fail(
+            "socket_group",
+            "job mode needs it: job processes are not root and reach the embassy through "
+            "the socket, which is owner-only without a group",
+        )
     return Config(
         socket=values["socket"],
         data_dir=values["data_dir"],
@@ -493,6 +610,43 @@ def parse_config(
         workload=workload,
         workload_metadata=values["workload_metadata"],
         metering=metering,
+        jobs=jobs,
+    )
+
+
+_JOB_BOUNDS: Mapping[str, tuple[int, int]] = {
+    "pool_size": (0, 64),
+    "deadline_seconds": (1, 86400),
+    "memory": (6 << 20, 1 << 50),
+    "cpus": (10, 4096 * 1000),
+    "pids": (8, 1 << 22),
+    "scratch_bytes": (1 << 20, 64 << 30),
+    "max_input_bytes": (1, 64 << 30),
+    "max_output_bytes": (1, 64 << 30),
+    "max_concurrent": (1, 256),
+}
+
+
+def _jobs(values: Mapping[str, Any]) -> Jobs | None:
+    """The ``jobs`` section, or None when ``jobs.image`` is not set (job mode off)."""
+    image = values["jobs.image"]
+    if image is None:
+        others = [k.path for k in SCHEMA if k.path.startswith("jobs.") and k.path != "jobs.image"]
+        given = [p for p in others if values[p] != next(k.default for k in SCHEMA if k.path == p)]
+        if given:
+            raise _fail(given[0], "set jobs.image to turn job mode on, or leave jobs.* out")
+        return None
+    for name, (lo, hi) in _JOB_BOUNDS.items():
+        if not lo <= values[f"jobs.{name}"] <= hi:
+            raise _fail(f"jobs.{name}", f"must be between {lo} and {hi}")
+    uid = int(str(values["jobs.user"]).split(":")[0])
+    if uid == 0:
+        raise _fail("jobs.user", "job processes never run as root")
+    return Jobs(
+        image=image,
+        command=values["jobs.command"],
+        runtime=values["jobs.runtime"],
+        **{name: values[f"jobs.{name}"] for name in ("user", *_JOB_BOUNDS)},
     )
 
 

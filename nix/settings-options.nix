@@ -234,6 +234,73 @@ in
     default = null;
     description = "JSON file with the workload section chosen at boot (runtime metadata: a file on a config partition, or fetched from a cloud metadata server). Its keys override workload:, and EMBASSY_WORKLOAD_* variables override it. Null: no such file.";
   };
+  jobs = {
+    image = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "Job mode (docs/adr/0014-jobs.md): the image each job runs in, one fresh container per request with no network at any moment. Null: job mode is off. Used by ID once inspected; never pulled.";
+    };
+    command = mkOption {
+      type = types.nullOr (types.listOf types.str);
+      default = null;
+      description = "The job container's command (a list of arguments). Null: the image's own.";
+    };
+    runtime = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "Docker runtime of job containers: null (runc) or a registered gVisor runtime with --network=none in its runtimeArgs (scripts/ensure_dockerd.sh registers runsc-nonet).";
+    };
+    user = mkOption {
+      type = types.str;
+      default = "65534";
+      description = "User (uid or uid:gid, numeric) job processes run as; never root. The socket's group (socket_group, required with jobs) is added so the job reaches the embassy.";
+    };
+    pool_size = mkOption {
+      type = types.int;
+      default = 2;
+      description = "Warm job containers created and started ahead (0-64).";
+    };
+    deadline_seconds = mkOption {
+      type = types.int;
+      default = 300;
+      description = "A job not committed this long after it was assigned is killed, destroyed and aborted (1 to 86400).";
+    };
+    memory = mkOption {
+      type = types.int;
+      default = 536870912;
+      description = "Memory limit of a job container (bytes, >= 6 MiB).";
+    };
+    cpus = mkOption {
+      type = types.int;
+      default = 1000;
+      description = "CPU limit of a job container in thousandths of a CPU (>= 10).";
+    };
+    pids = mkOption {
+      type = types.int;
+      default = 128;
+      description = "Process limit of a job container (8 to 4194304).";
+    };
+    scratch_bytes = mkOption {
+      type = types.int;
+      default = 67108864;
+      description = "Size of the tmpfs at /tmp in a job container, its only writable scratch.";
+    };
+    max_input_bytes = mkOption {
+      type = types.int;
+      default = 67108864;
+      description = "Largest encrypted input a job takes (bytes); inline base64 inputs are also bounded by http.max_body_bytes.";
+    };
+    max_output_bytes = mkOption {
+      type = types.int;
+      default = 67108864;
+      description = "Largest encrypted result a job may commit (bytes); more ends the job output-too-large.";
+    };
+    max_concurrent = mkOption {
+      type = types.int;
+      default = 4;
+      description = "Jobs running at once; more are refused (busy, 503).";
+    };
+  };
   authorities = mkOption {
     type = types.listOf (types.submodule {
       options = {

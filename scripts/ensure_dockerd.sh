@@ -7,17 +7,21 @@ set -euo pipefail
 # sentry uses the kernel's network stack in the container's namespace, the one the embassy
 # wires and gates (docs/adr/0009-link-gate.md); --host-uds=open lets the sandbox connect to
 # the embassy's socket mounted into it. Merged into daemon.json, never overwriting.
-runtime_name=runsc-hostinet
+# Jobs (docs/adr/0014-jobs.md) need no network at all: runsc-nonet runs gVisor with
+# --network=none (with its own netstack on, runsc refuses to start on this machine).
 changed=""
 if command -v runsc >/dev/null 2>&1; then
-  changed=$(python3 - "$runtime_name" "$(command -v runsc)" <<'PY'
+  changed=$(python3 - "$(command -v runsc)" <<'PY'
 import json, os, sys
-name, path = sys.argv[1], sys.argv[2]
+path = sys.argv[1]
 conf = "/etc/docker/daemon.json"
 data = json.load(open(conf)) if os.path.exists(conf) and os.path.getsize(conf) else {}
-want = {"path": path, "runtimeArgs": ["--network=host", "--host-uds=open"]}
-if data.get("runtimes", {}).get(name) != want:
-    data.setdefault("runtimes", {})[name] = want
+wanted = {
+    "runsc-hostinet": {"path": path, "runtimeArgs": ["--network=host", "--host-uds=open"]},
+    "runsc-nonet": {"path": path, "runtimeArgs": ["--network=none", "--host-uds=open"]},
+}
+if any(data.get("runtimes", {}).get(name) != want for name, want in wanted.items()):
+    data.setdefault("runtimes", {}).update(wanted)
     os.makedirs("/etc/docker", exist_ok=True)
     tmp = conf + ".tmp"
     with open(tmp, "w") as f:
@@ -33,7 +37,7 @@ if docker info >/dev/null 2>&1; then
     # A running dockerd reads its runtimes again on SIGHUP.
     kill -HUP "$(pidof dockerd)"
     for _ in $(seq 1 40); do
-      docker info --format '{{json .Runtimes}}' | grep -q -- "--host-uds=open" && break
+      docker info --format '{{json .Runtimes}}' | grep -q -- "--network=none" && break
       sleep 0.25
     done
   fi

@@ -161,6 +161,7 @@ def key_type(key: Key) -> str:
         "path": lambda: "types.str",
         "int": lambda: "types.int",
         "bool": lambda: "types.bool",
+        "str-list": lambda: "types.listOf types.str",
         "level": lambda: nix_enum(_LEVELS),
         "pcr": lambda: nix_enum(sorted(EMBASSY_PCR_CHOICES)),
         "pcr-list": lambda: f"types.listOf (types.ints.between {lo} {hi})",

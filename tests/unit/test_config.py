@@ -18,12 +18,50 @@ def test_defaults_are_valid_and_complete() -> None:
     # Every schema key but the workload appears in the effective (measured) config; the
     # workload is recorded as launch events instead, so the measurement does not reveal it.
     assert "workload" not in effective
+    # Job mode off: no jobs section, so configs from before job mode measure the same.
+    assert "jobs" not in effective
     for key in SCHEMA:
-        if key.path == "workload":
+        if key.path == "workload" or key.path.startswith("jobs."):
             continue
         node = effective
         for part in key.path.split("."):
             node = node[part]
+
+
+def test_jobs_section_is_measured_whole() -> None:
+    config = parse_config({"socket_group": "10001", "jobs": {"image": "embassy/job:1"}})
+    effective = config.effective()
+    for key in SCHEMA:
+        if key.path.startswith("jobs."):
+            assert key.path.split(".")[1] in effective["jobs"]
+    assert config.jobs is not None
+    assert config.jobs.pool_size == 2
+
+
+@pytest.mark.parametrize(
+    ("tree", "path", "fragment"),
+    [
+        ({"jobs": {"pool_size": 3}}, "jobs.pool_size", "set jobs.image"),
+        ({"jobs": {"image": "x"}}, "socket_group", "job mode needs it"),
+        ({"socket_group": "1", "jobs": {"image": "x", "user": "0"}}, "jobs.user", "expected"),
+        (
+            {"socket_group": "1", "jobs": {"image": "x", "pool_size": 65}},
+            "jobs.pool_size",
+            "between",
+        ),
+        ({"socket_group": "1", "jobs": {"image": "x", "command": []}}, "jobs.command", "non-empty"),
+        (
+            {"socket_group": "1", "jobs": {"image": "x", "runtime": "a b"}},
+            "jobs.runtime",
+            "expected",
+        ),
+    ],
+)
+def test_jobs_section_refusals(tree: dict[str, object], path: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(tree)
+    assert f"config: {path}:" in err.value.message
+    assert fragment in err.value.message
 
 
 @pytest.mark.parametrize(
