@@ -4,7 +4,8 @@
 
     {"v":2,"payload_id":"<hex16>","expires_unix":N,"embassy_keyid":"<hex32>",
      "measurement":"<hex32>","launch_digest":"<hex32>",
-     "suite":"x25519" | "mlkem768-x25519","has_action_key":false,"wrapped":"<b64>"}
+     "suite":"x25519" | "mlkem768-x25519","has_action_key":false,
+     "reply_key":{...} (optional),"wrapped":"<b64>"}
 
     wrapped   = HPKE base mode (KEM of the suite, HKDF-SHA256, AES-256-GCM) of
                 input_key (32 B) || action_key (32 B, only if has_action_key)
@@ -12,9 +13,11 @@
 
 ``measurement`` is the embassy's measurement digest (its code, config and policy) and
 ``launch_digest`` its workload's launch digest, both as the user's verified identity shows
-them. The embassy refuses a payload for another measurement or workload with codes of their
-own before it decrypts anything, and as both are in the HPKE ``info``, an envelope whose
-fields were rewritten to match does not unwrap. Version 1 bound neither: it is refused.
+them. ``reply_key`` (optional; a job needs it) is the user's HPKE public key that a job's
+result is encrypted to (:class:`ReplyKey`, docs/protocol.md §2b). The embassy refuses a
+payload for another measurement or workload with codes of their own before it decrypts
+anything, and as both are in the HPKE ``info``, an envelope whose fields were rewritten to
+match does not unwrap. Version 1 bound neither: it is refused.
 
 The user side (:func:`make_payload`, :func:`seal_input`) wraps to the public keys of an
 identity the user has verified; the embassy side (:func:`open_payload`) unwraps with its
@@ -86,6 +89,7 @@ _PRIVATE_TYPES: Mapping[str, type] = {
 }
 
 _FIELDS = {
+    "reply_key",
     "v",
     "payload_id",
     "expires_unix",
@@ -108,10 +112,11 @@ class PayloadEnvelope:
     suite: str
     has_action_key: bool
     wrapped: bytes
+    reply_key: ReplyKey | None = None
 
     def bound_fields(self) -> JsonObject:
-        """Every field but ``wrapped``: what the HPKE ``info`` binds."""
-        return {
+        """Every field but ``wrapped``: what the HPKE ``info`` binds (``reply_key`` if set)."""
+        bound: JsonObject = {
             "v": VERSION,
             "payload_id": self.payload_id.hex(),
             "expires_unix": self.expires_unix,
@@ -121,6 +126,9 @@ class PayloadEnvelope:
             "suite": self.suite,
             "has_action_key": self.has_action_key,
         }
+        if self.reply_key is not None:
+            bound["reply_key"] = self.reply_key.to_json()
+        return bound
 
     def to_json(self) -> JsonObject:
         return {**self.bound_fields(), "wrapped": b64encode(self.wrapped)}
@@ -166,7 +174,20 @@ class PayloadEnvelope:
         wrapped = b64decode(field(obj, "wrapped", str, what), f"{what}.wrapped")
         if not 0 < len(wrapped) <= MAX_WRAPPED_LEN:
             raise WireFormatError(f"{what}.wrapped: {len(wrapped)} bytes is out of range")
-        return cls(payload_id, expires, keyid, measurement, launch, suite, has_action_key, wrapped)
+        reply_key = None  # absent, never null: a null is refused as not an object
+        if "reply_key" in obj:
+            reply_key = ReplyKey.from_json(obj["reply_key"], f"{what}.reply_key")
+        return cls(
+            payload_id,
+            expires,
+            keyid,
+            measurement,
+            launch,
+            suite,
+            has_action_key,
+            wrapped,
+            reply_key,
+        )
 
     @classmethod
     def parse(cls, data: bytes) -> PayloadEnvelope:
@@ -186,6 +207,70 @@ def suite_for(name: str) -> hpke.Suite:
         raise UnsupportedSuiteError(
             f"unsupported HPKE suite {name!r}; supported: {', '.join(sorted(SUITES))}"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# The user's reply key
+
+
+@dataclass(frozen=True)
+class ReplyKey:
+    """The user's HPKE public key for a job's result (docs/protocol.md §2b)::
+
+        {"suite":"x25519","x25519":"<b64 32 B>"}
+        {"suite":"mlkem768-x25519","mlkem768":"<b64 1184 B>","x25519":"<b64 32 B>"}
+
+    The parts are encoded as the identity publishes its own HPKE keys (``keys.hpke``).
+    """
+
+    suite: str
+    x25519: bytes
+    mlkem768: bytes | None = None
+
+    def to_json(self) -> JsonObject:
+        out: JsonObject = {"suite": self.suite, "x25519": b64encode(self.x25519)}
+        if self.mlkem768 is not None:
+            out["mlkem768"] = b64encode(self.mlkem768)
+        return out
+
+    def keyid(self) -> str:
+        """SHA-256 (hex) of the key's canonical JSON: names it in a wrapped result key."""
+        return hashlib.sha256(canonical_json(self.to_json())).hexdigest()
+
+    def public_key(self) -> HpkePublicKey:
+        x25519 = X25519PublicKey.from_public_bytes(self.x25519)
+        if self.suite == SUITE_X25519:
+            return x25519
+        assert self.mlkem768 is not None  # from_json and from_public enforce it
+        return hpke.MLKEM768X25519PublicKey(
+            MLKEM768PublicKey.from_public_bytes(self.mlkem768), x25519
+        )
+
+    @classmethod
+    def from_json(cls, obj: object, what: str = "reply key") -> ReplyKey:
+        """Strictly parse: exactly the fields of its suite, each key of its exact size."""
+        if not isinstance(obj, dict):
+            raise WireFormatError(f"{what}: expected a JSON object")
+        suite = field(obj, "suite", str, what)
+        if suite == SUITE_X25519:
+            only_fields(obj, {"suite", "x25519"}, what)
+            return cls(suite, _raw_key(obj, "x25519", 32, what))
+        if suite == SUITE_MLKEM768_X25519:
+            only_fields(obj, {"suite", "mlkem768", "x25519"}, what)
+            mlkem = _raw_key(obj, "mlkem768", 1184, what)
+            try:
+                MLKEM768PublicKey.from_public_bytes(mlkem)
+            except ValueError:
+                raise WireFormatError(f"{what}.mlkem768: not a valid ML-KEM-768 key") from None
+            return cls(suite, _raw_key(obj, "x25519", 32, what), mlkem)
+        raise UnsupportedSuiteError(
+            f"{what}.suite: unsupported HPKE suite {suite[:MAX_SUITE_LEN]!r}; supported: "
+            f"{', '.join(sorted(SUITES))}"
+        )
+
+    @classmethod
+    def parse(cls, data: bytes, what: str = "reply key") -> ReplyKey:
+        return cls.from_json(parse_json_object(data, what), what)
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,13 +340,15 @@ def make_payload(
     now: float | None = None,
     action_key: bool = False,
     payload_id: bytes | None = None,
+    reply_key: ReplyKey | None = None,
 ) -> tuple[PayloadEnvelope, bytes, bytes | None]:
     """Wrap a fresh input key (and action key) to the embassy of a *verified* identity.
 
     Returns (envelope, input_key, action_key or None). ``identity_keys_json`` is
     :attr:`embassy.verify.identity.VerifiedIdentity.keys`, ``measurement`` its
     ``measurement.digest`` and ``launch_digest`` its ``workload.launch_digest``: only an
-    embassy of that measurement, running that workload, opens the payload.
+    embassy of that measurement, running that workload, opens the payload. ``reply_key``
+    (the user's, for a job's result) is bound into the wrapping like every other field.
     """
     measurement = _digest_arg("measurement", measurement)
     launch_digest = _digest_arg("launch_digest", launch_digest)
@@ -286,6 +373,7 @@ def make_payload(
         suite=suite,
         has_action_key=action_key,
         wrapped=b"",
+        reply_key=reply_key,
     )
     wrapped = hpke_suite.encrypt(input_key + (action or b""), public, info=info_for(unsigned))
     return dataclasses.replace(unsigned, wrapped=wrapped), input_key, action
@@ -303,6 +391,7 @@ def seal_input(
     now: float | None = None,
     payload_id: bytes | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reply_key: ReplyKey | None = None,
 ) -> tuple[PayloadEnvelope, bytes]:
     """Make a payload and encrypt ``src`` to ``dst`` as its stream: (envelope, input_key).
 
@@ -316,6 +405,7 @@ def seal_input(
         ttl_seconds=ttl_seconds,
         now=now,
         payload_id=payload_id,
+        reply_key=reply_key,
     )
     encrypt_stream(input_key, envelope.payload_id, src, dst, chunk_size=chunk_size)
     return envelope, input_key
