@@ -30,6 +30,7 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── UnsupportedSuiteError    the payload's HPKE suite is not one this embassy has
     │   ├── BadPayloadError          the payload does not unwrap (other key, tampered field)
     │   ├── RateLimitedError         too many requests of a costly kind (a TPM quote); retry later
+    │   ├── JobRequestError          a job refused before it starts (no reply key, input too big)
     │   ├── ConflictError            the request contradicts stored state
     │   │   ├── PayloadReplayedError a payload opens once
     │   │   ├── InstructionReplayedError an authority's instruction is carried out once
@@ -65,6 +66,13 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     │   ├── IncompleteLogError       a log shown complete has entries after its end
     │   ├── TimeWindowError          a result outside the user's own before/after evidence
     │   ├── SoftwareTpmError         software-TPM evidence without allow_software_tpm
+    │   ├── ResultOpenError          a job's result that the user's reply key does not open
+    │   │   ├── ResultWrongReplyKeyError  wrapped to another reply key
+    │   │   ├── ResultWrongJobError       its key or ciphertext belongs to another job
+    │   │   ├── ResultUnwrapError         the wrapped key does not unwrap (a field was changed)
+    │   │   ├── ResultTamperedError       ciphertext digest differs or a chunk fails to authenticate
+    │   │   └── ResultTruncatedError      the ciphertext stream is cut short
+    │   ├── JobStoryError            a job's statements that do not tell a sealed, destroyed job
     │   └── DecisionLogError         a broker decision log with a gap, reorder, fork or bad entry
     ├── ActivationError              an activation file the intake rejects (a statement says why)
     │   ├── ActivationCorruptError   bad magic, version, header field or checksum
@@ -75,6 +83,13 @@ verifier's JSON report. The mapping to HTTP statuses lives only in
     ├── PolicyError                  refused by policy (e.g. a workload that could lift its seal)
     ├── SealError                    the firewall could not be put in (or out of) the sealed state
     ├── WorkloadError                Docker failed to do what the embassy asked
+    │   └── JobsBusyError            every job slot is taken (jobs.max_concurrent); retry later
+    ├── JobFailedError               how a job ended without a result (its abort statement says)
+    │   ├── JobDeadlineError         not committed by its deadline: killed
+    │   ├── JobCrashedError          its container exited without a commit
+    │   ├── JobOutputTooLargeError   its result is larger than jobs.max_output_bytes
+    │   ├── JobBadCommitError        a commit that does not match the result in its spool
+    │   └── JobInterruptedError      the daemon restarted while it ran
     ├── TpmError                     the TPM (or swtpm) failed or is unreachable
     │   └── BootStateChangedError    the master secret is sealed to boot PCRs that now differ
     └── StorageError                 durable state is unreadable or inconsistent
@@ -333,6 +348,33 @@ class SoftwareTpmError(VerificationError):
     code = "software-tpm"
 
 
+class ResultOpenError(VerificationError):
+    """A job's encrypted result (``embassy.jobs.result``) that does not open; the subclasses
+    name why."""
+
+    code = "result-unopened"
+
+
+class ResultWrongReplyKeyError(ResultOpenError):
+    code = "result-wrong-reply-key"
+
+
+class ResultWrongJobError(ResultOpenError):
+    code = "result-wrong-job"
+
+
+class ResultUnwrapError(ResultOpenError):
+    code = "result-key-unwrap"
+
+
+class ResultTamperedError(ResultOpenError):
+    code = "result-tampered"
+
+
+class ResultTruncatedError(ResultOpenError):
+    code = "result-truncated"
+
+
 class DecisionLogError(VerificationError):
     """A key broker's decision log that does not verify. ``reason`` names how: ``gap``,
     ``reorder``, ``duplicate``, ``fork``, ``changed``, ``chain``, ``signature``, ``malformed``."""
@@ -368,6 +410,38 @@ class ActivationSequenceError(ActivationError):
     code = "activation-out-of-sequence"
 
 
+class JobRequestError(RequestError):
+    code = "job-refused"
+
+
+class JobStoryError(VerificationError):
+    code = "job-story-broken"
+
+
+class JobFailedError(EmbassyError):
+    code = "job-failed"
+
+
+class JobDeadlineError(JobFailedError):
+    code = "job-deadline"
+
+
+class JobCrashedError(JobFailedError):
+    code = "job-crashed"
+
+
+class JobOutputTooLargeError(JobFailedError):
+    code = "job-output-too-large"
+
+
+class JobBadCommitError(JobFailedError):
+    code = "job-bad-commit"
+
+
+class JobInterruptedError(JobFailedError):
+    code = "job-interrupted"
+
+
 class PolicyError(EmbassyError):
     code = "policy-refused"
 
@@ -378,6 +452,10 @@ class SealError(EmbassyError):
 
 class WorkloadError(EmbassyError):
     code = "workload-error"
+
+
+class JobsBusyError(WorkloadError):
+    code = "jobs-busy"
 
 
 class TpmError(EmbassyError):
