@@ -433,6 +433,7 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
             "payload is bound to the workload that opens it"
         )
     instructions = _instructions_for(paths, identity.keys, args.ttl)
+    reply_key = _reply_public(args.reply_key) if args.reply_key else None
     # Bound to what the verified identity proves: only an embassy of this measurement,
     # running this workload, opens the payload.
     envelope, input_key, action_key = make_payload(
@@ -442,6 +443,7 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
         suite=args.suite,
         ttl_seconds=args.ttl,
         action_key=bool(paths),
+        reply_key=reply_key,
     )
     try:
         with open(args.input, "rb") as src, open(args.out, "wb") as dst:
@@ -465,9 +467,17 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
             if instructions
             else ""
         )
+        + ("" if reply_key is None else f"; results to reply key {reply_key.keyid()[:16]}…")
         + "\n"
     )
     return 0
+
+
+def _reply_public(path: str) -> Any:
+    """A reply key's public JSON (what ``keygen --reply`` printed)."""
+    from embassy.payload.envelope import ReplyKey
+
+    return ReplyKey.parse(_read(path).strip(), f"{path}: reply key")
 
 
 def _instructions_for(paths: Sequence[str], identity_keys: Any, ttl: int) -> list[bytes]:
@@ -507,7 +517,37 @@ def _instructions_for(paths: Sequence[str], identity_keys: Any, ttl: int) -> lis
 # -- metering: authorities' side -------------------------------------------------------
 
 
+def _cmd_reply_keygen(args: argparse.Namespace) -> int:
+    """A reply key pair: the private key encrypted (never in the clear), the public printed."""
+    from embassy.jobs.result import ReplyPrivateKey
+    from embassy.payload.envelope import SUITE_MLKEM768_X25519
+    from embassy.wire.codec import canonical_json
+
+    if args.name:
+        raise ConfigError("keygen --reply: --name is for an authority's key")
+    passphrase = _passphrase()
+    if passphrase is None:
+        raise ConfigError(
+            f"keygen --reply: a reply key is never written in the clear: set {PASSPHRASE_ENV}"
+        )
+    key = ReplyPrivateKey.generate(args.suite or SUITE_MLKEM768_X25519)
+    _write_new_private(Path(args.out), key.to_pem(passphrase))
+    sys.stderr.write(
+        f"keygen: wrote reply key {args.out} ({key.suite}, encrypted with {PASSPHRASE_ENV}); "
+        "give the public key below to `embassy payload seal --reply-key`\n"
+    )
+    public = canonical_json(key.public.to_json())
+    if args.public_out:
+        _write_out(public, args.public_out)
+    sys.stdout.write(public.decode() + "\n")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    if args.reply:
+        return _cmd_reply_keygen(args)
+    if args.suite or args.public_out:
+        raise ConfigError("keygen: --suite and --public-out are for a reply key (--reply)")
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import (
         BestAvailableEncryption,
@@ -669,12 +709,85 @@ def _payload_parser(sub: Any) -> None:
         "--actions", metavar="OUT", help="where to write the sealed actions (with --instruction)"
     )
     seal.add_argument(
+        "--reply-key",
+        metavar="FILE",
+        help="your reply key's public JSON (keygen --reply printed it): a job's result is "
+        "encrypted to it",
+    )
+    seal.add_argument(
         "--unmetered-ok",
         action="store_true",
         help="if the embassy refuses an instruction, run the session unmetered (default: abort)",
     )
     _add_policy_args(seal)
     seal.set_defaults(func=_cmd_payload_seal)
+
+
+def _cmd_result_open(args: argparse.Namespace) -> int:
+    """Decrypt a job's result with the user's reply key. Plaintext reaches ``--out`` only
+    once all of it authenticated (a temporary file renamed into place, removed on error)."""
+    import tempfile
+
+    from embassy.jobs.result import JobResultBundle, ReplyPrivateKey, open_result, open_result_to
+
+    key = ReplyPrivateKey.from_pem(_read(args.key), _passphrase(), f"--key {args.key}")
+    bundle = JobResultBundle.parse(_read(args.bundle).strip())
+    # Opened under the binding the bundle names: decryption proves no more than that the
+    # result was wrapped to this reply key. `embassy verify job` checks the embassy signed it.
+    binding = bundle.wrapped_key.binding
+    if args.out == "-":
+        ciphertext = None if args.ciphertext is None else _read(args.ciphertext)
+        sys.stdout.buffer.write(open_result(bundle, key, binding, ciphertext=ciphertext))
+        size = None
+    else:
+        out = Path(args.out)
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                if args.ciphertext is None:
+                    size = open_result_to(bundle, key, binding, dst)
+                else:
+                    with open(args.ciphertext, "rb") as src:
+                        size = open_result_to(bundle, key, binding, dst, ciphertext=src)
+                dst.flush()
+                os.fsync(dst.fileno())
+            tmp.replace(out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"result open: {exc.filename or args.out}: {exc.strerror}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    sys.stderr.write(
+        f"result of job {bundle.job} decrypted"
+        + ("" if size is None else f" ({size} bytes to {args.out})")
+        + f"; bound to {json.dumps(binding, sort_keys=True)}. Decryption does not show who "
+        "made it: check the job with `embassy verify job`\n"
+    )
+    return 0
+
+
+def _result_parser(sub: Any) -> None:
+    result = sub.add_parser("result", help="open a job's encrypted result (user side)")
+    kinds = result.add_subparsers(dest="what", required=True)
+    open_ = kinds.add_parser("open", help="decrypt a job result bundle with your reply key")
+    open_.add_argument(
+        "--key",
+        required=True,
+        metavar="FILE",
+        help="your reply private key (keygen --reply; $EMBASSY_KEY_PASSPHRASE)",
+    )
+    open_.add_argument("--bundle", required=True, metavar="FILE", help="the job result bundle")
+    open_.add_argument(
+        "--ciphertext",
+        metavar="FILE",
+        help="the result's ciphertext, when the bundle does not carry it",
+    )
+    open_.add_argument(
+        "--out", required=True, metavar="FILE", help="where the plaintext goes ('-': stdout)"
+    )
+    open_.set_defaults(func=_cmd_result_open)
 
 
 def _keygen_parser(sub: Any) -> None:
@@ -687,6 +800,19 @@ def _keygen_parser(sub: Any) -> None:
     )
     keygen.add_argument(
         "--name", metavar="NAME", help="the authority's name, for the printed config entry"
+    )
+    keygen.add_argument(
+        "--reply",
+        action="store_true",
+        help="make a user's reply key instead (HPKE, for job results): needs "
+        "$EMBASSY_KEY_PASSPHRASE; prints the public key JSON",
+    )
+    keygen.add_argument(
+        "--suite", choices=["mlkem768-x25519", "x25519"],
+        help="with --reply: the HPKE suite (default: the post-quantum hybrid)",
+    )  # fmt: skip
+    keygen.add_argument(
+        "--public-out", metavar="FILE", help="with --reply: write the public key JSON here too"
     )
     keygen.set_defaults(func=_cmd_keygen)
 
@@ -821,6 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verify_parser(sub)
     _payload_parser(sub)
     _keygen_parser(sub)
+    _result_parser(sub)
     _meters_parser(sub)
     from embassy.registrar.cli import add_parser as add_registrar_parser
 
