@@ -47,6 +47,10 @@ under ``decision-log/``: a good log, a good tail after a checkpoint, and each wa
 one (gap, reorder, duplicate, fork, chain, changed, signature, malformed), plus
 ``decision-log/expected.json`` with each verdict (tests/unit/broker/test_decision_log.py).
 
+The job results of ``tests/unit/jobs/test_result_vectors.py`` are pinned under
+``job-result/``: a good result bundle and each way a relaying host could change one, each
+file with the user's reply key, the expected binding and its verdict (docs/protocol.md §14).
+
 The PE images and UKIs of ``tests/unit/image/image_vectors.py`` are pinned under ``image/``:
 each as ``<name>.efi``, plus ``image/expected.json``, canonical JSON (and a newline) that
 maps each name to ``{"kind": "pe"|"uki", "expect": "ok" | <error code>}``, adding the
@@ -108,6 +112,7 @@ from embassy.wire.statement import LIFECYCLE_V1, Header, Statement, embassy_subj
 from tests.fakes import FakeTpm, FakeWorkloadRuntime, ak_chain_for, fake_registrar  # noqa: E402
 from tests.unit.broker.decision_log_vectors import decision_log_vectors  # noqa: E402
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
+from tests.unit.jobs.test_result_vectors import job_result_vectors  # noqa: E402
 from tests.unit.payload.payload_vectors import payload_cases  # noqa: E402
 from tests.unit.verify import result_vectors  # noqa: E402
 from tests.unit.weights.weights_vectors import weights_vectors  # noqa: E402
@@ -1235,6 +1240,7 @@ def build_all() -> Vectors:
         **build_image_vectors(),
         **weights_vectors(),
         **decision_log_vectors(),
+        **job_result_vectors(),
     }
 
 

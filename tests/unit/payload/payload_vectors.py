@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from embassy.daemon.keys import derive_keys
-from embassy.payload.envelope import PayloadEnvelope, info_for
+from embassy.payload.envelope import PayloadEnvelope, ReplyKey, info_for
 from embassy.wire.codec import JsonObject, canonical_json
 
 _KEM_X25519, _KDF_HKDF_SHA256, _AEAD_AES_256_GCM = 0x0020, 0x0001, 0x0002
@@ -93,7 +93,9 @@ def payload_cases(
             "now": now,
         }
 
-    def make(label: str, m: bytes, w: bytes) -> tuple[PayloadEnvelope, bytes]:
+    def make(
+        label: str, m: bytes, w: bytes, reply_key: ReplyKey | None = None
+    ) -> tuple[PayloadEnvelope, bytes]:
         input_key = _seed(f"{label} input key")
         unsigned = PayloadEnvelope(
             payload_id=_seed(f"{label} payload id")[:16],
@@ -104,6 +106,7 @@ def payload_cases(
             suite="x25519",
             has_action_key=False,
             wrapped=b"",
+            reply_key=reply_key,
         )
         ephemeral = X25519PrivateKey.from_private_bytes(_seed(f"{label} ephemeral"))
         wrapped = hpke_seal_x25519(
@@ -115,6 +118,16 @@ def payload_cases(
     for_b, _ = make("for measurement B", other_measurement, launch_digest)
     for_other_workload, _ = make("for workload B", measurement, other_launch)
     v1 = {k: v for k, v in good.to_json().items() if k not in ("measurement", "launch_digest")}
+    users_reply, hosts_reply = (
+        ReplyKey(
+            "x25519",
+            X25519PrivateKey.from_private_bytes(_seed(f"{who} reply key"))
+            .public_key()
+            .public_bytes(*_RAW),
+        )
+        for who in ("user", "host")
+    )
+    with_reply, with_reply_key = make("with a reply key", measurement, launch_digest, users_reply)
 
     def refused(code: str, message: str) -> JsonObject:
         return {"error": code, "message": message}
@@ -155,6 +168,21 @@ def payload_cases(
             "embassy's workload (A): it does not unwrap",
             canonical_json({**for_other_workload.to_json(), "launch_digest": launch_digest.hex()}),
             good_key,
+            embassy(),
+            refused("bad-payload", "does not unwrap"),
+        ),
+        "good-payload-reply-key": PayloadCase(
+            "a payload carrying the user's reply key (for a job's result) opens",
+            with_reply.to_bytes(),
+            with_reply_key,
+            embassy(),
+            {"ok": True},
+        ),
+        "bad-payload-reply-key-swapped": PayloadCase(
+            "the user's reply key swapped for the host's (to read the result): HPKE's info "
+            "binds the reply key, so it does not unwrap",
+            canonical_json({**with_reply.to_json(), "reply_key": hosts_reply.to_json()}),
+            with_reply_key,
             embassy(),
             refused("bad-payload", "does not unwrap"),
         ),
