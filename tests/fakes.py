@@ -386,3 +386,71 @@ class FakeWorkloadRuntime:
             sys.modules.pop(self._NAME, None)
         else:
             sys.modules[self._NAME] = module
+
+
+class FakeJobContainers:
+    """Job containers with no Docker: a slot is a spool directory under ``root``; the test
+    says which are running (``exit``) and what a destroy finds (``leave``)."""
+
+    image_digest = "sha256:" + "ab" * 32
+    runtime = "runc"
+
+    def __init__(self, root: object) -> None:
+        from pathlib import Path
+
+        self.root = Path(str(root))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.created: list[str] = []
+        self.destroyed: list[str] = []
+        self.exited: dict[str, int] = {}
+        self.leave: set[str] = set()  # parts a destroy finds still there
+        self.left_over: list[str] = []  # containers an earlier run left (swept at start)
+        self._n = 0
+
+    def create(self) -> object:
+        from embassy.jobs.containers import Slot
+
+        self._n += 1
+        cid = hashlib.sha256(f"job-{self._n}-{id(self)}".encode()).hexdigest()
+        spool = self.root / cid[:12]
+        spool.mkdir()
+        self.created.append(cid)
+        return Slot(
+            container_id=cid,
+            name=f"embassy-test-job-{cid[:12]}",
+            spool=spool,
+            image_digest=self.image_digest,
+            runtime=self.runtime,
+            created="2026-01-01T00:00:00.000000001Z",
+            started="2026-01-01T00:00:00.100000001Z",
+            upper_dir=None,
+        )
+
+    def state(self, slot: object) -> tuple[bool, int | None]:
+        cid = slot.container_id  # type: ignore[attr-defined]
+        if cid in self.destroyed:
+            return False, None
+        code = self.exited.get(cid)
+        return (code is None), code
+
+    def destroy(self, slot: object) -> object:
+        import shutil
+
+        from embassy.jobs.containers import Gone
+
+        cid = slot.container_id  # type: ignore[attr-defined]
+        self.destroyed.append(cid)
+        shutil.rmtree(slot.spool, ignore_errors=True)  # type: ignore[attr-defined]
+        return Gone(
+            container="still there (running)" if "container" in self.leave else "inspect-404",
+            writable_layer="not-reported",
+            spool="absent",
+            mounts="none",
+        )
+
+    def sweep(self) -> list[tuple[str, object]]:
+        from embassy.jobs.containers import Gone
+
+        out = [(c, Gone("inspect-404", "absent", "absent", "none")) for c in self.left_over]
+        self.left_over = []
+        return out  # type: ignore[return-value]

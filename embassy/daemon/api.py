@@ -27,6 +27,16 @@ the socket, name a process in the workload container's cgroup): anything else ge
 - ``GET  /v1/seal``: the seal's state, read from the kernel: the gate, the link, the layer-3
   rules, the workload's namespace, any quarantine, and whether a key release would pass now.
 
+Job routes (docs/adr/0014-jobs.md): ``POST /v1/jobs`` from the host only (not the workload,
+not a job); the ``self`` routes from a job container's own processes only:
+
+- ``POST /v1/jobs``: ``{"payload": <envelope with reply_key>, "input": "<b64 ciphertext>"}``
+  returns ``{"job", "state", "deadline_unix"}`` (201).
+- ``POST /v1/jobs/self/key``: waits (10 s) for a job; ``{"assigned": false}`` or, once,
+  ``{"assigned": true, "job", "input_key", "result_key", "statement"}`` (job-started).
+- ``POST /v1/jobs/self/commit``: ``{"output_sha256"}`` of the result in its spool.
+- ``GET  /v1/jobs/<id>?wait=<s>``: ``{"job", "state", "result"?, "error"?}``.
+
 Weights-key routes (docs/protocol.md §11) answer only the workload's own processes too;
 a release or denial is taken only while the workload is not sealed:
 
@@ -45,7 +55,7 @@ from typing import Any, Protocol
 
 from embassy.daemon.http import Request, Response, ascii_decimal
 from embassy.daemon.http_server import Peer
-from embassy.errors import MethodNotAllowedError, NotFoundError, RequestError
+from embassy.errors import MethodNotAllowedError, NotFoundError, RequestError, WireFormatError
 from embassy.weights.release import (
     NONCE_LEN,
     Denial,
@@ -65,6 +75,9 @@ from embassy.wire.codec import (
 )
 
 MIN_NONCE, MAX_NONCE = 16, 64
+JOB_PREFIX = "/v1/jobs/"
+MAX_JOB_WAIT = 60
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 # Hex as the nonce is written: pairs of ASCII hex digits and nothing else (bytes.fromhex
 # would also take spaces and newlines).
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
@@ -104,6 +117,14 @@ class Service(Protocol):
     ) -> dict[str, Any]: ...
     def weights_key(self, peer: Peer | None, release: Release) -> dict[str, Any]: ...
     def weights_denied(self, peer: Peer | None, denial: Denial) -> dict[str, Any]: ...
+    def submit_job(
+        self, peer: Peer | None, payload: dict[str, Any], ciphertext: bytes
+    ) -> dict[str, Any]: ...
+    def job_keys(self, peer: Peer | None) -> dict[str, Any]: ...
+    def job_commit(
+        self, peer: Peer | None, output_sha256: bytes | None, problem: str
+    ) -> dict[str, Any]: ...
+    def job_status(self, job_id: bytes, wait_seconds: float) -> dict[str, Any]: ...
 
 
 def _one(request: Request, name: str) -> str:
@@ -164,6 +185,9 @@ class Api:
             "/v1/seal": ("GET", lambda r: Response(200, service.seal_status())),
             "/v1/weights/request": ("POST", self._weights_request),
             "/v1/weights/key": ("POST", self._weights_key),
+            "/v1/jobs": ("POST", self._submit_job),
+            "/v1/jobs/self/key": ("POST", lambda r: Response(200, service.job_keys(r.peer))),
+            "/v1/jobs/self/commit": ("POST", self._job_commit),
         }
 
     def _activate(self, request: Request) -> Response:
@@ -246,6 +270,38 @@ class Api:
         denial = parse_denial(canonical_json(field(body, "denial", dict, what)))
         return Response(200, self._service.weights_denied(request.peer, denial))
 
+    def _submit_job(self, request: Request) -> Response:
+        what = "request body"
+        body = parse_json_object(request.body, what)
+        only_fields(body, {"payload", "input"}, what)
+        payload = field(body, "payload", dict, what)
+        ciphertext = b64decode(field(body, "input", str, what), "input")
+        return Response(201, self._service.submit_job(request.peer, payload, ciphertext))
+
+    def _job_commit(self, request: Request) -> Response:
+        # A commit that does not parse still ends the job (bad commit, stated): the
+        # service checks the caller is a job before anything else.
+        try:
+            body = parse_json_object(request.body, "request body")
+            only_fields(body, {"output_sha256"}, "request body")
+            text = field(body, "output_sha256", str, "request body")
+            digest = hex_decode(text, "output_sha256", size=32)
+        except (RequestError, WireFormatError) as exc:
+            return Response(200, self._service.job_commit(request.peer, None, exc.message))
+        return Response(200, self._service.job_commit(request.peer, digest, ""))
+
+    def _job_status(self, request: Request, job: str) -> Response:
+        if request.method != "GET":
+            raise MethodNotAllowedError(f"/v1/jobs/<id> takes GET, not {request.method}")
+        if not _JOB_ID.fullmatch(job):
+            raise NotFoundError("no such job")
+        wait = 0
+        if "wait" in request.query:
+            wait = ascii_decimal(_one(request, "wait")) or 0
+            if wait > MAX_JOB_WAIT:
+                raise RequestError(f"wait is at most {MAX_JOB_WAIT} seconds")
+        return Response(200, self._service.job_status(bytes.fromhex(job), float(wait)))
+
     @property
     def routes(self) -> frozenset[str]:
         """The route paths: the only paths the server's log may name."""
@@ -253,6 +309,8 @@ class Api:
 
     def __call__(self, request: Request) -> Response:
         route = self._routes.get(request.path)
+        if route is None and request.path.startswith(JOB_PREFIX):
+            return self._job_status(request, request.path[len(JOB_PREFIX) :])
         if route is None:
             # Not echoed: the path is the caller's bytes.
             raise NotFoundError("no such route")

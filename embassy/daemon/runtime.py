@@ -8,6 +8,7 @@ statement appended and quoted.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import logging
 import signal
@@ -23,14 +24,16 @@ from embassy.daemon.ak_chain import AkChainStore
 from embassy.daemon.api import Api
 from embassy.daemon.atomic import ensure_private_dir
 from embassy.daemon.http import UnixHttpServer
-from embassy.daemon.http_server import Peer
+from embassy.daemon.http_server import Peer, same_process
 from embassy.daemon.identity import identity_body
 from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.keys import load_or_create_keys
 from embassy.daemon.metering import MeteringService
 from embassy.daemon.statement_log import StatementLog
 from embassy.daemon.weights_keys import WeightsKeys
-from embassy.errors import ConflictError, ForbiddenError, WeightsSealedError
+from embassy.errors import ConflictError, ForbiddenError, JobBadCommitError, WeightsSealedError
+from embassy.jobs.records import opened_job_payloads
+from embassy.jobs.service import JobService, job_launch_digest, statements_of
 from embassy.log.entry import EntryType
 from embassy.log.segment import EVIDENCE_TYPE, IDENTITY_DOCUMENT_TYPE, LOG_SEGMENT_TYPE
 from embassy.measure import Measurement, measure
@@ -58,6 +61,18 @@ class TpmHandle:
 
     device: Tpm
     swtpm: Swtpm | None = None
+
+
+def _owns(peer: Peer | None, container_id: str) -> bool:
+    """Whether ``peer`` is a process of container ``container_id`` (not a reused pid)."""
+    from embassy.seal.occupants import in_container
+
+    return (
+        peer is not None
+        and same_process(peer)
+        and in_container(peer.pid, container_id)
+        and same_process(peer)
+    )
 
 
 def open_tpm(config: Config) -> TpmHandle:
@@ -142,6 +157,10 @@ class Embassy:
             restored = self._replay.remember(opened_payloads(self.log))
             if restored:
                 _LOG.warning("replay store: restored %d opened payload(s) from the log", restored)
+            # Job mode: containers left by an earlier run removed and their jobs' ends
+            # stated, then the jobs' image and launch digest stated before the identity,
+            # so that the identity's segment tells a user what a job payload must bind.
+            self.jobs: JobService | None = None if config.jobs is None else self._start_jobs(config)
             subjects, body = identity_body(
                 self.keys, tpm_device, config.pcrs, self.measurement, start
             )
@@ -174,6 +193,8 @@ class Embassy:
                 )
                 self._intake.start()
         except BaseException:
+            if getattr(self, "jobs", None) is not None:
+                self.jobs.close()  # type: ignore[union-attr]
             if self._intake is not None:
                 self._intake.stop()
             if registry is not None:
@@ -185,6 +206,54 @@ class Embassy:
             self.measurement.digest.hex(),
             appended.entry.seq,
         )
+
+    def _start_jobs(self, config: Config) -> JobService:
+        from embassy.jobs import containers as job_containers
+        from embassy.jobs.result import wrap_result_key
+
+        assert config.jobs is not None
+        group = config.socket_group or ""
+        gid = int(group) if group.isascii() and group.isdigit() else grp.getgrnam(group).gr_gid
+        socket_dir = config.socket.parent
+        socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        containers = job_containers.JobContainers(
+            config.jobs,
+            embassy_id=job_containers.embassy_id(config.data_dir),
+            socket_dir=socket_dir,
+            spool_root=config.data_dir / "jobs",
+            socket_gid=gid,
+            socket_name=config.socket.name,
+        )
+        image_digest = containers.prepare()
+        launch = job_launch_digest(config.jobs, image_digest)
+        service = JobService(
+            jobs=config.jobs,
+            log=self.log,
+            containers=containers,
+            launch_digest=launch,
+            wrap_result_key=wrap_result_key,
+            owns=_owns,
+            segment_from=self.log_segment,
+            statements=lambda: statements_of(self.log.entries),
+        )
+        # Every payload a job-started statement names has opened, whatever the store kept.
+        self._replay.remember(opened_job_payloads(statements_of(self.log.entries)))
+        report = service.recover()
+        self.log.append_statement(
+            LIFECYCLE_V1,
+            [],
+            {
+                "event": "jobs-ready",
+                "image_digest": image_digest,
+                "launch_digest": launch.hex(),
+                "runtime": containers.runtime,
+                "network": "none",
+                "containers_removed": report["containers_removed"],
+                "jobs_aborted": len(report["jobs_aborted"]),
+            },
+        )
+        service.start()
+        return service
 
     @classmethod
     def open(cls, config: Config) -> Embassy:
@@ -217,6 +286,8 @@ class Embassy:
         """
         if self.workload is not None and self.workload.is_own_process(peer):
             raise ForbiddenError("the AK certificate is installed from the host, not the workload")
+        if self.jobs is not None and self.jobs.is_job_process(peer):
+            raise ForbiddenError("the AK certificate is installed from the host, not a job")
         self._ak_store.install(chain)
         self._ak_chain = list(chain)
         return {"installed": len(chain)}
@@ -387,6 +458,59 @@ class Embassy:
     def weights_denied(self, peer: Peer | None, denial: Denial) -> dict[str, Any]:
         return self.weights.denied(denial, self._weights_workload(peer, states=True))
 
+    # -- jobs (embassy/jobs/service.py) ------------------------------------------------------
+
+    def _job_service(self) -> JobService:
+        if self.jobs is None:
+            raise ConflictError("job mode is off: no jobs.image is configured")
+        return self.jobs
+
+    def submit_job(
+        self, peer: Peer | None, payload: dict[str, Any], ciphertext: bytes
+    ) -> dict[str, Any]:
+        """Check and unwrap the payload (for the jobs' launch digest), then assign a warm
+        sealed container. From the host only: not the workload, not a job."""
+        jobs = self._job_service()
+        if (self.workload is not None and self.workload.is_own_process(peer)) or (
+            jobs.is_job_process(peer)
+        ):
+            raise ForbiddenError("jobs are submitted from the host, not the workload or a job")
+        envelope = PayloadEnvelope.from_json(payload)
+        self._replay.check(envelope.payload_id)
+        input_key, _ = open_payload(
+            envelope,
+            private_keys={
+                "x25519": self.keys.hpke_x25519,
+                "mlkem768-x25519": self.keys.hpke_hybrid,
+            },
+            own_keyid=keyid(self.keys.signing.public_key()),
+            own_measurement=self.measurement.digest,
+            own_launch_digest=jobs.launch_digest,
+            now=time.time(),
+        )
+        return jobs.submit(
+            payload_id=envelope.payload_id,
+            input_key=input_key,
+            reply_key=envelope.reply_key,
+            ciphertext=ciphertext,
+            claim=lambda job: self._replay.claim(envelope.payload_id, job, int(time.time())),
+        )
+
+    def job_keys(self, peer: Peer | None) -> dict[str, Any]:
+        return self._job_service().take_keys(peer)
+
+    def job_commit(
+        self, peer: Peer | None, output_sha256: bytes | None, problem: str
+    ) -> dict[str, Any]:
+        jobs = self._job_service()
+        if output_sha256 is None:
+            jobs.bad_commit(peer, problem)
+            raise JobBadCommitError(problem)
+        return jobs.commit(peer, output_sha256)
+
+    def job_status(self, job_id: bytes, wait_seconds: float) -> dict[str, Any]:
+        return self._job_service().status(job_id, wait_seconds)
+
     # -- shutdown --------------------------------------------------------------------------
 
     def _close_tpm(self, *, power_off: bool) -> None:
@@ -399,6 +523,8 @@ class Embassy:
         try:
             if self._intake is not None:
                 self._intake.stop()
+            if self.jobs is not None:
+                self.jobs.close()
             if self.workload is not None:
                 self.workload.close()
             self._replay.close()

@@ -31,6 +31,7 @@ import docker.errors
 from docker.types import Mount as DockerMount
 
 from embassy.config import Jobs
+from embassy.daemon.atomic import write_atomic
 from embassy.errors import ConfigError, PolicyError, SealError, WorkloadError
 from embassy.workload.docker_runtime import ID_LABEL, NO_NEW_PRIVILEGES, ROLE_LABEL
 
@@ -105,6 +106,14 @@ def _op(operation: str) -> Iterator[None]:
         raise WorkloadError(f"docker: {operation}: {exc.explanation or exc}") from None
     except (docker.errors.DockerException, OSError) as exc:
         raise WorkloadError(f"docker: {operation}: {exc}") from None
+
+
+def embassy_id(data_dir: Path) -> str:
+    """The embassy's id for its containers (the same file the workload's launch uses)."""
+    path = data_dir / "embassy-id"
+    if not path.exists():
+        write_atomic(path, secrets.token_hex(6).encode())
+    return path.read_text().strip()
 
 
 def check_runtime(runtimes: Mapping[str, Any], runtime: str | None) -> str:
@@ -187,8 +196,10 @@ class JobContainers:
         socket_dir: Path,
         spool_root: Path,
         socket_gid: int,
+        socket_name: str = "embassy.sock",
         client: Any | None = None,
     ) -> None:
+        self._socket_name = socket_name
         self._jobs = jobs
         self._id = embassy_id
         self._socket_dir = socket_dir
@@ -267,7 +278,7 @@ class JobContainers:
                     labels={ID_LABEL: self._id, ROLE_LABEL: ROLE_JOB},
                     environment={
                         "EMBASSY_JOB_DIR": SPOOL_TARGET,
-                        "EMBASSY_SOCKET": f"{SOCKET_TARGET}/embassy.sock",
+                        "EMBASSY_SOCKET": f"{SOCKET_TARGET}/{self._socket_name}",
                         "HOME": SCRATCH_TARGET,
                     },
                     runtime=jobs.runtime,

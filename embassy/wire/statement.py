@@ -66,6 +66,11 @@ ACTIVATION_REJECTED_V2 = PREDICATE_PREFIX + "activation-rejected:v2"
 # workload, or a broker's denial relayed by it.
 WEIGHTS_KEY_RELEASED_V1 = PREDICATE_PREFIX + "weights-key-released:v1"
 WEIGHTS_KEY_DENIED_V1 = PREDICATE_PREFIX + "weights-key-denied:v1"
+# Jobs (docs/adr/0014-jobs.md): a job's container, sealed from birth, got its input key;
+# then it was destroyed (checked gone) with its result committed, or aborted with a reason.
+JOB_STARTED_V1 = PREDICATE_PREFIX + "job-started:v1"
+JOB_DESTROYED_V1 = PREDICATE_PREFIX + "job-destroyed:v1"
+JOB_ABORTED_V1 = PREDICATE_PREFIX + "job-aborted:v1"
 
 KNOWN_PREDICATES = frozenset(
     {
@@ -88,6 +93,9 @@ KNOWN_PREDICATES = frozenset(
         ACTIVATION_REJECTED_V2,
         WEIGHTS_KEY_RELEASED_V1,
         WEIGHTS_KEY_DENIED_V1,
+        JOB_STARTED_V1,
+        JOB_DESTROYED_V1,
+        JOB_ABORTED_V1,
     }
 )
 

@@ -22,6 +22,9 @@ from embassy.wire.statement import (
     ACTIVATION_REJECTED_V1,
     ACTIVATION_REJECTED_V2,
     INSTRUCTION_REFUSED_V1,
+    JOB_ABORTED_V1,
+    JOB_DESTROYED_V1,
+    JOB_STARTED_V1,
     KNOWN_PREDICATES,
     LIFECYCLE_V1,
     METER_UPDATE_V1,
@@ -37,6 +40,7 @@ from tests.fakes import FakeTpm, FakeWorkloadRuntime, MemorySeal
 from tests.unit.conftest import EmbassyFactory
 from tests.unit.daemon.test_metering import AISI, AUTHORITIES, RIGHTS, Authority, begin, feed
 from tests.unit.daemon.test_weights_keys import release_and_deny
+from tests.unit.jobs.test_service import drive_job_kinds
 from tests.unit.sessions.test_manager import Clock, manager, release_key
 from tests.unit.verify.conftest import WORKLOAD
 from tests.unit.wire.intoto_v1 import envelope_violations, statement_violations
@@ -102,6 +106,7 @@ def test_every_statement_kind_the_daemon_makes_is_valid_in_toto_v1(
         embassy = make_embassy(tpm, extra={**AUTHORITIES, "workload": WORKLOAD})
     _drive_every_kind(embassy, tmp_path)
     release_and_deny(embassy, tpm)  # weights-key-released and weights-key-denied
+    drive_job_kinds(embassy, tmp_path / "jobs")  # job-started, -destroyed, -aborted
     make_embassy._running.remove(embassy)  # closed here, not by the fixture's teardown
     embassy.close()  # the stop statement
     envelopes = _logged_envelopes(tmp_path / "embassy")
@@ -122,6 +127,9 @@ def test_every_statement_kind_the_daemon_makes_is_valid_in_toto_v1(
     assert (
         subjects[WEIGHTS_KEY_RELEASED_V1] == subjects[WEIGHTS_KEY_DENIED_V1] == {"weights-request"}
     )
+    # A job's statements are about the job (SHA-256 of its id).
+    assert subjects[JOB_STARTED_V1] == subjects[JOB_DESTROYED_V1] == {"job"}
+    assert subjects[JOB_ABORTED_V1] == {"job"}
     assert kinds[ACTIVATION_REJECTED_V2] == 2  # one charged to a session, one to nobody
 
 
