@@ -254,7 +254,7 @@ class ReplyKey:
         suite = field(obj, "suite", str, what)
         if suite == SUITE_X25519:
             only_fields(obj, {"suite", "x25519"}, what)
-            return cls(suite, _raw_key(obj, "x25519", 32, what))
+            return cls(suite, _x25519_part(obj, what))
         if suite == SUITE_MLKEM768_X25519:
             only_fields(obj, {"suite", "mlkem768", "x25519"}, what)
             mlkem = _raw_key(obj, "mlkem768", 1184, what)
@@ -262,7 +262,7 @@ class ReplyKey:
                 MLKEM768PublicKey.from_public_bytes(mlkem)
             except ValueError:
                 raise WireFormatError(f"{what}.mlkem768: not a valid ML-KEM-768 key") from None
-            return cls(suite, _raw_key(obj, "x25519", 32, what), mlkem)
+            return cls(suite, _x25519_part(obj, what), mlkem)
         raise UnsupportedSuiteError(
             f"{what}.suite: unsupported HPKE suite {suite[:MAX_SUITE_LEN]!r}; supported: "
             f"{', '.join(sorted(SUITES))}"
@@ -271,6 +271,21 @@ class ReplyKey:
     @classmethod
     def parse(cls, data: bytes, what: str = "reply key") -> ReplyKey:
         return cls.from_json(parse_json_object(data, what), what)
+
+
+# Any fixed scalar: an exchange with it fails exactly for the small-order points.
+_PROBE = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"embassy x25519 probe").digest())
+
+
+def _x25519_part(obj: Mapping[str, Any], what: str) -> bytes:
+    """A reply key's X25519 part; a small-order point (every shared secret zero, so HPKE
+    to it fails when the result is wrapped, after the job started) is refused here."""
+    raw = _raw_key(obj, "x25519", 32, what)
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        raise WireFormatError(f"{what}.x25519: a small-order point, not a usable key") from None
+    return raw
 
 
 # ---------------------------------------------------------------------------------------

@@ -150,3 +150,14 @@ def test_reply_keyid_names_the_key_and_its_suite() -> None:
     assert a.keyid() != b.keyid()
     assert len(bytes.fromhex(a.keyid())) == 32
     assert ReplyKey.parse(canonical_json(a.to_json())) == a
+
+
+@pytest.mark.parametrize("suite", SUITE_NAMES)
+@pytest.mark.parametrize("point", [bytes(32), b"\x01" + bytes(31)])
+def test_a_small_order_x25519_reply_key_is_refused_when_parsed(suite: str, point: bytes) -> None:
+    """Every shared secret with it is zero: HPKE to it fails, and would only once the job
+    has started; refused where the payload is read instead."""
+    reply = USER[suite].public.to_json()
+    reply["x25519"] = base64.b64encode(point).decode()
+    with pytest.raises(WireFormatError, match=r"reply_key\.x25519: a small-order point"):
+        _rewrite(_make(USER[suite].public), reply_key=reply)
