@@ -28,10 +28,12 @@ import hashlib
 import io
 import json
 import os
+import queue
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -60,6 +62,9 @@ _HEADER_FIELDS = frozenset({"v", "alg", "chunk_size", "nonce_prefix", "payload_i
 # 2 x 2 x _REORDER_BUDGET bytes of AES-GCM per failing stream.
 _REORDER_WINDOW = 16
 _REORDER_BUDGET = 4 * 1024 * 1024
+# cryptography >= 45 (the host's) can seal and open into a caller's buffer; 38 (the
+# workload's) only into fresh bytes, from bytes.
+_INTO = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
 
 
 class StreamError(Exception):
@@ -163,6 +168,156 @@ def _read(src: BinaryIO, size: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------
+# Reading in whole units, ahead of the AEAD
+#
+# The AEAD itself runs at several GB/s (AES-NI), so what a chunk costs besides AES-GCM
+# decides the stream's speed: allocations, copies, and reading the input. Both directions
+# read the input with ``readinto`` into a few reused buffers of whole units (records or
+# plaintext chunks), batched to amortise the hand-offs, and, when the stream is more than
+# one batch and there is a second CPU, on a helper thread: ``readinto`` and OpenSSL both
+# release the GIL, so reading the next batch overlaps the AEAD on this one. Memory is a
+# fixed number of buffers of ``max(unit, _BATCH_BYTES)``-ish bytes, whatever the input size.
+
+_BATCH_BYTES = 512 * 1024  # bytes of whole units read per batch (at least one unit)
+_READ_AHEAD = 3  # buffers the helper thread cycles through (two when reading in line)
+
+
+def _can_overlap() -> bool:
+    """Whether a helper thread can read while this one runs the AEAD: two CPUs or more."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):  # not Linux
+        return (os.cpu_count() or 1) > 1
+
+
+def _fill(src: BinaryIO, view: memoryview, stop: threading.Event | None = None) -> int:
+    """Read into all of ``view`` unless the input ends first; return the bytes read."""
+    readinto = getattr(src, "readinto", None)
+    got = 0
+    size = len(view)
+    while got < size:
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:  # a reader without readinto: one copy
+            data = src.read(size - got)
+            n = None if data is None else len(data)
+            if n:
+                view[got : got + n] = data
+        if n is None:  # a non-blocking raw stream with nothing ready
+            raise OSError("source is non-blocking and returned no data")
+        if not n:
+            break
+        got += n
+        if stop is not None and stop.is_set():
+            break
+    return got
+
+
+class _Units:
+    """``src`` in batches of whole ``unit``-byte pieces (see :meth:`__iter__`).
+
+    The first batch is one unit and the second a whole batch, both read on the caller's
+    thread: a small stream costs one small buffer, a mid-sized one two, and neither a
+    thread. From the third batch on, if there is a CPU for it, a helper thread reads ahead
+    into ``_READ_AHEAD`` reused buffers, one batch at a time, in order.
+    """
+
+    def __init__(self, src: BinaryIO | memoryview, unit: int) -> None:
+        # A memoryview is the input itself, held in memory: its batches are slices of it.
+        self._data = src if isinstance(src, memoryview) else None
+        self._src = cast(BinaryIO, None) if isinstance(src, memoryview) else src
+        self._unit = unit
+        self._batch = max(1, _BATCH_BYTES // unit) * unit
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[bytearray, int] | BaseException] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._spare: list[bytearray] = []  # read in line: the batch buffers not in use
+        self._small: bytearray | None = None  # the first, one-unit buffer: not reused
+
+    # -- batches --
+
+    def _first(self) -> tuple[bytearray, int]:
+        buf = self._small = bytearray(self._unit)
+        return buf, _fill(self._src, memoryview(buf))
+
+    def _next(self) -> tuple[bytearray, int]:
+        if self._thread is not None:
+            item = self._full.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        buf = self._spare.pop() if self._spare else bytearray(self._batch)
+        n = _fill(self._src, memoryview(buf))
+        if n == len(buf) and _can_overlap():  # more to come: read it ahead from now on
+            for _ in range(_READ_AHEAD - 1):  # this buffer joins them once released
+                self._free.put(bytearray(self._batch))
+            self._thread = threading.Thread(
+                target=self._read_ahead, name="embassy-stream-read", daemon=True
+            )
+            self._thread.start()
+        return buf, n
+
+    def _read_ahead(self) -> None:
+        try:
+            while True:
+                buf = self._free.get()
+                if buf is None or self._stop.is_set():
+                    return
+                n = _fill(self._src, memoryview(buf), self._stop)
+                if self._stop.is_set():
+                    return
+                self._full.put((buf, n))
+                if n < len(buf):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._full.put(exc)
+
+    def _release(self, buf: bytearray) -> None:
+        if buf is self._small:
+            self._small = None
+            return
+        if self._thread is not None:
+            self._free.put(buf)
+        else:
+            self._spare.append(buf)
+
+    def close(self) -> None:
+        """Stop the helper thread, if any: it ends after the read it may be inside."""
+        if self._thread is not None:
+            self._stop.set()
+            self._free.put(None)
+            self._thread.join()
+            self._thread = None
+
+    # -- iteration --
+
+    def __iter__(self) -> Iterator[tuple[memoryview, int]]:
+        """Batches ``(view, following)``: whole units but for the input's last one.
+
+        ``view`` is valid until the next batch is asked for; ``following`` is the length
+        of the unit after the batch, 0 when the input ends with it. Reading ahead that far
+        is what tells the last unit. An empty input has no batch.
+        """
+        unit = self._unit
+        if self._data is not None:
+            data = self._data
+            for off in range(0, len(data), self._batch):
+                end = off + self._batch
+                yield data[off:end], len(data[end : end + unit])
+            return
+        buf, n = self._first()
+        while n:
+            if n < len(buf):  # the input ends in this batch
+                yield memoryview(buf)[:n], 0
+                return
+            nxt, m = self._next()
+            yield memoryview(buf)[:n], min(m, unit)
+            self._release(buf)
+            buf, n = nxt, m
+
+
+# ---------------------------------------------------------------------------------------
 # Encryption
 
 
@@ -180,31 +335,65 @@ def encrypt_stream(
     ``nonce_prefix`` is random unless given (give it only for test vectors: the stream key
     is already unique per payload_id, but a fixed prefix must never be reused with one key).
     """
+    return _encrypt(key, payload_id, src, dst, chunk_size=chunk_size, nonce_prefix=nonce_prefix)
+
+
+def _encrypt(
+    key: bytes,
+    payload_id: bytes,
+    src: BinaryIO | memoryview,
+    dst: BinaryIO,
+    *,
+    chunk_size: int,
+    nonce_prefix: bytes | None,
+) -> int:
     if nonce_prefix is None:
         nonce_prefix = os.urandom(NONCE_PREFIX_LEN)
     header = encode_header(payload_id, chunk_size, nonce_prefix)
     parsed = StreamHeader(bytes(payload_id), chunk_size, bytes(nonce_prefix), header)
     aead = AESGCM(stream_key(key, payload_id))
     aad = parsed.aad
+    prefix = bytes(nonce_prefix)
     written = _write_all(dst, parsed.prefix)
-
-    cur = _read(src, chunk_size)
+    units = _Units(src, chunk_size)
+    # cryptography >= 45: a batch's records are sealed into one buffer (sized to the first,
+    # one-chunk batch, then to a whole one) and written at once.
+    out: memoryview | None = None
     index = 0
-    while True:
-        # A chunk is the last one iff nothing follows it; a full chunk needs a look ahead.
-        nxt = _read(src, chunk_size) if len(cur) == chunk_size else b""
-        last = not nxt
-        if index >= MAX_CHUNKS:
-            raise StreamError("too-long", f"input needs more than {MAX_CHUNKS} chunks")
-        ct = aead.encrypt(_nonce(nonce_prefix, index, last), cur, aad)
-        written += _write_all(dst, ct)
-        if last:
-            return written
-        index += 1
-        cur = nxt
+    try:
+        # A chunk is the last one iff nothing follows it (``following`` reads ahead); an
+        # empty input is one empty last chunk.
+        for batch, following in units:
+            size = len(batch)
+            done = 0
+            need = -(-size // chunk_size) * (chunk_size + TAG_LEN)
+            if _INTO and (out is None or len(out) < need):
+                out = memoryview(bytearray(need))
+            for pos in range(0, size, chunk_size):
+                end = pos + chunk_size
+                plain = batch[pos:end]
+                more = len(batch[end : end + chunk_size]) if end < size else following
+                if index >= MAX_CHUNKS:
+                    raise StreamError("too-long", f"input needs more than {MAX_CHUNKS} chunks")
+                nonce = _nonce(prefix, index, not more)
+                index += 1
+                if out is None:
+                    written += _write_all(dst, aead.encrypt(nonce, bytes(plain), aad))
+                else:
+                    sealed = len(plain) + TAG_LEN
+                    aead.encrypt_into(nonce, plain, aad, out[done : done + sealed])
+                    done += sealed
+            if done:
+                assert out is not None
+                written += _write_all(dst, out[:done])
+        if index == 0:
+            written += _write_all(dst, aead.encrypt(_nonce(prefix, 0, True), b"", aad))
+    finally:
+        units.close()
+    return written
 
 
-def _write_all(dst: BinaryIO, data: bytes) -> int:
+def _write_all(dst: BinaryIO, data: bytes | memoryview) -> int:
     """Write all of ``data``: loop on a short write (a raw stream); None counts as all."""
     n = dst.write(data)
     if n is not None and n < len(data):
@@ -227,8 +416,8 @@ def encrypt_bytes(
 ) -> bytes:
     """:func:`encrypt_stream` for data held in memory."""
     out = io.BytesIO()
-    encrypt_stream(
-        key, payload_id, io.BytesIO(data), out, chunk_size=chunk_size, nonce_prefix=nonce_prefix
+    _encrypt(
+        key, payload_id, memoryview(data), out, chunk_size=chunk_size, nonce_prefix=nonce_prefix
     )
     return out.getvalue()
 
@@ -339,6 +528,113 @@ class _Decryptor:
         self.aead = AESGCM(stream_key(key, header.payload_id))
         self.header = header
         self.aad = header.aad
+        self.record_size = header.chunk_size + TAG_LEN
+        self.index = 0  # of the next chunk
+        # cryptography >= 45: a batch's chunks are opened into this one buffer, sized to
+        # the first batch (one record), then to a whole one; zeroed when replaced or done.
+        self._out: memoryview | None = None
+
+    def _buffer(self, size: int) -> memoryview | None:
+        if not _INTO:
+            return None
+        if self._out is None or len(self._out) < size:
+            self.wipe()
+            self._out = memoryview(bytearray(size))
+        return self._out
+
+    def wipe(self) -> None:
+        """Zero the plaintext buffer."""
+        if self._out is not None:
+            self._out[:] = bytes(len(self._out))
+
+    def open_batch(
+        self, batch: memoryview, following: int, *, per_chunk: bool
+    ) -> Iterator[memoryview | bytes]:
+        """The plaintext of ``batch``'s records, the next ones in the stream.
+
+        Yielded chunk by chunk, or (into the buffer) all the batch's at once. ``following``
+        is how many bytes follow the batch (0: the stream's last record is its last). On a
+        failing record, the plaintext of the authentic ones before it is yielded, then the
+        :class:`StreamError` raised; nothing of the failing one is left anywhere.
+        """
+        size = len(batch)
+        rs = self.record_size
+        out = self._buffer(size)
+        if out is not None and not per_chunk:
+            yield from self._open_batch_into(batch, following, out)
+            return
+        for pos in range(0, size, rs):
+            end = pos + rs
+            record = batch[pos:end]
+            more = min(size - end, rs) if end < size else following
+            index = self.index
+            if index >= MAX_CHUNKS:
+                raise StreamError("too-long", f"stream has more than {MAX_CHUNKS} chunks")
+            plain = self.open_into(index, not more, record, out, 0)
+            if plain is None:
+                raise self.fail(index, not more, bytes(record), more)
+            self.index = index + 1
+            yield plain  # into out: the next chunk reuses its start
+
+    def _open_batch_into(
+        self, batch: memoryview, following: int, out: memoryview
+    ) -> Iterator[memoryview]:
+        # The hot loop of large streams (cryptography >= 45): one decrypt_into per record,
+        # no allocation but the slices, the batch's plaintext handed out at once.
+        size = len(batch)
+        rs = self.record_size
+        aead, aad, prefix = self.aead, self.aad, self.header.nonce_prefix
+        pack = struct.Struct(">IB").pack
+        index = self.index
+        done = 0  # plaintext bytes in out, all authentic
+        for pos in range(0, size, rs):
+            end = pos + rs
+            more = min(size - end, rs) if end < size else following
+            n = min(end, size) - pos - TAG_LEN
+            if index >= MAX_CHUNKS:
+                raise StreamError("too-long", f"stream has more than {MAX_CHUNKS} chunks")
+            ok = n >= 0  # else less than a tag: fail() says so
+            if ok:
+                view = out[done : done + n]
+                try:
+                    aead.decrypt_into(prefix + pack(index, not more), batch[pos:end], aad, view)
+                except InvalidTag:
+                    view[:] = bytes(n)  # whatever it wrote of the forgery
+                    ok = False
+            if not ok:
+                self.index = index
+                if done:  # the chunks before this one authenticated: theirs to have
+                    yield out[:done]
+                raise self.fail(index, not more, bytes(batch[pos:end]), more)
+            done += n
+            index += 1
+        self.index = index
+        if done:
+            yield out[:done]
+
+    def open_into(
+        self, index: int, last: bool, record: memoryview, out: memoryview | None, at: int
+    ) -> memoryview | bytes | None:
+        """Chunk ``index``'s plaintext if ``record`` authenticates as it, else None.
+
+        With ``out`` (cryptography >= 45) the plaintext is written into it at ``at`` and a
+        view of it is returned; on failure what was written is zeroed before None is
+        returned. Without, it is fresh bytes.
+        """
+        if out is None:
+            return self.open(index, last, bytes(record))
+        n = len(record) - TAG_LEN
+        if n < 0:
+            return None
+        view = out[at : at + n]
+        try:
+            self.aead.decrypt_into(
+                _nonce(self.header.nonce_prefix, index, last), record, self.aad, view
+            )
+        except InvalidTag:
+            view[:] = bytes(n)
+            return None
+        return view
 
     def open(self, index: int, last: bool, record: bytes) -> bytes | None:
         if len(record) < TAG_LEN:
@@ -412,14 +708,26 @@ class _Decryptor:
         )
 
 
-def decrypt_stream(
-    key: bytes, src: BinaryIO, *, expected_payload_id: bytes | None = None
-) -> Iterator[bytes]:
-    """Yield the plaintext chunks of ``src``, each authenticated before it is yielded.
+def _plaintexts(
+    key: bytes,
+    src: BinaryIO | memoryview,
+    expected_payload_id: bytes | None,
+    *,
+    per_chunk: bool = False,
+) -> Generator[memoryview | bytes, None, None]:
+    """Plaintext once it authenticated: chunk by chunk, or a batch of chunks at a time.
 
-    Raises :class:`StreamError` (at the first failing point; truncation only at the end).
+    A memoryview is of a reused buffer, valid until the next item is asked for.
+
+    ``src`` is a reader, or the whole stream in memory. Nothing that failed its tag leaves
+    here: a failing chunk's output is zeroed before the error is raised, and the output
+    buffer is zeroed when the stream is done with.
     """
-    header = read_header(src)
+    if isinstance(src, memoryview):
+        header = read_header(io.BytesIO(src))
+        src = src[len(header.prefix) :]
+    else:
+        header = read_header(src)
     if expected_payload_id is not None and header.payload_id != expected_payload_id:
         raise StreamError(
             "wrong-payload",
@@ -427,24 +735,26 @@ def decrypt_stream(
             f"{bytes(expected_payload_id).hex()}",
         )
     dec = _Decryptor(key, header)
-    record_size = header.chunk_size + TAG_LEN
-    cur = _read(src, record_size)
-    if not cur:
-        raise StreamError("truncated", "truncated stream: no chunk follows the header", chunk=0)
-    index = 0
-    while True:
-        nxt = _read(src, record_size) if len(cur) == record_size else b""
-        last = not nxt
-        if index >= MAX_CHUNKS:
-            raise StreamError("too-long", f"stream has more than {MAX_CHUNKS} chunks")
-        plain = dec.open(index, last, cur)
-        if plain is None:
-            raise dec.fail(index, last, cur, len(nxt))
-        yield plain
-        if last:
-            return
-        index += 1
-        cur = nxt
+    units = _Units(src, dec.record_size)
+    try:
+        for batch, following in units:
+            yield from dec.open_batch(batch, following, per_chunk=per_chunk)
+        if dec.index == 0:
+            raise StreamError("truncated", "truncated stream: no chunk follows the header", chunk=0)
+    finally:
+        units.close()
+        dec.wipe()
+
+
+def decrypt_stream(
+    key: bytes, src: BinaryIO, *, expected_payload_id: bytes | None = None
+) -> Iterator[bytes]:
+    """Yield the plaintext chunks of ``src``, each authenticated before it is yielded.
+
+    Raises :class:`StreamError` (at the first failing point; truncation only at the end).
+    """
+    for plain in _plaintexts(key, src, expected_payload_id, per_chunk=True):
+        yield plain if isinstance(plain, bytes) else bytes(plain)
 
 
 def decrypt_stream_to(
@@ -452,14 +762,27 @@ def decrypt_stream_to(
 ) -> int:
     """Decrypt ``src`` into ``dst``; return the plaintext bytes written.
 
-    On :class:`StreamError`, ``dst`` holds a prefix of authentic chunks: discard it.
+    Each chunk is written once it authenticated, as a view of a reused buffer (``dst``
+    must not keep it). On :class:`StreamError`, ``dst`` holds a prefix of authentic
+    chunks: discard it.
     """
     total = 0
-    for chunk in decrypt_stream(key, src, expected_payload_id=expected_payload_id):
-        total += _write_all(dst, chunk)
+    plaintexts = _plaintexts(key, src, expected_payload_id)
+    try:
+        for plain in plaintexts:
+            total += _write_all(dst, plain)
+    finally:
+        plaintexts.close()
     return total
 
 
 def decrypt_bytes(key: bytes, data: bytes, *, expected_payload_id: bytes | None = None) -> bytes:
     """:func:`decrypt_stream` for a stream held in memory."""
-    return b"".join(decrypt_stream(key, io.BytesIO(data), expected_payload_id=expected_payload_id))
+    out = io.BytesIO()
+    plaintexts = _plaintexts(key, memoryview(data), expected_payload_id)
+    try:
+        for plain in plaintexts:
+            out.write(plain)
+    finally:
+        plaintexts.close()
+    return out.getvalue()
