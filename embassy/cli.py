@@ -319,6 +319,12 @@ def _pin_expected(path: str, pcrs: dict[int, bytes], measurement: bytes | None) 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from embassy.verify import report
 
+    if args.what == "job" and args.reply_key:
+        from embassy.jobs.result import ReplyPrivateKey
+
+        args.reply_private = ReplyPrivateKey.from_pem(
+            _read(args.reply_key), _passphrase(), f"--reply-key {args.reply_key}"
+        )
     result = report.run(args.what, args, _policy(args), _read)
     if args.json:
         sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
@@ -427,19 +433,28 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
         raise ConfigError(f"payload seal: at most {MAX_INSTRUCTIONS} --instruction per payload")
     # Never wrap a key to an embassy whose identity does not verify under your policy.
     identity = verify_identity_document(_read(args.identity), _policy(args))
-    if identity.workload is None:
+    reply_key = _reply_public(args.reply_key) if args.reply_key else None
+    if args.job:
+        # A job's payload binds the jobs' launch digest (the identity's jobs-ready statement).
+        from embassy.verify.job import jobs_launch
+
+        if reply_key is None:
+            raise ConfigError("payload seal --job: a job's result needs --reply-key")
+        launch_digest = jobs_launch(identity).launch_digest
+    elif identity.workload is None:
         raise ConfigError(
             "payload seal: the identity shows no workload launched beside the embassy, and a "
-            "payload is bound to the workload that opens it"
+            "payload is bound to the workload that opens it (for a job: --job)"
         )
+    else:
+        launch_digest = identity.workload.launch_digest
     instructions = _instructions_for(paths, identity.keys, args.ttl)
-    reply_key = _reply_public(args.reply_key) if args.reply_key else None
     # Bound to what the verified identity proves: only an embassy of this measurement,
     # running this workload, opens the payload.
     envelope, input_key, action_key = make_payload(
         identity.keys,
         measurement=identity.measurement.digest,
-        launch_digest=identity.workload.launch_digest,
+        launch_digest=launch_digest,
         suite=args.suite,
         ttl_seconds=args.ttl,
         action_key=bool(paths),
@@ -459,7 +474,8 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
     sys.stderr.write(
         f"payload {envelope.payload_id.hex()} sealed to embassy {envelope.embassy_keyid[:16]}… "
         f"({envelope.suite}), measurement {envelope.measurement.hex()[:16]}…, workload "
-        f"{identity.workload.name} (launch digest {envelope.launch_digest.hex()[:16]}…); "
+        f"{'jobs' if identity.workload is None or args.job else identity.workload.name} "
+        f"(launch digest {envelope.launch_digest.hex()[:16]}…); "
         f"expires at {envelope.expires_unix}"
         + (
             f"; {len(instructions)} instruction(s) sealed in its actions"
@@ -709,6 +725,12 @@ def _payload_parser(sub: Any) -> None:
         "--actions", metavar="OUT", help="where to write the sealed actions (with --instruction)"
     )
     seal.add_argument(
+        "--job",
+        action="store_true",
+        help="for a job (POST /v1/jobs): bind the identity's jobs launch digest, not its "
+        "workload's (needs --reply-key)",
+    )
+    seal.add_argument(
         "--reply-key",
         metavar="FILE",
         help="your reply key's public JSON (keygen --reply printed it): a job's result is "
@@ -872,6 +894,7 @@ def _verify_parser(sub: Any) -> None:
         "statement": "one statement envelope, found in a verified log segment",
         "evidence": "fresh evidence (GET /v1/evidence) over your nonce",
         "result": "a result bundle: output, seal and unseal statements, and their log",
+        "job": "a job's result bundle: sealed from birth, key once, committed, destroyed",
     }
     for name, help_text in specs.items():
         p = kinds.add_parser(name, help=f"verify {help_text}")
@@ -884,6 +907,14 @@ def _verify_parser(sub: Any) -> None:
             p.add_argument("--log", required=True, help="a log segment containing it")
         if name == "evidence":
             p.add_argument("--nonce", required=True, help="the nonce you sent (hex)")
+        if name == "job":
+            p.add_argument("--payload-id", help="your payload's id (hex): the job opened it")
+            p.add_argument(
+                "--reply-key",
+                metavar="FILE",
+                help="your private reply key (keygen --reply; its passphrase in the "
+                "environment): the result must open with it",
+            )
         if name == "result":
             p.add_argument("--payload-id", help="your payload's id (hex): the session opened it")
             for when, what in (("before", "before sending"), ("after", "after receiving")):

@@ -15,6 +15,7 @@ needs no TPM, root, Docker, yaml or daemon code::
     fresh = verifier.evidence(identity, evidence_bytes, nonce)
     log = verifier.log(identity, segment_bytes, complete_with=fresh)
     result = verifier.result(identity, result_bytes, payload_id=pid)
+    job = verifier.job(identity, job_result_bytes, reply_key=key, payload_id=pid)
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embassy.errors import LogIntegrityError
+from embassy.jobs.result import ReplyPrivateKey
 from embassy.log.segment import LOG_SEGMENT_TYPE
 from embassy.verify.evidence import VerifiedEvidence, segment_file, verify_evidence
 from embassy.verify.identity import VerifiedIdentity, verify_identity_document
+from embassy.verify.job import VerifiedJob, verify_job
 from embassy.verify.logs import VerifiedLog, verify_log
 from embassy.verify.policy import TrustPolicy
 from embassy.verify.result import VerifiedResult, verify_result
@@ -93,6 +96,25 @@ class Verifier:
                 return VerifiedStatement(logged, verified)
         raise LogIntegrityError(
             "the statement is not in the verified log segment (changed, or from another log)"
+        )
+
+    def job(
+        self,
+        identity: VerifiedIdentity,
+        result: bytes,
+        *,
+        reply_key: ReplyPrivateKey | None = None,
+        payload_id: bytes | None = None,
+    ) -> VerifiedJob:
+        """A job's result bundle: its container sealed from birth (network none), the input
+        key released once, the output committed, the container destroyed and checked gone;
+        with ``reply_key``, the result opened (``plaintext``)."""
+        return verify_job(
+            result,
+            identity,
+            self._policy,
+            reply_key=reply_key,
+            expected_payload_id=payload_id,
         )
 
     def result(

@@ -129,4 +129,21 @@ def run(kind: str, args: argparse.Namespace, policy: TrustPolicy, read: Reader) 
         if result.window is not None:
             out["window"] = result.window.to_json()
         return out
+    if kind == "job":
+        payload_id = _hex_arg(args.payload_id, "--payload-id") if args.payload_id else None
+        job = verifier.job(
+            identity,
+            read(args.file),
+            reply_key=getattr(args, "reply_private", None),
+            payload_id=payload_id,
+        )
+        return {
+            "ok": True,
+            "checks": [*checks, *job.checks],
+            "facts": job.facts(),
+            "job": job.job,
+            "container_id": job.container_id,
+            "output_sha256": job.output_sha256,
+            "checked_gone": job.checked_gone,
+        }
     raise WireFormatError(f"unknown verify kind {kind!r}")
