@@ -753,8 +753,12 @@ def decrypt_stream(
 
     Raises :class:`StreamError` (at the first failing point; truncation only at the end).
     """
-    for plain in _plaintexts(key, src, expected_payload_id, per_chunk=True):
-        yield plain if isinstance(plain, bytes) else bytes(plain)
+    plaintexts = _plaintexts(key, src, expected_payload_id, per_chunk=True)
+    try:
+        for plain in plaintexts:
+            yield plain if isinstance(plain, bytes) else bytes(plain)
+    finally:  # also when the caller stops early: the read-ahead thread ends here
+        plaintexts.close()
 
 
 def decrypt_stream_to(
