@@ -116,6 +116,8 @@ class Job:
     output_sha256: bytes | None = None
     error: EmbassyError | None = None
     ended: threading.Event = field(default_factory=threading.Event)
+    # Monotonic times of each step (where a job's time goes; the host sees them anyway).
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 class JobService:
@@ -279,6 +281,7 @@ class JobService:
             deadline_unix=int(now) + self._jobs.deadline_seconds,
             assigned_unix=int(now),
         )
+        job.marks["assigned"] = self._monotonic()
         with self._lock:
             self._jobs_by_id[job_id] = job
             self._by_container[slot.container_id] = job
@@ -314,6 +317,7 @@ class JobService:
             if job.state != "assigned":
                 raise ConflictError("this job's keys were released already (once only)")
             job.state = "running"
+        job.marks["keys"] = self._monotonic()
         binding = {
             "job": job.job_id.hex(),
             "payload_id": job.payload_id.hex(),
@@ -373,6 +377,7 @@ class JobService:
             self._spawn(partial(self._fail, job, exc, claimed=True))
             raise
         job.output, job.output_sha256 = data, digest
+        job.marks["committed"] = self._monotonic()
         self._spawn(lambda: self._finish(job))
         return {"accepted": True, "job": job.job_id.hex(), "output_bytes": len(data)}
 
@@ -385,6 +390,7 @@ class JobService:
 
     def _finish(self, job: Job) -> None:
         gone = self._containers.destroy(job.slot)
+        job.marks["destroyed"] = self._monotonic()
         body = {
             "job": job.job_id.hex(),
             "payload_id": job.payload_id.hex(),
@@ -479,6 +485,13 @@ class JobService:
         if wait_seconds > 0:
             job.ended.wait(wait_seconds)
         out: dict[str, Any] = {"job": job_id.hex(), "state": job.state}
+        marks = job.marks
+        steps = [("assigned", "keys"), ("keys", "committed"), ("committed", "destroyed")]
+        out["timings_ms"] = {
+            f"{a}_to_{b}": round((marks[b] - marks[a]) * 1000, 1)
+            for a, b in steps
+            if a in marks and b in marks
+        }
         if job.error is not None:
             out["error"] = {"code": job.error.code, "message": job.error.message}
         if job.state == "done" and job.started_seq is not None:
