@@ -487,8 +487,8 @@ class JobService:
         out: dict[str, Any] = {"job": job_id.hex(), "state": job.state}
         marks = job.marks
         steps = [("assigned", "keys"), ("keys", "committed"), ("committed", "destroyed")]
-        out["timings_ms"] = {
-            f"{a}_to_{b}": round((marks[b] - marks[a]) * 1000, 1)
+        out["timings_us"] = {  # integers: the embassy's JSON has no floats
+            f"{a}_to_{b}": int((marks[b] - marks[a]) * 1_000_000)
             for a, b in steps
             if a in marks and b in marks
         }

@@ -318,3 +318,19 @@ def drive_job_kinds(embassy: Embassy, tmp: Path) -> None:
     crashed = rig.submit()
     rig.containers.exited[rig.service._jobs_by_id[bytes.fromhex(crashed)].slot.container_id] = 1
     rig.service.reap()
+
+
+def test_the_status_is_canonical_json(rig: Rig) -> None:
+    """No floats (the embassy's JSON has none): a done job's status encodes."""
+    from embassy.wire.codec import canonical_json
+
+    job = rig.submit()
+    _, digest = _run(rig, job)
+    rig.service.commit(rig.peer_of(job), bytes.fromhex(digest))
+    status = rig.service.status(bytes.fromhex(job))
+    assert set(status["timings_us"]) == {
+        "assigned_to_keys",
+        "keys_to_committed",
+        "committed_to_destroyed",
+    }
+    canonical_json(status)
