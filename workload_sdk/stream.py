@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -62,9 +63,12 @@ _HEADER_FIELDS = frozenset({"v", "alg", "chunk_size", "nonce_prefix", "payload_i
 # 2 x 2 x _REORDER_BUDGET bytes of AES-GCM per failing stream.
 _REORDER_WINDOW = 16
 _REORDER_BUDGET = 4 * 1024 * 1024
-# cryptography >= 45 (the host's) can seal and open into a caller's buffer; 38 (the
-# workload's) only into fresh bytes, from bytes.
-_INTO = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
+# cryptography >= 45 (the host's) seals and opens into a caller's buffer with AESGCM; 38
+# (the workload's) AESGCM takes and gives only bytes, so there a Cipher(AES, GCM) context
+# a chunk does it with update_into, which wants SLACK bytes of room beyond the data.
+_AEAD_INTO = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
+SLACK = 15
+_NONCE_TAIL = struct.Struct(">IB")  # u32be(index) || last
 
 
 class StreamError(Exception):
@@ -165,6 +169,57 @@ def _read(src: BinaryIO, size: int) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# AES-256-GCM into a buffer
+
+
+class _Gcm:
+    """AES-256-GCM under one stream key, sealing and opening into a caller's buffer.
+
+    One call a chunk with cryptography >= 45 (``encrypt_into``/``decrypt_into``, the GIL
+    released); a ``Cipher(AES, GCM)`` context a chunk with 38. Either way nothing is
+    allocated per chunk but the context, and the plaintext lands where it is used.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self.aead = AESGCM(key)
+        self._aes = algorithms.AES(key)
+
+    def seal_into(self, nonce: bytes, plain: memoryview, aad: bytes, out: memoryview) -> int:
+        """Write ``ciphertext || tag`` at the start of ``out`` (room: len + TAG_LEN + SLACK)."""
+        n = len(plain)
+        if _AEAD_INTO:
+            self.aead.encrypt_into(nonce, plain, aad, out[: n + TAG_LEN])
+        else:
+            enc = Cipher(self._aes, modes.GCM(nonce)).encryptor()
+            enc.authenticate_additional_data(aad)
+            enc.update_into(plain, out[: n + SLACK])
+            enc.finalize()
+            out[n : n + TAG_LEN] = enc.tag
+        return n + TAG_LEN
+
+    def open_into(self, nonce: bytes, record: memoryview, aad: bytes, out: memoryview) -> int:
+        """Write the plaintext of ``record`` (at least a tag long) at the start of ``out``
+        (room: len - TAG_LEN + SLACK) and return its length, or raise InvalidTag.
+
+        Both ways write before they check the tag: on InvalidTag, what was written is
+        zeroed before the exception leaves.
+        """
+        n = len(record) - TAG_LEN
+        try:
+            if _AEAD_INTO:
+                self.aead.decrypt_into(nonce, record, aad, out[:n])
+            else:
+                dec = Cipher(self._aes, modes.GCM(nonce)).decryptor()
+                dec.authenticate_additional_data(aad)
+                dec.update_into(record[:n], out[: n + SLACK])
+                dec.finalize_with_tag(bytes(record[n:]))
+        except InvalidTag:
+            out[: n + SLACK] = bytes(n + SLACK)
+            raise
+        return n
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,13 +406,14 @@ def _encrypt(
         nonce_prefix = os.urandom(NONCE_PREFIX_LEN)
     header = encode_header(payload_id, chunk_size, nonce_prefix)
     parsed = StreamHeader(bytes(payload_id), chunk_size, bytes(nonce_prefix), header)
-    aead = AESGCM(stream_key(key, payload_id))
+    gcm = _Gcm(stream_key(key, payload_id))
     aad = parsed.aad
     prefix = bytes(nonce_prefix)
+    pack = _NONCE_TAIL.pack
     written = _write_all(dst, parsed.prefix)
     units = _Units(src, chunk_size)
-    # cryptography >= 45: a batch's records are sealed into one buffer (sized to the first,
-    # one-chunk batch, then to a whole one) and written at once.
+    # A batch's records are sealed into one buffer (sized to the first, one-chunk batch,
+    # then to a whole one) and written at once.
     out: memoryview | None = None
     index = 0
     try:
@@ -365,29 +421,22 @@ def _encrypt(
         # empty input is one empty last chunk.
         for batch, following in units:
             size = len(batch)
-            done = 0
-            need = -(-size // chunk_size) * (chunk_size + TAG_LEN)
-            if _INTO and (out is None or len(out) < need):
+            need = -(-size // chunk_size) * (chunk_size + TAG_LEN) + SLACK
+            if out is None or len(out) < need:
                 out = memoryview(bytearray(need))
+            done = 0
             for pos in range(0, size, chunk_size):
                 end = pos + chunk_size
-                plain = batch[pos:end]
-                more = len(batch[end : end + chunk_size]) if end < size else following
+                more = min(size - end, chunk_size) if end < size else following
                 if index >= MAX_CHUNKS:
                     raise StreamError("too-long", f"input needs more than {MAX_CHUNKS} chunks")
-                nonce = _nonce(prefix, index, not more)
+                done += gcm.seal_into(
+                    prefix + pack(index, not more), batch[pos:end], aad, out[done:]
+                )
                 index += 1
-                if out is None:
-                    written += _write_all(dst, aead.encrypt(nonce, bytes(plain), aad))
-                else:
-                    sealed = len(plain) + TAG_LEN
-                    aead.encrypt_into(nonce, plain, aad, out[done : done + sealed])
-                    done += sealed
-            if done:
-                assert out is not None
-                written += _write_all(dst, out[:done])
+            written += _write_all(dst, out[:done])
         if index == 0:
-            written += _write_all(dst, aead.encrypt(_nonce(prefix, 0, True), b"", aad))
+            written += _write_all(dst, gcm.aead.encrypt(_nonce(prefix, 0, True), b"", aad))
     finally:
         units.close()
     return written
@@ -525,21 +574,21 @@ def read_header(src: BinaryIO) -> StreamHeader:
 
 class _Decryptor:
     def __init__(self, key: bytes, header: StreamHeader) -> None:
-        self.aead = AESGCM(stream_key(key, header.payload_id))
+        self.gcm = _Gcm(stream_key(key, header.payload_id))
+        self.aead = self.gcm.aead
         self.header = header
         self.aad = header.aad
         self.record_size = header.chunk_size + TAG_LEN
         self.index = 0  # of the next chunk
-        # cryptography >= 45: a batch's chunks are opened into this one buffer, sized to
-        # the first batch (one record), then to a whole one; zeroed when replaced or done.
+        # Chunks are opened into this one buffer, sized to the first batch (one record),
+        # then to a whole one; zeroed when replaced and when the stream is done with.
         self._out: memoryview | None = None
 
-    def _buffer(self, size: int) -> memoryview | None:
-        if not _INTO:
-            return None
-        if self._out is None or len(self._out) < size:
+    def _buffer(self, size: int) -> memoryview:
+        need = size + SLACK
+        if self._out is None or len(self._out) < need:
             self.wipe()
-            self._out = memoryview(bytearray(size))
+            self._out = memoryview(bytearray(need))
         return self._out
 
     def wipe(self) -> None:
@@ -549,92 +598,47 @@ class _Decryptor:
 
     def open_batch(
         self, batch: memoryview, following: int, *, per_chunk: bool
-    ) -> Iterator[memoryview | bytes]:
+    ) -> Iterator[memoryview]:
         """The plaintext of ``batch``'s records, the next ones in the stream.
 
-        Yielded chunk by chunk, or (into the buffer) all the batch's at once. ``following``
-        is how many bytes follow the batch (0: the stream's last record is its last). On a
-        failing record, the plaintext of the authentic ones before it is yielded, then the
-        :class:`StreamError` raised; nothing of the failing one is left anywhere.
+        Views of the buffer: one a chunk, or one for the whole batch. ``following`` is how
+        many bytes follow the batch (0: the stream's last record is its last). On a failing
+        record, the plaintext of the authentic ones before it is yielded, then the
+        :class:`StreamError` raised; the failing one's output is zeroed before either.
         """
         size = len(batch)
         rs = self.record_size
-        out = self._buffer(size)
-        if out is not None and not per_chunk:
-            yield from self._open_batch_into(batch, following, out)
-            return
-        for pos in range(0, size, rs):
-            end = pos + rs
-            record = batch[pos:end]
-            more = min(size - end, rs) if end < size else following
-            index = self.index
-            if index >= MAX_CHUNKS:
-                raise StreamError("too-long", f"stream has more than {MAX_CHUNKS} chunks")
-            plain = self.open_into(index, not more, record, out, 0)
-            if plain is None:
-                raise self.fail(index, not more, bytes(record), more)
-            self.index = index + 1
-            yield plain  # into out: the next chunk reuses its start
-
-    def _open_batch_into(
-        self, batch: memoryview, following: int, out: memoryview
-    ) -> Iterator[memoryview]:
-        # The hot loop of large streams (cryptography >= 45): one decrypt_into per record,
-        # no allocation but the slices, the batch's plaintext handed out at once.
-        size = len(batch)
-        rs = self.record_size
-        aead, aad, prefix = self.aead, self.aad, self.header.nonce_prefix
-        pack = struct.Struct(">IB").pack
+        out = self._buffer(min(size, rs) if per_chunk else size)
+        gcm, aad, prefix = self.gcm, self.aad, self.header.nonce_prefix
+        pack = _NONCE_TAIL.pack
         index = self.index
         done = 0  # plaintext bytes in out, all authentic
         for pos in range(0, size, rs):
             end = pos + rs
             more = min(size - end, rs) if end < size else following
-            n = min(end, size) - pos - TAG_LEN
             if index >= MAX_CHUNKS:
                 raise StreamError("too-long", f"stream has more than {MAX_CHUNKS} chunks")
-            ok = n >= 0  # else less than a tag: fail() says so
-            if ok:
-                view = out[done : done + n]
+            record = batch[pos:end]
+            n = -1  # less than a tag: fail() says so
+            if len(record) >= TAG_LEN:
                 try:
-                    aead.decrypt_into(prefix + pack(index, not more), batch[pos:end], aad, view)
+                    n = gcm.open_into(prefix + pack(index, not more), record, aad, out[done:])
                 except InvalidTag:
-                    view[:] = bytes(n)  # whatever it wrote of the forgery
-                    ok = False
-            if not ok:
+                    n = -1
+            if n < 0:
                 self.index = index
                 if done:  # the chunks before this one authenticated: theirs to have
                     yield out[:done]
-                raise self.fail(index, not more, bytes(batch[pos:end]), more)
-            done += n
+                raise self.fail(index, not more, bytes(record), more)
             index += 1
+            if per_chunk:
+                self.index = index
+                yield out[:n]  # done stays 0: the next chunk reuses the start
+            else:
+                done += n
         self.index = index
         if done:
             yield out[:done]
-
-    def open_into(
-        self, index: int, last: bool, record: memoryview, out: memoryview | None, at: int
-    ) -> memoryview | bytes | None:
-        """Chunk ``index``'s plaintext if ``record`` authenticates as it, else None.
-
-        With ``out`` (cryptography >= 45) the plaintext is written into it at ``at`` and a
-        view of it is returned; on failure what was written is zeroed before None is
-        returned. Without, it is fresh bytes.
-        """
-        if out is None:
-            return self.open(index, last, bytes(record))
-        n = len(record) - TAG_LEN
-        if n < 0:
-            return None
-        view = out[at : at + n]
-        try:
-            self.aead.decrypt_into(
-                _nonce(self.header.nonce_prefix, index, last), record, self.aad, view
-            )
-        except InvalidTag:
-            view[:] = bytes(n)
-            return None
-        return view
 
     def open(self, index: int, last: bool, record: bytes) -> bytes | None:
         if len(record) < TAG_LEN:
@@ -714,7 +718,7 @@ def _plaintexts(
     expected_payload_id: bytes | None,
     *,
     per_chunk: bool = False,
-) -> Generator[memoryview | bytes, None, None]:
+) -> Generator[memoryview, None, None]:
     """Plaintext once it authenticated: chunk by chunk, or a batch of chunks at a time.
 
     A memoryview is of a reused buffer, valid until the next item is asked for.
@@ -756,7 +760,7 @@ def decrypt_stream(
     plaintexts = _plaintexts(key, src, expected_payload_id, per_chunk=True)
     try:
         for plain in plaintexts:
-            yield plain if isinstance(plain, bytes) else bytes(plain)
+            yield bytes(plain)
     finally:  # also when the caller stops early: the read-ahead thread ends here
         plaintexts.close()
 

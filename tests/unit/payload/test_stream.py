@@ -29,12 +29,12 @@ from workload_sdk.stream import (
 )
 
 
-@pytest.fixture(autouse=True, params=["default", "read-ahead", "in-line", "bytes-only"])
+@pytest.fixture(autouse=True, params=["default", "read-ahead", "in-line", "cipher"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test in each way the module can run, so batch edges fall everywhere.
 
     read-ahead: a batch is one record (or chunk), read by the helper thread; in-line:
-    three per batch, read on the caller's thread; bytes-only: without encrypt_into /
+    three per batch, read on the caller's thread; cipher: without AESGCM's encrypt_into /
     decrypt_into, as with the workload's cryptography 38, two per batch, read ahead.
     """
     name: str = request.param
@@ -44,10 +44,10 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     elif name == "in-line":
         monkeypatch.setattr(stream_module, "_BATCH_BYTES", 3 * (1024 + 16))
         monkeypatch.setattr(stream_module, "_can_overlap", lambda: False)
-    elif name == "bytes-only":
+    elif name == "cipher":
         monkeypatch.setattr(stream_module, "_BATCH_BYTES", 2 * (1024 + 16))
         monkeypatch.setattr(stream_module, "_can_overlap", lambda: True)
-        monkeypatch.setattr(stream_module, "_INTO", False)
+        monkeypatch.setattr(stream_module, "_AEAD_INTO", False)
     return name
 
 
