@@ -17,6 +17,7 @@ what the ``job-destroyed`` statement says was checked.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
@@ -32,7 +33,7 @@ from docker.types import Mount as DockerMount
 
 from embassy.config import Jobs
 from embassy.daemon.atomic import write_atomic
-from embassy.errors import ConfigError, PolicyError, SealError, WorkloadError
+from embassy.errors import ConfigError, PolicyError, SealError, StorageError, WorkloadError
 from embassy.workload.docker_runtime import ID_LABEL, NO_NEW_PRIVILEGES, ROLE_LABEL
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,43 @@ def embassy_id(data_dir: Path) -> str:
     if not path.exists():
         write_atomic(path, secrets.token_hex(6).encode())
     return path.read_text().strip()
+
+
+SPOOL_SOURCE = "embassy-job-spool"
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MNT_DETACH = 2
+
+
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_char_p,
+    ]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return libc
+
+
+def mount_spool(path: Path, size: int, uid: int, gid: int) -> None:
+    """A tmpfs of ``size`` bytes on ``path``: a job cannot fill the host's disk, and its
+    spool never reaches it (the input is ciphertext; the output too, but it is the job's)."""
+    data = f"size={size},nr_inodes=64,mode=0700,uid={uid},gid={gid}"
+    flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    if _libc().mount(SPOOL_SOURCE.encode(), os.fsencode(path), b"tmpfs", flags, data.encode()):
+        code = ctypes.get_errno()
+        raise StorageError(
+            f"jobs: cannot mount a tmpfs spool on {path}: {os.strerror(code)} (the daemon "
+            "must run as root in the host's mount namespace)"
+        )
+
+
+def unmount_spool(path: Path) -> None:
+    """Detach the spool's tmpfs if one is there (its pages go with the last reference)."""
+    if os.path.ismount(path):
+        _libc().umount2(os.fsencode(path), _MNT_DETACH)
 
 
 def check_runtime(runtimes: Mapping[str, Any], runtime: str | None) -> str:
@@ -249,12 +287,21 @@ class JobContainers:
         name = f"embassy-{self._id}-job-{secrets.token_hex(6)}"
         spool = self._spool_root / name
         spool.mkdir(mode=0o700)
-        os.chown(spool, self._uid, self._user_gid if self._user_gid is not None else self._gid)
+        jobs = self._jobs
+        try:
+            mount_spool(
+                spool,
+                jobs.max_input_bytes + jobs.max_output_bytes + (1 << 20),
+                self._uid,
+                self._user_gid if self._user_gid is not None else self._gid,
+            )
+        except BaseException:
+            spool.rmdir()
+            raise
         mounts = [
             DockerMount(SPOOL_TARGET, str(spool), type="bind", read_only=False),
             DockerMount(SOCKET_TARGET, str(self._socket_dir), type="bind", read_only=True),
         ]
-        jobs = self._jobs
         try:
             with _op(f"create job container {name}"):
                 container = self._client.containers.create(
@@ -284,6 +331,7 @@ class JobContainers:
                     runtime=jobs.runtime,
                 )
         except BaseException:
+            unmount_spool(spool)
             shutil.rmtree(spool, ignore_errors=True)
             raise
         try:
@@ -330,6 +378,7 @@ class JobContainers:
             except docker.errors.APIError as exc:
                 if exc.status_code != 404:
                     log.warning("job container %s: remove failed", container_id[:12])
+        unmount_spool(spool)
         shutil.rmtree(spool, ignore_errors=True)
 
     def destroy(self, slot: Slot) -> Gone:
@@ -378,5 +427,6 @@ class JobContainers:
             out.append((cid, self.check_gone(cid, spool, upper)))
         if self._spool_root.is_dir():
             for left in self._spool_root.iterdir():
+                unmount_spool(left)
                 shutil.rmtree(left, ignore_errors=True)
         return out

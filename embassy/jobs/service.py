@@ -267,7 +267,12 @@ class JobService:
             self._containers.destroy(slot)
             raise
         finally:
-            self._refill()
+            # Refilled when the job ends (creating a container beside a running job slows
+            # both on a small machine), or now if no warm container is left.
+            with self._lock:
+                empty = not self._warm
+            if empty:
+                self._refill()
         now = self._now()
         job = Job(
             job_id=job_id,
@@ -409,6 +414,7 @@ class JobService:
                 job.error = JobFailedError(f"the container was not found gone: {gone.to_json()}")
             self._by_container.pop(job.slot.container_id, None)
         job.ended.set()
+        self._refill()
 
     def _fail(self, job: Job, error: JobFailedError, *, claimed: bool = False) -> None:
         with self._lock:
@@ -435,6 +441,7 @@ class JobService:
             job.state, job.error = "failed", error
             self._by_container.pop(job.slot.container_id, None)
         job.ended.set()
+        self._refill()
 
     # -- the reaper -------------------------------------------------------------------------
 

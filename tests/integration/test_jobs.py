@@ -121,9 +121,15 @@ class User:
 
 
 def _cleanup(client: Any, daemon: Daemon) -> None:
+    """After a daemon the test killed: its warm containers and their tmpfs spools."""
+    from embassy.jobs.containers import unmount_spool
+
     daemon.cleanup()
     for container in _job_containers(client, daemon):
         container.remove(force=True, v=True)
+    spools = daemon.data_dir / "jobs"
+    for spool in spools.iterdir() if spools.is_dir() else ():
+        unmount_spool(spool)
 
 
 def _job_containers(client: Any, daemon: Daemon) -> list[Any]:
