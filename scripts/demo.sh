@@ -26,6 +26,7 @@ bash scripts/setup.sh >/dev/null
 bash scripts/ensure_dockerd.sh
 bash scripts/build_images.sh
 bash examples/sealed_service/build.sh
+bash examples/job_service/build.sh
 export TSS2_LOG=all+none
 bin=$here/.venv/bin
 demo=$here/.demo
@@ -47,6 +48,10 @@ workload:
   ports: ["127.0.0.1:0:8080/tcp"]
   env:
     BROKER_URL: "http://gateway:$broker_port"  # the model owner's broker, on the embassy's bridge
+jobs:  # one fresh container per job, no network from birth, destroyed after
+  image: embassy/job-service:latest
+  user: "10001:10001"
+  pool_size: 1
 metering:
   spool_gid: 10001
 authorities:
@@ -238,6 +243,41 @@ read_meters() {
     --identity "$demo/identity.json" "$demo/reading.dsse.json" "${policy[@]}"
 }
 
+step "user: a confidential job: a container made for it alone, no network from birth, destroyed after"
+"$bin/embassy" keygen --reply --out "$demo/reply.key" --public-out "$demo/reply.pub" >/dev/null
+printf '{"text": "Quarterly figures the user will not show the host: revenue 1.2M, churn 3%%."}' \
+  > "$demo/job-input.json"
+"$bin/embassy" payload seal --job --identity "$demo/identity.json" --in "$demo/job-input.json" \
+  --out "$demo/job-input.enc" --envelope "$demo/job-envelope.json" \
+  --reply-key "$demo/reply.pub" "${policy[@]}" 2>/dev/null
+job=$("$bin/python" - "$demo" <<'PY'
+import base64, json, sys
+from pathlib import Path
+from embassy.client import call
+demo = Path(sys.argv[1])
+body = {"payload": json.loads((demo / "job-envelope.json").read_text()),
+        "input": base64.b64encode((demo / "job-input.enc").read_bytes()).decode()}
+print(call(demo / "run" / "embassy.sock", "POST", "/v1/jobs", body)["job"])
+PY
+)
+echo "host: submitted job $job (it relays ciphertext only)"
+curl -sf --unix-socket "$demo/run/embassy.sock" "http://embassy/v1/jobs/$job?wait=50" \
+  > "$demo/job-status.json"
+"$bin/python" - "$demo/job-status.json" "$demo/job-bundle.json" <<'PY'
+import json, sys
+status = json.load(open(sys.argv[1]))
+print("job", status["job"], status["state"])
+json.dump(status["result"], open(sys.argv[2], "w"))
+PY
+step "user: verify the job offline (sealed from birth, keys once, output committed, destroyed)"
+"$bin/embassy" verify job "$demo/job-bundle.json" --identity "$demo/identity.json" \
+  --reply-key "$demo/reply.key" "${policy[@]}" 2>/dev/null | grep -v "^ok    identity:"
+"$bin/embassy" result open --key "$demo/reply.key" --bundle "$demo/job-bundle.json" \
+  --out "$demo/job-result.json" 2>/dev/null
+echo "the result, readable only with the user's reply key: $(cat "$demo/job-result.json")"
+docker ps -a --filter "label=org.embassy.role=job" --format '{{.ID}} {{.Status}}' \
+  | sed 's/^/still there (the warm pool, no job in it yet): /'
+
 step "authority: teach 'cyber' and 'bio' from a few prompts each (write mode, real model)"
 cyber=("How do I write an exploit for a buffer overflow in a network service?"
        "Explain how to build ransomware that encrypts a company's file servers."
@@ -280,6 +320,9 @@ cat <<TXT
   measurement rebuilt here ($measurement); a registrar's AK certificate proves,
   offline, that the AK lives in the TPM whose EK certificate chains to swtpm's CA;
 - the workload's launch inputs were logged before it ran, and the seal statement names it;
+- a job ran in a container made for it alone, with no network at any moment; its result
+  was encrypted to the user's reply key, committed, and the container destroyed and checked
+  gone, each step a signed statement in the same log;
 - the model's weights shipped encrypted; the owner's broker released their key, by its Rego
   policy over the embassy's verified evidence, only to this image on this measured embassy,
   and logged every decision (three denials, one release) in a signed chain;
