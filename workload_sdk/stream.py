@@ -12,14 +12,29 @@
 
 Every chunk but the last holds exactly ``chunk_size`` plaintext bytes; the last (``last`` =
 0x01) holds 0..chunk_size. Truncation, reordering, duplication, a changed header and trailing
-data all fail. Memory is O(chunk_size) both ways, whatever the input size.
+data all fail. Memory is O(chunk_size) both ways, whatever the input size: a fixed number of
+buffers of ``max(chunk_size, _BATCH_BYTES)`` or so.
 
 This module runs inside the workload container (Debian bookworm: python3-cryptography 38),
-so it uses only the standard library, AESGCM and HKDF. It must not import ``embassy``.
+so it uses only the standard library and cryptography APIs that 38 has (AESGCM, Cipher with
+GCM, HKDF), and AESGCM's ``encrypt_into``/``decrypt_into`` where they exist (>= 45, the
+host's). It must not import ``embassy``.
+
+Speed: AES-GCM with AES-NI runs at several GB/s, so what a chunk costs besides it decides
+the stream's speed. Both directions read the input with ``readinto`` into a few reused
+buffers of whole records, batched (``_BATCH_BYTES``), seal or open each record into one
+reused output buffer and write a batch at once: no allocation or copy per chunk. A stream
+longer than two batches is read ahead on a helper thread when there are two CPUs
+(``readinto`` and OpenSSL release the GIL), so reading overlaps the AEAD; the thread ends
+before the call returns or raises (or when a :func:`decrypt_stream` iterator is closed).
 
 Plaintext that :func:`decrypt_stream` yields has been authenticated chunk by chunk, but a
 truncated stream is only detected at the end: treat the output as untrusted until the
-iterator is exhausted without a :class:`StreamError`.
+iterator is exhausted without a :class:`StreamError`. AES-GCM writes a chunk's plaintext
+before it checks the tag; a chunk whose tag fails has its output zeroed before anything
+else happens, and the output buffer is zeroed when the stream is done with, so only
+authenticated plaintext ever reaches the caller (``tests/unit/workload_sdk/
+test_stream_release.py`` checks it from a hostile destination's side).
 """
 
 from __future__ import annotations
@@ -233,7 +248,7 @@ class _Gcm:
 # release the GIL, so reading the next batch overlaps the AEAD on this one. Memory is a
 # fixed number of buffers of ``max(unit, _BATCH_BYTES)``-ish bytes, whatever the input size.
 
-_BATCH_BYTES = 512 * 1024  # bytes of whole units read per batch (at least one unit)
+_BATCH_BYTES = 1024 * 1024  # bytes of whole units read per batch (at least one unit)
 _READ_AHEAD = 3  # buffers the helper thread cycles through (two when reading in line)
 
 
@@ -348,11 +363,11 @@ class _Units:
     # -- iteration --
 
     def __iter__(self) -> Iterator[tuple[memoryview, int]]:
-        """Batches ``(view, following)``: whole units but for the input's last one.
+        """Runs of units ``(view, following)``: whole units but for the input's last one.
 
-        ``view`` is valid until the next batch is asked for; ``following`` is the length
-        of the unit after the batch, 0 when the input ends with it. Reading ahead that far
-        is what tells the last unit. An empty input has no batch.
+        ``view`` is valid until the next run is asked for; ``following`` is the length of
+        the unit after the run, 0 when the input ends with it. Reading ahead that far is
+        what tells the last unit. An empty input has no run.
         """
         unit = self._unit
         if self._data is not None:
@@ -363,11 +378,17 @@ class _Units:
             return
         buf, n = self._first()
         while n:
+            view = memoryview(buf)[:n]
             if n < len(buf):  # the input ends in this batch
-                yield memoryview(buf)[:n], 0
+                yield view, 0
                 return
+            # Only the batch's last unit waits for the next batch to be read: the others go
+            # now, while the helper thread reads on.
+            tail = n - unit
+            if tail:
+                yield view[:tail], unit
             nxt, m = self._next()
-            yield memoryview(buf)[:n], min(m, unit)
+            yield view[tail:], min(m, unit)
             self._release(buf)
             buf, n = nxt, m
 
