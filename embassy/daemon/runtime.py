@@ -317,6 +317,25 @@ class Embassy:
             raise ConflictError("no workload is configured: there is nothing to seal")
         return self.workload
 
+    def _open_payload(
+        self, envelope: PayloadEnvelope, launch_digest: bytes
+    ) -> tuple[bytes, bytes | None]:
+        """Refuse a replay, then unwrap: a payload sealed for another measurement or another
+        workload (``launch_digest``: the workload's or the jobs') is refused with its own
+        code, before anything is decrypted."""
+        self._replay.check(envelope.payload_id)
+        return open_payload(
+            envelope,
+            private_keys={
+                "x25519": self.keys.hpke_x25519,
+                "mlkem768-x25519": self.keys.hpke_hybrid,
+            },
+            own_keyid=keyid(self.keys.signing.public_key()),
+            own_measurement=self.measurement.digest,
+            own_launch_digest=launch_digest,
+            now=time.time(),
+        )
+
     def open_session(
         self,
         deadline_seconds: int,
@@ -335,20 +354,7 @@ class Embassy:
         envelope = None if payload is None else PayloadEnvelope.from_json(payload)
         keys: tuple[bytes, bytes | None] | None = None
         if envelope is not None:
-            self._replay.check(envelope.payload_id)
-            keys = open_payload(
-                envelope,
-                private_keys={
-                    "x25519": self.keys.hpke_x25519,
-                    "mlkem768-x25519": self.keys.hpke_hybrid,
-                },
-                own_keyid=keyid(self.keys.signing.public_key()),
-                # What this embassy is and runs: a payload sealed for another measurement
-                # or workload is refused with its own code, before anything is decrypted.
-                own_measurement=self.measurement.digest,
-                own_launch_digest=bytes.fromhex(sealed.launched.launch_digest),
-                now=time.time(),
-            )
+            keys = self._open_payload(envelope, bytes.fromhex(sealed.launched.launch_digest))
 
         def claim(session: bytes) -> None:
             if envelope is not None:
@@ -476,18 +482,7 @@ class Embassy:
         ):
             raise ForbiddenError("jobs are submitted from the host, not the workload or a job")
         envelope = PayloadEnvelope.from_json(payload)
-        self._replay.check(envelope.payload_id)
-        input_key, _ = open_payload(
-            envelope,
-            private_keys={
-                "x25519": self.keys.hpke_x25519,
-                "mlkem768-x25519": self.keys.hpke_hybrid,
-            },
-            own_keyid=keyid(self.keys.signing.public_key()),
-            own_measurement=self.measurement.digest,
-            own_launch_digest=jobs.launch_digest,
-            now=time.time(),
-        )
+        input_key, _ = self._open_payload(envelope, jobs.launch_digest)
         return jobs.submit(
             payload_id=envelope.payload_id,
             input_key=input_key,

@@ -110,7 +110,8 @@ def mount_options(limits: Metering) -> str:
     )
 
 
-def _mount(target: Path, flags: int, data: str) -> None:
+def mount_tmpfs(source: str, target: Path, flags: int, data: str) -> None:
+    """mount(2) a tmpfs named ``source`` on ``target``; ``OSError`` if the kernel refuses."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [
         ctypes.c_char_p,
@@ -119,9 +120,20 @@ def _mount(target: Path, flags: int, data: str) -> None:
         ctypes.c_ulong,
         ctypes.c_char_p,
     ]
-    if libc.mount(SOURCE.encode(), os.fsencode(target), b"tmpfs", flags, data.encode()) != 0:
+    if libc.mount(source.encode(), os.fsencode(target), b"tmpfs", flags, data.encode()) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def detach(target: Path) -> bool:
+    """umount2(MNT_DETACH) ``target``; whether the kernel did."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return bool(libc.umount2(os.fsencode(target), MNT_DETACH) == 0)
+
+
+def _mount(target: Path, flags: int, data: str) -> None:
+    mount_tmpfs(SOURCE, target, flags, data)
 
 
 def _matches(entry: MountEntry, limits: Metering) -> bool:
@@ -233,8 +245,7 @@ def unmount_spool(path: Path) -> bool:
     found = mounted_at(path)
     if found is None or found.source != SOURCE:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
     with contextlib.suppress(OSError):
-        if libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
+        if not detach(path):
             return False
     return True

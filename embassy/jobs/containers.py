@@ -17,7 +17,6 @@ what the ``job-destroyed`` statement says was checked.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -33,6 +32,7 @@ from docker.types import Mount as DockerMount
 
 from embassy.config import Jobs
 from embassy.daemon.atomic import write_atomic
+from embassy.daemon.spool import detach, mount_tmpfs
 from embassy.errors import ConfigError, PolicyError, SealError, StorageError, WorkloadError
 from embassy.workload.docker_runtime import ID_LABEL, NO_NEW_PRIVILEGES, ROLE_LABEL
 
@@ -119,20 +119,6 @@ def embassy_id(data_dir: Path) -> str:
 
 SPOOL_SOURCE = "embassy-job-spool"
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
-_MNT_DETACH = 2
-
-
-def _libc() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_ulong,
-        ctypes.c_char_p,
-    ]
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return libc
 
 
 def mount_spool(path: Path, size: int, uid: int, gid: int) -> None:
@@ -140,18 +126,19 @@ def mount_spool(path: Path, size: int, uid: int, gid: int) -> None:
     spool never reaches it (the input is ciphertext; the output too, but it is the job's)."""
     data = f"size={size},nr_inodes=64,mode=0700,uid={uid},gid={gid}"
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-    if _libc().mount(SPOOL_SOURCE.encode(), os.fsencode(path), b"tmpfs", flags, data.encode()):
-        code = ctypes.get_errno()
+    try:
+        mount_tmpfs(SPOOL_SOURCE, path, flags, data)
+    except OSError as exc:
         raise StorageError(
-            f"jobs: cannot mount a tmpfs spool on {path}: {os.strerror(code)} (the daemon "
+            f"jobs: cannot mount a tmpfs spool on {path}: {exc.strerror} (the daemon "
             "must run as root in the host's mount namespace)"
-        )
+        ) from None
 
 
 def unmount_spool(path: Path) -> None:
     """Detach the spool's tmpfs if one is there (its pages go with the last reference)."""
     if os.path.ismount(path):
-        _libc().umount2(os.fsencode(path), _MNT_DETACH)
+        detach(path)
 
 
 def check_runtime(runtimes: Mapping[str, Any], runtime: str | None) -> str:
