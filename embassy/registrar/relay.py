@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embassy.daemon.atomic import write_atomic
-from embassy.errors import ConfigError, WireFormatError
+from embassy.errors import ConfigError
 from embassy.registrar.enroll import Challenge
 from embassy.wire.codec import (
     JsonObject,
@@ -30,8 +30,8 @@ from embassy.wire.codec import (
     canonical_json,
     field,
     hex_decode,
-    only_fields,
     parse_json_object,
+    parse_typed_object,
 )
 
 CHALLENGE_TYPE = "embassy-registrar-challenge"
@@ -58,16 +58,13 @@ class RelayedChallenge:
     encrypted_secret: bytes
 
 
-def _header(data: bytes, kind: str, fields: set[str]) -> JsonObject:
-    obj = parse_json_object(data, kind)
-    only_fields(obj, {"v", "type", *fields}, kind)
-    if obj.get("v") != 1 or obj.get("type") != kind:
-        raise WireFormatError(f"{kind}: expected v 1 and type {kind!r}")
-    return obj
-
-
 def parse_challenge(data: bytes) -> RelayedChallenge:
-    obj = _header(data, CHALLENGE_TYPE, {"id", "ak_name", "credential_blob", "encrypted_secret"})
+    obj = parse_typed_object(
+        data,
+        CHALLENGE_TYPE,
+        {"id", "ak_name", "credential_blob", "encrypted_secret"},
+        CHALLENGE_TYPE,
+    )
     return RelayedChallenge(
         hex_decode(field(obj, "id", str, CHALLENGE_TYPE), "id", size=16),
         b64decode(obj.get("credential_blob"), "credential_blob"),
@@ -80,7 +77,7 @@ def answer_json(challenge_id: bytes, secret: bytes) -> JsonObject:
 
 
 def parse_answer(data: bytes) -> tuple[bytes, bytes]:
-    obj = _header(data, ANSWER_TYPE, {"id", "secret"})
+    obj = parse_typed_object(data, ANSWER_TYPE, {"id", "secret"}, ANSWER_TYPE)
     return (
         hex_decode(field(obj, "id", str, ANSWER_TYPE), "id", size=16),
         b64decode(obj.get("secret"), "secret"),

@@ -51,6 +51,7 @@ from embassy.wire.codec import (
     hex_decode,
     only_fields,
     parse_json_object,
+    parse_typed_object,
 )
 
 VERSION = 1
@@ -161,7 +162,7 @@ def parse_release_request(data: bytes) -> ReleaseRequest:
     what = "release request"
     if len(data) > MAX_MESSAGE_BYTES:
         raise WireFormatError(f"{what}: over {MAX_MESSAGE_BYTES} bytes")
-    obj = _header(data, REQUEST_TYPE, {"request", "identity", "evidence"}, what)
+    obj = parse_typed_object(data, REQUEST_TYPE, {"request", "identity", "evidence"}, what)
     identity = field(obj, "identity", dict, what)
     evidence = field(obj, "evidence", dict, what)
     return ReleaseRequest(
@@ -169,14 +170,6 @@ def parse_release_request(data: bytes) -> ReleaseRequest:
         canonical_json(identity),
         canonical_json(evidence),
     )
-
-
-def _header(data: bytes, kind: str, fields: set[str], what: str) -> JsonObject:
-    obj = parse_json_object(data, what)
-    only_fields(obj, {"v", "type", *fields}, what)
-    if obj.get("v") != VERSION or obj.get("type") != kind:
-        raise WireFormatError(f"{what}: expected v {VERSION} and type {kind!r}")
-    return obj
 
 
 # -- the release and the denial (broker -> workload -> embassy) ------------------------------
@@ -311,7 +304,7 @@ def deny(
 
 def parse_release(data: bytes) -> Release:
     what = "release"
-    obj = _header(
+    obj = parse_typed_object(
         data,
         RELEASE_TYPE,
         {
@@ -344,7 +337,7 @@ def parse_release(data: bytes) -> Release:
 
 def parse_denial(data: bytes) -> Denial:
     what = "denial"
-    obj = _header(
+    obj = parse_typed_object(
         data,
         DENIAL_TYPE,
         {

@@ -193,6 +193,17 @@ def only_fields(obj: JsonObject, allowed: set[str], what: str) -> None:
         raise WireFormatError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}")
 
 
+def parse_typed_object(
+    data: bytes, kind: str, fields: set[str], what: str, *, version: int = 1
+) -> JsonObject:
+    """Strictly parse a ``{"v": version, "type": kind, ...fields}`` document."""
+    obj = parse_json_object(data, what)
+    only_fields(obj, {"v", "type", *fields}, what)
+    if obj.get("v") != version or obj.get("type") != kind:
+        raise WireFormatError(f"{what}: expected v {version} and type {kind!r}")
+    return obj
+
+
 def b64_list(value: object, what: str, *, most: int) -> list[bytes]:
     """A JSON list of 0 to ``most`` canonical base64 strings, decoded."""
     if not isinstance(value, list):
