@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pytest
@@ -457,10 +457,9 @@ def test_hostile_activation_files_are_rejected_and_the_intake_goes_on(world: Wor
     assert call(world.daemon.socket, "GET", "/v1/health")["status"] == "ok"
 
 
-def _fill(path: Path) -> None:
-    with path.open("wb") as f:
-        while True:
-            f.write(bytes(1 << 20))
+def _fill(f: BinaryIO) -> None:
+    while True:
+        f.write(bytes(1 << 20))  # unbuffered: raises ENOSPC once the spool is full
 
 
 def test_a_flood_fills_neither_the_disk_nor_the_close(world: World) -> None:
@@ -473,14 +472,18 @@ def test_a_flood_fills_neither_the_disk_nor_the_close(world: World) -> None:
     for i in range(20_000):
         name = file_name(session, 10 + i) if i % 4 == 0 else f"junk-{i}"
         (shared / name).write_bytes(b"j" * 64)
-    with pytest.raises(OSError) as full:
-        _fill(shared / "huge")
-    assert full.value.errno == errno.ENOSPC
-    # Every byte is on the spool (its own device, SPOOL_BYTES in all), none on the disk.
-    assert os.stat(shared / "huge").st_dev != os.stat(world.daemon.data_dir).st_dev
-    spool = os.statvfs(shared)
-    assert spool.f_blocks * spool.f_frsize == SPOOL_BYTES
-    assert spool.f_bavail < 64  # full
+    # The intake removes "huge" (not an activation's name) as soon as it sees it, maybe
+    # mid-write: the open descriptor keeps its blocks allocated until it is closed, so the
+    # checks below look at the file through it, not by name.
+    with (shared / "huge").open("wb", buffering=0) as huge:
+        with pytest.raises(OSError) as full:
+            _fill(huge)
+        assert full.value.errno == errno.ENOSPC
+        # Every byte is on the spool (its own device, SPOOL_BYTES in all), none on the disk.
+        assert os.fstat(huge.fileno()).st_dev != os.stat(world.daemon.data_dir).st_dev
+        spool = os.statvfs(shared)
+        assert spool.f_blocks * spool.f_frsize == SPOOL_BYTES
+        assert spool.f_bavail < 64  # full
     started = time.monotonic()
     metering = _close(world, opened)["metering"]
     elapsed = time.monotonic() - started
