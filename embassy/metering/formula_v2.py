@@ -1,0 +1,295 @@
+"""Meter formula v2: group centroids, negatives as a group, calibration, max over windows.
+
+Pure numpy: no I/O, no clock. Formula ``embassy-centroid-window-v2``. It replaces v1's
+1-nearest-signature match (score.py, which stays: v1 readings stay verifiable).
+
+Pooling. An activation ``A`` of shape ``(..., T, d)`` becomes ``m`` rows (``pool_windows``):
+row 0 is exactly v1's ``pool(A)`` (the mean over every axis but the last, float64
+accumulation, rounded to float32). Rows 1.. are the means of windows of ``WINDOW``
+consecutive token rows, for each sequence (``A`` reshaped to ``(S, T, d)``, in sequence
+order) at starts ``0, STRIDE, 2*STRIDE, ...`` while ``start + WINDOW <= T``, plus one window
+ending at ``T`` when the last start leaves a tail uncovered. Each window mean is the float64
+sum of its rows divided by ``WINDOW`` (a power of two), rounded to float32. A 1-D activation,
+or one with ``T <= WINDOW`` (its single window would equal row 0), has row 0 only.
+
+Fit (``fit``), for one tensor name and dimension ``d``, from ONE authority's samples (a
+sample is one written activation's rows, a capability and a polarity), in float64 from the
+float32 rows, with every sum exactly rounded (``math.fsum``; so the model does not depend on
+sample order, machine or numpy version)::
+
+    u(x)     = x / |x|                                   |x| = sqrt(fsum(x_j^2))
+    mu       = fsum_i u(row0_i) / |N|       over N, EVERY negative sample (any capability);
+                                             mu = 0 if the authority wrote no negative
+    h(x)     = (u(x) - mu) / |u(x) - mu|     centred unit vector: hidden states share a
+                                             large common direction (anisotropy), which
+                                             the negatives' mean removes
+    c_k      = unit( fsum_{i positive for k} h(row0_i) )     one centroid per capability
+
+A capability is one with at least one positive sample. The raw score of a row ``x`` for
+``k`` is ``r_k(x) = h(x) . c_k`` (in [-1, 1]). Calibration: ``t_k`` (micro-units, an
+integer) is ``ceil(10**6 * max r_k(x))`` over every row of every negative sample, floored
+at 0 and capped at ``10**6 - 1``; with no negatives ``t_k = 0``. So no row the authority
+marked negative moves any meter.
+
+Score (``score_v2``) of the rows ``x_0 .. x_{m-1}`` of an activation, with ``t = t_k/10**6``::
+
+    s_k   = max over rows x with |x| > 0 and u(x) != mu of  max(0, (r_k(x) - t) / (1 - t))
+    delta = round(s_k * 1_000_000)               round-half-to-even, an integer in 0..10**6
+
+(a zero row or one equal to ``mu`` contributes 0). The max over windows is what resists
+dilution: a benign preamble changes row 0, but the windows over the prompt itself still
+score. Deltas are integers so canonical JSON never carries a float.
+
+Digest: SHA-256 of the canonical JSON ``{"formula", "dim", "window", "stride",
+"calibration": {k: t_k}, "samples": [[capability, polarity, rows, sha256 hex of the rows as
+little-endian float32, C order], ...]}`` with samples sorted (capability, polarity,
+hash): everything the model is computed from, and the integers it records.
+
+Residual float caveat: the fit's sums are exactly rounded, but the dot products (the
+calibration's and the score's) are float64 BLAS products, off by a few units in the last
+place depending on the machine. An authority's float64 recomputation gives the same integers
+unless ``10**6 * r`` (calibration) or ``s_k * 10**6`` (delta) falls within ~1e-9 of an integer
+(ceil) or half-integer (round).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from embassy.errors import ActivationCorruptError
+from embassy.metering.instruction import Polarity
+from embassy.metering.score import MICRO, pool
+from embassy.wire.codec import canonical_json
+
+__all__ = [
+    "FORMULA_V2",
+    "STRIDE",
+    "WINDOW",
+    "CentroidModel",
+    "Sample",
+    "fit",
+    "pool_windows",
+    "score_v2",
+]
+
+FORMULA_V2 = "embassy-centroid-window-v2"
+# Token windows: 8 rows (a short phrase of MiniLM word pieces), every 4 rows, so every run of
+# 4 consecutive tokens lies inside a whole window. A power of two: the mean is exact.
+WINDOW = 8
+STRIDE = 4
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+
+def pool_windows(array: npt.NDArray[Any]) -> F32:
+    """Row 0: v1's ``pool``; rows 1..: the window means (see the module docstring)."""
+    row0 = pool(array)  # every input check, and the exact v1 row
+    if array.ndim == 1 or array.shape[-2] <= WINDOW:
+        return row0[None, :]
+    d, t = array.shape[-1], array.shape[-2]
+    starts = list(range(0, t - WINDOW + 1, STRIDE))
+    if starts[-1] + WINDOW < t:
+        starts.append(t - WINDOW)
+    seqs = array.reshape(-1, t, d)
+    rows = [row0[None, :]]
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        for seq in seqs:
+            wide = seq.astype(np.float64)
+            sums = np.stack([wide[s : s + WINDOW].sum(axis=0) for s in starts])
+            rows.append((sums / WINDOW).astype(np.float32))
+    out = np.ascontiguousarray(np.concatenate(rows))
+    if not np.isfinite(out).all():
+        raise ActivationCorruptError("activation: values beyond the float32 range")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One written activation: one signature of v2."""
+
+    capability: str
+    polarity: Polarity
+    windows: F32
+
+
+def _fsum_rows(rows: F64) -> F64:
+    """Column sums of an ``n x d`` matrix, each exactly rounded (order-independent)."""
+    return np.array([math.fsum(col) for col in rows.T.tolist()], dtype=np.float64)
+
+
+def _unit_exact(v: F64) -> tuple[F64, float]:
+    norm = math.sqrt(math.fsum((v * v).tolist()))
+    return (v / norm if norm > 0 else v), norm
+
+
+@dataclass(frozen=True, eq=False)
+class CentroidModel:
+    """A fitted v2 model of one authority, tensor and dimension (see ``fit``)."""
+
+    dim: int
+    capabilities: tuple[str, ...]
+    digest: bytes
+    center: F64 = field(repr=False)  # mu, d
+    centroids: F64 = field(repr=False)  # c_k, one row per capability, K x d
+    thresholds: tuple[int, ...] = field(repr=False)  # t_k, micro-units
+    positives: tuple[int, ...] = field(repr=False)
+    negatives: int = field(repr=False)
+
+    def calibration(self) -> dict[str, int]:
+        """Each capability's threshold ``t_k`` in micro-units (what a reading records)."""
+        return dict(zip(self.capabilities, self.thresholds, strict=True))
+
+    def to_json(self) -> dict[str, Any]:
+        """A canonical, integers-and-strings description of the model."""
+        return {
+            "formula": FORMULA_V2,
+            "dim": self.dim,
+            "window": WINDOW,
+            "stride": STRIDE,
+            "digest": self.digest.hex(),
+            "capabilities": [
+                {"capability": c, "positives": p, "negatives": self.negatives, "threshold": t}
+                for c, p, t in zip(self.capabilities, self.positives, self.thresholds, strict=True)
+            ],
+        }
+
+
+def _check_rows(rows: npt.NDArray[Any], dim: int | None, what: str) -> F32:
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.float32:
+        raise ValueError(f"{what}: rows must be a float32 array")
+    if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise ValueError(f"{what}: rows must be a non-empty m x d matrix, not {rows.shape}")
+    if dim is not None and rows.shape[1] != dim:
+        raise ValueError(f"{what}: dimension {rows.shape[1]} differs from {dim}")
+    if not np.isfinite(rows).all():
+        raise ValueError(f"{what}: non-finite values")
+    return rows
+
+
+def _raw(model_center: F64, centroids: F64, rows: F32) -> F64:
+    """``r_k(x)`` for every row (m x K); rows that are zero or equal to mu get -inf."""
+    wide = rows.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+    ok = norms > 0
+    unit = wide / np.where(ok, norms, 1.0)[:, None]
+    z = unit - model_center
+    znorm = np.sqrt(np.einsum("ij,ij->i", z, z))
+    ok &= znorm > 0
+    h = z / np.where(ok, znorm, 1.0)[:, None]
+    raw = h @ centroids.T
+    raw[~ok] = -np.inf
+    return raw
+
+
+Keyed = tuple[str, str, str, Sample]  # (capability, polarity, sha256 hex of rows, sample)
+
+
+def _canonical(samples: Sequence[Sample]) -> tuple[int, list[Keyed]]:
+    """The checked samples' dimension, and the samples in the canonical order."""
+    if not samples:
+        raise ValueError("formula v2: no samples")
+    dim: int | None = None
+    keyed: list[Keyed] = []
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, Sample) or not isinstance(sample.polarity, Polarity):
+            raise TypeError(f"formula v2: sample {i} is not a Sample with a Polarity")
+        if not isinstance(sample.capability, str) or not sample.capability:
+            raise ValueError(f"formula v2: sample {i} has no capability name")
+        rows = _check_rows(sample.windows, dim, f"formula v2: sample {i}")
+        dim = int(rows.shape[1])
+        if not (np.einsum("ij,ij->i", rows, rows) > 0).all():
+            raise ValueError(f"formula v2: sample {i} has an all-zero row")
+        data = np.ascontiguousarray(rows, dtype="<f4").tobytes()
+        keyed.append(
+            (sample.capability, sample.polarity.value, hashlib.sha256(data).hexdigest(), sample)
+        )
+    assert dim is not None
+    keyed.sort(key=lambda k: k[:3])  # the fit never depends on the samples' order
+    return dim, keyed
+
+
+def _centroid(cap: str, pos: list[Keyed], center: F64) -> F64:
+    hs = []
+    for k in pos:
+        if k[0] == cap:
+            z, norm = _unit_exact(_unit_exact(k[3].windows[0].astype(np.float64))[0] - center)
+            if norm == 0:
+                raise ValueError(f"formula v2: a positive sample of {cap!r} is the negatives' mean")
+            hs.append(z)
+    c, norm = _unit_exact(_fsum_rows(np.stack(hs)))
+    if norm == 0:
+        raise ValueError(f"formula v2: the positive samples of {cap!r} cancel out")
+    return c
+
+
+def fit(samples: Sequence[Sample]) -> CentroidModel:
+    """The v2 model of one authority's samples (one tensor name, one dimension)."""
+    dim, keyed = _canonical(samples)
+    pos = [k for k in keyed if k[3].polarity is Polarity.POSITIVE]
+    neg = [k for k in keyed if k[3].polarity is Polarity.NEGATIVE]
+    if not pos:
+        raise ValueError("formula v2: no positive sample")
+
+    if neg:
+        units = np.stack([_unit_exact(k[3].windows[0].astype(np.float64))[0] for k in neg])
+        center = _fsum_rows(units) / len(neg)
+    else:
+        center = np.zeros(dim)
+    capabilities = tuple(sorted({k[0] for k in pos}))
+    centroids = np.stack([_centroid(cap, pos, center) for cap in capabilities])
+
+    thresholds = [0] * len(capabilities)
+    if neg:
+        raw = _raw(center, centroids, np.concatenate([k[3].windows for k in neg]))
+        top = raw.max(axis=0)
+        thresholds = [min(MICRO - 1, max(0, math.ceil(float(v) * MICRO))) for v in top]
+    calibration = dict(zip(capabilities, thresholds, strict=True))
+    description = {
+        "formula": FORMULA_V2,
+        "dim": dim,
+        "window": WINDOW,
+        "stride": STRIDE,
+        "calibration": calibration,
+        "samples": [[c, p, int(s.windows.shape[0]), h] for c, p, h, s in keyed],
+    }
+    center.setflags(write=False)
+    centroids.setflags(write=False)
+    return CentroidModel(
+        dim=dim,
+        capabilities=capabilities,
+        digest=hashlib.sha256(canonical_json(description)).digest(),
+        center=center,
+        centroids=centroids,
+        thresholds=tuple(thresholds),
+        positives=tuple(sum(1 for k in pos if k[0] == c) for c in capabilities),
+        negatives=len(neg),
+    )
+
+
+def score_v2(model: CentroidModel, windows: npt.NDArray[Any]) -> dict[str, int]:
+    """Each capability's delta (micro-units) for an activation's ``pool_windows`` rows."""
+    if not isinstance(windows, np.ndarray) or windows.ndim != 2 or windows.shape[1] != model.dim:
+        shape = getattr(windows, "shape", None)
+        raise ValueError(
+            f"score v2: rows of shape {shape} do not match a model of dimension {model.dim}"
+        )
+    if windows.shape[0] == 0:
+        raise ValueError("score v2: no rows")
+    if windows.dtype != np.float32:
+        with np.errstate(over="ignore"):  # an overflow is caught as non-finite just below
+            windows = windows.astype(np.float32)
+    if not np.isfinite(windows).all():
+        raise ValueError("score v2: non-finite values in a row")
+    raw = _raw(model.center, model.centroids, windows)
+    t = np.asarray(model.thresholds, dtype=np.float64) / MICRO
+    s = np.clip((raw - t) / (1.0 - t), 0.0, 1.0).max(axis=0)  # -inf rows clip to 0
+    micro = np.rint(s * MICRO).astype(np.int64).tolist()
+    return dict(zip(model.capabilities, micro, strict=True))
