@@ -24,6 +24,7 @@ an authority keeps one secret. Pure: no clock, no disk.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,9 @@ from embassy.wire.codec import (
 from embassy.wire.dsse import parse_envelope, verify_envelope
 from embassy.wire.statement import METER_READING_V1, Header, Subject, parse_statement
 
-VERSION = 1
+VERSION = 2  # what the embassy writes; readings of version 1 (no models) still open
+_VERSIONS = (1, 2)
+_MICRO = 1_000_000  # score.MICRO, not imported: reading an answer needs no numpy
 SUITE = "x25519"
 INFO_PREFIX = b"embassy-meter-reading-v1\0"
 PAD_TO = 512
@@ -78,6 +81,26 @@ class Meter:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelCalibration:
+    """One formula v2 model of the authority's (per tensor and dimension): its digest, as
+    ``meter-update`` statements name it, and the threshold it fitted for each capability
+    from the authority's own negatives, so the authority can recompute every increment."""
+
+    tensor_sha256: str
+    dim: int
+    model_sha256: str
+    thresholds: tuple[tuple[str, int], ...]  # (capability, micro-units), sorted
+
+    def to_json(self) -> JsonObject:
+        return {
+            "tensor_sha256": self.tensor_sha256,
+            "dim": self.dim,
+            "model_sha256": self.model_sha256,
+            "calibration": [{"capability": c, "threshold": t} for c, t in self.thresholds],
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Reading:
     authority: str
     instruction_sha256: bytes
@@ -85,16 +108,23 @@ class Reading:
     as_of_seq: int
     meters: tuple[Meter, ...]
     header: Header | None = None  # the statement's log position, once verified
+    models: tuple[ModelCalibration, ...] = ()  # version 2 only
+    version: int = VERSION
 
     def to_json(self) -> JsonObject:
-        return {
-            "v": VERSION,
+        obj: JsonObject = {
+            "v": self.version,
             "authority": self.authority,
             "instruction_sha256": self.instruction_sha256.hex(),
             "formula": self.formula,
             "as_of_seq": self.as_of_seq,
             "meters": [m.to_json() for m in self.meters],
         }
+        if self.version >= 2:
+            obj["models"] = [m.to_json() for m in self.models]
+        elif self.models:
+            raise ValueError("meter reading: version 1 carries no models")
+        return obj
 
 
 def reply_key(signing_key: Ed25519PrivateKey) -> X25519PrivateKey:
@@ -168,15 +198,60 @@ def _parse_meters(items: Sequence[object]) -> tuple[Meter, ...]:
     return tuple(meters)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _digest_hex(obj: JsonObject, key: str, what: str) -> str:
+    value: str = field(obj, key, str, what)
+    if not _SHA256_HEX.fullmatch(value):
+        raise WireFormatError(f"{what}.{key}: 64 lowercase hex digits")
+    return value
+
+
+def _parse_models(items: Sequence[object]) -> tuple[ModelCalibration, ...]:
+    models = []
+    for i, item in enumerate(items):
+        what = f"meter reading.models[{i}]"
+        if not isinstance(item, dict):
+            raise WireFormatError(f"{what}: expected an object")
+        only_fields(item, {"tensor_sha256", "dim", "model_sha256", "calibration"}, what)
+        thresholds = []
+        for j, entry in enumerate(field(item, "calibration", list, what)):
+            where = f"{what}.calibration[{j}]"
+            if not isinstance(entry, dict):
+                raise WireFormatError(f"{where}: expected an object")
+            only_fields(entry, {"capability", "threshold"}, where)
+            threshold = field(entry, "threshold", int, where)
+            if not -_MICRO <= threshold <= _MICRO:
+                raise WireFormatError(f"{where}.threshold: {threshold} is out of ±{_MICRO}")
+            thresholds.append((field(entry, "capability", str, where), threshold))
+        if [c for c, _ in thresholds] != sorted({c for c, _ in thresholds}):
+            raise WireFormatError(f"{what}.calibration: capabilities sorted and unique")
+        dim = field(item, "dim", int, what)
+        if dim <= 0:
+            raise WireFormatError(f"{what}.dim: must be positive")
+        models.append(
+            ModelCalibration(
+                _digest_hex(item, "tensor_sha256", what),
+                dim,
+                _digest_hex(item, "model_sha256", what),
+                tuple(thresholds),
+            )
+        )
+    return tuple(models)
+
+
 def _parse_reading(plaintext: bytes, header: Header) -> Reading:
     what = "meter reading"
     obj = parse_json_object(plaintext, what)
-    only_fields(
-        obj, {"v", "authority", "instruction_sha256", "formula", "as_of_seq", "meters"}, what
-    )
-    if field(obj, "v", int, what) != VERSION:
-        raise WireFormatError(f"{what}: unsupported version")
+    version = field(obj, "v", int, what)
+    if version not in _VERSIONS:
+        raise WireFormatError(f"{what}: unsupported version {version}")
+    fields = {"v", "authority", "instruction_sha256", "formula", "as_of_seq", "meters"}
+    only_fields(obj, fields | {"models"} if version >= 2 else fields, what)
     return Reading(
+        version=version,
+        models=_parse_models(field(obj, "models", list, what)) if version >= 2 else (),
         authority=field(obj, "authority", str, what),
         instruction_sha256=hex_decode(
             field(obj, "instruction_sha256", str, what), f"{what}.instruction_sha256", size=32
