@@ -250,7 +250,12 @@ def fit(samples: Sequence[Sample]) -> CentroidModel:
     if neg:
         raw = _raw(center, centroids, np.concatenate([k[3].windows for k in neg]))
         top = raw.max(axis=0)
-        thresholds = [min(MICRO - 1, max(0, math.ceil(float(v) * MICRO))) for v in top]
+        # -inf: every negative row was excluded (zero, or equal to the centre, as the one
+        # negative of an authority that wrote only one is): nothing to calibrate against.
+        thresholds = [
+            0 if not math.isfinite(v) else min(MICRO - 1, max(0, math.ceil(float(v) * MICRO)))
+            for v in top
+        ]
     calibration = dict(zip(capabilities, thresholds, strict=True))
     description = {
         "formula": FORMULA_V2,
