@@ -3,8 +3,8 @@
 An edge (stdlib ``sqlite3``): the daemon's durable metering state. The file is opened with
 ``journal_mode=WAL`` and ``synchronous=FULL`` (a returned COMMIT survives kill -9 and power
 loss), foreign keys on, and one connection shared by the daemon's threads behind a lock.
-The schema is versioned in ``meta``; a file of another version is refused, never migrated
-in place silently.
+The schema is versioned in ``meta``; a file of an unknown version is refused, and a known
+older one is migrated at open, in one transaction, with a warning (never silently).
 
 Atomicity with the statement log
 --------------------------------
@@ -41,13 +41,26 @@ the registry, so a meter is always created for the authority whose signatures sc
 Instruction nonces (``claim_nonce``) are committed before the instruction is carried out:
 a crash may burn an instruction, never run it twice.
 
-Signature sets are cached per (tensor, dim) so matching does not touch SQLite; committing
-a signatures batch drops the cache entries it changes. Vectors are stored as given, as
-little-endian float32; :mod:`embassy.metering.score` normalises them when it builds a set.
+Formula v2 (:mod:`embassy.metering.formula_v2`): each signature also keeps the pooled
+windows of the activation it came from (row 0 is its vector). The model of one authority's
+signatures for a (tensor, dim), :meth:`Registry.centroid_model`, is fitted from exactly the
+committed rows; committing a signatures batch (or recovering one) refits the models it
+touches in the same transaction and records each capability's calibration and the model's
+digest in ``calibrations``, with the batch's statement seq: what meter readings report, so
+the authority can recompute every increment from what it wrote and read.
+
+Schema 1 files (before formula v2) are migrated at open, in one transaction, and the
+migration is logged; their signatures have no windows and read as one-window samples.
+
+Signature sets and models are cached per (tensor, dim) and (authority, tensor, dim) so
+matching does not touch SQLite; committing a signatures batch drops the entries it changes.
+Vectors are stored as given, as little-endian float32; :mod:`embassy.metering.score`
+normalises them when it builds a set.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import sqlite3
@@ -63,9 +76,19 @@ import numpy as np
 import numpy.typing as npt
 
 from embassy.errors import InstructionReplayedError, NotOwnerError, StorageError
+from embassy.metering.formula_v2 import CentroidModel, Sample, fit
 from embassy.metering.score import Polarity, SignatureSet
 
-SCHEMA_VERSION = 1
+_LOG = logging.getLogger(__name__)
+SCHEMA_VERSION = 2
+# Schema 1 -> 2 (formula v2): the signatures' pooled windows and the calibrations table.
+# Done at open, in one transaction, and logged; any other version is refused.
+_MIGRATIONS: dict[str, tuple[str, ...]] = {
+    "1": (
+        "ALTER TABLE signatures ADD COLUMN windows BLOB CHECK (windows IS NULL OR"
+        " (length(windows) > 0 AND length(windows) % (4 * dim) = 0))",
+    ),
+}
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _VECTOR_DTYPE = np.dtype("<f4")  # float32, little-endian, whatever the host's byte order
@@ -87,6 +110,11 @@ CREATE TABLE signatures (
     tensor TEXT NOT NULL,
     dim INTEGER NOT NULL CHECK (dim > 0),
     vector BLOB NOT NULL CHECK (length(vector) = 4 * dim),
+    -- Formula v2's pooled windows ((m, dim) float32, row 0 = vector), NULL for rows
+    -- written before schema 2, which v2 reads as their one mean vector.
+    windows BLOB CHECK (
+        windows IS NULL OR (length(windows) > 0 AND length(windows) % (4 * dim) = 0)
+    ),
     session TEXT,
     statement_seq INTEGER,
     state TEXT NOT NULL CHECK (state IN ('pending', 'committed'))
@@ -122,6 +150,41 @@ CREATE TABLE instruction_nonces (
     expires_unix INTEGER NOT NULL
 );
 CREATE INDEX nonces_by_expiry ON instruction_nonces (expires_unix);
+CREATE TABLE calibrations (
+    authority TEXT NOT NULL,
+    tensor TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    capability TEXT NOT NULL,
+    threshold INTEGER NOT NULL CHECK (typeof(threshold) = 'integer'),
+    model_sha256 TEXT NOT NULL,
+    statement_seq INTEGER NOT NULL,
+    PRIMARY KEY (authority, tensor, dim, capability)
+);
+-- The daemon's open sessions' metering (daemon/metering.py), so a session open across a
+-- restart is still metered: its instructions (the authorities' signed envelopes) and one
+-- row per activation file handled. A file's row is staged with its group's first batch
+-- (NULL: a group that changed nothing else) and goes if that batch is discarded.
+CREATE TABLE metering_sessions (
+    session TEXT PRIMARY KEY,
+    refused INTEGER NOT NULL CHECK (refused >= 0)
+);
+CREATE TABLE metering_instructions (
+    session TEXT NOT NULL REFERENCES metering_sessions (session) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    PRIMARY KEY (session, position)
+);
+CREATE TABLE metering_files (
+    session TEXT NOT NULL REFERENCES metering_sessions (session) ON DELETE CASCADE,
+    seq INTEGER NOT NULL CHECK (seq >= 0),
+    activation_sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL CHECK (bytes >= 0),
+    signatures_written INTEGER NOT NULL,
+    meter_updates INTEGER NOT NULL,
+    batch TEXT REFERENCES batches (id) ON DELETE CASCADE,
+    PRIMARY KEY (session, seq)
+);
+CREATE INDEX metering_files_by_batch ON metering_files (batch);
 """
 
 
@@ -134,6 +197,9 @@ class SignatureRow:
     polarity: Polarity
     tensor: str
     vector: npt.NDArray[Any]
+    # Formula v2's pooled windows of the activation ((m, d), row 0 equal to ``vector``);
+    # None stores the mean alone, which v2 then reads as a one-window sample.
+    windows: npt.NDArray[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +221,40 @@ class Update:
     session: str
     activation_sha256: str
     statement_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """A capability's v2 calibration, recorded when its model was last refitted."""
+
+    capability: str
+    tensor: str
+    dim: int
+    threshold: int  # micro-units
+    model_sha256: str  # the fitted model's digest (hex), as meter-update statements name it
+    statement_seq: int  # the signatures batch's statement that refitted it
+
+
+@dataclass(frozen=True, slots=True)
+class FileProgress:
+    """One activation file a session's metering handled (``stage_group``)."""
+
+    session: str
+    seq: int
+    activation_sha256: str
+    bytes: int
+    signatures_written: int
+    meter_updates: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """An open session's persisted metering: instructions in order, files in seq order."""
+
+    session: str
+    refused: int
+    instructions: tuple[bytes, ...]
+    files: tuple[FileProgress, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +283,7 @@ class Registry:
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, int], SignatureSet | None] = {}
+        self._models: dict[tuple[str, str, int], CentroidModel | None] = {}
         self._generation = 0  # bumped by every signatures commit (see signature_set)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -212,6 +313,7 @@ class Registry:
                 self._conn.close()
                 self._conn = None
                 self._cache.clear()
+                self._models.clear()
 
     def __enter__(self) -> Registry:
         return self
@@ -271,8 +373,8 @@ class Registry:
             conn.execute("INSERT INTO batches VALUES (?, 'signatures', 'pending', NULL)", (batch,))
             conn.executemany(
                 "INSERT INTO signatures (batch, capability, authority, polarity, tensor, dim,"
-                " vector, session, statement_seq, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, 'pending')",
+                " vector, windows, session, statement_seq, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 'pending')",
                 [(batch, *fields, session) for fields in prepared],
             )
         return batch
@@ -373,10 +475,12 @@ class Registry:
                 (seq, batch),
             )
             changed = conn.execute(
-                "SELECT DISTINCT tensor, dim FROM signatures WHERE batch = ?", (batch,)
+                "SELECT DISTINCT authority, tensor, dim FROM signatures WHERE batch = ?", (batch,)
             ).fetchall()
-            for tensor, dim in changed:
+            for authority, tensor, dim in changed:
                 self._cache.pop((tensor, dim), None)
+                self._models.pop((authority, tensor, dim), None)
+                self._recalibrate(conn, authority, tensor, dim, seq)
             self._generation += 1
             return
         conn.execute(
@@ -445,6 +549,65 @@ class Registry:
                 self._cache[key] = sigs
         return sigs
 
+    def centroid_model(self, authority: str, tensor: str, dim: int) -> CentroidModel | None:
+        """Formula v2's model of one authority's committed signatures for (tensor, dim), or
+        None if they hold no positive sample (cached like :meth:`signature_set`)."""
+        key = (authority, tensor, dim)
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            generation = self._generation
+            if self._conn is None:
+                raise StorageError(f"registry {self._path}: closed")
+            try:
+                samples = _samples(self._conn, authority, tensor, dim)
+            except sqlite3.Error as exc:
+                raise StorageError(f"registry {self._path}: {exc}") from None
+        model = self._fit(samples, key)  # outside the lock, as signature_set builds
+        with self._lock:
+            if self._generation == generation and self._conn is not None:
+                self._models[key] = model
+        return model
+
+    def _fit(self, samples: list[Sample], key: tuple[str, str, int]) -> CentroidModel | None:
+        if not any(s.polarity is Polarity.POSITIVE for s in samples):
+            return None
+        try:
+            return fit(samples)
+        except ValueError as exc:  # staging refuses such rows: the file was altered
+            raise StorageError(f"registry {self._path}: signatures of {key!r}: {exc}") from None
+
+    def _recalibrate(
+        self, conn: sqlite3.Connection, authority: str, tensor: str, dim: int, seq: int
+    ) -> None:
+        """Refit (authority, tensor, dim) inside a signatures commit and record the
+        calibration it gives each capability: the registry's copy of what readings report."""
+        model = self._fit(_samples(conn, authority, tensor, dim), (authority, tensor, dim))
+        conn.execute(
+            "DELETE FROM calibrations WHERE authority = ? AND tensor = ? AND dim = ?",
+            (authority, tensor, dim),
+        )
+        if model is None:
+            return
+        conn.executemany(
+            "INSERT INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (authority, tensor, dim, capability, threshold, model.digest.hex(), seq)
+                for capability, threshold in sorted(model.calibration().items())
+            ],
+        )
+
+    def calibrations(self, authority: str) -> list[Calibration]:
+        """The authority's recorded calibrations, by tensor, dim and capability."""
+        return [
+            Calibration(*r)
+            for r in self._query(
+                "SELECT capability, tensor, dim, threshold, model_sha256, statement_seq"
+                " FROM calibrations WHERE authority = ? ORDER BY tensor, dim, capability",
+                (authority,),
+            )
+        ]
+
     def signature_counts(self, capability: str) -> dict[Polarity, int]:
         counts = dict.fromkeys(Polarity, 0)
         for polarity, n in self._query(
@@ -501,6 +664,138 @@ class Registry:
                 ) from None
 
 
+    # --- group commit and open sessions (daemon/metering.py) ---------------------------------
+
+    def stage_group(
+        self,
+        signatures: Sequence[tuple[str, SignatureRow]],
+        updates: Sequence[tuple[str, str, Mapping[str, int]]],
+        files: Sequence[FileProgress],
+    ) -> tuple[str, ...]:
+        """Stage one group of files in ONE transaction: its signature rows ((session,
+        row)), meter deltas ((session, activation sha256, deltas)) and files' progress.
+
+        Returns the pending batch ids (a signatures batch, an update batch, either absent
+        when empty), to be named by one statement and committed by :meth:`commit_group`.
+        With no batch at all the files' rows are committed at once (nothing for a
+        statement to report). Ownership is checked as by the one-batch methods.
+        """
+        prepared = [(_hex(session, "session"), _prepare_signature(row)) for session, row in signatures]
+        owners: dict[str, str] = {}
+        for _, row in signatures:
+            if owners.setdefault(row.capability, row.authority) != row.authority:
+                raise NotOwnerError(
+                    f"registry: capability {row.capability!r} named for two authorities"
+                )
+        for session, activation_sha256, deltas in updates:
+            _hex(session, "session")
+            _hex(activation_sha256, "activation_sha256", _SHA256_HEX)
+            for capability, delta in deltas.items():
+                _text(capability, "capability")
+                if type(delta) is not int or delta < 0:
+                    raise ValueError(f"registry: delta for {capability!r} must be an int >= 0")
+        batches: list[str] = []
+        with self._tx() as conn:
+            if prepared:
+                for capability, authority in owners.items():
+                    owner = _owner(conn, capability, pending=True)
+                    if owner is not None and owner != authority:
+                        raise NotOwnerError(
+                            f"registry: capability {capability!r} belongs to {owner!r}, "
+                            f"not {authority!r}"
+                        )
+                batch = secrets.token_hex(16)
+                conn.execute(
+                    "INSERT INTO batches VALUES (?, 'signatures', 'pending', NULL)", (batch,)
+                )
+                conn.executemany(
+                    "INSERT INTO signatures (batch, capability, authority, polarity, tensor,"
+                    " dim, vector, windows, session, statement_seq, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 'pending')",
+                    [(batch, *fields, session) for session, fields in prepared],
+                )
+                batches.append(batch)
+            rows = []
+            for session, activation_sha256, deltas in updates:
+                for capability, delta in sorted(deltas.items()):
+                    owner = _owner(conn, capability, pending=False)
+                    if owner is None:
+                        raise StorageError(
+                            f"registry {self._path}: capability {capability!r} has no signatures"
+                        )
+                    rows.append((capability, owner, delta, session, activation_sha256))
+            if rows:
+                batch = secrets.token_hex(16)
+                conn.execute("INSERT INTO batches VALUES (?, 'update', 'pending', NULL)", (batch,))
+                conn.executemany(
+                    "INSERT INTO updates (batch, capability, authority, delta, session,"
+                    " activation_sha256, statement_seq, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, NULL, 'pending')",
+                    [(batch, *row) for row in rows],
+                )
+                batches.append(batch)
+            conn.executemany(
+                "INSERT INTO metering_files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        _hex(f.session, "session"),
+                        f.seq,
+                        _hex(f.activation_sha256, "activation_sha256", _SHA256_HEX),
+                        f.bytes,
+                        f.signatures_written,
+                        f.meter_updates,
+                        batches[0] if batches else None,
+                    )
+                    for f in files
+                ],
+            )
+        return tuple(batches)
+
+    def commit_group(self, batches: Sequence[str], statement_seq: int) -> None:
+        """:meth:`commit` for a group's batches, all in ONE transaction."""
+        if type(statement_seq) is not int or statement_seq < 0:
+            raise ValueError("registry: statement_seq must be an int >= 0")
+        with self._tx() as conn:
+            for batch in batches:
+                self._commit_in(conn, batch, statement_seq)
+
+    def save_session(self, session: str, instructions: Sequence[bytes], refused: int) -> None:
+        """Record a session's metering as it opens (its instructions' signed envelopes)."""
+        _hex(session, "session")
+        with self._tx() as conn:
+            conn.execute("INSERT INTO metering_sessions VALUES (?, ?)", (session, refused))
+            conn.executemany(
+                "INSERT INTO metering_instructions VALUES (?, ?, ?)",
+                [(session, i, bytes(raw)) for i, raw in enumerate(instructions)],
+            )
+
+    def drop_session(self, session: str) -> None:
+        """The session ended: forget its metering (meters and signatures stay)."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM metering_sessions WHERE session = ?", (session,))
+
+    def open_sessions(self) -> list[SessionRecord]:
+        """Every recorded session's metering (pending batches settled first: recover)."""
+        with self._lock:
+            sessions = self._query_locked("SELECT session, refused FROM metering_sessions")
+            instructions = self._query_locked(
+                "SELECT session, envelope FROM metering_instructions ORDER BY session, position"
+            )
+            files = self._query_locked(
+                "SELECT session, seq, activation_sha256, bytes, signatures_written,"
+                " meter_updates FROM metering_files ORDER BY session, seq"
+            )
+        return [
+            SessionRecord(
+                session,
+                refused,
+                tuple(bytes(raw) for s, raw in instructions if s == session),
+                tuple(FileProgress(*row) for row in files if row[0] == session),
+            )
+            for session, refused in sessions
+        ]
+
+
 def _configure(conn: sqlite3.Connection, path: Path) -> None:
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode != "wal":
@@ -533,10 +828,27 @@ def _create_or_check(conn: sqlite3.Connection, path: Path) -> None:
     if "meta" not in tables:
         raise StorageError(f"registry {path}: not an embassy registry (no meta table)")
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None or row[0] != str(SCHEMA_VERSION):
-        found = None if row is None else row[0]
+    found = None if row is None else row[0]
+    if found in _MIGRATIONS:
+        for statement in _MIGRATIONS[found]:
+            conn.execute(statement)
+        # Tables and indexes that version did not have, as the current schema defines them.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(
+                    statement.replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ").replace(
+                        "CREATE INDEX ", "CREATE INDEX IF NOT EXISTS "
+                    )
+                )
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
+        _LOG.warning("registry %s: schema %s migrated to %s", path, found, SCHEMA_VERSION)
+        return
+    if found != str(SCHEMA_VERSION):
         raise StorageError(
-            f"registry {path}: schema version {found!r}; this embassy reads {SCHEMA_VERSION} only"
+            f"registry {path}: schema version {found!r}; this embassy reads {SCHEMA_VERSION} "
+            f"(and migrates {', '.join(sorted(_MIGRATIONS))}) only"
         )
 
 
@@ -555,7 +867,21 @@ def _owner(conn: sqlite3.Connection, capability: str, *, pending: bool) -> str |
     return None if row is None else str(row[0])
 
 
-def _prepare_signature(row: SignatureRow) -> tuple[str, str, str, str, int, bytes]:
+def _samples(conn: sqlite3.Connection, authority: str, tensor: str, dim: int) -> list[Sample]:
+    """An authority's committed signatures of (tensor, dim) as formula v2 samples."""
+    samples = []
+    for capability, polarity, vector, windows in conn.execute(
+        "SELECT capability, polarity, vector, windows FROM signatures"
+        " WHERE authority = ? AND tensor = ? AND dim = ? AND state = 'committed' ORDER BY id",
+        (authority, tensor, dim),
+    ):
+        raw = vector if windows is None else windows
+        matrix = np.frombuffer(raw, dtype=_VECTOR_DTYPE).reshape(-1, dim)
+        samples.append(Sample(capability, Polarity(polarity), matrix))
+    return samples
+
+
+def _prepare_signature(row: SignatureRow) -> tuple[str, str, str, str, int, bytes, bytes | None]:
     _text(row.capability, "capability")
     _text(row.authority, "authority")
     _text(row.tensor, "tensor")
@@ -566,6 +892,19 @@ def _prepare_signature(row: SignatureRow) -> tuple[str, str, str, str, int, byte
         raise ValueError(f"registry: a signature vector is 1-D, not of shape {vector.shape}")
     if not np.isfinite(vector).all() or not vector.any():
         raise ValueError("registry: a signature vector must be finite and not all zero")
+    windows = None
+    if row.windows is not None:
+        matrix = np.asarray(row.windows, dtype=_VECTOR_DTYPE)
+        if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[1] != vector.size:
+            raise ValueError(
+                f"registry: windows of shape {matrix.shape} for a vector of {vector.size}"
+            )
+        if not np.isfinite(matrix).all():
+            raise ValueError("registry: non-finite values in a signature's windows")
+        # Row 0 is the mean the vector column holds: v1 and v2 read one activation alike.
+        if matrix[0].tobytes() != vector.tobytes():
+            raise ValueError("registry: a signature's first window is not its vector")
+        windows = np.ascontiguousarray(matrix).tobytes()
     return (
         row.capability,
         row.authority,
@@ -573,4 +912,5 @@ def _prepare_signature(row: SignatureRow) -> tuple[str, str, str, str, int, byte
         row.tensor,
         int(vector.size),
         vector.tobytes(),
+        windows,
     )
