@@ -8,21 +8,24 @@ Lifecycle of a session's metering:
    registry (an instruction is carried out once). The refusals of one session open are
    one ``instruction-refused`` statement (codes and digests); a refusal aborts the session
    unless the user said ``unmetered_ok``. ``read`` instructions are answered at once with
-   encrypted ``meter-reading`` statements.
-2. **handle** (the intake's worker thread, one file at a time): a file named for a session
-   that is not open is refused unread; otherwise it is read strictly
-   (``embassy.metering.activation``), checked against its name and its session's sequence,
-   pooled, then per instruction: ``write`` stages signatures, ``update`` scores against
-   the registry and stages meter deltas; each batch is reported by a ``signature-write`` /
-   ``meter-update`` statement and only then committed (the protocol in
-   ``embassy.metering.registry``). Every file is removed once handled, valid or not.
-   Rejections are counted, not stated one by one: ``activation-rejected`` statements are
-   coalesced summaries (``embassy.metering.rejections``), at most one a second and 60 per
-   session, plus a last one when it ends.
+   encrypted ``meter-reading`` statements. The session's accepted instructions (their
+   signed envelopes) are recorded in the registry, so it is still metered after a restart.
+2. **handle** (the intake hands over the files that are ready together, a bounded group):
+   names first, nothing read: a file named for a session that is not open, out of its
+   sequence or over a limit is refused unread; the rest are read strictly
+   (``embassy.metering.activation``) and checked against their names, pooled (formula v2's
+   windows) and scored on a small thread pool; then, per instruction, ``write`` stages
+   signatures and ``update`` stages the deltas of formula v2 against the authority's model
+   (``Registry.centroid_model``); the whole group is ONE registry transaction, ONE
+   ``meter-batch`` statement (``embassy.daemon.metering_group``) and one commit (the
+   protocol in ``embassy.metering.registry``). Every file is removed once handled, valid or
+   not. Rejections are counted, not stated one by one: ``activation-rejected`` statements
+   are coalesced summaries (``embassy.metering.rejections``), at most one a second and 60
+   per session, plus a last one when it ends.
 3. **finish** (closing the session): the intake is drained (within
    ``metering.drain_timeout_seconds``), the session's last rejection summary is stated, and
    its summary (counts and digests, never activations or meter values) goes into the
-   unseal statement.
+   unseal statement; its record in the registry is dropped.
 
 Nothing the workload chose leaves in its own bytes (DESIGN.md): statements and logs carry
 codes (``EmbassyError.code``), lengths, counts, and SHA-256 digests: of the activation
@@ -30,7 +33,9 @@ codes (``EmbassyError.code``), lengths, counts, and SHA-256 digests: of the acti
 *messages* of what the workload wrote (they may quote it) are never emitted.
 
 At start, :meth:`MeteringService.recover` settles batches a crash left pending against the
-log: committed if their statement is there, dropped if not.
+log (committed if a statement names them, dropped if not), then restores the sessions the
+registry records: instructions, next sequence number, counts and the activations' digest.
+Rejections counted before a restart are in their summaries, not in the restored totals.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,31 +54,47 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from embassy.config import Authority, Metering
+from embassy.daemon.metering_group import (
+    FOREIGN,
+    Candidate,
+    Expected,
+    Prepared,
+    Refusal,
+    SessionPart,
+    admit,
+    batch_statement,
+    prepare,
+    tensor_digest,
+)
 from embassy.daemon.statement_log import StatementLog
 from embassy.errors import (
-    ActivationCorruptError,
-    ActivationError,
-    ActivationForeignError,
-    ActivationOversizedError,
     ActivationSequenceError,
     BadPayloadError,
     EmbassyError,
     InstructionError,
     InstructionReplayedError,
+    StorageError,
     WireFormatError,
 )
 from embassy.log.entry import EntryType
 from embassy.metering.actions import open_actions
-from embassy.metering.activation import Activation, parse_file_name, read_activation_file
-from embassy.metering.instruction import AuthorityPolicy, Instruction, Op, verify_instruction
-from embassy.metering.reading import Meter, Reading, reading_predicate
-from embassy.metering.registry import Registry, SignatureRow
+from embassy.metering.activation import parse_file_name
+from embassy.metering.formula_v2 import FORMULA_V2
+from embassy.metering.instruction import (
+    AuthorityPolicy,
+    Instruction,
+    Op,
+    parse_instruction_payload,
+    verify_instruction,
+)
+from embassy.metering.reading import Meter, ModelCalibration, Reading, reading_predicate
+from embassy.metering.registry import FileProgress, Registry, SessionRecord, SignatureRow
 from embassy.metering.rejections import RejectionLedger
-from embassy.metering.score import FORMULA, pool, score
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
     ACTIVATION_REJECTED_V2,
     INSTRUCTION_REFUSED_V2,
+    METER_BATCH_V1,
     METER_READING_V1,
     METER_UPDATE_V1,
     METER_UPDATE_V2,
@@ -82,20 +104,17 @@ from embassy.wire.statement import (
     parse_statement,
 )
 
+__all__ = ["MeteringService", "authority_policies", "name_digest", "tensor_digest"]
+
 _LOG = logging.getLogger(__name__)
-FOREIGN = ActivationForeignError.code
+# Threads reading and scoring a group's files: two cores here; more would only contend.
+WORKERS = 2
+_ONE_BATCH = (SIGNATURE_WRITE_V1, METER_UPDATE_V1, SIGNATURE_WRITE_V2, METER_UPDATE_V2)
 
 
 def name_digest(name: str) -> str:
     """A file name for a debug log: the first 16 hex digits of its SHA-256, never itself."""
     return hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-
-
-def tensor_digest(tensor: str) -> str:
-    """The tensor name as statements carry it: its SHA-256 (hex). The name is the
-    workload's choice (128 characters a file, which would be a channel); an authority
-    recomputes the digest of the names it cares about."""
-    return hashlib.sha256(tensor.encode("ascii")).hexdigest()
 
 
 @dataclass
@@ -113,11 +132,30 @@ class _SessionMeter:
     meter_updates: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
 
+    @classmethod
+    def restored(cls, record: SessionRecord) -> _SessionMeter:
+        state = cls(
+            bytes.fromhex(record.session),
+            tuple(
+                parse_instruction_payload(parse_envelope(raw).payload)
+                for raw in record.instructions
+            ),
+            record.refused,
+        )
+        for f in record.files:  # in seq order
+            state.next_seq = f.seq + 1
+            state.files += 1
+            state.bytes += f.bytes
+            state.digest.update(bytes.fromhex(f.activation_sha256))
+            state.signatures_written += f.signatures_written
+            state.meter_updates += f.meter_updates
+        return state
+
     def summary(
         self, rejected: Mapping[str, int], rejected_bytes: int, files_left: int
     ) -> dict[str, Any]:
         return {
-            "formula": FORMULA,
+            "formula": FORMULA_V2,
             "instructions": [
                 {"op": i.op.value, "authority": i.authority, "sha256": i.digest.hex()}
                 for i in self.instructions
@@ -155,6 +193,7 @@ class MeteringService:
         own_keyid: str,
         limits: Metering,
         now: Callable[[], float] = time.time,
+        workers: int = WORKERS,
     ) -> None:
         self._registry = registry
         self._log = log
@@ -165,11 +204,21 @@ class MeteringService:
         self._lock = threading.RLock()
         self._sessions: dict[bytes, _SessionMeter] = {}
         self._rejections = RejectionLedger()
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None  # made at the first group of two
+
+    def close(self) -> None:
+        """Stop the pool's threads (the daemon stops)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     # -- start ------------------------------------------------------------------------------
 
     def recover(self) -> dict[str, list[str]]:
-        """Settle batches a crash left pending: the log decides."""
+        """Settle batches a crash left pending (the log decides), then restore the open
+        sessions' metering the registry records."""
         pending = set(self._registry.pending_batches())
         found: dict[str, int] = {}
         if pending:
@@ -177,13 +226,13 @@ class MeteringService:
                 if entry.type is not EntryType.STATEMENT:
                     continue
                 statement = parse_statement(parse_envelope(entry.data).payload)
-                if statement.predicate_type in (
-                    SIGNATURE_WRITE_V1,
-                    METER_UPDATE_V1,
-                    SIGNATURE_WRITE_V2,
-                    METER_UPDATE_V2,
-                ):
-                    batch = statement.body.get("batch")
+                if statement.predicate_type in _ONE_BATCH:
+                    named = [statement.body.get("batch")]
+                elif statement.predicate_type == METER_BATCH_V1:
+                    named = list(statement.body.get("batches") or [])
+                else:
+                    continue
+                for batch in named:
                     if isinstance(batch, str) and batch in pending:
                         found[batch] = entry.seq
         result = self._registry.recover(found)
@@ -194,6 +243,12 @@ class MeteringService:
                 len(result.committed),
                 len(result.discarded),
             )
+        restored = [_SessionMeter.restored(r) for r in self._registry.open_sessions()]
+        with self._lock:
+            for state in restored:
+                self._sessions[state.session] = state
+        if restored:
+            _LOG.warning("metering: %d open session(s) restored", len(restored))
         return {"committed": list(result.committed), "discarded": list(result.discarded)}
 
     # -- session open -----------------------------------------------------------------------
@@ -220,13 +275,13 @@ class MeteringService:
                 else "the request carries actions but the payload has no action key"
             )
         readings: list[bytes] = []
+        accepted: list[tuple[Instruction, bytes]] = []
         if action_key is not None and actions is not None and payload_id is not None:
             opened = open_actions(action_key, payload_id, actions)
-            accepted = []
             refusals: list[tuple[bytes, EmbassyError]] = []
             for raw in opened.instructions:
                 try:
-                    accepted.append(self._accept(raw))
+                    accepted.append((self._accept(raw), raw))
                 except (InstructionError, InstructionReplayedError, WireFormatError) as exc:
                     refusals.append((raw, exc))
                     if not opened.unmetered_ok:
@@ -237,8 +292,10 @@ class MeteringService:
                 self._refused(session, refusals, continues=opened.unmetered_ok)
                 if not opened.unmetered_ok:
                     raise refusals[-1][1]
-            state.instructions = tuple(accepted)
-            readings = [self._read(i) for i in accepted if i.op is Op.READ]
+            state.instructions = tuple(i for i, _ in accepted)
+            readings = [self._read(i) for i, _ in accepted if i.op is Op.READ]
+        # Recorded before its first file can be handled: a restart goes on metering it.
+        self._registry.save_session(session.hex(), [raw for _, raw in accepted], state.refused)
         with self._lock:
             self._sessions[session] = state
         return readings
@@ -288,13 +345,23 @@ class MeteringService:
                 if m is None
                 else Meter(capability, m.value, m.count, m.last_seq)
             )
+        # The models (and calibrations) the authority's meters were moved with: enough to
+        # recompute every increment from what it wrote and what it reads.
+        models: dict[tuple[str, int, str], list[tuple[str, int]]] = {}
+        for c in self._registry.calibrations(instruction.authority):
+            key = (tensor_digest(c.tensor), c.dim, c.model_sha256)
+            models.setdefault(key, []).append((c.capability, c.threshold))
         head = self._log.head
         reading = Reading(
             instruction.authority,
             instruction.digest,
-            FORMULA,
+            FORMULA_V2,
             -1 if head is None else head.seq,
             tuple(meters),
+            models=tuple(
+                ModelCalibration(tensor, dim, digest, tuple(sorted(thresholds)))
+                for (tensor, dim, digest), thresholds in sorted(models.items())
+            ),
         )
         assert instruction.reply_key is not None  # parse_instruction ensures it for read
         subjects, body = reading_predicate(reading, instruction.reply_key, self._own_keyid)
@@ -303,135 +370,201 @@ class MeteringService:
     # -- activation files -------------------------------------------------------------------
 
     def handle(self, path: Path) -> None:
-        """Handle one activation file and remove it; never raises for what the file holds.
+        """:meth:`handle_many` for one file."""
+        self.handle_many([path])
 
-        A file whose name is not the SDK's, or names a session that is not open here, is
-        refused without being read (``activation-foreign``). Otherwise it is read strictly
-        and must match its name. A rejection is counted against the open session its name
-        names, or against no session; the file is removed either way, and a valid one only
-        after its statement and registry batch are committed.
+    def handle_many(self, paths: Sequence[Path]) -> None:
+        """Handle a group of activation files and remove them; never raises for what they hold.
+
+        Names first (:func:`~embassy.daemon.metering_group.admit`): a file whose name is not
+        the SDK's, names a session not open here, is out of sequence or over a limit is
+        refused unread. The others are read, checked against their names, pooled and scored
+        on the pool's threads, then staged in ONE registry transaction, reported by ONE
+        ``meter-batch`` statement and committed in one more (the two-phase protocol of
+        ``embassy.metering.registry``). A rejection is counted against the open session its
+        name names, or against no session. Every file is removed once handled, a valid one
+        only after its statement and registry batch are committed.
         """
-        try:
-            size = os.lstat(path).st_size
-        except OSError:
-            return  # gone already (a drain and an event for the same file)
-        named = parse_file_name(path.name)
-        session = None if named is None else named[0]
-        try:
-            with self._lock:
-                if session not in self._sessions:
-                    raise ActivationForeignError("activation: not the file of an open session")
-            activation = read_activation_file(path, max_bytes=self._limits.max_activation_bytes)
-            if (activation.session, activation.seq) != named:
-                raise ActivationCorruptError("activation: header and file name disagree")
-            with self._lock:
-                self._apply(activation)
-        except FileNotFoundError:
-            return
-        except OSError:
-            # Not the file's content: the embassy could not read it. Reject it all the same
-            # (a workload must not be able to stall the intake).
-            self._reject(session, FOREIGN, size, path.name)
-        except EmbassyError as exc:  # an ActivationError, or a log or registry failure
-            self._reject(session, exc.code, size, path.name)
-            if not isinstance(exc, ActivationError):
-                _LOG.error("activation intake: %s handling a file (%s)", exc.code, type(exc))
-        finally:
+        named: list[tuple[Path, bytes | None, int, int]] = []
+        for path in paths:
             try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                _LOG.error(
-                    "activation intake: cannot remove file %s…: %s",
-                    name_digest(path.name),
-                    exc.strerror,
+                size = os.lstat(path).st_size
+            except OSError:
+                continue  # gone already (a drain and an event for the same file)
+            parsed = parse_file_name(path.name)
+            named.append((path, *(parsed or (None, -1)), size))
+        refusals: list[Refusal] = []
+        try:
+            with self._lock:
+                expected = {
+                    s: Expected(st.next_seq, st.files, st.instructions)
+                    for s, st in self._sessions.items()
+                }
+            candidates, refusals = admit(
+                named,
+                expected,
+                self._limits.max_files_per_session,
+                self._limits.max_activation_bytes,
+            )
+            prepared = self._prepare(candidates, expected)
+            with self._lock:
+                refusals += self._commit(prepared)
+        finally:
+            for refusal in refusals:
+                if refusal.code:  # "": vanished before it was read, nothing to count
+                    self._reject(refusal.session, refusal.code, refusal.size, refusal.path.name)
+                if refusal.error is not None:
+                    _LOG.error(
+                        "activation intake: %s handling a file (%s)",
+                        refusal.error.code,
+                        type(refusal.error).__name__,
+                    )
+            for path, *_ in named:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    _LOG.error(
+                        "activation intake: cannot remove file %s…: %s",
+                        name_digest(path.name),
+                        exc.strerror,
+                    )
+
+    def _prepare(
+        self, candidates: Sequence[Candidate], expected: Mapping[bytes, Expected]
+    ) -> list[Prepared]:
+        """Read, check, pool and score every candidate: on the pool when there are several
+        (reading, hashing and numpy release the GIL), on this thread for one."""
+
+        def one(candidate: Candidate) -> Prepared:
+            return prepare(
+                candidate,
+                expected[candidate.session].instructions,
+                max_bytes=self._limits.max_activation_bytes,
+                model=self._registry.centroid_model,
+            )
+
+        if len(candidates) <= 1:
+            return [one(c) for c in candidates]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embassy-meter")
+            pool = self._pool
+        return list(pool.map(one, candidates))
+
+    def _commit(self, prepared: Sequence[Prepared]) -> list[Refusal]:
+        """Stage, state and commit a group's valid files (lock held); return the refused."""
+        refusals: list[Refusal] = []
+        expect = {s: st.next_seq for s, st in self._sessions.items()}
+        parts: dict[bytes, SessionPart] = {}
+        signatures: list[tuple[str, SignatureRow]] = []
+        updates: list[tuple[str, str, Mapping[str, int]]] = []
+        files: list[FileProgress] = []
+        accepted: list[tuple[_SessionMeter, Prepared, int, int]] = []
+        for p in prepared:
+            c = p.candidate
+            state = self._sessions.get(c.session)
+            if p.refusal is not None:
+                refusals.append(p.refusal)
+                continue
+            if state is None:  # the session ended while the file was read
+                refusals.append(Refusal(c.path, None, FOREIGN, c.size))
+                continue
+            if c.seq != expect[c.session]:  # an earlier file of the group was refused
+                refusals.append(Refusal(c.path, c.session, ActivationSequenceError.code, c.size))
+                continue
+            expect[c.session] += 1
+            activation, windows = p.activation, p.windows
+            assert activation is not None
+            assert windows is not None
+            session = c.session.hex()
+            part = parts.setdefault(c.session, SessionPart(c.session))
+            writes, meter_updates = part.add(p, state.instructions)
+            for i in state.instructions:
+                if i.op is Op.WRITE:
+                    assert i.polarity is not None  # parse_instruction ensures it for write
+                    row = SignatureRow(
+                        i.capabilities[0],
+                        i.authority,
+                        i.polarity,
+                        activation.tensor,
+                        windows[0],
+                        windows=windows,
+                    )
+                    signatures.append((session, row))
+            for update in p.updates:
+                updates.append((session, activation.sha256.hex(), update.deltas))
+            files.append(
+                FileProgress(
+                    session,
+                    c.seq,
+                    activation.sha256.hex(),
+                    activation.data.nbytes,
+                    writes,
+                    meter_updates,
                 )
+            )
+            accepted.append((state, p, writes, meter_updates))
+        if not accepted:
+            return refusals
+        try:
+            self._stage_state_commit(signatures, updates, files, list(parts.values()))
+        except (EmbassyError, ValueError) as exc:
+            code = exc.code if isinstance(exc, EmbassyError) else EmbassyError.code
+            _LOG.error("activation intake: a group of %d not metered (%s)", len(accepted), code)
+            for _, p, _, _ in accepted:
+                c = p.candidate
+                refusals.append(Refusal(c.path, c.session, code, c.size))
+            return refusals
+        for state, p, writes, meter_updates in accepted:
+            assert p.activation is not None
+            state.next_seq += 1
+            state.files += 1
+            state.bytes += p.activation.data.nbytes
+            state.digest.update(p.activation.sha256)
+            state.signatures_written += writes
+            state.meter_updates += meter_updates
+        return refusals
+
+    def _stage_state_commit(
+        self,
+        signatures: Sequence[tuple[str, SignatureRow]],
+        updates: Sequence[tuple[str, str, Mapping[str, int]]],
+        files: Sequence[FileProgress],
+        parts: Sequence[SessionPart],
+    ) -> None:
+        """Stage (one transaction), state (one statement), commit (one transaction).
+
+        Raises when the group is not acknowledged: nothing staged, or a statement that is
+        not in the log (its batches discarded, or left for recovery when that is unknown).
+        Once the statement is in the log the group is acknowledged; a failed commit is
+        logged and left to recovery at the next start.
+        """
+        batches = self._registry.stage_group(signatures, updates, files)
+        if not batches:
+            return  # nothing but progress, committed by stage_group itself
+        subjects, body = batch_statement(batches, parts)
+        try:
+            appended = self._log.append_statement(METER_BATCH_V1, subjects, body)
+        except StorageError:
+            # Nothing was stored (a full disk): the statement is known not to be there.
+            for batch in batches:
+                try:
+                    self._registry.discard(batch)
+                except EmbassyError as exc:
+                    _LOG.error("metering: batch not discarded (%s); recovery will", exc.code)
+            raise
+        try:
+            self._registry.commit_group(batches, appended.entry.seq)
+        except EmbassyError as exc:
+            _LOG.error(
+                "metering: batch stated at seq %d but not committed (%s); recovery commits it",
+                appended.entry.seq,
+                exc.code,
+            )
 
     def discard(self, size: int) -> None:
         """The intake removed an entry unread (not an activation file's name or type)."""
         self._reject(None, FOREIGN, size, None)
-
-    def _session_for(self, activation: Activation) -> _SessionMeter:
-        state = self._sessions.get(activation.session)
-        if state is None:
-            raise ActivationForeignError("activation: its session is not open here")
-        if activation.seq != state.next_seq:
-            raise ActivationSequenceError(
-                f"activation: sequence number {activation.seq}, expected {state.next_seq}"
-            )
-        if state.files >= self._limits.max_files_per_session:
-            raise ActivationOversizedError(
-                f"activation: session already handed in {state.files} files (the limit)"
-            )
-        return state
-
-    def _apply(self, activation: Activation) -> None:
-        state = self._session_for(activation)
-        pooled = pool(activation.data)
-        state.next_seq += 1
-        state.files += 1
-        state.bytes += activation.data.nbytes
-        state.digest.update(activation.sha256)
-        for instruction in state.instructions:
-            if instruction.op is Op.WRITE:
-                self._write(state, instruction, activation, pooled)
-        capabilities = sorted(
-            {c for i in state.instructions if i.op is Op.UPDATE for c in i.capabilities}
-        )
-        if capabilities:
-            self._update(state, capabilities, activation, pooled)
-
-    def _write(
-        self, state: _SessionMeter, instruction: Instruction, activation: Activation, pooled: Any
-    ) -> None:
-        assert instruction.polarity is not None  # parse_instruction ensures it for write
-        capability = instruction.capabilities[0]
-        row = SignatureRow(
-            capability, instruction.authority, instruction.polarity, activation.tensor, pooled
-        )
-        batch = self._registry.stage_signatures([row], session=state.session.hex())
-        appended = self._log.append_statement(
-            SIGNATURE_WRITE_V2,
-            [Subject("activation", activation.sha256)],
-            {
-                "session": state.session.hex(),
-                "batch": batch,
-                "authority": instruction.authority,
-                "capability": capability,
-                "polarity": instruction.polarity.value,
-                "tensor_sha256": tensor_digest(activation.tensor),
-                "dim": int(pooled.shape[0]),
-                "instruction_sha256": instruction.digest.hex(),
-            },
-        )
-        self._registry.commit(batch, appended.entry.seq)
-        state.signatures_written += 1
-
-    def _update(
-        self,
-        state: _SessionMeter,
-        capabilities: Sequence[str],
-        activation: Activation,
-        pooled: Any,
-    ) -> None:
-        signatures = self._registry.signature_set(activation.tensor, int(pooled.shape[0]))
-        scores: Mapping[str, int] = {} if signatures is None else score(signatures, pooled)
-        deltas = {c: scores[c] for c in capabilities if c in scores}
-        if not deltas:
-            return  # no signature of these capabilities for this tensor: nothing to meter
-        batch = self._registry.stage_update(state.session.hex(), activation.sha256.hex(), deltas)
-        appended = self._log.append_statement(
-            METER_UPDATE_V2,
-            [Subject("activation", activation.sha256)],
-            {
-                "session": state.session.hex(),
-                "batch": batch,
-                "formula": FORMULA,
-                "tensor_sha256": tensor_digest(activation.tensor),
-                "capabilities": sorted(deltas),
-            },
-        )
-        self._registry.commit(batch, appended.entry.seq)
-        state.meter_updates += 1
 
     def _reject(self, session: bytes | None, code: str, size: int, name: str | None) -> None:
         """Count a rejection (no statement here: :meth:`flush` states them, coalesced)."""
@@ -490,6 +623,7 @@ class MeteringService:
             rejected, rejected_bytes = self._rejections.totals(session)
             self._rejections.end(session)
             self.flush()  # its last rejection summary precedes its unseal statement
+            self._drop(session)
         return None if state is None else state.summary(rejected, rejected_bytes, files_left)
 
     def forget(self, session: bytes) -> None:
@@ -498,6 +632,13 @@ class MeteringService:
         with self._lock:
             self._sessions.pop(session, None)
             self._rejections.end(session)
+            self._drop(session)
+
+    def _drop(self, session: bytes) -> None:
+        try:
+            self._registry.drop_session(session.hex())
+        except EmbassyError as exc:  # it stays recorded; a restart would restore it
+            _LOG.error("metering: session record not dropped (%s)", exc.code)
 
     def meters(self, authority: str) -> Mapping[str, int]:
         return {m.capability: m.value for m in self._registry.meters(authority)}

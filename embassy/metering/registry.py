@@ -663,7 +663,6 @@ class Registry:
                     f"instruction: nonce {nonce.hex()} was already carried out"
                 ) from None
 
-
     # --- group commit and open sessions (daemon/metering.py) ---------------------------------
 
     def stage_group(
@@ -680,7 +679,9 @@ class Registry:
         With no batch at all the files' rows are committed at once (nothing for a
         statement to report). Ownership is checked as by the one-batch methods.
         """
-        prepared = [(_hex(session, "session"), _prepare_signature(row)) for session, row in signatures]
+        prepared = [
+            (_hex(session, "session"), _prepare_signature(row)) for session, row in signatures
+        ]
         owners: dict[str, str] = {}
         for _, row in signatures:
             if owners.setdefault(row.capability, row.authority) != row.authority:

@@ -62,6 +62,10 @@ METER_UPDATE_V2 = PREDICATE_PREFIX + "meter-update:v2"
 SIGNATURE_WRITE_V2 = PREDICATE_PREFIX + "signature-write:v2"
 INSTRUCTION_REFUSED_V2 = PREDICATE_PREFIX + "instruction-refused:v2"
 ACTIVATION_REJECTED_V2 = PREDICATE_PREFIX + "activation-rejected:v2"
+# Group commit: the activation files handled together, their signature writes and meter
+# updates (formula and model digests, never values), in one statement and one registry
+# transaction; it replaces one signature-write/meter-update statement per file.
+METER_BATCH_V1 = PREDICATE_PREFIX + "meter-batch:v1"
 # The weights-key release (embassy side): a broker's release opened for the launched
 # workload, or a broker's denial relayed by it.
 WEIGHTS_KEY_RELEASED_V1 = PREDICATE_PREFIX + "weights-key-released:v1"
@@ -91,6 +95,7 @@ KNOWN_PREDICATES = frozenset(
         SIGNATURE_WRITE_V2,
         INSTRUCTION_REFUSED_V2,
         ACTIVATION_REJECTED_V2,
+        METER_BATCH_V1,
         WEIGHTS_KEY_RELEASED_V1,
         WEIGHTS_KEY_DENIED_V1,
         JOB_STARTED_V1,

@@ -24,6 +24,7 @@ from embassy.errors import (
     NotOwnerError,
 )
 from embassy.metering.actions import seal_actions
+from embassy.metering.formula_v2 import FORMULA_V2
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.metering.reading import open_reading, reply_public_bytes
 from embassy.wire.codec import b64encode
@@ -109,6 +110,16 @@ def statements(embassy: Embassy, predicate: str) -> list[dict[str, Any]]:
     return out
 
 
+def batch_items(embassy: Embassy, kind: str) -> list[dict[str, Any]]:
+    """Every ``signature_writes`` or ``meter_updates`` item of the meter-batch statements."""
+    return [
+        item
+        for st in statements(embassy, "meter-batch")
+        for part in st["sessions"]
+        for item in part[kind]
+    ]
+
+
 def teach(embassy: Embassy, tmp_path: Path) -> Authority:
     """cyber: positives near e0, negatives near e2; bio: positives near e1."""
     aisi = Authority(embassy, AISI, "aisi")
@@ -127,7 +138,7 @@ def teach(embassy: Embassy, tmp_path: Path) -> Authority:
 
 def test_write_update_read(metered: Embassy, tmp_path: Path) -> None:
     aisi = teach(metered, tmp_path)
-    assert len(statements(metered, "signature-write")) == 9
+    assert len(batch_items(metered, "signature_writes")) == 9
     session, _ = begin(metered, [aisi.instruction(Op.UPDATE, ["bio", "cyber"])])
     feed(metered, tmp_path, session, [_basis(0, 0.05, 9)])
     summary = metered.metering.finish(session, lambda: 0)
@@ -135,10 +146,13 @@ def test_write_update_read(metered: Embassy, tmp_path: Path) -> None:
     assert (summary["files"], summary["meter_updates"], summary["rejected"]) == (1, 1, 0)
     meters = metered.metering.meters("aisi")
     assert meters["cyber"] > 500_000 > meters["bio"]
-    [update] = statements(metered, "meter-update")
+    [update] = batch_items(metered, "meter_updates")
     assert update["capabilities"] == ["bio", "cyber"]
-    assert update["formula"]
-    assert "value" not in json.dumps(update)  # meter values never appear in the log
+    assert update["formula"] == FORMULA_V2
+    model = metered.registry.centroid_model("aisi", "layer.6", DIM)
+    assert model is not None
+    assert update["model_sha256"] == model.digest.hex()
+    assert "value" not in json.dumps(statements(metered, "meter-batch"))  # never in the log
 
     _, [reading] = begin(metered, [aisi.instruction(Op.READ, [])])
     opened = open_reading(
@@ -230,7 +244,8 @@ def test_bad_files_are_counted_in_one_summary_and_removed(metered: Embassy, tmp_
         (file_name(session, 0), bytes(corrupt), "activation-corrupt", session),
         (file_name(session, 0), good[:-4], "activation-truncated", session),
         (file_name(session, 0), good + b"x", "activation-corrupt", session),
-        (file_name(session, 1), good, "activation-corrupt", session),  # header says seq 0
+        # Out of sequence by its name alone: refused unread (its header says seq 0).
+        (file_name(session, 1), good, "activation-out-of-sequence", session),
         (
             file_name(session, 5),
             encode_activation(session, 5, "layer.6", _basis(0)),
@@ -267,10 +282,10 @@ def test_bad_files_are_counted_in_one_summary_and_removed(metered: Embassy, tmp_
     assert set(by_session) == {session.hex(), None}
     mine, nobody = by_session[session.hex()], by_session[None]
     assert mine["counts"] == {
-        "activation-corrupt": 3,
+        "activation-corrupt": 2,
         "activation-foreign": 1,  # the symlink
         "activation-oversized": 1,
-        "activation-out-of-sequence": 1,
+        "activation-out-of-sequence": 2,
         "activation-truncated": 1,
     }
     assert (mine["files"], mine["summary"], mine["final"]) == (7, 1, False)

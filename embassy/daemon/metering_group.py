@@ -1,0 +1,261 @@
+"""One group of activation files: checked by name, read and scored in parallel, one statement.
+
+The metering service (``embassy.daemon.metering``) hands the files that are ready together
+to :func:`admit`, which decides from names and sizes alone (no byte read) which are worth
+reading, then to :func:`prepare` (on a small thread pool: reading, the SHA-256 checksum,
+pooling and scoring release the GIL, so both cores work), and builds the group's
+``meter-batch`` statement with :func:`batch_statement`.
+
+What a ``meter-batch:v1`` statement carries (docs/protocol.md): the registry batch ids, and
+per session the seq range and count of the files handled, each signature write (seq,
+instruction, authority, capability, polarity, tensor digest, dimension) and each meter
+update (seq, authority, capabilities, formula, model digest, tensor digest). Its subjects
+are the activations' SHA-256 checksums. Never meter values, never a name the workload chose
+(tensor names are digests; the subjects' names are the embassy's session ids and the
+sequence numbers it checked).
+
+Pure but for the file read in :func:`prepare` and the registry's cached model lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from embassy.errors import (
+    ActivationCorruptError,
+    ActivationError,
+    ActivationForeignError,
+    ActivationOversizedError,
+    ActivationSequenceError,
+    EmbassyError,
+)
+from embassy.metering.activation import Activation, read_activation_file
+from embassy.metering.formula_v2 import FORMULA_V2, CentroidModel, pool_windows, score_v2
+from embassy.metering.instruction import Instruction, Op
+from embassy.wire.statement import Subject
+
+FOREIGN = ActivationForeignError.code
+
+
+def tensor_digest(tensor: str) -> str:
+    """The tensor name as statements carry it: its SHA-256 (hex). The name is the
+    workload's choice (128 characters a file, which would be a channel); an authority
+    recomputes the digest of the names it cares about."""
+    return hashlib.sha256(tensor.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A file whose name passed: an open session's, in sequence, within its limits."""
+
+    path: Path
+    session: bytes
+    seq: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A file refused (by name, or once read): its code and size, charged to ``session``."""
+
+    path: Path
+    session: bytes | None
+    code: str
+    size: int
+    error: EmbassyError | None = None  # a failure that is not the file's (logged by type)
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    authority: str
+    deltas: Mapping[str, int]
+    model_sha256: str
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A candidate read, checked and scored (or refused: ``refusal``)."""
+
+    candidate: Candidate
+    activation: Activation | None = None
+    windows: npt.NDArray[np.float32] | None = None
+    updates: tuple[Update, ...] = ()
+    refusal: Refusal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What :func:`admit` needs of one open session."""
+
+    next_seq: int
+    files: int
+    instructions: tuple[Instruction, ...]
+
+
+def admit(
+    named: Sequence[tuple[Path, bytes | None, int, int]],
+    sessions: Mapping[bytes, Expected],
+    max_files: int,
+    max_bytes: int,
+) -> tuple[list[Candidate], list[Refusal]]:
+    """Judge files by name and size only: (path, session or None, seq, size) each.
+
+    A file of no open session is foreign; in each session, files are taken in seq order and
+    must follow on from the session's next seq (a gap or a repeat is out of sequence), and
+    stay within the session's file limit and the size limit. Nothing is read.
+    """
+    candidates: list[Candidate] = []
+    refusals: list[Refusal] = []
+    expected = {s: (e.next_seq, e.files) for s, e in sessions.items()}
+    for path, session, seq, size in sorted(named, key=lambda n: (n[1] or b"", n[2], n[0].name)):
+        if session is None or session not in expected:
+            refusals.append(Refusal(path, None, FOREIGN, size))
+            continue
+        next_seq, files = expected[session]
+        if size > max_bytes:
+            code = ActivationOversizedError.code
+        elif seq != next_seq:
+            code = ActivationSequenceError.code
+        elif files >= max_files:
+            code = ActivationOversizedError.code
+        else:
+            candidates.append(Candidate(path, session, seq, size))
+            expected[session] = (next_seq + 1, files + 1)
+            continue
+        refusals.append(Refusal(path, session, code, size))
+    return candidates, refusals
+
+
+def prepare(
+    candidate: Candidate,
+    instructions: Sequence[Instruction],
+    *,
+    max_bytes: int,
+    model: Callable[[str, str, int], CentroidModel | None],
+) -> Prepared:
+    """Read one candidate strictly, check it against its name, pool it (formula v2's
+    windows) and score it for each authority with an update instruction. Never raises for
+    what the file holds: a refusal says why."""
+    out = Prepared(candidate)
+    try:
+        activation = read_activation_file(candidate.path, max_bytes=max_bytes)
+        if (activation.session, activation.seq) != (candidate.session, candidate.seq):
+            raise ActivationCorruptError("activation: header and file name disagree")
+        windows = pool_windows(activation.data)
+        if any(i.op is Op.WRITE for i in instructions) and not windows[0].any():
+            raise ActivationCorruptError("activation: its mean is the zero vector")
+        out.activation, out.windows = activation, windows
+        out.updates = _score(activation, windows, instructions, model)
+    except FileNotFoundError:
+        out.refusal = Refusal(candidate.path, candidate.session, "", 0)  # gone: not counted
+    except OSError:
+        # Not the file's content: the embassy could not read it. Rejected all the same (a
+        # workload must not be able to stall the intake).
+        out.refusal = Refusal(candidate.path, candidate.session, FOREIGN, candidate.size)
+    except ActivationError as exc:
+        out.refusal = Refusal(candidate.path, candidate.session, exc.code, candidate.size)
+    except EmbassyError as exc:  # the registry (a model that does not load)
+        out.refusal = Refusal(candidate.path, candidate.session, exc.code, candidate.size, exc)
+    return out
+
+
+def _score(
+    activation: Activation,
+    windows: npt.NDArray[np.float32],
+    instructions: Sequence[Instruction],
+    model: Callable[[str, str, int], CentroidModel | None],
+) -> tuple[Update, ...]:
+    """Formula v2, per authority with an update instruction, restricted to its capabilities."""
+    wanted: dict[str, set[str]] = {}
+    for instruction in instructions:
+        if instruction.op is Op.UPDATE:
+            wanted.setdefault(instruction.authority, set()).update(instruction.capabilities)
+    updates = []
+    for authority, capabilities in sorted(wanted.items()):
+        fitted = model(authority, activation.tensor, int(windows.shape[1]))
+        if fitted is None:
+            continue  # no signature of this authority for this tensor: nothing to meter
+        scores = score_v2(fitted, windows)
+        deltas = {c: scores[c] for c in sorted(capabilities) if c in scores}
+        if deltas:
+            updates.append(Update(authority, deltas, fitted.digest.hex()))
+    return tuple(updates)
+
+
+@dataclass
+class SessionPart:
+    """One session's share of a group, as its statement states it."""
+
+    session: bytes
+    seqs: list[int] = field(default_factory=list)
+    writes: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    subjects: list[Subject] = field(default_factory=list)
+
+    def add(self, prepared: Prepared, instructions: Sequence[Instruction]) -> tuple[int, int]:
+        """Note one accepted file; return (signature writes, meter updates) it makes."""
+        activation, windows = prepared.activation, prepared.windows
+        assert activation is not None
+        assert windows is not None
+        self.seqs.append(activation.seq)
+        tensor = tensor_digest(activation.tensor)
+        writes = 0
+        for instruction in instructions:
+            if instruction.op is Op.WRITE:
+                assert instruction.polarity is not None  # parse_instruction ensures it
+                writes += 1
+                self.writes.append(
+                    {
+                        "seq": activation.seq,
+                        "instruction_sha256": instruction.digest.hex(),
+                        "authority": instruction.authority,
+                        "capability": instruction.capabilities[0],
+                        "polarity": instruction.polarity.value,
+                        "tensor_sha256": tensor,
+                        "dim": int(windows.shape[1]),
+                    }
+                )
+        for update in prepared.updates:
+            self.updates.append(
+                {
+                    "seq": activation.seq,
+                    "authority": update.authority,
+                    "capabilities": sorted(update.deltas),
+                    "formula": FORMULA_V2,
+                    "model_sha256": update.model_sha256,
+                    "tensor_sha256": tensor,
+                }
+            )
+        if writes or prepared.updates:
+            self.subjects.append(
+                Subject(f"activation:{self.session.hex()}:{activation.seq}", activation.sha256)
+            )
+        return writes, len(prepared.updates)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "session": self.session.hex(),
+            "seq": [min(self.seqs), max(self.seqs)],
+            "files": len(self.seqs),
+            "signature_writes": self.writes,
+            "meter_updates": self.updates,
+        }
+
+
+def batch_statement(
+    batches: Sequence[str], parts: Sequence[SessionPart]
+) -> tuple[list[Subject], dict[str, Any]]:
+    """The ``meter-batch:v1`` statement of one group: subjects and body."""
+    subjects = [s for part in parts for s in part.subjects]
+    body = {
+        "batches": list(batches),
+        "sessions": [part.body() for part in parts if part.seqs],
+    }
+    return subjects, body
