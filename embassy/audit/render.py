@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from html import escape
 
 from embassy.audit.charts import meter_counts_svg, reading_values_svg, timeline_svg
-from embassy.audit.model import Report, StatementRow, Verified
+from embassy.audit.model import Report, StatementRow
 from embassy.audit.story import JobSpan, Point, SessionSpan, WorkloadTimeline
 
 CSP = (
@@ -122,7 +122,8 @@ def _outcome(outcome: str) -> str:
     return f'<span class="outcome-{e(outcome.split(maxsplit=1)[0])}">{e(outcome)}</span>'
 
 
-def _verified(v: Verified) -> str:
+def _verified(report: Report) -> str:
+    v = report.verified
     complete = (
         f"complete: seq {v.last_seq} was the log's head at fresh evidence"
         if v.complete
@@ -170,7 +171,8 @@ def _verified(v: Verified) -> str:
         '<header id="verified"><h1>Embassy audit report</h1>'
         f'<div class="banner {banner_cls}" id="verdict">Verified: log entries seq '
         f"{e(v.first_seq)}..{e(v.last_seq)} of embassy {e(v.embassy_keyid[:16])}…; "
-        f"{e(complete)}</div>"
+        f'{e(complete)} (<a href="#not-proved">{len(report.not_proved)} things not proved</a>)'
+        "</div>"
         '<div class="cards">'
         f'<div class="card"><h3>Identity</h3>{identity}{_badges(v.identity_checks)}</div>'
         f'<div class="card"><h3>Workload (launch events)</h3>{workload}</div>'
@@ -389,7 +391,7 @@ def render_html(report: Report) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{e(CSP)}">'
         '<meta name="referrer" content="no-referrer">'
         f"<title>{e(title)}</title><style>{CSS}</style></head><body><main>"
-        + _verified(v)
+        + _verified(report)
         + _not_proved(report)
         + _timeline(report)
         + _releases(report)

@@ -393,7 +393,9 @@ def _reading_points(readings: Sequence[Reading]) -> tuple[ReadingPoint, ...]:
     return tuple(sorted(points, key=lambda p: (p.authority, p.capability, p.seq)))
 
 
-def _label(key: tuple[str, str], identity_workload: Workload | None) -> tuple[str, bool]:
+def _label(
+    key: tuple[str, str], identity_workload: Workload | None, *, jobs_only: bool
+) -> tuple[str, bool]:
     image, launch = key
     if (
         identity_workload is not None
@@ -401,7 +403,7 @@ def _label(key: tuple[str, str], identity_workload: Workload | None) -> tuple[st
         and launch == identity_workload.launch_digest.hex()
     ):
         return f"{identity_workload.name} (the identity's workload)", True
-    return f"workload {image[:19]}…", False
+    return f"{'jobs of image' if jobs_only else 'workload'} {image[:19]}…", False
 
 
 def build_story(
@@ -419,7 +421,7 @@ def build_story(
     sessions, jobs = _sessions(statements, starts), _jobs(statements)
     workloads = []
     for key in sorted(set(sessions) | set(jobs)):
-        label, ours = _label(key, identity_workload)
+        label, ours = _label(key, identity_workload, jobs_only=key not in sessions)
         workloads.append(
             WorkloadTimeline(
                 label=label,
