@@ -14,47 +14,54 @@ or one with ``T <= WINDOW`` (its single window would equal row 0), has row 0 onl
 
 Fit (``fit``), for one tensor name and dimension ``d``, from ONE authority's samples (a
 sample is one written activation's rows, a capability and a polarity), in float64 from the
-float32 rows, with every sum exactly rounded (``math.fsum``; so the model does not depend on
-sample order, machine or numpy version)::
+float32 rows. Samples are first put in a canonical order, sorted by (capability, polarity,
+SHA-256 of their rows), so nothing depends on the order they were written in. The model's
+sums and norms are exactly rounded (``math.fsum``)::
 
-    u(x)     = x / |x|                                   |x| = sqrt(fsum(x_j^2))
-    mu       = fsum_i u(row0_i) / |N|       over N, EVERY negative sample (any capability);
-                                             mu = 0 if the authority wrote no negative
-    h(x)     = (u(x) - mu) / |u(x) - mu|     centred unit vector: hidden states share a
-                                             large common direction (anisotropy), which
-                                             the negatives' mean removes
-    c_k      = unit( fsum_{i positive for k} h(row0_i) )     one centroid per capability
+    u(x)   = x / |x|                          |x| = sqrt(fsum_j x_j^2)
+    S      = fsum_{i in N} u(row0_i)          N: EVERY negative sample, whatever capability
+    mu     = S / |N|                          it was written under (mu = 0 if N is empty)
+    h(x)   = (u(x) - mu) / |u(x) - mu|        centred: hidden states share a large common
+                                              direction (anisotropy) that mu removes
+    c_k    = unit( fsum_{i in P_k} h(row0_i) )    P_k: the positive samples of k
+    r_k(x) = h(x) . c_k                       in [-1, 1]
 
-A capability is one with at least one positive sample. The raw score of a row ``x`` for
-``k`` is ``r_k(x) = h(x) . c_k`` (in [-1, 1]). Calibration: ``t_k`` (micro-units, an
-integer) is ``ceil(10**6 * max r_k(x))`` over every row of every negative sample, floored
-at 0 and capped at ``10**6 - 1``; with no negatives ``t_k = 0``. So no row the authority
-marked negative moves any meter.
+The capabilities are those with at least one positive sample. Calibration, per capability,
+from the authority's own negatives, each scored by the model fitted WITHOUT it (leave one
+out: in-sample, a negative pulls mu towards itself and scores too low, and generic prompts
+then move meters)::
 
-Score (``score_v2``) of the rows ``x_0 .. x_{m-1}`` of an activation, with ``t = t_k/10**6``::
+    mu_-i  = (S - u(row0_i)) / (|N| - 1)      (0 if |N| = 1)
+    c_k,-i, r_k,-i:  as above with mu_-i      (ordinary float64 sums here)
+    t_k    = max(0, ceil(10**6 * max_{i in N, x in rows_i} r_k,-i(x)))     micro-units
+    t_k    = 0 if the authority wrote no negative
 
-    s_k   = max over rows x with |x| > 0 and u(x) != mu of  max(0, (r_k(x) - t) / (1 - t))
-    delta = round(s_k * 1_000_000)               round-half-to-even, an integer in 0..10**6
+Score (``score_v2``) of the rows ``x_0 .. x_{m-1}`` of an activation (``pool_windows``)::
 
-(a zero row or one equal to ``mu`` contributes 0). The max over windows is what resists
-dilution: a benign preamble changes row 0, but the windows over the prompt itself still
-score. Deltas are integers so canonical JSON never carries a float.
+    delta_k = round(max(0, max_x (10**6 * r_k(x) - t_k)))     round-half-to-even, 0..10**6
+
+over the rows with ``|x| > 0`` and ``u(x) != mu`` (others contribute 0). So a row no closer
+to ``c_k`` than the authority's most ``k``-like negative moves nothing, and a prompt unlike
+every capability moves no meter. The max over rows is what resists dilution: a benign
+preamble changes row 0, but the windows over the prompt itself still score. Deltas are
+integers so canonical JSON never carries a float; ``calibration()`` gives the ``t_k``.
 
 Digest: SHA-256 of the canonical JSON ``{"formula", "dim", "window", "stride",
 "calibration": {k: t_k}, "samples": [[capability, polarity, rows, sha256 hex of the rows as
-little-endian float32, C order], ...]}`` with samples sorted (capability, polarity,
-hash): everything the model is computed from, and the integers it records.
+little-endian float32, C order], ...]}``, samples in the canonical order: everything the
+model is computed from, and the integers it records.
 
-Residual float caveat: the fit's sums are exactly rounded, but the dot products (the
-calibration's and the score's) are float64 BLAS products, off by a few units in the last
-place depending on the machine. An authority's float64 recomputation gives the same integers
-unless ``10**6 * r`` (calibration) or ``s_k * 10**6`` (delta) falls within ~1e-9 of an integer
-(ceil) or half-integer (round).
+Residual float caveat: the model's sums are exactly rounded, but the leave-one-out sums
+and every dot product (calibration and score) are ordinary float64 (BLAS) arithmetic, off
+by a few units in the last place depending on the machine. An authority's float64
+recomputation gives the same integers unless ``10**6 * r`` falls within ~1e-9 of an integer
+(the ceil of a threshold) or of a half-integer plus ``t_k`` (the round of a delta).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -216,18 +223,50 @@ def _canonical(samples: Sequence[Sample]) -> tuple[int, list[Keyed]]:
     return dim, keyed
 
 
-def _centroid(cap: str, pos: list[Keyed], center: F64) -> F64:
-    hs = []
-    for k in pos:
-        if k[0] == cap:
-            z, norm = _unit_exact(_unit_exact(k[3].windows[0].astype(np.float64))[0] - center)
-            if norm == 0:
-                raise ValueError(f"formula v2: a positive sample of {cap!r} is the negatives' mean")
-            hs.append(z)
-    c, norm = _unit_exact(_fsum_rows(np.stack(hs)))
-    if norm == 0:
-        raise ValueError(f"formula v2: the positive samples of {cap!r} cancel out")
-    return c
+def _units(keyed: list[Keyed]) -> F64:
+    """``u(row0)`` of each sample, in float64 with exactly rounded norms."""
+    return np.stack([_unit_exact(k[3].windows[0].astype(np.float64))[0] for k in keyed])
+
+
+def _norms(rows: F64, exact: bool) -> F64:
+    if exact:
+        return np.array([math.sqrt(math.fsum(r)) for r in (rows * rows).tolist()])
+    out: F64 = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    return out
+
+
+def _centroids(units: F64, starts: list[int], center: F64, exact: bool) -> F64:
+    """``c_k`` for each capability from its positives' ``u(row0)`` (grouped at ``starts``);
+    ``exact``: every sum exactly rounded, else ordinary float64 sums."""
+    z = units - center
+    norms = _norms(z, exact)
+    if not (norms > 0).all():
+        raise ValueError("formula v2: a positive sample is the negatives' mean")
+    h = z / norms[:, None]
+    bounds = [*starts, len(units)]
+    sums = np.stack(
+        [
+            _fsum_rows(h[lo:hi]) if exact else h[lo:hi].sum(axis=0)
+            for lo, hi in itertools.pairwise(bounds)
+        ]
+    )
+    norms = _norms(sums, exact)
+    if not (norms > 0).all():
+        raise ValueError("formula v2: the positive samples of a capability cancel out")
+    out: F64 = sums / norms[:, None]
+    return out
+
+
+def _calibrate(pos_units: F64, starts: list[int], neg: list[Keyed], neg_units: F64) -> list[int]:
+    """``t_k``: each negative's rows scored by the model fitted without it (leave one out)."""
+    n, total = len(neg), _fsum_rows(neg_units)
+    best = np.full(len(starts), -np.inf)
+    for i, k in enumerate(neg):
+        center = (total - neg_units[i]) / (n - 1) if n > 1 else np.zeros_like(total)
+        centroids = _centroids(pos_units, starts, center, exact=False)
+        best = np.maximum(best, _raw(center, centroids, k[3].windows).max(axis=0))
+    # -inf: every row of every negative was skipped (all equal to their centre): no bound.
+    return [max(0, math.ceil(float(v) * MICRO)) if math.isfinite(v) else 0 for v in best]
 
 
 def fit(samples: Sequence[Sample]) -> CentroidModel:
@@ -237,32 +276,19 @@ def fit(samples: Sequence[Sample]) -> CentroidModel:
     neg = [k for k in keyed if k[3].polarity is Polarity.NEGATIVE]
     if not pos:
         raise ValueError("formula v2: no positive sample")
-
-    if neg:
-        units = np.stack([_unit_exact(k[3].windows[0].astype(np.float64))[0] for k in neg])
-        center = _fsum_rows(units) / len(neg)
-    else:
-        center = np.zeros(dim)
     capabilities = tuple(sorted({k[0] for k in pos}))
-    centroids = np.stack([_centroid(cap, pos, center) for cap in capabilities])
-
-    thresholds = [0] * len(capabilities)
-    if neg:
-        raw = _raw(center, centroids, np.concatenate([k[3].windows for k in neg]))
-        top = raw.max(axis=0)
-        # -inf: every negative row was excluded (zero, or equal to the centre, as the one
-        # negative of an authority that wrote only one is): nothing to calibrate against.
-        thresholds = [
-            0 if not math.isfinite(v) else min(MICRO - 1, max(0, math.ceil(float(v) * MICRO)))
-            for v in top
-        ]
-    calibration = dict(zip(capabilities, thresholds, strict=True))
+    starts = [next(i for i, k in enumerate(pos) if k[0] == c) for c in capabilities]
+    pos_units = _units(pos)
+    neg_units = _units(neg) if neg else np.zeros((0, dim))
+    center = _fsum_rows(neg_units) / len(neg) if neg else np.zeros(dim)
+    centroids = _centroids(pos_units, starts, center, exact=True)
+    thresholds = _calibrate(pos_units, starts, neg, neg_units) if neg else [0] * len(starts)
     description = {
         "formula": FORMULA_V2,
         "dim": dim,
         "window": WINDOW,
         "stride": STRIDE,
-        "calibration": calibration,
+        "calibration": dict(zip(capabilities, thresholds, strict=True)),
         "samples": [[c, p, int(s.windows.shape[0]), h] for c, p, h, s in keyed],
     }
     center.setflags(write=False)
@@ -294,7 +320,7 @@ def score_v2(model: CentroidModel, windows: npt.NDArray[Any]) -> dict[str, int]:
     if not np.isfinite(windows).all():
         raise ValueError("score v2: non-finite values in a row")
     raw = _raw(model.center, model.centroids, windows)
-    t = np.asarray(model.thresholds, dtype=np.float64) / MICRO
-    s = np.clip((raw - t) / (1.0 - t), 0.0, 1.0).max(axis=0)  # -inf rows clip to 0
-    micro = np.rint(s * MICRO).astype(np.int64).tolist()
+    t = np.asarray(model.thresholds, dtype=np.float64)
+    best = (raw * MICRO - t).max(axis=0)  # a skipped row (-inf) never wins
+    micro = np.rint(np.maximum(best, 0.0)).astype(np.int64).tolist()
     return dict(zip(model.capabilities, micro, strict=True))
