@@ -245,10 +245,10 @@ def _row_checks(logged: LoggedStatement, log: VerifiedLog) -> tuple[str, ...]:
     seq = logged.entry.seq
     segment = next(s for s in log.segments if s.entries[0].seq <= seq <= s.entries[-1].seq)
     checks = [
-        "signed by the embassy key",
-        "in the hash chain",
-        f"replayed to the TPM quote at seq {segment.entries[-1].seq}",
-        "TPM clock in order",
+        "embassy signature",
+        "hash chain",
+        f"PCR replay to the quote at seq {segment.entries[-1].seq}",
+        "TPM clock order",
     ]
     if log.complete_at is not None and segment is log.segments[-1]:
         checks.append("log complete to its head")

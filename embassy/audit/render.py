@@ -60,6 +60,8 @@ th,td{text-align:left;vertical-align:top;padding:.35rem .5rem;border-bottom:1px 
 th{background:var(--panel);position:sticky;top:0}
 td ul{margin:0;padding-left:1rem}
 .fields{min-width:260px}
+#statement-table{min-width:980px}
+#statement-table td:last-child{min-width:170px}
 .empty{color:var(--muted);font-style:italic}
 svg.chart{width:100%;height:auto;display:block;background:#fff;border:1px solid var(--line);
 border-radius:8px;margin:.4rem 0}

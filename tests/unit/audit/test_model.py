@@ -32,7 +32,7 @@ def test_good_log_vector_header_and_rows() -> None:
     assert [r.seq for r in report.statements] == [1, 2, 3, 4, 5, 6]
     assert [r.kind for r in report.statements] == ["identity:v1"] + ["lifecycle:v1"] * 5
     assert ("event", "test") in report.statements[1].fields
-    assert "replayed to the TPM quote at seq 6" in report.statements[0].verified
+    assert "PCR replay to the quote at seq 6" in report.statements[0].verified
     text = _not_proved(report)
     assert "The log may go on after seq 6" in text
     assert "software TPM" in text
