@@ -3,8 +3,8 @@
 # drives for real (Docker, netfilter, swtpm, tpm2-tools, the TSS library tpm2-pytss binds
 # to; Nix to parse and evaluate nix/; QEMU, OVMF and systemd's UKI stub to boot a measured
 # unified kernel image; PostgreSQL, the key broker's store for replicas, which its tests
-# start as their own throwaway server) and a virtual environment with the project and its
-# dev tools.
+# start as their own throwaway server; chromium, headless, to look at the audit report) and
+# a virtual environment with the project and its dev tools.
 #
 #   scripts/setup.sh            # system packages + .venv
 #   EMBASSY_VENV=/path ...      # put the venv elsewhere
@@ -19,6 +19,7 @@ packages=(
   debootstrap busybox-static nix-bin runsc
   qemu-system-x86 ovmf systemd-boot-efi binutils pesign
   postgresql
+  chromium
   python3-venv python3-dev pkg-config gcc
 )
 
