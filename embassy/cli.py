@@ -23,7 +23,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from embassy.commands import host, identity, keys, meters, payload, result, verify
+from embassy.commands import audit, host, identity, keys, meters, payload, result, verify
 from embassy.commands.inputs import positive_int
 from embassy.commands.keys import PASSPHRASE_ENV
 from embassy.commands.policy import trust_policy as _policy  # the name tests and callers know
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     identity.add_parser(sub)
     host.add_measure_parser(sub)
     verify.add_parser(sub)
+    audit.add_parser(sub)
     payload.add_parser(sub)
     keys.add_parser(sub)
     result.add_parser(sub)
