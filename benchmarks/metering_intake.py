@@ -9,27 +9,33 @@ No root, no TPM, no Docker: the embassy side runs in this process with the real 
 ``Embassy`` on a ``FakeTpm`` (tests/fakes.py: software quotes and PCRs, so every TPM
 command costs microseconds, not the ~0.2-0.3 ms each of a swtpm or the milliseconds of a
 hardware TPM), its real statement log (fsync'd) and SQLite registry; a real
-``ActivationIntake`` (watchdog inotify on the activation directory, one worker thread)
-calling ``embassy.metering.handle``. The files are written by the SDK's
+``ActivationIntake`` (its own inotify reader on the activation directory, a worker thread
+handing over groups of files) calling ``embassy.metering.handle_many`` (names checked,
+files read and scored on a pool of two threads, one statement and one registry commit per
+group). The files are written by the SDK's
 ``ActivationWriter`` (mmap, then rename into place) in a process of its own, as the
 workload is: in this process it would share the embassy's GIL, which it never does for
 real. One authority (a key made for the run) teaches the registry 1,000 signatures of one
 tensor through ``write`` instructions (20 capabilities, 50 each, about a third negative,
 d=384, random normal vectors), fed to ``handle`` directly as
 tests/unit/daemon/test_metering.py does. Each measured phase then opens its own session with
-an ``update`` instruction for all 20 capabilities, so every file is read, checked, pooled,
-scored against the 1,000 signatures and metered: a ``meter-update`` statement (signed,
+an ``update`` instruction for all 20 capabilities, so every file is read, checked, pooled
+(formula v2's windows), scored against the authority's v2 model (fitted from the 1,000
+signatures) and metered: per group of files, one ``meter-batch`` statement (signed,
 fsync'd, extended into the log PCR) between two fsync'd SQLite transactions.
 
 1. **Throughput**: N files of (128, 384) float32 (192 KiB: a 128-token MiniLM hidden state)
    and of (2048, 384) (3 MiB), written as fast as the writer goes, timed from the first
    write to the last meter committed (``handle`` is wrapped to note when it returns; the
    clock is CLOCK_MONOTONIC, the same in both processes). Writer and intake run at once on
-   the same CPUs, so the figure is the pipeline's. **Baseline, same run**: numpy reading
-   copies of the same kind of files (written by the same writer to another directory on the
-   same file system): ``f.read()``, ``np.frombuffer``, the mean over tokens and
-   ``matrix @ pooled`` with the registry's own 1,000 x 384 float32 signature matrix. It
-   runs before and after the intake; the faster of the two is the baseline.
+   the same CPUs, so the figure is the pipeline's, bounded by the writer. Then **backlog**:
+   N files written while the intake's worker is held (the inotify reader queues their
+   names), then released: timed from the release to the last commit, the intake's own
+   throughput. **Baseline, same run**: numpy reading copies of the same kind of files
+   (written by the same writer to another directory on the same file system):
+   ``f.read()``, ``np.frombuffer``, and formula v2 (``pool_windows``, ``score_v2``) with the
+   registry's own model, on one thread. It runs before and after the intake; the faster of
+   the two is the baseline.
 2. **Latency**, file closed -> meter committed: files written one at a time, each waited
    for; measured from the writer's rename into place (its last step; the writer process
    notes the time just before ``os.rename``) to ``handle`` returning. "stalls" counts
@@ -66,7 +72,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -76,7 +82,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import embassy.daemon.metering as metering_module
+import embassy.daemon.metering_group as group_module
 import embassy.daemon.statement_log as statement_log_module
 import embassy.metering.activation as activation_module
 from benchmarks.stats import percentile
@@ -85,6 +91,7 @@ from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.runtime import Embassy, TpmHandle
 from embassy.measure import Measurement
 from embassy.metering.actions import seal_actions
+from embassy.metering.formula_v2 import CentroidModel, pool_windows, score_v2
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.wire.codec import b64encode
 from embassy.wire.dsse import keyid
@@ -128,23 +135,26 @@ QUICK = Counts((5, 200), (3, 30), (5, 50), (3, 10), (3, 30), (2, 10), 5_000)
 
 
 class Committed:
-    """``embassy.metering.handle``, noting when each call starts and returns."""
+    """``embassy.metering.handle_many``, noting when each group starts and returns (once per
+    file of the group)."""
 
-    def __init__(self, handle: Callable[[Path], None]) -> None:
+    def __init__(self, handle: Callable[[Sequence[Path]], None]) -> None:
         self._handle = handle
         self._cond = threading.Condition()
         self.started_ns: list[int] = []
         self.done_ns: list[int] = []
+        self.groups: list[int] = []
 
-    def __call__(self, path: Path) -> None:
+    def __call__(self, paths: Sequence[Path]) -> None:
         started = time.monotonic_ns()
         try:
-            self._handle(path)
+            self._handle(paths)
         finally:
             done = time.monotonic_ns()
             with self._cond:
-                self.started_ns.append(started)
-                self.done_ns.append(done)
+                self.started_ns.extend([started] * len(paths))
+                self.done_ns.extend([done] * len(paths))
+                self.groups.append(len(paths))
                 self._cond.notify_all()
 
     def wait_for(self, count: int) -> int:
@@ -190,7 +200,7 @@ class Bench:
         )
         self.embassy = Embassy(config, TpmHandle(tpm), measurement=MEASUREMENT)
         self.keyid = keyid(self.embassy.keys.signing.public_key())
-        self.committed = Committed(self.embassy.metering.handle)
+        self.committed = Committed(self.embassy.metering.handle_many)
         metering = self.embassy.metering
         self.intake = ActivationIntake(
             self.activations,
@@ -366,32 +376,48 @@ def throughput(
     return (last - t0) / 1e9, (written - t0) / 1e9, stalls
 
 
+def backlog(bench: Bench, shape: tuple[int, int], n: int) -> tuple[float, float]:
+    """(seconds from releasing a held intake with ``n`` files waiting to the last commit,
+    mean files per group)."""
+    session = bench.update_session()
+    base = len(bench.committed.done_ns)
+    groups = len(bench.committed.groups)
+    with bench.intake._lock:  # the worker waits here; the reader queues the names
+        bench.writer.write(shape, 0, n)
+        time.sleep(0.05)  # the last events read
+        t0 = time.monotonic_ns()
+    last = bench.committed.wait_for(base + n)
+    bench.check(session, n)
+    made = bench.committed.groups[groups:]
+    return (last - t0) / 1e9, n / max(1, len(made))
+
+
 def write_copies(bench: Bench, arrays: list[npt.NDArray[np.float32]], n: int) -> list[Path]:
     """``n`` files like the intake's, by the same writer, in a directory nobody watches."""
     writer = ActivationWriter(bench.copies, os.urandom(16))
     return [writer.write(TENSOR, arrays[i % len(arrays)]) for i in range(n)]
 
 
-def baseline(paths: list[Path], shape: tuple[int, int], matrix: npt.NDArray[np.float32]) -> float:
-    """Seconds numpy takes to read every file, pool it and multiply: the floor."""
+def baseline(paths: list[Path], shape: tuple[int, int], model: CentroidModel) -> float:
+    """Seconds numpy takes to read every file and score it (formula v2): the floor."""
     offset = header_len_for(TENSOR)
     count = shape[0] * shape[1]
-    sink = 0.0
+    sink = 0
     t0 = time.perf_counter_ns()
     for path in paths:
         with path.open("rb") as f:
             raw = f.read()
         data = np.frombuffer(raw, dtype=np.float32, count=count, offset=offset).reshape(shape)
-        sink += float((matrix @ data.mean(axis=0))[0])
+        sink += sum(score_v2(model, pool_windows(data)).values())
     seconds = (time.perf_counter_ns() - t0) / 1e9
-    assert np.isfinite(sink)
+    assert sink >= 0
     return seconds
 
 
 @dataclass
 class Latency:
     total_us: list[float]  # file closed -> meter committed
-    handoff_us: list[float]  # file closed -> handle called (inotify, watchdog, queue)
+    handoff_us: list[float]  # file closed -> handle called (inotify, reader, queue)
     handle_us: list[float]  # handle called -> handle returned
 
 
@@ -450,21 +476,21 @@ class InPlace:
         log, registry, tpm = embassy.log, embassy.registry, embassy.tpm
         with contextlib.ExitStack() as stack:
             for obj, attr, label in (
-                (metering_module, "read_activation_file", "read_file"),
+                (group_module, "read_activation_file", "read_file"),
                 (activation_module, "parse_activation", "parse"),
                 (activation_module, "_check_checksum", "checksum"),
                 (activation_module, "_check_finite", "finite"),
-                (metering_module, "pool", "pool"),
-                (registry, "signature_set", "signature_set"),
-                (metering_module, "score", "score"),
-                (registry, "stage_update", "stage_update"),
+                (group_module, "pool_windows", "pool"),
+                (registry, "centroid_model", "signature_set"),
+                (group_module, "score_v2", "score"),
+                (registry, "stage_group", "stage_update"),
                 (log, "append_statement", "statement"),
                 (statement_log_module, "sign_envelope", "sign"),
                 (log._entries, "append", "log_append"),
                 (tpm, "clock", "tpm_clock"),
                 (tpm, "extend", "tpm_extend"),
                 (log, "_checkpoint_locked", "checkpoint"),
-                (registry, "commit", "commit"),
+                (registry, "commit_group", "commit"),
             ):
                 self._wrap(stack, obj, attr, label)
             yield
@@ -562,24 +588,24 @@ def _mb_s(nbytes: float, seconds: float) -> str:
 
 
 SPLIT_ROWS: list[tuple[str | None, str]] = [
-    ("handoff", "intake hand-off: rename -> inotify -> watchdog -> queue -> worker"),
+    ("handoff", "intake hand-off: rename -> inotify -> reader -> queue -> worker"),
     (None, "read + checks"),
     ("read", "  open, fstat, read into a bytearray"),
     ("checksum", "  SHA-256 checksum over the whole file"),
     ("finite", "  NaN/inf check"),
     ("parse", "  header checks, frombuffer"),
     (None, "pool + score"),
-    ("pool", "  pool (float64 mean over tokens)"),
-    ("signature_set", "  registry.signature_set (cached)"),
-    ("score", "  score against 1,000 signatures"),
+    ("pool", "  pool_windows (v2: mean + windows, float64)"),
+    ("signature_set", "  registry.centroid_model (cached)"),
+    ("score", "  score_v2 against the model of 1,000 signatures"),
     (None, "stage + statement + commit"),
-    ("stage_update", "  registry.stage_update (SQLite, fsync)"),
+    ("stage_update", "  registry.stage_group (SQLite, fsync)"),
     ("sign", "  statement: sign_envelope"),
     ("log_append", "  statement: log line write + fsync"),
     ("tpm", "  statement: TPM clock + PCR extend (FakeTpm)"),
     ("checkpoint", "  statement: checkpoint quote every 64, amortised"),
     ("statement", "  statement: encode, hash, lock"),
-    ("commit", "  registry.commit (SQLite, fsync)"),
+    ("commit", "  registry.commit_group (SQLite, fsync)"),
     ("other", "handle: lock, bookkeeping, unlink"),
 ]
 GROUPS = {
@@ -672,22 +698,37 @@ def main(argv: list[str] | None = None) -> int:
             f"  {'writer alone':>12}  {'numpy baseline':>14}  {'intake/baseline':>15}"
             f"  {'stalls':>6}"
         )
+        model = bench.embassy.registry.centroid_model(AUTHORITY, TENSOR, DIM)
+        assert model is not None
         ratios = {}
+        backlogs = []
         for shape, phase in ((SMALL, counts.throughput_small), (LARGE, counts.throughput_large)):
             n = phase[1]
             nbytes = n * arrays[shape][0].nbytes
             copies = write_copies(bench, arrays[shape], n)
-            base_s = [baseline(copies, shape, sigs.matrix)]
+            base_s = [baseline(copies, shape, model)]
             took, wrote, stalls = throughput(bench, shape, phase)
-            base_s.append(baseline(copies, shape, sigs.matrix))
+            held, per_group = backlog(bench, shape, n)
+            base_s.append(baseline(copies, shape, model))
             for path in copies:
                 path.unlink()
             best = min(base_s)
             ratios[shape] = best / took
+            backlogs.append((shape, n, nbytes, held, per_group, best))
             print(
                 f"  {shape!s:<12} {n:>6} {arrays[shape][0].nbytes / 1024:>5,.0f} KiB"
                 f"  {_mb_s(nbytes, took):>10}  {n / took:>8,.0f}  {_mb_s(nbytes, wrote):>12}"
                 f"  {_mb_s(nbytes, best):>14}  {ratios[shape]:>14.3f}x  {stalls:>6}"
+            )
+        print("  backlog: the files present at once, the intake held then released")
+        print(
+            f"  {'shape':<12} {'files':>6}  {'intake':>10}  {'files/s':>8}  {'files/group':>11}"
+            f"  {'numpy baseline':>14}  {'intake/baseline':>15}"
+        )
+        for shape, n, nbytes, held, per_group, best in backlogs:
+            print(
+                f"  {shape!s:<12} {n:>6}  {_mb_s(nbytes, held):>10}  {n / held:>8,.0f}"
+                f"  {per_group:>11.1f}  {_mb_s(nbytes, best):>14}  {best / held:>14.3f}x"
             )
 
         # 2. Latency, one file at a time.

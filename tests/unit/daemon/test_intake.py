@@ -1,6 +1,6 @@
 """The intake judges every entry of the spool by name and type, and leaves nothing behind.
 
-A real ActivationIntake (watchdog inotify, its worker thread) on a plain directory; the
+A real ActivationIntake (its inotify reader and worker threads) on a plain directory; the
 spool's own tmpfs is tested in test_spool.py (root only).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +39,20 @@ class Recorder:
         self.handled: list[str] = []
         self.threads: list[str] = []  # which thread handled each
         self.discarded: list[int] = []
+        self.groups: list[int] = []  # the size of each group handed over
         self.ticks = 0
         self.delay = delay
         self.lock = threading.Lock()
 
-    def handle(self, path: Path) -> None:
-        time.sleep(self.delay)
+    def handle(self, paths: Sequence[Path]) -> None:
+        for path in paths:
+            time.sleep(self.delay)
+            with self.lock:
+                self.handled.append(path.name)
+                self.threads.append(threading.current_thread().name)
+            path.unlink(missing_ok=True)
         with self.lock:
-            self.handled.append(path.name)
-            self.threads.append(threading.current_thread().name)
-        path.unlink(missing_ok=True)
+            self.groups.append(len(paths))
 
     def discard(self, size: int) -> None:
         with self.lock:
@@ -147,7 +151,7 @@ def test_the_sdk_writer_is_never_broken_and_every_file_is_metered(
     assert not list(spool.iterdir())
 
 
-def test_a_full_queue_drops_events_and_a_rescan_finds_the_files(
+def test_a_full_queue_holds_the_reader_back_and_every_file_is_handled(
     make_intake: Callable[..., tuple[ActivationIntake, Recorder]], spool: Path
 ) -> None:
     intake, recorder = make_intake(queue_size=4, delay=0.002)
@@ -157,14 +161,31 @@ def test_a_full_queue_drops_events_and_a_rescan_finds_the_files(
         temp.write_bytes(b"x")
         os.rename(temp, spool / name)
     wait_until(lambda: len(recorder.handled) == len(names), timeout=60)
-    assert intake.dropped > 0
+    assert intake.waited > 0  # the reader waited for room: back-pressure, nothing dropped
     assert sorted(recorder.handled) == names  # each once, none lost
+    assert max(recorder.groups) > 1  # what was queued together went together
+
+
+def test_groups_are_bounded_in_files_and_bytes(
+    make_intake: Callable[..., tuple[ActivationIntake, Recorder]], spool: Path
+) -> None:
+    intake, recorder = make_intake(group_files=8, group_bytes=1000)
+    intake.stop()  # the drain alone: everything present at once
+    for seq in range(20):
+        (spool / file_name(SESSION, seq)).write_bytes(b"x" * 10)
+    assert intake.drain() == 0
+    assert recorder.groups == [8, 8, 4]
+    assert recorder.handled == [file_name(SESSION, seq) for seq in range(20)]
+    for seq in range(20, 26):
+        (spool / file_name(SESSION, seq)).write_bytes(b"x" * 400)
+    assert intake.drain() == 0
+    assert recorder.groups[3:] == [2, 2, 2]  # 1000 bytes a group
 
 
 def test_drain_handles_in_sequence_order_and_honours_its_timeout(
     make_intake: Callable[..., tuple[ActivationIntake, Recorder]], spool: Path
 ) -> None:
-    intake, recorder = make_intake(drain_timeout=0.5, delay=0.05)
+    intake, recorder = make_intake(drain_timeout=0.5, delay=0.05, group_files=1)
     intake.stop()  # the worker out of the way: the drain alone handles
     names = [file_name(SESSION, seq) for seq in (3, 1, 2, 0)] + [file_name(SESSION, 10**12)]
     for name in names:
@@ -185,14 +206,14 @@ def test_the_workers_sweep_yields_to_a_closing_sessions_drain(
 ) -> None:
     """A drain does not wait for a whole sweep of the worker's (a flood makes it long):
     the worker lets go between two files, and the drain carries on in sequence order."""
-    intake, recorder = make_intake(queue_size=1, delay=0.02, drain_timeout=30)
+    intake, recorder = make_intake(queue_size=1, delay=0.02, drain_timeout=30, group_files=1)
     real, entered, release = recorder.handle, threading.Event(), threading.Event()
 
-    def first_waits(path: Path) -> None:
+    def first_waits(paths: Sequence[Path]) -> None:
         if not entered.is_set():
             entered.set()
             release.wait(10)
-        real(path)
+        real(paths)
 
     intake._handle = first_waits
 
@@ -222,11 +243,12 @@ def test_a_handler_that_raises_does_not_stop_the_intake(
     real = recorder.handle
     secret = "Y" * 40
 
-    def handle(path: Path) -> None:
-        if path.name.endswith("0.act"):
-            path.unlink()
-            raise ValueError(f"a parser quoting the workload: {secret}")
-        real(path)
+    def handle(paths: Sequence[Path]) -> None:
+        for path in paths:
+            if path.name.endswith("0.act"):
+                path.unlink()
+                raise ValueError(f"a parser quoting the workload: {secret}")
+        real(paths)
 
     intake._handle = handle
     (spool / file_name(SESSION, 0)).write_bytes(b"x")
