@@ -18,15 +18,9 @@ import yaml
 
 from embassy.errors import ConfigError, WireFormatError
 from embassy.metering.instruction import CAPABILITY_PATTERN
+from embassy.validate import show_key, show_value
 from embassy.wire.codec import JsonObject, b64decode, b64encode, parse_json_object
-from embassy.workload.spec import (
-    ENV_PREFIX,
-    WORKLOAD_SCHEMA,
-    WorkloadSpec,
-    parse_workload,
-    show_key,
-    show_value,
-)
+from embassy.workload.spec import ENV_PREFIX, WORKLOAD_SCHEMA, WorkloadSpec, parse_workload
 
 # PCRs the embassy may own: not reset by software (16, 23), not locality-restricted
 # (17-22), not precomputed or used by the boot path (0-12: firmware, boot loader, UKI).
