@@ -47,6 +47,11 @@ under ``decision-log/``: a good log, a good tail after a checkpoint, and each wa
 one (gap, reorder, duplicate, fork, chain, changed, signature, malformed), plus
 ``decision-log/expected.json`` with each verdict (tests/unit/broker/test_decision_log.py).
 
+The meter formula v2 vectors of ``tests/unit/test_formula_v2.py`` are pinned under
+``metering/``: ``good-v2.json`` (samples and an activation, as float32 little-endian base64,
+with the model's digest, calibration and deltas) and ``bad-v2-*.json`` (inputs ``fit``,
+``pool_windows`` or ``score_v2`` must refuse, with the error and a message substring).
+
 The job results of ``tests/unit/jobs/test_result_vectors.py`` are pinned under
 ``job-result/``: a good result bundle and each way a relaying host could change one, each
 file with the user's reply key, the expected binding and its verdict (docs/protocol.md §14).
@@ -113,6 +118,7 @@ from tests.fakes import FakeTpm, FakeWorkloadRuntime, ak_chain_for, fake_registr
 from tests.unit.broker.decision_log_vectors import decision_log_vectors  # noqa: E402
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
 from tests.unit.jobs.test_result_vectors import job_result_vectors  # noqa: E402
+from tests.unit.test_formula_v2 import metering_vectors  # noqa: E402
 from tests.unit.payload.payload_vectors import payload_cases  # noqa: E402
 from tests.unit.verify import result_vectors  # noqa: E402
 from tests.unit.weights.weights_vectors import weights_vectors  # noqa: E402
@@ -1241,6 +1247,7 @@ def build_all() -> Vectors:
         **weights_vectors(),
         **decision_log_vectors(),
         **job_result_vectors(),
+        **metering_vectors(),
     }
 
 
