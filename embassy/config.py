@@ -18,7 +18,7 @@ import yaml
 
 from embassy.errors import ConfigError, WireFormatError
 from embassy.metering.instruction import CAPABILITY_PATTERN
-from embassy.validate import show_key, show_value
+from embassy.validate import as_int, as_str, as_str_list, fail, show_key, show_value
 from embassy.wire.codec import JsonObject, b64decode, b64encode, parse_json_object
 from embassy.workload.spec import ENV_PREFIX, WORKLOAD_SCHEMA, WorkloadSpec, parse_workload
 
@@ -27,15 +27,12 @@ from embassy.workload.spec import ENV_PREFIX, WORKLOAD_SCHEMA, WorkloadSpec, par
 EMBASSY_PCR_CHOICES = frozenset({13, 14, 15})
 BOOT_PCR_CHOICES = frozenset(range(13))
 # Hostile files and variables are refused with the key's name, never a traceback: every
-# value is bounded (see embassy.workload.spec for the same rules on the workload keys).
+# value is bounded (embassy.validate: the same rules as on the workload keys).
 MAX_CONFIG_BYTES = 1 << 20
-MAX_TEXT = 4096
-MAX_INT = 2**63 - 1
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
 MAX_AUTHORITIES = 64
 MAX_CAPABILITIES = 256
 MAX_GID = 2**32 - 2
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _GROUP = re.compile(r"[0-9]{1,10}|[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _FAILPOINT = re.compile(r"[a-z0-9][a-z0-9:_-]{0,63}")
 _AUTHORITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -371,43 +368,24 @@ class Config:
         }
 
 
+def _at(path: str) -> str:
+    """Where a config error is: the key's dotted path, under ``config:``."""
+    return f"config: {path}"
+
+
 def _fail(path: str, message: str) -> ConfigError:
-    return ConfigError(f"config: {path}: {message}")
-
-
-def _as_int(path: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, f"expected an integer, got {show_value(value)}")
-    if not -MAX_INT <= value <= MAX_INT:
-        raise _fail(path, f"{show_value(value)} is out of range")
-    return value
-
-
-def _as_str(path: str, value: Any, pattern: re.Pattern[str] | None = None) -> str:
-    if not isinstance(value, str) or not value:
-        raise _fail(path, f"expected a non-empty string, got {show_value(value)}")
-    if len(value) > MAX_TEXT:
-        raise _fail(path, f"longer than {MAX_TEXT} characters ({len(value)})")
-    if _CONTROL.search(value):
-        raise _fail(path, "NUL and control characters are not allowed")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (YAML "\ud800")
-        raise _fail(path, "not valid UTF-8 (a lone surrogate)") from None
-    if pattern is not None and not pattern.fullmatch(value):
-        raise _fail(path, f"expected {pattern.pattern}, got {show_value(value)}")
-    return value
+    return fail(_at(path), message)
 
 
 def _as_socket(path: str, value: Any) -> Path:
-    text = _as_str(path, value)
+    text = as_str(_at(path), value)
     if len(os.fsencode(text)) > MAX_SOCKET_PATH:
         raise _fail(path, f"a Unix socket path has at most {MAX_SOCKET_PATH} bytes")
     return Path(text)
 
 
 def _as_pcr(path: str, value: Any) -> int:
-    pcr = _as_int(path, value)
+    pcr = as_int(_at(path), value)
     if pcr not in EMBASSY_PCR_CHOICES:
         raise _fail(
             path,
@@ -421,7 +399,7 @@ def _as_pcr(path: str, value: Any) -> int:
 def _as_pcr_list(path: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > len(BOOT_PCR_CHOICES):
         raise _fail(path, f"expected a list of PCR indexes, got {show_value(value)}")
-    pcrs = tuple(_as_int(f"{path}[{i}]", v) for i, v in enumerate(value))
+    pcrs = tuple(as_int(_at(f"{path}[{i}]"), v) for i, v in enumerate(value))
     bad = [p for p in pcrs if p not in BOOT_PCR_CHOICES]
     if bad or len(set(pcrs)) != len(pcrs):
         raise _fail(path, f"boot PCRs must be distinct values in 0-12, got {list(pcrs)}")
@@ -439,7 +417,7 @@ def _as_authorities(path: str, value: Any) -> tuple[Authority, ...]:
         unknown = sorted(show_key(k) for k in set(item) - {"name", "ed25519", "capabilities"})
         if unknown:
             raise _fail(f"{where}.{unknown[0]}", "unknown key")
-        name = _as_str(f"{where}.name", item.get("name"), _AUTHORITY)
+        name = as_str(_at(f"{where}.name"), item.get("name"), pattern=_AUTHORITY)
         try:
             key = b64decode(item.get("ed25519"), "key")
         except Exception:
@@ -458,12 +436,6 @@ def _as_authorities(path: str, value: Any) -> tuple[Authority, ...]:
                 )
         out.append(Authority(name, key, capabilities))
     return tuple(out)
-
-
-def _as_str_list(path: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or len(value) > 1024:
-        raise _fail(path, f"expected a non-empty list of strings, got {show_value(value)}")
-    return tuple(_as_str(f"{path}[{i}]", v) for i, v in enumerate(value))
 
 
 def _as_capabilities(path: str, value: Any) -> tuple[str, ...]:
@@ -497,10 +469,10 @@ _PATTERNS: Mapping[str, re.Pattern[str]] = {
 }
 
 _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
-    "str": lambda p, v: None if v is None else _as_str(p, v, _PATTERNS.get(p)),
-    "path": lambda p, v: _as_socket(p, v) if p == "socket" else Path(_as_str(p, v)),
-    "int": _as_int,
-    "str-list": lambda p, v: None if v is None else _as_str_list(p, v),
+    "str": lambda p, v: None if v is None else as_str(_at(p), v, pattern=_PATTERNS.get(p)),
+    "path": lambda p, v: _as_socket(p, v) if p == "socket" else Path(as_str(_at(p), v)),
+    "int": lambda p, v: as_int(_at(p), v),
+    "str-list": lambda p, v: None if v is None else as_str_list(_at(p), v),
     "pcr": _as_pcr,
     "pcr-list": _as_pcr_list,
     "authorities": _as_authorities,
@@ -689,7 +661,7 @@ def load_config(
     raw = tree.get("workload_metadata") if tree else None
     metadata = None
     if read_metadata and isinstance(raw, str) and raw:  # parse_config reports a bad value
-        metadata = read_workload_metadata(Path(_as_str("workload_metadata", raw)))
+        metadata = read_workload_metadata(Path(as_str(_at("workload_metadata"), raw)))
     return parse_config(tree, environ, metadata)
 
 
