@@ -8,7 +8,9 @@ with, and hands out a summary of a bucket's new rejections:
 
 - at most once per ``interval`` seconds, and at most ``cap`` times per bucket;
 - once more when the bucket ends (the session closed or was aborted, or the daemon stops),
-  whatever the cap, with everything not yet summarised.
+  whatever the cap, with everything not yet summarised: ``final``, even when nothing is
+  left (then with no counts), so a bucket that was summarised at all ends with a final
+  summary and an auditor knows no later one is missing.
 
 So a session's statements about rejections are bounded by ``cap + 1`` however many files
 it writes, and their timing is the ledger's clock, not the workload's. A bucket's totals
@@ -106,7 +108,8 @@ class RejectionLedger:
         out = []
         for session, bucket in list(self._buckets.items()):
             last_one = final or bucket.ended
-            if bucket.pending and (last_one or self._may_summarise(bucket, now)):
+            closing = last_one and bucket.summaries > 0  # the closing mark, even if empty
+            if (bucket.pending or closing) and (last_one or self._may_summarise(bucket, now)):
                 bucket.summaries += 1
                 bucket.last = now
                 out.append(

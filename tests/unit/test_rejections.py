@@ -86,11 +86,23 @@ def test_final_states_every_bucket_whatever_the_cap() -> None:
     assert sorted((s.final, s.number) for s in final) == [(True, 2), (True, 2)]
 
 
-def test_an_ended_bucket_without_news_goes_silently() -> None:
+def test_an_ended_bucket_without_news_still_closes_with_a_final_mark() -> None:
+    """However the rejections fell into summaries, a summarised bucket's last one is final:
+    an auditor who sees no final summary knows one is missing."""
     ledger = RejectionLedger(clock=Clock())
     ledger.record(S1, "activation-corrupt", 1)
-    assert len(ledger.due()) == 1
+    [first] = ledger.due()
+    assert not first.final
     ledger.end(S1)
     ledger.end(S2)  # never seen: nothing to do
+    [closing] = ledger.due()
+    assert (closing.session, closing.final, closing.files, closing.number) == (S1, True, 0, 2)
+    assert closing.body()["counts"] == {}
     assert ledger.due() == []
     assert ledger.totals(S1) == ({}, 0)
+
+
+def test_a_bucket_never_summarised_ends_silently() -> None:
+    ledger = RejectionLedger(clock=Clock())
+    ledger.end(S1)
+    assert ledger.due(final=True) == []
