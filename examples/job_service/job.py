@@ -22,11 +22,9 @@ container from inside:
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import json
 import os
-import socket
 import sys
 import time
 from base64 import b64decode
@@ -34,25 +32,15 @@ from typing import Any
 
 from workload_sdk.results import encrypt_result
 from workload_sdk.stream import decrypt_stream
+from workload_sdk.transport import UnixHTTPConnection
 
 SOCKET = os.environ.get("EMBASSY_SOCKET", "/run/embassy/embassy.sock")
 JOB_DIR = os.environ.get("EMBASSY_JOB_DIR", "/job")
 MARKER_PLACES = ("/tmp", JOB_DIR)  # noqa: S108 (the container's own tmpfs)
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("embassy", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
 def post(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    conn = _Unix(SOCKET, timeout=60)
+    conn = UnixHTTPConnection(SOCKET, timeout=60)
     try:
         conn.request(
             "POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"}
