@@ -161,6 +161,7 @@ def _series_svg(
     label: str,
     y_label: str,
     css_class: str,
+    counts: bool,
 ) -> str:
     """Step lines, one per (authority, capability), with a legend under the plot."""
     plot_h = 180
@@ -183,12 +184,17 @@ def _series_svg(
     for i, name in enumerate(names):
         color = PALETTE[i % len(PALETTE)]
         pts = sorted(series[name])
-        path = [f"M{_x(lo, lo, hi):.1f} {y(0):.1f}"]
-        prev = 0
+        # A count starts at zero with the proved log and holds to its end; a reading's value
+        # is known only from one reading to the next, so its line starts and ends with them.
+        first_seq, first_value = pts[0]
+        start = (lo, 0) if counts else (first_seq, first_value)
+        path = [f"M{_x(start[0], lo, hi):.1f} {y(start[1]):.1f}"]
+        prev = start[1]
         for seq, value in pts:
             path.append(f"H{_x(seq, lo, hi):.1f} V{y(value):.1f}")
             prev = value
-        path.append(f"H{_x(hi, lo, hi):.1f}")
+        if counts:
+            path.append(f"H{_x(hi, lo, hi):.1f}")
         body.append(
             f'<path d="{" ".join(path)}" fill="none" stroke="{color}" stroke-width="2" '
             f'class="series"><title>{_t(name[0])} / {_t(name[1])}: {prev}</title></path>'
@@ -221,6 +227,7 @@ def meter_counts_svg(points: Sequence[MeterPoint], lo: int, hi: int) -> str:
         label="meter updates per capability over the log",
         y_label="updates",
         css_class="meter-counts",
+        counts=True,
     )
 
 
@@ -237,4 +244,5 @@ def reading_values_svg(points: Sequence[ReadingPoint], lo: int, hi: int) -> str:
         label="decrypted meter values over the log",
         y_label="value (µ)",
         css_class="meter-values",
+        counts=False,
     )

@@ -356,3 +356,41 @@ def test_a_tampered_log_is_refused_before_anything_is_drawn(
     assert "embassy: log-integrity:" in err
     assert "does not chain" in err or "missing" in err
     assert not report.exists()
+
+
+def test_charts_and_hostile_strings_in_a_real_browser(tmp_path: Path) -> None:
+    """A log with every kind of story (an in-process embassy on a fake TPM: meter batches,
+    key releases with a hostile tenant, a job, a reading): chromium draws the charts, and
+    builds no element from the hostile string."""
+    require(CHROMIUM)
+    from embassy.audit import audit_report, render_html
+    from tests.fakes import FakeTpm
+    from tests.unit.audit.conftest import HOSTILE, make_rich
+    from tests.unit.conftest import EmbassyFactory, policy_for
+
+    tpm = FakeTpm(b"seed")
+    factory = EmbassyFactory(tmp_path / "embassy")
+    (tmp_path / "embassy").mkdir()
+    try:
+        rich = make_rich(factory, tpm, policy_for(tpm))
+        _, report = audit_report(
+            rich.verifier, rich.identity, [rich.segment], authority_key=rich.authority_key
+        )
+    finally:
+        factory.close_all()
+    page = tmp_path / "audit-rich.html"
+    page.write_text(render_html(report))
+    dom = _chromium("--dump-dom", page.as_uri()).stdout.decode()
+    for chart in ("timeline-chart", "meter-counts", "meter-values"):
+        assert f"chart {chart}" in dom, chart
+    assert "<script" not in dom
+    assert "<img" not in dom
+    assert "onerror" not in dom.replace("onerror=alert(1)&gt;", "")
+    assert HOSTILE.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in dom
+    phone = Image(_screenshot(page, tmp_path / "audit-rich-phone.png", 390, 844))
+    shot = Image(_screenshot(page, tmp_path / "audit-rich-desktop-full.png", 1280, 4000))
+    _keep(page, phone.path, shot.path)
+    assert phone.luminance_variance() > 200
+    # The meter charts' first two series, in their palette colours (lines and legend keys).
+    assert shot.has((37, 99, 235)) > 100
+    assert shot.has((217, 119, 6)) > 100

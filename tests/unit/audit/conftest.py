@@ -203,6 +203,12 @@ def _fill(embassy: Embassy, key: Ed25519PrivateKey) -> tuple[dict[str, str], byt
 
 @pytest.fixture
 def rich(make_embassy: EmbassyFactory, tpm: FakeTpm, policy: TrustPolicy) -> RichLog:
+    return make_rich(make_embassy, tpm, policy)
+
+
+def make_rich(make_embassy: EmbassyFactory, tpm: FakeTpm, policy: TrustPolicy) -> RichLog:
+    """The rich log of an embassy ``make_embassy`` starts on ``tpm``, verified under
+    ``policy``."""
     embassy = start_with_workload(make_embassy, tpm)
     key = Ed25519PrivateKey.generate()
     roles, reading = _fill(embassy, key)

@@ -152,3 +152,24 @@ def test_importing_the_audit_loads_nothing_impure() -> None:
     )
     bad = [m for m in loaded if any(m == p or m.startswith(p + ".") for p in forbidden)]
     assert bad == []
+
+
+def test_counts_start_at_zero_and_readings_only_where_read() -> None:
+    from embassy.audit.charts import LEFT, RIGHT, WIDTH, meter_counts_svg, reading_values_svg
+    from embassy.audit.story import MeterPoint, ReadingPoint
+
+    counts = meter_counts_svg(
+        [MeterPoint(5, "a", "c", None), MeterPoint(7, "a", "c", None)], lo=0, hi=10
+    )
+    path = re.search(r'<path d="([^"]+)"[^>]*class="series"', counts)
+    assert path is not None
+    d = path.group(1)
+    assert d.startswith(f"M{LEFT:.1f} ")  # zero at the proved log's first seq
+    assert d.endswith(f"H{WIDTH - RIGHT:.1f}")  # held to its last
+    assert "(last 2)" in counts
+    values = reading_values_svg([ReadingPoint(6, 5, "a", "c", 42, 1)], lo=0, hi=10)
+    path = re.search(r'<path d="([^"]+)"[^>]*class="series"', values)
+    assert path is not None
+    x6 = LEFT + 6 / 10 * (WIDTH - LEFT - RIGHT)
+    assert path.group(1).startswith(f"M{x6:.1f} ")  # nothing drawn before the reading
+    assert "(last 42)" in values
