@@ -40,13 +40,12 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from embassy.daemon.statement_log import StatementLog
 from embassy.errors import ConflictError, ForbiddenError, NotFoundError, RequestError, SealError
-from embassy.log.entry import EntryType
+from embassy.log.entry import EntryType, LogEntry
 from embassy.seal.proof import SealProof
 from embassy.wire.dsse import parse_envelope
 from embassy.wire.statement import (
@@ -70,6 +69,23 @@ MIN_DEADLINE_SECONDS = 10
 MAX_DEADLINE_SECONDS = 24 * 3600
 _SEALS = (SEAL_V1, SEAL_V2)
 _ENDS = (UNSEAL_V1, UNSEAL_V2, SESSION_ABORT_V1, SESSION_ABORT_V2)
+
+
+class AppendedStatement(Protocol):
+    @property
+    def envelope(self) -> bytes: ...
+
+
+class StatementLog(Protocol):
+    """What the sessions need of the statement log
+    (:class:`embassy.daemon.statement_log.StatementLog`): the sessions live below the daemon
+    and do not import it."""
+
+    @property
+    def entries(self) -> Sequence[LogEntry]: ...
+    def append_statement(
+        self, predicate_type: str, subjects: Sequence[Subject], body: Mapping[str, Any]
+    ) -> AppendedStatement: ...
 
 
 class Seal(Protocol):
