@@ -257,15 +257,44 @@ def _centroids(units: F64, starts: list[int], center: F64, exact: bool) -> F64:
     return out
 
 
+_BLOCK = 256  # leave-one-out models built at once: a 256 x K x d float64 array
+
+
 def _calibrate(pos_units: F64, starts: list[int], neg: list[Keyed], neg_units: F64) -> list[int]:
-    """``t_k``: each negative's rows scored by the model fitted without it (leave one out)."""
+    """``t_k``: each negative's rows scored by the model fitted without it (leave one out).
+
+    The leave-one-out centroids of a block of negatives at once (a loop that refits per
+    negative redoes a P x d pass each time): with ``mu_i`` the centre without negative i,
+    ``|u_p - mu_i|^2 = |u_p|^2 - 2 u_p.mu_i + |mu_i|^2`` for every (p, i) is one product, and
+    ``sum_p h_i(u_p) = U^T w_i - mu_i sum_p w_i`` with ``w_pi = 1/|u_p - mu_i|``."""
     n, total = len(neg), _fsum_rows(neg_units)
+    pp = np.einsum("ij,ij->i", pos_units, pos_units)[:, None]
+    bounds = list(itertools.pairwise([*starts, len(pos_units)]))
     best = np.full(len(starts), -np.inf)
-    for i, k in enumerate(neg):
-        center = (total - neg_units[i]) / (n - 1) if n > 1 else np.zeros_like(total)
-        centroids = _centroids(pos_units, starts, center, exact=False)
-        best = np.maximum(best, _raw(center, centroids, k[3].windows).max(axis=0))
-    # -inf: every row of every negative was skipped (all equal to their centre): no bound.
+    for first in range(0, n, _BLOCK):
+        block = neg[first : first + _BLOCK]
+        centers = (
+            (total - neg_units[first : first + _BLOCK]) / (n - 1) if n > 1 else 0 * total[None]
+        )
+        sq = pp - 2.0 * (pos_units @ centers.T) + np.einsum("ij,ij->i", centers, centers)[None, :]
+        if not (sq > 0).all():
+            raise ValueError("formula v2: a positive sample is the negatives' mean")
+        w = 1.0 / np.sqrt(sq)  # P x B
+        sums = np.stack(
+            [
+                w[lo:hi].T @ pos_units[lo:hi] - centers * w[lo:hi].sum(axis=0)[:, None]
+                for lo, hi in bounds
+            ],
+            axis=1,
+        )  # B x K x d
+        norms = np.sqrt(np.einsum("ikj,ikj->ik", sums, sums))
+        if not (norms > 0).all():
+            raise ValueError("formula v2: the positive samples of a capability cancel out")
+        cents = sums / norms[:, :, None]
+        for i, k in enumerate(block):
+            raw = _raw(centers[i], cents[i], k[3].windows)
+            best = np.maximum(best, raw.max(axis=0))
+    # -inf: every row of every negative was skipped (equal to its centre): nothing to bound.
     return [max(0, math.ceil(float(v) * MICRO)) if math.isfinite(v) else 0 for v in best]
 
 
