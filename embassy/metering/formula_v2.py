@@ -88,7 +88,7 @@ __all__ = [
 
 FORMULA_V2 = "embassy-centroid-window-v2"
 # Token windows: 8 rows (a short phrase of MiniLM word pieces), every 4 rows, so every run of
-# 4 consecutive tokens lies inside a whole window. A power of two: the mean is exact.
+# 5 consecutive tokens lies inside a whole window. A power of two: dividing by it is exact.
 WINDOW = 8
 STRIDE = 4
 
