@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from embassy.attest.types import TpmMode
 from embassy.audit.story import (
     JobSpan,
     KeyRelease,
@@ -218,7 +219,7 @@ def _not_proved(
         out.append("The TPM's kind is not proven: the EK certificate's CA was not checked.")
     if tpm is None or (tpm.ak_certificate is None and not tpm.ak_activated_live):
         out.append("The AK is not proven to be in the EK's TPM (no AK certificate).")
-    if identity.tpm_mode.value == "software":
+    if identity.tpm_mode is TpmMode.SOFTWARE:
         out.append(
             "The TPM is a software TPM: no hardware root of trust; the report shows what it "
             "signed, which a host controlling it could also have signed."
