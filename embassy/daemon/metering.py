@@ -409,6 +409,11 @@ class MeteringService:
             prepared = self._prepare(candidates, expected)
             with self._lock:
                 refusals += self._commit(prepared)
+        except Exception:
+            raise  # a bug: the files are removed all the same (nothing may stall the intake)
+        except BaseException:
+            named = []  # the process is going down: what is not acknowledged stays
+            raise
         finally:
             for refusal in refusals:
                 if refusal.code:  # "": vanished before it was read, nothing to count
@@ -432,8 +437,11 @@ class MeteringService:
     def _prepare(
         self, candidates: Sequence[Candidate], expected: Mapping[bytes, Expected]
     ) -> list[Prepared]:
-        """Read, check, pool and score every candidate: on the pool when there are several
-        (reading, hashing and numpy release the GIL), on this thread for one."""
+        """Read, check, pool and score every candidate, in order: on the pool when there
+        are several (reading, hashing and numpy release the GIL, so both cores work), on
+        this thread for one. The group is committed as one, once all are prepared: groups
+        are bounded (the intake's), so one transaction and one statement per group costs
+        little per file, and a group is all or nothing."""
 
         def one(candidate: Candidate) -> Prepared:
             return prepare(

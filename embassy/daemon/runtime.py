@@ -518,6 +518,7 @@ class Embassy:
         try:
             if self._intake is not None:
                 self._intake.stop()
+            self.metering.close()  # its reading threads, before the registry they read
             if self.jobs is not None:
                 self.jobs.close()
             if self.workload is not None:

@@ -753,12 +753,36 @@ class Registry:
         return tuple(batches)
 
     def commit_group(self, batches: Sequence[str], statement_seq: int) -> None:
-        """:meth:`commit` for a group's batches, all in ONE transaction."""
+        """:meth:`commit` for a group's batches, all in ONE transaction, not fsync'd.
+
+        The statement naming them is in the log (fsync'd) and their pending rows are
+        durable, so a commit lost to a power cut is redone by :meth:`recover` from the log;
+        the WAL keeps transactions in order, so a later fsync'd one makes this one durable
+        too. That saves one fsync per group on the path to "committed".
+        """
         if type(statement_seq) is not int or statement_seq < 0:
             raise ValueError("registry: statement_seq must be an int >= 0")
-        with self._tx() as conn:
-            for batch in batches:
-                self._commit_in(conn, batch, statement_seq)
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StorageError(f"registry {self._path}: closed")
+            try:
+                conn.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        for batch in batches:
+                            self._commit_in(conn, batch, statement_seq)
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
+                finally:
+                    conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(f"registry {self._path}: {exc}") from None
 
     def save_session(self, session: str, instructions: Sequence[bytes], refused: int) -> None:
         """Record a session's metering as it opens (its instructions' signed envelopes)."""

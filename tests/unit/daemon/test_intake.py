@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 import embassy.daemon.intake as intake_module
+import embassy.daemon.metering as metering_module
+from embassy.daemon import metering_group
 from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.runtime import Embassy
 from tests.unit.conftest import EmbassyFactory
@@ -97,12 +99,21 @@ def test_junk_is_removed_unread_and_activations_are_handed_over(
     _, recorder = make_intake()
     outside = tmp_path / "secret"
     outside.write_text("do not touch")
-    (spool / "notes.txt").write_bytes(b"x" * 10)
-    (spool / ".hidden").write_bytes(b"y" * 20)
-    (spool / ("Z" * 200)).write_bytes(b"{junk")
-    (spool / "a\nb.act").write_bytes(b"z")
-    (spool / "sub").mkdir()
-    (spool / "sub" / "deep.act").write_bytes(b"q" * 100)
+    # Junk is removed as soon as it is created; made elsewhere and moved in whole, its
+    # size when removed is known (the intake can be faster than a write in place).
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for junk, data in (
+        ("notes.txt", b"x" * 10),
+        (".hidden", b"y" * 20),
+        ("Z" * 200, b"{junk"),
+        ("a\nb.act", b"z"),
+    ):
+        (staging / junk).write_bytes(data)
+        os.rename(staging / junk, spool / junk)
+    (staging / "sub").mkdir()
+    (staging / "sub" / "deep.act").write_bytes(b"q" * 100)
+    os.rename(staging / "sub", spool / "sub")
     os.symlink(outside, spool / file_name(SESSION, 0))
     os.mkfifo(spool / file_name(SESSION, 1))  # opening it would block: it never is
     name = file_name(SESSION, 2)
@@ -272,3 +283,34 @@ def test_a_flood_of_junk_is_cleared_within_the_drain_timeout(
     assert time.monotonic() - started < 5
     wait_until(lambda: not list(spool.iterdir()))
     assert len(recorder.handled) == 2500
+
+
+def test_closing_a_session_drains_within_the_configured_timeout(
+    make_embassy: EmbassyFactory, tpm: Any, spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``metering.drain_timeout_seconds`` bounds a close: what is left is counted in the
+    summary (``files_left``), not waited for."""
+    embassy: Embassy = make_embassy(tpm, extra={"metering": {"drain_timeout_seconds": 1}})
+    assert embassy.config.metering.drain_timeout_seconds == 1
+    real = metering_group.prepare
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metering_module, "prepare", slow)
+    intake = ActivationIntake.for_metering(
+        spool, embassy.metering, drain_timeout=embassy.config.metering.drain_timeout_seconds
+    )  # not started: the close's drain alone handles
+    session = os.urandom(16)
+    embassy.metering.begin(session)
+    writer = ActivationWriter(spool, session)
+    for _ in range(600):  # 0.02 s each on two threads: about 6 s of work
+        writer.write("layer.6", np.ones((2, 4), dtype=np.float32))
+    started = time.monotonic()
+    summary = embassy.metering.finish(session, intake.drain)
+    elapsed = time.monotonic() - started
+    assert summary is not None
+    assert summary["files_left"] > 0
+    assert summary["files"] + summary["files_left"] == 600
+    assert 1.0 <= elapsed < 4.0  # the timeout, plus at most one group of 64 (a busy CI)

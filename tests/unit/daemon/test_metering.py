@@ -7,6 +7,7 @@ the TPM is fake and the intake's watcher is bypassed (``handle`` is called direc
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from embassy.daemon import metering_group
 from embassy.daemon.runtime import Embassy
 from embassy.errors import (
     BadPayloadError,
@@ -24,7 +26,8 @@ from embassy.errors import (
     NotOwnerError,
 )
 from embassy.metering.actions import seal_actions
-from embassy.metering.formula_v2 import FORMULA_V2
+from embassy.metering.activation import parse_activation
+from embassy.metering.formula_v2 import FORMULA_V2, pool_windows, score_v2
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.metering.reading import open_reading, reply_public_bytes
 from embassy.wire.codec import b64encode
@@ -329,3 +332,189 @@ def test_pending_batches_follow_the_log_after_a_crash(
     restarted: Embassy = make_embassy(tpm, extra=AUTHORITIES)
     assert restarted.metering.meters("aisi")["cyber"] == before + 7
     assert restarted.registry.pending_batches() == []
+
+
+def _written(directory: Path, session: bytes, arrays: list[np.ndarray]) -> list[Path]:
+    writer = ActivationWriter(directory, session)
+    return [writer.write("layer.6", array) for array in arrays]
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> list[int]:
+    """Count the calls of ``obj.name`` (the real one still runs)."""
+    calls: list[int] = []
+    real = getattr(obj, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def test_a_group_is_one_transaction_and_one_statement_in_sequence_order(
+    metered: Embassy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    aisi = teach(metered, tmp_path)
+    session, _ = begin(metered, [aisi.instruction(Op.UPDATE, ["bio", "cyber"])])
+    arrays = [_basis(i % 3, 0.2, 100 + i) for i in range(12)]
+    paths = _written(tmp_path, session, arrays)
+    before = len(metered.log.entries)
+    staged = _counting(monkeypatch, metered.registry, "stage_group")
+    committed = _counting(monkeypatch, metered.registry, "commit_group")
+    metered.metering.handle_many(list(reversed(paths)))  # any order: seq order decides
+    assert not any(p.exists() for p in paths)
+    assert (len(staged), len(committed)) == (1, 1)
+    new = [e for e in metered.log.entries[before:] if e.type.value == "statement"]
+    assert len(new) == 1
+    [batch] = [
+        st
+        for st in statements(metered, "meter-batch")
+        if st["sessions"][0]["session"] == session.hex()
+    ]
+    [part] = batch["sessions"]
+    assert (part["seq"], part["files"]) == ([0, 11], 12)
+    assert [u["seq"] for u in part["meter_updates"]] == list(range(12))
+    # The meters are exactly formula v2 of each file against the authority's model.
+    model = metered.registry.centroid_model("aisi", "layer.6", DIM)
+    assert model is not None
+    expected: dict[str, int] = {}
+    for array in arrays:
+        for cap, delta in score_v2(model, pool_windows(array)).items():
+            expected[cap] = expected.get(cap, 0) + delta
+    assert dict(metered.metering.meters("aisi")) == expected
+    summary = metered.metering.finish(session, lambda: 0)
+    assert summary is not None
+    assert (summary["files"], summary["meter_updates"], summary["formula"]) == (
+        12,
+        12,
+        FORMULA_V2,
+    )
+
+
+def test_names_and_sequence_are_checked_before_a_byte_is_read(
+    metered: Embassy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, _ = begin(metered, [])
+    read: list[str] = []
+    real = metering_group.read_activation_file
+
+    def recorded(path: Path, **kwargs: Any) -> Any:
+        read.append(path.name)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(metering_group, "read_activation_file", recorded)
+    stranger = os.urandom(16)
+    good = _written(tmp_path, session, [_basis(0), _basis(1)])
+    far = _file(tmp_path, file_name(session, 7), encode_activation(session, 7, "t", _basis(0)))
+    foreign = _file(
+        tmp_path, file_name(stranger, 0), encode_activation(stranger, 0, "t", _basis(0))
+    )
+    # A FIFO with an out-of-sequence name: opening it would block; it is never opened.
+    fifo = tmp_path / file_name(session, 9)
+    os.mkfifo(fifo)
+    metered.metering.handle_many([fifo, far, foreign, *good])
+    assert read == [p.name for p in good]
+    assert not any(p.exists() for p in (fifo, far, foreign, *good))
+    metered.metering.flush()
+    by_session = {r["session"]: r["counts"] for r in statements(metered, "activation-rejected")}
+    assert by_session == {
+        session.hex(): {"activation-out-of-sequence": 2},
+        None: {"activation-foreign": 1},
+    }
+    # A file refused once read (corrupt) makes the rest of its group out of sequence.
+    bad = bytearray(encode_activation(session, 2, "t", _basis(0)))
+    bad[-1] ^= 1
+    files = [_file(tmp_path, file_name(session, 2), bytes(bad))]
+    files.append(
+        _file(tmp_path, file_name(session, 3), encode_activation(session, 3, "t", _basis(0)))
+    )
+    metered.metering.handle_many(files)
+    summary = metered.metering.finish(session, lambda: 0)
+    assert summary is not None
+    assert (summary["files"], summary["rejected_by_code"]) == (
+        2,
+        {"activation-corrupt": 1, "activation-out-of-sequence": 3},
+    )
+
+
+def test_a_session_open_across_a_restart_is_still_metered(
+    make_embassy: Any, tpm: FakeTpm, tmp_path: Path
+) -> None:
+    embassy: Embassy = make_embassy(tpm, extra=AUTHORITIES)
+    aisi = teach(embassy, tmp_path)
+    session, _ = begin(embassy, [aisi.instruction(Op.UPDATE, ["cyber"])])
+    writer = ActivationWriter(tmp_path, session)
+    arrays = [_basis(0, 0.1, 50 + i) for i in range(3)]
+    embassy.metering.handle_many([writer.write("layer.6", a) for a in arrays[:2]])
+    after_two = embassy.metering.meters("aisi")["cyber"]
+    make_embassy.crash(embassy)
+    restarted: Embassy = make_embassy(tpm, extra=AUTHORITIES)
+    assert restarted.metering.meters("aisi")["cyber"] == after_two
+    restarted.metering.handle(writer.write("layer.6", arrays[2]))  # seq 2: the next one
+    assert restarted.metering.meters("aisi")["cyber"] > after_two
+    summary = restarted.metering.finish(session, lambda: 0)
+    assert summary is not None
+    assert (summary["files"], summary["meter_updates"], summary["rejected"]) == (3, 3, 0)
+    checksums = [e.sha256 for e in _activations(tmp_path, session, arrays)]
+    assert summary["activations_sha256"] == hashlib.sha256(b"".join(checksums)).hexdigest()
+    assert summary["instructions"][0]["op"] == "update"
+    # Ended: a later restart does not bring it back.
+    make_embassy.crash(restarted)
+    again: Embassy = make_embassy(tpm, extra=AUTHORITIES)
+    assert again.registry.open_sessions() == []
+
+
+def _activations(directory: Path, session: bytes, arrays: list[np.ndarray]) -> list[Any]:
+    return [
+        parse_activation(encode_activation(session, i, "layer.6", a), max_bytes=1 << 20)
+        for i, a in enumerate(arrays)
+    ]
+
+
+def test_a_grouped_commit_follows_the_log_after_a_crash_both_ways(
+    make_embassy: Any, tpm: FakeTpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embassy: Embassy = make_embassy(tpm, extra=AUTHORITIES)
+    aisi = teach(embassy, tmp_path)
+    session, _ = begin(embassy, [aisi.instruction(Op.UPDATE, ["cyber"])])
+    writer = ActivationWriter(tmp_path, session)
+    before = embassy.metering.meters("aisi").get("cyber", 0)
+
+    class Crash(BaseException):
+        pass
+
+    def crash(*_: object, **__: object) -> None:
+        raise Crash
+
+    # 1. The statement appended, the registry not committed: committed at recovery.
+    monkeypatch.setattr(embassy.registry, "commit_group", crash)
+    logged = [writer.write("layer.6", _basis(0, 0.1, i)) for i in range(3)]
+    with pytest.raises(Crash):
+        embassy.metering.handle_many(logged)
+    st = statements(embassy, "meter-batch")[-1]
+    assert embassy.metering.meters("aisi").get("cyber", 0) == before
+    make_embassy.crash(embassy)
+    embassy = make_embassy(tpm, extra=AUTHORITIES)
+    assert embassy.registry.pending_batches() == []
+    model = embassy.registry.centroid_model("aisi", "layer.6", DIM)
+    assert model is not None
+    gained = sum(score_v2(model, pool_windows(_basis(0, 0.1, i)))["cyber"] for i in range(3))
+    assert embassy.metering.meters("aisi")["cyber"] == before + gained
+    assert len(st["sessions"][0]["meter_updates"]) == 3
+
+    # 2. Staged, the statement never appended: dropped, and so is the files' progress.
+    monkeypatch.setattr(embassy.log, "append_statement", crash)
+    lost = [writer.write("layer.6", _basis(0, 0.1, i)) for i in range(3, 5)]
+    with pytest.raises(Crash):
+        embassy.metering.handle_many(lost)
+    make_embassy.crash(embassy)
+    embassy = make_embassy(tpm, extra=AUTHORITIES)
+    assert embassy.registry.pending_batches() == []
+    assert embassy.metering.meters("aisi")["cyber"] == before + gained
+    # Seq 3 is expected again (its file was never acknowledged and is still there).
+    assert [p.exists() for p in lost] == [True, True]
+    embassy.metering.handle_many(lost)
+    summary = embassy.metering.finish(session, lambda: 0)
+    assert summary is not None
+    assert (summary["files"], summary["meter_updates"]) == (5, 5)

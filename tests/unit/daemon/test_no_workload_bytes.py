@@ -133,15 +133,15 @@ def test_statements_name_a_tensor_by_its_digest(
 ) -> None:
     import hashlib
 
-    from tests.unit.daemon.test_metering import statements
+    from tests.unit.daemon.test_metering import batch_items, statements
 
     embassy: Embassy = make_embassy(tpm, extra=AUTHORITIES)
     aisi = Authority(embassy, AISI, "aisi")
     session, _ = begin(embassy, [aisi.instruction(Op.WRITE, ["cyber"], Polarity.POSITIVE)])
     writer = ActivationWriter(tmp_path, session)
     embassy.metering.handle(writer.write(TENSOR, np.eye(3, 8, dtype=np.float32)))
-    [written] = statements(embassy, "signature-write")
+    [written] = batch_items(embassy, "signature_writes")
     assert written["tensor_sha256"] == hashlib.sha256(TENSOR.encode()).hexdigest()
     assert "tensor" not in written
-    body: dict[str, Any] = written
+    body: list[dict[str, Any]] = statements(embassy, "meter-batch")
     assert TENSOR not in json.dumps(body)

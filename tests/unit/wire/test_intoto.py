@@ -28,9 +28,11 @@ from embassy.wire.statement import (
     KNOWN_PREDICATES,
     LIFECYCLE_V1,
     METER_UPDATE_V1,
+    METER_UPDATE_V2,
     SEAL_V1,
     SESSION_ABORT_V1,
     SIGNATURE_WRITE_V1,
+    SIGNATURE_WRITE_V2,
     UNSEAL_V1,
     WEIGHTS_KEY_DENIED_V1,
     WEIGHTS_KEY_RELEASED_V1,
@@ -55,6 +57,9 @@ LEGACY = {
     SIGNATURE_WRITE_V1,
     INSTRUCTION_REFUSED_V1,
     ACTIVATION_REJECTED_V1,
+    # One statement per file, before group commit (meter-batch:v1).
+    METER_UPDATE_V2,
+    SIGNATURE_WRITE_V2,
 }
 
 
@@ -67,7 +72,7 @@ def _vector(i: int) -> np.ndarray:
 def _drive_every_kind(embassy: Embassy, tmp_path: Path) -> None:
     """Make the embassy state each kind of statement it has (identity is made at start)."""
     aisi = Authority(embassy, AISI, "aisi")
-    # signature-write, then meter-update and meter-reading
+    # meter-batch (a signature write), then meter-batch (a meter update) and meter-reading
     session, _ = begin(embassy, [aisi.instruction(Op.WRITE, ["cyber"], Polarity.POSITIVE)])
     feed(embassy, tmp_path, session, [_vector(0)])
     assert embassy.metering.finish(session, lambda: 0) is not None
