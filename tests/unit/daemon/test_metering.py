@@ -26,7 +26,7 @@ from embassy.errors import (
     NotOwnerError,
 )
 from embassy.metering.actions import seal_actions
-from embassy.metering.activation import parse_activation
+from embassy.metering.activation import parse_activation, read_activation_file
 from embassy.metering.formula_v2 import FORMULA_V2, pool_windows, score_v2
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.metering.reading import open_reading, reply_public_bytes
@@ -397,7 +397,7 @@ def test_names_and_sequence_are_checked_before_a_byte_is_read(
 ) -> None:
     session, _ = begin(metered, [])
     read: list[str] = []
-    real = metering_group.read_activation_file
+    real = read_activation_file
 
     def recorded(path: Path, **kwargs: Any) -> Any:
         read.append(path.name)
