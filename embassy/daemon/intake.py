@@ -169,6 +169,10 @@ class ActivationIntake:
             drain_timeout=drain_timeout,
         )
 
+    def queue_depth(self) -> int:
+        """Files seen and waiting for the worker (approximate: a metrics gauge)."""
+        return self._queue.qsize()
+
     def start(self) -> None:
         self._inotify = _Inotify(self._directory)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

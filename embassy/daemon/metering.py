@@ -194,7 +194,9 @@ class MeteringService:
         limits: Metering,
         now: Callable[[], float] = time.time,
         workers: int = WORKERS,
+        on_reject: Callable[[str], None] = lambda code: None,
     ) -> None:
+        self._on_reject = on_reject  # metrics: rejections by code (embassy codes only)
         self._registry = registry
         self._log = log
         self._policies = authority_policies(authorities)
@@ -580,6 +582,7 @@ class MeteringService:
             if session not in self._sessions:
                 session = None  # only an open session's own id is ever stated
             self._rejections.record(session, code, size)
+            self._on_reject(code)
             if session is None:
                 for state in self._sessions.values():
                     state.unattributed += 1
