@@ -37,8 +37,9 @@ from embassy.errors import (
     EmbassyError,
 )
 from embassy.metering.activation import Activation, read_activation_file
-from embassy.metering.formula_v2 import FORMULA_V2, CentroidModel, pool_windows, score_v2
+from embassy.metering.formula_v2 import FORMULA_V2, STRIDE, WINDOW, CentroidModel, score_v2
 from embassy.metering.instruction import Instruction, Op
+from embassy.metering.score import pool
 from embassy.wire.statement import Subject
 
 FOREIGN = ActivationForeignError.code
@@ -133,6 +134,44 @@ def admit(
     return candidates, refusals
 
 
+def windows_of(array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """Formula v2's ``pool_windows``, bit for bit, in a few large numpy operations.
+
+    The reference sums each window's rows in a Python loop over windows (511 of them for
+    2,048 tokens), holding the GIL between small numpy calls, so two reading threads
+    barely overlap. Here each of the WINDOW row offsets is ONE strided add over every
+    window at once: the same float64 additions in the same order (row 0 + row 1 + ...,
+    each float32 widened exactly), so the same bits; tests/unit/daemon/test_metering.py
+    pins that against the reference for every dtype and shape kind.
+    """
+    row0 = pool(array)  # every input check, and v1's exact mean row
+    if array.ndim == 1 or array.shape[-2] <= WINDOW:
+        return row0[None, :]
+    d, t = array.shape[-1], array.shape[-2]
+    n = (t - WINDOW) // STRIDE + 1
+    span = (n - 1) * STRIDE + 1
+    tail = span - 1 + WINDOW < t  # the reference's extra window ending at t
+    per = n + int(tail)
+    seqs = array.reshape(-1, t, d)
+    out = np.empty((1 + len(seqs) * per, d), dtype=np.float32)
+    out[0] = row0
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        for i, seq in enumerate(seqs):
+            base = 1 + i * per
+            acc = seq[0:span:STRIDE].astype(np.float64)
+            for k in range(1, WINDOW):
+                acc += seq[k : k + span : STRIDE]
+            out[base : base + n] = acc / WINDOW
+            if tail:
+                last = seq[t - WINDOW].astype(np.float64)
+                for k in range(1, WINDOW):
+                    last += seq[t - WINDOW + k]
+                out[base + n] = last / WINDOW
+    if not np.isfinite(out).all():
+        raise ActivationCorruptError("activation: values beyond the float32 range")
+    return out
+
+
 def prepare(
     candidate: Candidate,
     instructions: Sequence[Instruction],
@@ -148,7 +187,7 @@ def prepare(
         activation = read_activation_file(candidate.path, max_bytes=max_bytes)
         if (activation.session, activation.seq) != (candidate.session, candidate.seq):
             raise ActivationCorruptError("activation: header and file name disagree")
-        windows = pool_windows(activation.data)
+        windows = windows_of(activation.data)
         if any(i.op is Op.WRITE for i in instructions) and not windows[0].any():
             raise ActivationCorruptError("activation: its mean is the zero vector")
         out.activation, out.windows = activation, windows

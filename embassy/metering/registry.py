@@ -716,15 +716,7 @@ class Registry:
                     [(batch, *fields, session) for session, fields in prepared],
                 )
                 batches.append(batch)
-            rows = []
-            for session, activation_sha256, deltas in updates:
-                for capability, delta in sorted(deltas.items()):
-                    owner = _owner(conn, capability, pending=False)
-                    if owner is None:
-                        raise StorageError(
-                            f"registry {self._path}: capability {capability!r} has no signatures"
-                        )
-                    rows.append((capability, owner, delta, session, activation_sha256))
+            rows = self._update_rows(conn, updates)
             if rows:
                 batch = secrets.token_hex(16)
                 conn.execute("INSERT INTO batches VALUES (?, 'update', 'pending', NULL)", (batch,))
@@ -751,6 +743,25 @@ class Registry:
                 ],
             )
         return tuple(batches)
+
+    def _update_rows(
+        self, conn: sqlite3.Connection, updates: Sequence[tuple[str, str, Mapping[str, int]]]
+    ) -> list[tuple[str, str, int, str, str]]:
+        """(capability, owner, delta, session, activation) rows; one owner lookup per
+        capability, not per row."""
+        rows = []
+        owner_of: dict[str, str | None] = {}
+        for session, activation_sha256, deltas in updates:
+            for capability, delta in sorted(deltas.items()):
+                if capability not in owner_of:
+                    owner_of[capability] = _owner(conn, capability, pending=False)
+                owner = owner_of[capability]
+                if owner is None:
+                    raise StorageError(
+                        f"registry {self._path}: capability {capability!r} has no signatures"
+                    )
+                rows.append((capability, owner, delta, session, activation_sha256))
+        return rows
 
     def commit_group(self, batches: Sequence[str], statement_seq: int) -> None:
         """:meth:`commit` for a group's batches, all in ONE transaction, not fsync'd.

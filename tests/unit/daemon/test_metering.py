@@ -518,3 +518,19 @@ def test_a_grouped_commit_follows_the_log_after_a_crash_both_ways(
     summary = embassy.metering.finish(session, lambda: 0)
     assert summary is not None
     assert (summary["files"], summary["meter_updates"]) == (5, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize(
+    "shape", [(384,), (8, 16), (9, 16), (13, 8), (128, 32), (130, 8), (3, 21, 8), (2, 2, 17, 4)]
+)
+def test_the_daemons_windows_are_formula_v2s_bit_for_bit(
+    shape: tuple[int, ...], dtype: type[np.floating[Any]]
+) -> None:
+    rng = np.random.default_rng(sum(shape))
+    array = (rng.standard_normal(shape) * rng.uniform(0.01, 1000)).astype(dtype)
+    reference = pool_windows(array)
+    fast = metering_group.windows_of(array)
+    assert fast.dtype == reference.dtype
+    assert fast.shape == reference.shape
+    assert fast.tobytes() == reference.tobytes()
