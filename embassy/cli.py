@@ -14,19 +14,25 @@ place an error becomes an exit code:
 6     the daemon refused the request
 7     cannot reach the daemon
 ====  ===========================================================
+
+The message goes to stderr; a command run with ``--json`` also prints
+``{"ok": false, "error": {"code", "message"}}`` on stdout, its one document
+(:mod:`embassy.commands.output`). A usage error argparse finds is only on stderr: the command
+line was not understood, ``--json`` included.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from embassy.commands import audit, host, identity, keys, meters, payload, result, verify
 from embassy.commands.inputs import positive_int
 from embassy.commands.keys import PASSPHRASE_ENV
+from embassy.commands.output import dumps, error_document
 from embassy.commands.policy import trust_policy as _policy  # the name tests and callers know
+from embassy.commands.progress import add_progress_arg
 from embassy.errors import (
     ActivationError,
     ConfigError,
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embassy", description=__doc__.splitlines()[0] if __doc__ else None
     )
+    add_progress_arg(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     # The order is the order `embassy --help` lists them in.
     host.add_parsers(sub)
@@ -114,10 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except EmbassyError as exc:
         code = exit_code_for(exc)
-        if getattr(args, "json", False) and args.command == "verify":
-            sys.stdout.write(
-                json.dumps({"ok": False, "error": {"code": exc.code, "message": exc.message}})
-                + "\n"
-            )
+        if getattr(args, "json", False):  # every --json command: one document, even on error
+            sys.stdout.write(dumps(error_document(exc)) + "\n")
         sys.stderr.write(f"embassy: {exc.code}: {exc.message}\n")
         return code

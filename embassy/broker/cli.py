@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from embassy.commands.output import add_json_arg, print_json
+from embassy.commands.progress import progress_for
 from embassy.errors import ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -30,14 +32,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from embassy.weights.release import broker_keyid
 
     public = init_broker(Path(args.dir), passphrase_from_env())
-    print(
-        json.dumps(
-            {
-                "broker_keyid": broker_keyid(public),
-                "public_key": str(Path(args.dir) / "broker-signing.pub"),
-            }
-        )
-    )
+    result = {
+        "broker_keyid": broker_keyid(public),
+        "public_key": str(Path(args.dir) / "broker-signing.pub"),
+    }
+    print_json({"ok": True, **result}) if args.json else print(json.dumps(result))
     return 0
 
 
@@ -51,7 +50,8 @@ def _cmd_add_key(args: argparse.Namespace) -> int:
         args.key_id,
         read_weights_key(Path(args.key_file)),
     )
-    print(json.dumps({"model_id": args.model_id, "key_id": args.key_id, "keys": count}))
+    result = {"model_id": args.model_id, "key_id": args.key_id, "keys": count}
+    print_json({"ok": True, **result}) if args.json else print(json.dumps(result))
     return 0
 
 
@@ -146,16 +146,25 @@ def _cmd_log(args: argparse.Namespace) -> int:
         sqlite, postgres = directory / "decisions.db", None
         if not sqlite.exists():
             raise ConfigError(f"{sqlite}: no decision log (pass --config for another store)")
+    progress = progress_for(args)
     store = _open_store(sqlite, postgres)
     try:
-        entries = store.decisions(0)
+        with progress.step("broker log: reading the decision log"):
+            entries = store.decisions(0)
     finally:
         store.close()
     if args.verify:
-        verify_decision_log(entries, load_public_key(directory))
+        with progress.step(f"broker log: verifying {len(entries)} entries"):
+            verify_decision_log(entries, load_public_key(directory))
+    decisions = []
     for item in entries:
         entry = parse_entry(item.entry)
-        sys.stdout.write(json.dumps({"seq": entry.seq, **entry.decision}, sort_keys=True) + "\n")
+        decisions.append({"seq": entry.seq, **entry.decision})
+    if args.json:
+        print_json({"ok": True, "verified": bool(args.verify), "decisions": decisions})
+    else:
+        for decision in decisions:
+            sys.stdout.write(json.dumps(decision, sort_keys=True) + "\n")
     if args.verify:
         sys.stderr.write(f"decision log verified: {len(entries)} entries, chained and signed\n")
     return 0
@@ -166,12 +175,14 @@ def add_parser(sub: Any) -> None:
     commands = broker.add_subparsers(dest="broker_command", required=True)
     init = commands.add_parser("init", help="create the broker's signing key and keyring")
     init.add_argument("--dir", required=True, help="the broker's directory")
+    add_json_arg(init)
     init.set_defaults(func=_cmd_init)
     add = commands.add_parser("add-key", help="add a model's weights key to the keyring")
     add.add_argument("--dir", required=True, help="the broker's directory")
     add.add_argument("--model-id", required=True)
     add.add_argument("--key-id", required=True)
     add.add_argument("--key-file", required=True, help="32 raw bytes or 64 hex characters")
+    add_json_arg(add)
     add.set_defaults(func=_cmd_add_key)
     serve = commands.add_parser("serve", help="serve release requests over HTTP")
     serve.add_argument("--config", required=True, help="broker.yaml")
@@ -180,4 +191,5 @@ def add_parser(sub: Any) -> None:
     log.add_argument("--dir", required=True, help="the broker's directory (its public key)")
     log.add_argument("--config", help="broker.yaml, for a store other than <dir>/decisions.db")
     log.add_argument("--verify", action="store_true", help="check the chain and signatures")
+    add_json_arg(log)
     log.set_defaults(func=_cmd_log)

@@ -16,7 +16,9 @@ from typing import Any
 from embassy.commands.inputs import hex_arg, read_input, write_out
 from embassy.commands.keys import load_signing_key
 from embassy.commands.meters import _reading_bytes as reading_bytes
+from embassy.commands.output import add_json_arg, print_json, refuse_stdout
 from embassy.commands.policy import add_policy_args, trust_policy
+from embassy.commands.progress import human_bytes, progress_for, read_file
 from embassy.errors import ConfigError
 
 
@@ -41,6 +43,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         )
     if not args.complete and (args.evidence or args.nonce):
         raise ConfigError("--evidence and --nonce show completeness: pass --complete with them")
+    refuse_stdout(args, args.out, "--out")
+    progress = progress_for(args)
     verifier = Verifier(trust_policy(args))
     identity = verifier.identity(read_input(args.identity))
     complete = None
@@ -49,17 +53,38 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             identity, read_input(args.evidence), hex_arg(args.nonce, "--nonce")
         )
     key = load_signing_key(args.authority_key) if args.authority_key else None
-    log, report = audit_report(
-        verifier,
-        identity,
-        [read_input(f) for f in args.file],
-        complete_with=complete,
-        authority_key=key,
-        reading_files=_reading_files(args.readings) if args.readings else None,
-    )
-    write_out(render_html(report).encode(), args.out, newline=False)
+    segments = [read_file(progress, f, f"audit: reading {f}") for f in args.file]
+    size = human_bytes(sum(len(s) for s in segments))
+    with progress.step(f"audit: verifying {len(segments)} segment(s) ({size})"):
+        log, report = audit_report(
+            verifier,
+            identity,
+            segments,
+            complete_with=complete,
+            authority_key=key,
+            reading_files=_reading_files(args.readings) if args.readings else None,
+        )
+    with progress.step("audit: drawing the report"):
+        html = render_html(report).encode()
+    write_out(html, args.out, newline=False)
     sessions = sum(len(w.sessions) for w in report.workloads)
     jobs = sum(len(w.jobs) for w in report.workloads)
+    if args.json:
+        print_json(
+            {
+                "ok": True,
+                "out": args.out,
+                "bytes": len(html),
+                "first_seq": log.first_seq,
+                "last_seq": log.last_seq,
+                "complete": complete is not None,
+                "statements": len(report.statements),
+                "sessions": sessions,
+                "jobs": jobs,
+                "key_decisions": len(report.releases),
+                "meter_values": len(report.readings),
+            }
+        )
     sys.stderr.write(
         f"audit: verified entries seq {log.first_seq}..{log.last_seq} "
         f"({'complete' if complete is not None else 'inclusion only'}): "
@@ -99,3 +124,4 @@ def add_parser(sub: Any) -> None:
         "in the verified log (needs --authority-key)",
     )
     add_policy_args(p)
+    add_json_arg(p)

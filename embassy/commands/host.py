@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from embassy.commands.inputs import read_input
+from embassy.commands.output import add_json_arg, emit
+from embassy.commands.progress import human_bytes, progress_for, read_file
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -29,7 +30,8 @@ def _cmd_spool(args: argparse.Namespace) -> int:
     from embassy.daemon.spool import ensure_spool
 
     config = load_config(Path(args.config) if args.config else None, os.environ)
-    print(ensure_spool(config.data_dir / "activations", config.metering))
+    state = ensure_spool(config.data_dir / "activations", config.metering)
+    emit(args, {"spool": str(config.data_dir / "activations"), "state": state}, state)
     return 0
 
 
@@ -45,7 +47,10 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         from embassy.image.uki import DEFAULT_PHASES
 
         phases = DEFAULT_PHASES if args.phases is None else [p for p in args.phases.split(",") if p]
-        expected = expected_image(read_input(args.uki), m, phases, secure_boot=args.secure_boot)
+        progress = progress_for(args)
+        uki = read_file(progress, args.uki, f"measure: reading {args.uki}")
+        with progress.step(f"measure: hashing the UKI ({human_bytes(len(uki))}) for PCRs 4/11/12"):
+            expected = expected_image(uki, m, phases, secure_boot=args.secure_boot)
         sys.stdout.write(expected.encode().decode() + "\n")
         return 0
     sys.stdout.write(m.encode().decode() + "\n" if args.json else m.digest.hex() + "\n")
@@ -62,13 +67,19 @@ def add_parsers(sub: Any) -> None:
         "daemon runs sandboxed in a mount namespace of its own and cannot mount it itself",
     )
     spool.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    add_json_arg(spool)
     spool.set_defaults(func=_cmd_spool)
 
 
 def add_measure_parser(sub: Any) -> None:
     measure = sub.add_parser("measure", help="print the reproducible measurement")
     measure.add_argument("--config", help="the config file the daemon runs with")
-    measure.add_argument("--json", action="store_true", help="print all components")
+    measure.add_argument(
+        "--json",
+        action="store_true",
+        help="print all components: the measurement document (with --uki, expected.json is "
+        'JSON already); on an error {"ok": false, "error": {...}}',
+    )
     measure.add_argument(
         "--uki",
         metavar="FILE",

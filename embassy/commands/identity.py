@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from embassy.commands.inputs import write_out
+from embassy.commands.output import add_json_arg, print_json
+from embassy.commands.progress import progress_for
 
 
 def _cmd_identity(args: argparse.Namespace) -> int:
@@ -17,19 +19,36 @@ def _cmd_identity(args: argparse.Namespace) -> int:
     from embassy.wire.codec import canonical_json
 
     socket_path = Path(args.socket)
-    doc = call(socket_path, "GET", "/v1/identity")
+    progress = progress_for(args)
+    with progress.step("identity: waiting for the daemon's identity document"):
+        doc = call(socket_path, "GET", "/v1/identity")
+    ak_name = None
     if args.no_activate:
         sys.stderr.write(
             "identity: WARNING --no-activate: the AK is not proven to live in the TPM whose "
             "EK certificate the document carries\n"
         )
     else:
-        activate(socket_path, doc)
+        with progress.step("identity: waiting for the TPM's credential activation"):
+            ak_name = activate(socket_path, doc)
         sys.stderr.write(
             "identity: credential activation passed: the AK is in the TPM that "
             "holds the certified EK\n"
         )
-    write_out(canonical_json(doc), args.out)
+    if args.json:
+        if args.out is not None and args.out != "-":
+            write_out(canonical_json(doc), args.out)
+        print_json(
+            {
+                "ok": True,
+                "activated": ak_name is not None,
+                "ak_name": None if ak_name is None else ak_name.hex(),
+                "identity": doc,
+                "out": None if args.out in (None, "-") else args.out,
+            }
+        )
+    else:
+        write_out(canonical_json(doc), args.out)
     return 0
 
 
@@ -65,4 +84,5 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="skip the live credential-activation check of AK and EK",
     )
+    add_json_arg(identity)
     identity.set_defaults(func=_cmd_identity)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embassy.commands.inputs import read_input, write_out
+from embassy.commands.output import add_json_arg, print_json
 from embassy.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
@@ -88,7 +89,20 @@ def _cmd_reply_keygen(args: argparse.Namespace) -> int:
     public = canonical_json(key.public.to_json())
     if args.public_out:
         write_out(public, args.public_out)
-    sys.stdout.write(public.decode() + "\n")
+    if args.json:
+        print_json(
+            {
+                "ok": True,
+                "out": args.out,
+                "encrypted": True,
+                "suite": key.suite,
+                "keyid": key.public.keyid(),
+                "public": key.public.to_json(),
+                "public_out": args.public_out,
+            }
+        )
+    else:
+        sys.stdout.write(public.decode() + "\n")
     return 0
 
 
@@ -129,7 +143,10 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         "ed25519": b64encode(raw_public_key(public)),
         "keyid": keyid(public),
     }
-    sys.stdout.write(json.dumps(entry, sort_keys=True) + "\n")
+    if args.json:
+        print_json({"ok": True, "out": args.out, "encrypted": secret is not None, **entry})
+    else:
+        sys.stdout.write(json.dumps(entry, sort_keys=True) + "\n")
     return 0
 
 
@@ -157,4 +174,5 @@ def add_parser(sub: Any) -> None:
     keygen.add_argument(
         "--public-out", metavar="FILE", help="with --reply: write the public key JSON here too"
     )
+    add_json_arg(keygen)
     keygen.set_defaults(func=_cmd_keygen)

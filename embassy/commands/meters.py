@@ -11,6 +11,7 @@ from typing import Any
 
 from embassy.commands.inputs import positive_int, read_input, write_out
 from embassy.commands.keys import load_signing_key
+from embassy.commands.output import add_json_arg, print_json
 from embassy.commands.policy import add_policy_args, trust_policy
 from embassy.errors import ConfigError, WireFormatError
 
@@ -40,7 +41,24 @@ def _cmd_meters_instruct(args: argparse.Namespace) -> int:
         )
     except WireFormatError as exc:  # the shape the user asked for, not a malformed file
         raise ConfigError(f"meters instruct: {exc.message}") from None
-    write_out(data, args.out)
+    if args.json:
+        if args.out is not None and args.out != "-":
+            write_out(data, args.out)
+        print_json(
+            {
+                "ok": True,
+                "op": op.value,
+                "authority": args.authority,
+                "capabilities": sorted(args.capability or []),
+                "embassy_keyid": target,
+                "expires_unix": expires,
+                "out": None if args.out in (None, "-") else args.out,
+                # The signed instruction itself (a DSSE envelope), an object, not a string.
+                "instruction": json.loads(data),
+            }
+        )
+    else:
+        write_out(data, args.out)
     sys.stderr.write(
         f"instruction {op.value} {sorted(args.capability or [])} by {args.authority!r} "
         f"for embassy {target[:16]}…; expires at {expires}\n"
@@ -104,7 +122,18 @@ def _cmd_meters_read(args: argparse.Namespace) -> int:
         "statement_seq": reading.header.seq,
         "meters": [m.to_json() for m in reading.meters],
     }
-    sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+    if args.json:
+        # The prose form is this object already; --json adds what the stderr note says.
+        print_json(
+            {
+                "ok": True,
+                **result,
+                "embassy_keyid": keyid(identity.signing_key),
+                "answers_instruction": digest is not None,
+            }
+        )
+    else:
+        sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
     sys.stderr.write(
         f"meters read: signed by embassy {keyid(identity.signing_key)[:16]}… and decrypted"
         + ("" if digest is None else ", answering your instruction")
@@ -156,3 +185,4 @@ def add_parser(sub: Any) -> None:
     read.set_defaults(func=_cmd_meters_read)
     for p in (instruct, read):
         add_policy_args(p)
+        add_json_arg(p)

@@ -5,13 +5,16 @@ sealed into the payload's actions."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from embassy.commands.inputs import positive_int, read_input, write_out
+from embassy.commands.output import add_json_arg, print_json, refuse_stdout
 from embassy.commands.policy import add_policy_args, trust_policy
+from embassy.commands.progress import counting, progress_for
 from embassy.errors import ConfigError, WireFormatError
 
 
@@ -50,6 +53,8 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
         )
     else:
         launch_digest = identity.workload.launch_digest
+    if args.actions is not None:
+        refuse_stdout(args, args.actions, "--actions")
     instructions = _instructions_for(paths, identity.keys, args.ttl)
     # Bound to what the verified identity proves: only an embassy of this measurement,
     # running this workload, opens the payload.
@@ -62,21 +67,68 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
         action_key=bool(paths),
         reply_key=reply_key,
     )
+    progress = progress_for(args)
     try:
         with open(args.input, "rb") as src, open(args.out, "wb") as dst:
-            encrypt_stream(input_key, envelope.payload_id, src, dst)
+            size = os.fstat(src.fileno()).st_size
+            with progress.step(f"payload seal: encrypting {args.input}", size or None) as step:
+                written = encrypt_stream(input_key, envelope.payload_id, counting(src, step), dst)
     except OSError as exc:
         raise ConfigError(f"payload: {exc.filename}: {exc.strerror}") from None
-    write_out(canonical_json(envelope.to_json()), args.envelope)
+    if not (args.json and args.envelope == "-"):  # with --json, stdout's is in the document
+        write_out(canonical_json(envelope.to_json()), args.envelope)
     if action_key is not None:
         blob = seal_actions(
             action_key, envelope.payload_id, instructions, unmetered_ok=args.unmetered_ok
         )
         write_out(blob, args.actions, newline=False)
+    _report(
+        args,
+        envelope,
+        identity=identity,
+        instructions=instructions,
+        reply_key=reply_key,
+        written=written,
+    )
+    return 0
+
+
+def _report(
+    args: argparse.Namespace,
+    envelope: Any,
+    *,
+    identity: Any,
+    instructions: Sequence[bytes],
+    reply_key: Any,
+    written: int,
+) -> None:
+    """What was sealed: the ``--json`` document on stdout, and the prose note on stderr."""
+    workload = "jobs" if identity.workload is None or args.job else identity.workload.name
+    if args.json:
+        print_json(
+            {
+                "ok": True,
+                "payload_id": envelope.payload_id.hex(),
+                "embassy_keyid": envelope.embassy_keyid,
+                "suite": envelope.suite,
+                "measurement": envelope.measurement.hex(),
+                "launch_digest": envelope.launch_digest.hex(),
+                "workload": workload,
+                "expires_unix": envelope.expires_unix,
+                "instructions": len(instructions),
+                "unmetered_ok": bool(args.unmetered_ok),
+                "reply_keyid": None if reply_key is None else reply_key.keyid(),
+                "out": args.out,
+                "stream_bytes": written,
+                "envelope_file": None if args.envelope == "-" else args.envelope,
+                "actions_file": args.actions,
+                "envelope": envelope.to_json(),
+            }
+        )
     sys.stderr.write(
         f"payload {envelope.payload_id.hex()} sealed to embassy {envelope.embassy_keyid[:16]}… "
         f"({envelope.suite}), measurement {envelope.measurement.hex()[:16]}…, workload "
-        f"{'jobs' if identity.workload is None or args.job else identity.workload.name} "
+        f"{workload} "
         f"(launch digest {envelope.launch_digest.hex()[:16]}…); "
         f"expires at {envelope.expires_unix}"
         + (
@@ -88,7 +140,6 @@ def _cmd_payload_seal(args: argparse.Namespace) -> int:
         + ("" if reply_key is None else f"; results to reply key {reply_key.keyid()[:16]}…")
         + "\n"
     )
-    return 0
 
 
 def _reply_public(path: str) -> Any:
@@ -176,4 +227,5 @@ def add_parser(sub: Any) -> None:
         help="if the embassy refuses an instruction, run the session unmetered (default: abort)",
     )
     add_policy_args(seal)
+    add_json_arg(seal)
     seal.set_defaults(func=_cmd_payload_seal)

@@ -38,9 +38,12 @@ def trust_policy(args: argparse.Namespace) -> Any:
     activated: frozenset[bytes] = frozenset()
     if args.activate:
         from embassy.client import call
+        from embassy.commands.progress import progress_for
 
         socket_path = Path(args.activate)
-        activated = frozenset({activate(socket_path, call(socket_path, "GET", "/v1/identity"))})
+        with progress_for(args).step(f"--activate: waiting for {socket_path}'s TPM"):
+            ak_name = activate(socket_path, call(socket_path, "GET", "/v1/identity"))
+        activated = frozenset({ak_name})
     return TrustPolicy(
         ek_cas=bundles(args.ek_ca),
         software_ek_cas=bundles(args.swtpm_ca),

@@ -13,6 +13,8 @@ from typing import Any
 
 from embassy.commands.inputs import read_input
 from embassy.commands.keys import passphrase
+from embassy.commands.output import add_json_arg, print_json, refuse_stdout
+from embassy.commands.progress import counting, progress_for
 from embassy.errors import ConfigError
 
 
@@ -28,6 +30,8 @@ def _cmd_result_open(args: argparse.Namespace) -> int:
     # Opened under the binding the bundle names: decryption proves no more than that the
     # result was wrapped to this reply key. `embassy verify job` checks the embassy signed it.
     binding = bundle.wrapped_key.binding
+    refuse_stdout(args, args.out, "--out")
+    progress = progress_for(args)
     if args.out == "-":
         ciphertext = None if args.ciphertext is None else read_input(args.ciphertext)
         sys.stdout.buffer.write(open_result(bundle, key, binding, ciphertext=ciphertext))
@@ -39,10 +43,17 @@ def _cmd_result_open(args: argparse.Namespace) -> int:
         try:
             with os.fdopen(fd, "wb") as dst:
                 if args.ciphertext is None:
-                    size = open_result_to(bundle, key, binding, dst)
+                    with progress.step(f"result open: decrypting job {bundle.job}'s result"):
+                        size = open_result_to(bundle, key, binding, dst)
                 else:
                     with open(args.ciphertext, "rb") as src:
-                        size = open_result_to(bundle, key, binding, dst, ciphertext=src)
+                        # Read twice: once for its SHA-256, once to decrypt.
+                        total = 2 * os.fstat(src.fileno()).st_size
+                        label = f"result open: checking and decrypting {args.ciphertext}"
+                        with progress.step(label, total or None) as step:
+                            size = open_result_to(
+                                bundle, key, binding, dst, ciphertext=counting(src, step)
+                            )
                 dst.flush()
                 os.fsync(dst.fileno())
             tmp.replace(out)
@@ -52,6 +63,16 @@ def _cmd_result_open(args: argparse.Namespace) -> int:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+    if args.json:
+        print_json(
+            {
+                "ok": True,
+                "job": bundle.job,
+                "bytes": size,
+                "out": args.out,
+                "binding": dict(binding),
+            }
+        )
     sys.stderr.write(
         f"result of job {bundle.job} decrypted"
         + ("" if size is None else f" ({size} bytes to {args.out})")
@@ -80,4 +101,5 @@ def add_parser(sub: Any) -> None:
     open_.add_argument(
         "--out", required=True, metavar="FILE", help="where the plaintext goes ('-': stdout)"
     )
+    add_json_arg(open_)
     open_.set_defaults(func=_cmd_result_open)

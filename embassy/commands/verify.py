@@ -4,13 +4,14 @@ flags, and print what was checked (or, with ``--json``, the verifier's report)."
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from embassy.commands.inputs import read_input
 from embassy.commands.keys import passphrase
+from embassy.commands.output import add_json_arg, print_json
 from embassy.commands.policy import add_policy_args, trust_policy
+from embassy.commands.progress import progress_for
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -22,9 +23,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         args.reply_private = ReplyPrivateKey.from_pem(
             read_input(args.reply_key), passphrase(), f"--reply-key {args.reply_key}"
         )
-    result = report.run(args.what, args, trust_policy(args), read_input)
+    policy = trust_policy(args)
+    with progress_for(args).step(f"verify {args.what}: checking"):
+        result = report.run(args.what, args, policy, read_input)
     if args.json:
-        sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+        print_json(result)
     else:
         for check in result["checks"]:
             sys.stdout.write(f"ok    {check}\n")
@@ -79,4 +82,4 @@ def add_parser(sub: Any) -> None:
             p.add_argument("--evidence", help="fresh evidence fetched after the log")
             p.add_argument("--nonce", help="the nonce of --evidence (hex)")
         add_policy_args(p)
-        p.add_argument("--json", action="store_true", help="machine-readable result")
+        add_json_arg(p)

@@ -15,13 +15,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from embassy.commands.output import add_json_arg
+from embassy.commands.output import emit as _emit
+from embassy.commands.progress import progress_for
 from embassy.errors import ConfigError
 
 PASSPHRASE_ENV = "EMBASSY_REGISTRAR_PASSPHRASE"  # noqa: S105 (the variable's name)
@@ -86,10 +87,6 @@ class SocketAttester:
         )
 
 
-def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
-    sys.stdout.write(json.dumps(result, sort_keys=True) + "\n" if args.json else text + "\n")
-
-
 def _cmd_init(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import hashes
 
@@ -106,7 +103,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.dir) / CERT_FILE
     _emit(
         args,
-        {"ok": True, "certificate": str(path), "sha256": sha},
+        {"certificate": str(path), "sha256": sha},
         f"registrar: CA {args.name!r} created; auditors pin {path} (sha256 {sha})",
     )
     return 0
@@ -122,19 +119,21 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     issuer = load_ca(Path(args.dir), _passphrase())
     trust = _trust(args)
     attester = SocketAttester(Path(args.socket))
-    enrollment = enroll(
-        attester, issuer, trust, now=datetime.now(UTC), lifetime=timedelta(days=args.days)
-    )
+    progress = progress_for(args)
+    with progress.step("registrar: enrolling (the daemon's TPM activates the credential)"):
+        enrollment = enroll(
+            attester, issuer, trust, now=datetime.now(UTC), lifetime=timedelta(days=args.days)
+        )
     chain = chain_for(enrollment)
     if args.out:
         write_atomic(Path(args.out), enrollment.certificate.public_bytes(Encoding.PEM), 0o644)
     if not args.no_install:
-        attester.install_ak_chain(chain)
+        with progress.step("registrar: waiting for the daemon to install the chain"):
+            attester.install_ak_chain(chain)
     kind = enrollment.ek.kind.value
     _emit(
         args,
         {
-            "ok": True,
             "ak_name": enrollment.ak_name.hex(),
             "tpm_kind": kind,
             "tpm": enrollment.ek.attributes.describe(),
@@ -177,7 +176,7 @@ def _cmd_challenge(args: argparse.Namespace) -> int:
     write_atomic(Path(args.out), canonical_json(challenge_json(challenge_id, challenge)), 0o644)
     _emit(
         args,
-        {"ok": True, "id": challenge_id.hex(), "ak_name": challenge.ak_name.hex()},
+        {"id": challenge_id.hex(), "ak_name": challenge.ak_name.hex()},
         f"registrar: challenge {challenge_id.hex()} for AK {challenge.ak_name.hex()} written to "
         f"{args.out}; have the host answer it (`embassy registrar answer`)",
     )
@@ -190,12 +189,13 @@ def _cmd_answer(args: argparse.Namespace) -> int:
     from embassy.wire.codec import canonical_json
 
     relayed = parse_challenge(_read_file(args.challenge))
-    secret = SocketAttester(Path(args.socket)).activate_credential(
-        relayed.credential_blob, relayed.encrypted_secret
-    )
+    with progress_for(args).step("registrar: waiting for the daemon's TPM to answer"):
+        secret = SocketAttester(Path(args.socket)).activate_credential(
+            relayed.credential_blob, relayed.encrypted_secret
+        )
     # Only the registrar that made the challenge can use this; it is one-use.
     write_atomic(Path(args.out), canonical_json(answer_json(relayed.id, secret)), 0o600)
-    _emit(args, {"ok": True, "id": relayed.id.hex()}, f"registrar: answer written to {args.out}")
+    _emit(args, {"id": relayed.id.hex()}, f"registrar: answer written to {args.out}")
     return 0
 
 
@@ -227,7 +227,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     write_atomic(Path(args.out), enrollment.certificate.public_bytes(Encoding.PEM), 0o644)
     _emit(
         args,
-        {"ok": True, "ak_name": enrollment.ak_name.hex(), "tpm_kind": certified.kind.value},
+        {"ak_name": enrollment.ak_name.hex(), "tpm_kind": certified.kind.value},
         f"registrar: AK {enrollment.ak_name.hex()} certified; install {args.out} on the host "
         "(`embassy registrar install`)",
     )
@@ -238,8 +238,9 @@ def _cmd_install(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     chain = [c.public_bytes(Encoding.DER) for c in _bundle([args.chain])]
-    answer = SocketAttester(Path(args.socket)).install_ak_chain(chain)
-    _emit(args, {"ok": True, **answer}, f"registrar: installed {len(chain)} certificate(s)")
+    with progress_for(args).step("registrar: waiting for the daemon to install the chain"):
+        answer = SocketAttester(Path(args.socket)).install_ak_chain(chain)
+    _emit(args, {**answer}, f"registrar: installed {len(chain)} certificate(s)")
     return 0
 
 
@@ -295,4 +296,4 @@ def add_parser(sub: Any) -> None:
     install.add_argument("--chain", required=True, help="PEM: the AK certificate first")
     install.set_defaults(func=_cmd_install)
     for p in (init, enroll, install, challenge, answer, issue):
-        p.add_argument("--json", action="store_true", help="machine-readable result")
+        add_json_arg(p)

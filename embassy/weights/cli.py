@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from embassy.commands.output import add_json_arg, print_json
+from embassy.commands.output import emit as _emit
+from embassy.commands.progress import counting, progress_for
 from embassy.errors import ConfigError
 from workload_sdk.weights import DEFAULT_CHUNK_SIZE, KEY_LEN, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
@@ -64,7 +67,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: exists; a key is never overwritten") from None
     finally:
         key[:] = bytes(KEY_LEN)
-    _emit(args, {"ok": True, "key_file": args.out}, f"weights: new key in {args.out} (0600)")
+    _emit(args, {"key_file": args.out}, f"weights: new key in {args.out} (0600)")
     return 0
 
 
@@ -73,19 +76,24 @@ def _cmd_encrypt(args: argparse.Namespace) -> int:
 
     key = read_key_file(args.key_file)
     try:
-        header = encrypt_file(
-            Path(args.input),
-            Path(args.out),
-            key,
-            model_id=args.model_id,
-            key_id=args.key_id,
-            chunk_size=args.chunk_size,
-            hide_names=args.hide_names,
-        )
+        size = Path(args.input).stat().st_size
+    except OSError:
+        size = 0  # encrypt_file says what is wrong with it
+    try:
+        with progress_for(args).step(f"weights: encrypting {args.input}", size or None) as step:
+            header = encrypt_file(
+                Path(args.input),
+                Path(args.out),
+                key,
+                model_id=args.model_id,
+                key_id=args.key_id,
+                chunk_size=args.chunk_size,
+                hide_names=args.hide_names,
+                wrap_source=lambda src: counting(src, step),
+            )
     finally:
         key[:] = bytes(len(key))
     result = {
-        "ok": True,
         "out": args.out,
         "model_id": header.model_id,
         "key_id": header.key_id,
@@ -105,12 +113,12 @@ def _cmd_encrypt(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from embassy.weights.format import inspect
 
-    sys.stdout.write(json.dumps(inspect(Path(args.file)), indent=2, sort_keys=True) + "\n")
+    header = inspect(Path(args.file))
+    if args.json:  # one line, and the same "ok" as every --json document
+        print_json({"ok": True, "header": header})
+    else:
+        sys.stdout.write(json.dumps(header, indent=2, sort_keys=True) + "\n")
     return 0
-
-
-def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
-    sys.stdout.write(json.dumps(result, sort_keys=True) + "\n" if args.json else text + "\n")
 
 
 def _chunk_size(text: str) -> int:
@@ -130,7 +138,7 @@ def add_parser(sub: Any) -> None:
     commands = weights.add_subparsers(dest="weights_command", required=True)
     keygen = commands.add_parser("keygen", help="a new random weights key (hex, mode 0600)")
     keygen.add_argument("--out", required=True, help="the key file to create (never overwritten)")
-    keygen.add_argument("--json", action="store_true", help="machine-readable result")
+    add_json_arg(keygen)
     keygen.set_defaults(func=_cmd_keygen)
     encrypt = commands.add_parser("encrypt", help="encrypt a safetensors file")
     encrypt.add_argument("--in", dest="input", required=True, help="the safetensors file")
@@ -149,8 +157,9 @@ def add_parser(sub: Any) -> None:
         default=DEFAULT_CHUNK_SIZE,
         help=f"plaintext bytes per chunk, a power of two (default {DEFAULT_CHUNK_SIZE})",
     )
-    encrypt.add_argument("--json", action="store_true", help="machine-readable result")
+    add_json_arg(encrypt)
     encrypt.set_defaults(func=_cmd_encrypt)
     inspect = commands.add_parser("inspect", help="print a file's public header (JSON)")
     inspect.add_argument("file", help="the encrypted model file")
+    add_json_arg(inspect)
     inspect.set_defaults(func=_cmd_inspect)

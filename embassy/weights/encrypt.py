@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -179,9 +180,11 @@ def encrypt_file(
     key_id: str,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     hide_names: bool = False,
+    wrap_source: Callable[[BinaryIO], BinaryIO] | None = None,
 ) -> sdk.Header:
     """Encrypt ``src`` into ``dst`` through a temporary file renamed into place when complete
-    and fsync'd, so ``dst`` is never a partial file."""
+    and fsync'd, so ``dst`` is never a partial file. ``wrap_source``, if given, wraps the
+    opened source (the command line counts progress through it)."""
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         with open(src, "rb") as source:
@@ -190,7 +193,7 @@ def encrypt_file(
             with os.fdopen(fd, "wb", buffering=0) as raw_out:
                 out = _Writer(raw_out.fileno())
                 header = encrypt_stream(
-                    source,
+                    source if wrap_source is None else wrap_source(source),
                     size,
                     out,
                     key,
