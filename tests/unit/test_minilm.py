@@ -23,9 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from examples.minilm import safetensors
 from examples.minilm.model import MiniLM, erf, installed_model_dir
-from examples.minilm.tokenizer import WordPieceTokenizer
 
 # Outside tests/vectors, which scripts/gen_vectors.py owns.
 REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "minilm-reference.json"
@@ -141,14 +139,7 @@ def test_erf_is_accurate() -> None:
     assert float(np.abs(got - want).max()) < 1.5e-7 + 6e-8  # A&S 7.1.26 + float32 rounding
 
 
-# -- tokenizer ------------------------------------------------------------------------------
-
-
-def _tiny_tokenizer(tmp_path: Path, tokens: list[str]) -> WordPieceTokenizer:
-    vocab = tmp_path / "vocab.txt"
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab.write_text("\n".join(specials + tokens) + "\n", encoding="utf-8")
-    return WordPieceTokenizer.from_vocab_file(vocab)
+# -- tokenizer (Hugging Face's tokenizers on the model's tokenizer.json) --------------------
 
 
 def test_tokenizer_empty_and_blank(model: MiniLM) -> None:
@@ -156,127 +147,92 @@ def test_tokenizer_empty_and_blank(model: MiniLM) -> None:
     assert model.encode(" \t\n\x00\ufffd") == [101, 102]
 
 
-def test_tokenizer_wordpiece_rules(tmp_path: Path) -> None:
-    tok = _tiny_tokenizer(tmp_path, ["un", "##aff", "##able", "aff", ",", "cafe", "中"])
-    assert tok.encode("unaffable") == [2, 5, 6, 7, 3]
-    assert tok.encode("UNAFFABLE, Café") == [2, 5, 6, 7, 9, 10, 3]
-    assert tok.encode("unaffx") == [2, 1, 3]  # one unmatched piece: the whole word is [UNK]
-    assert tok.encode("中中") == [2, 11, 11, 3]  # CJK ideographs are words of their own
-    assert tok.encode("un" * 51) == [2, 1, 3]  # over 100 characters
-    assert tok.encode("un [MASK]un") == [2, 5, 4, 5, 3]
-    assert tok.encode("un un un un", max_len=4) == [2, 5, 5, 3]
-    with pytest.raises(ValueError, match="max_len"):
-        tok.encode("un", max_len=1)
+def test_tokenizer_neither_pads_nor_truncates_at_the_files_128(model: MiniLM) -> None:
+    # tokenizer.json pads to 128 and truncates at 128; one sentence per forward pass takes
+    # neither, and sentence-transformers cuts at max_seq_length (256), [CLS] and [SEP] included.
+    assert len(model.encode("hello")) == 3
+    ids = model.encode("hello " * 1000)
+    assert len(ids) == model.max_seq_length == 256
+    assert ids[0] == 101
+    assert ids[-1] == 102
+    assert set(ids[1:-1]) == {7592}
 
 
-def test_tokenizer_refuses_bad_vocab(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="already on line"):
-        _tiny_tokenizer(tmp_path, ["a", "b", "a"])
-    (tmp_path / "v.txt").write_text("a\nb\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="special tokens"):
-        WordPieceTokenizer.from_vocab_file(tmp_path / "v.txt")
+def test_load_refuses_tokenizer_of_another_vocabulary(tmp_path: Path) -> None:
+    src = installed_model_dir()
+    for name in ("config.json", "sentence_bert_config.json", "1_Pooling/config.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    doc = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    doc["model"]["vocab"]["an-extra-token"] = len(doc["model"]["vocab"])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    tensors = _plain_tensors(src)
+    with pytest.raises(ValueError, match="tokenizer has 30523 tokens, config 30522"):
+        MiniLM.load(tmp_path, tensors=tensors)
 
 
-# -- safetensors ----------------------------------------------------------------------------
+# -- safetensors (the library reads a plaintext model.safetensors) ------------------------
 
 
-def _write(
-    path: Path, header: dict[str, Any], data: bytes, *, claimed_len: int | None = None
-) -> Path:
+def _plain_tensors(src: Path) -> dict[str, npt.NDArray[Any]]:
+    from safetensors.numpy import load_file
+
+    return load_file(src / "model.safetensors")
+
+
+def _model_dir_with_weights(tmp_path: Path, weights: bytes) -> Path:
+    src = installed_model_dir()
+    for name in (
+        "config.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+        "tokenizer.json",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    return tmp_path
+
+
+def _file(header: dict[str, Any], data: bytes) -> bytes:
     raw = json.dumps(header).encode()
-    n = len(raw) if claimed_len is None else claimed_len
-    path.write_bytes(struct.pack("<Q", n) + raw + data)
-    return path
+    return struct.pack("<Q", len(raw)) + raw + data
 
 
 def _entry(dtype: str, shape: list[int], begin: int, end: int) -> dict[str, Any]:
     return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
 
 
-def test_safetensors_reads_dtypes(tmp_path: Path) -> None:
-    f32 = np.arange(6, dtype="<f4").reshape(2, 3)
-    f16 = np.array([1.5, -2.0], dtype="<f2")
-    bf16 = (np.array([3.25, -0.5], dtype="<f4").view("<u4") >> 16).astype("<u2")
-    i64 = np.array([7, -8], dtype="<i8")
-    data = f32.tobytes() + f16.tobytes() + bf16.tobytes() + i64.tobytes()
-    header = {
-        "__metadata__": {"format": "pt"},
-        "a": _entry("F32", [2, 3], 0, 24),
-        "b": _entry("F16", [2], 24, 28),
-        "c": _entry("BF16", [2], 28, 32),
-        "d": _entry("I64", [2], 32, 48),
-        "e": _entry("F32", [0, 4], 48, 48),
-    }
-    tensors, metadata = safetensors.load(_write(tmp_path / "ok.safetensors", header, data))
-    assert metadata == {"format": "pt"}
-    np.testing.assert_array_equal(tensors["a"], f32)
-    assert tensors["b"].dtype == np.float16
-    np.testing.assert_array_equal(tensors["b"], f16)
-    assert tensors["c"].dtype == np.float32
-    np.testing.assert_array_equal(tensors["c"], [3.25, -0.5])
-    np.testing.assert_array_equal(tensors["d"], i64)
-    assert tensors["e"].shape == (0, 4)
-    assert not tensors["a"].flags.writeable
-
-
-def test_safetensors_rejects_truncated_file(tmp_path: Path) -> None:
-    header = {"a": _entry("F32", [4], 0, 16)}
-    path = _write(tmp_path / "t.safetensors", header, bytes(12))
-    with pytest.raises(ValueError, match="out of bounds"):
-        safetensors.load(path)
-    path.write_bytes(b"\x10\x00\x00")
-    with pytest.raises(ValueError, match="no header length"):
-        safetensors.load(path)
-
-
-def test_safetensors_rejects_out_of_bounds_offset(tmp_path: Path) -> None:
-    header = {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 1 << 40, (1 << 40) + 8)}
-    with pytest.raises(ValueError, match=r"'b'.*out of bounds"):
-        safetensors.load(_write(tmp_path / "o.safetensors", header, bytes(16)))
-
-
-def test_safetensors_rejects_overlap(tmp_path: Path) -> None:
-    header = {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 4, 12)}
-    with pytest.raises(ValueError, match="overlaps"):
-        safetensors.load(_write(tmp_path / "v.safetensors", header, bytes(12)))
-
-
-def test_safetensors_rejects_header_longer_than_file(tmp_path: Path) -> None:
-    header = {"a": _entry("F32", [1], 0, 4)}
-    path = _write(tmp_path / "h.safetensors", header, bytes(4), claimed_len=10_000)
-    with pytest.raises(ValueError, match="header length 10000 exceeds the file"):
-        safetensors.load(path)
+def test_load_reads_plaintext_weights_like_decrypted_ones(model: MiniLM) -> None:
+    tensors = _plain_tensors(installed_model_dir())
+    again = MiniLM.load(installed_model_dir(), tensors=tensors)
+    ids = model.encode(CASES[0]["text"])
+    np.testing.assert_array_equal(again.forward(ids), model.forward(ids))
 
 
 @pytest.mark.parametrize(
     ("header", "data", "message"),
     [
-        ({"a": _entry("Q8", [1], 0, 1)}, bytes(1), "unknown dtype"),
-        ({"a": _entry("F32", [3], 0, 8)}, bytes(8), "needs 12 bytes"),
-        ({"a": _entry("F32", [1], 4, 8)}, bytes(8), "unindexed bytes \\[0, 4\\)"),
-        ({"a": _entry("F32", [1], 0, 4)}, bytes(8), "unindexed bytes \\[4, 8\\)"),
-        ({"a": _entry("F32", [1], 4, 0)}, bytes(4), "reversed"),
-        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4), "shape"),
-        ({"a": {"dtype": "F32", "shape": [1]}}, bytes(4), "exactly dtype"),
-        ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
+        # Two tensors over the same bytes: one write would show through the other.
+        ({"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 0, 8)}, bytes(8), "offset"),
+        ({"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 4, 12)}, bytes(12), "offset"),
+        ({"a": _entry("F32", [1], 0, 4), "b": _entry("F32", [1], 8, 12)}, bytes(12), "offset"),
+        ({"a": _entry("F32", [1], 0, 4)}, bytes(8), "not fully covered"),
+        ({"a": _entry("F32", [4], 0, 16)}, bytes(12), "not fully covered"),
+        (
+            {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 1 << 40, (1 << 40) + 8)},
+            bytes(16),
+            "offset",
+        ),
+        ({"a": _entry("F32", [3], 0, 8)}, bytes(8), "invalid shape, data type, or offset"),
     ],
+    ids=["alias", "overlap", "hole", "trailing", "truncated", "out-of-bounds", "size"],
 )
-def test_safetensors_rejects_bad_entries(
+def test_load_refuses_malformed_weights(
     tmp_path: Path, header: dict[str, Any], data: bytes, message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
-        safetensors.load(_write(tmp_path / "x.safetensors", header, data))
+    from safetensors import SafetensorError
 
-
-def test_safetensors_rejects_bad_json(tmp_path: Path) -> None:
-    path = tmp_path / "j.safetensors"
-    raw = b'{"a": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}, "a": 1}'
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
-    with pytest.raises(ValueError, match="duplicate key"):
-        safetensors.load(path)
-    path.write_bytes(struct.pack("<Q", 3) + b"[1]")
-    with pytest.raises(ValueError, match="not a JSON object"):
-        safetensors.load(path)
-    path.write_bytes(struct.pack("<Q", 2) + b"\xff{")
-    with pytest.raises(ValueError, match="not UTF-8 JSON"):
-        safetensors.load(path)
+    d = _model_dir_with_weights(tmp_path, _file(header, data))
+    with pytest.raises(SafetensorError, match=message):
+        MiniLM.load(d)
