@@ -33,8 +33,9 @@ fsync'd, extended into the log PCR) between two fsync'd SQLite transactions.
    names), then released: timed from the release to the last commit, the intake's own
    throughput. **Baseline, same run**: numpy reading copies of the same kind of files
    (written by the same writer to another directory on the same file system):
-   ``f.read()``, ``np.frombuffer``, and formula v2 (``pool_windows``, ``score_v2``) with the
-   registry's own model, on one thread. It runs before and after the intake; the faster of
+   ``f.read()``, ``np.frombuffer``, and formula v2 (the windows as the daemon computes them,
+   bit for bit ``pool_windows``, then ``score_v2``) with the registry's own model, on one
+   thread. It runs before and after the intake; the faster of
    the two is the baseline.
 2. **Latency**, file closed -> meter committed: files written one at a time, each waited
    for; measured from the writer's rename into place (its last step; the writer process
@@ -91,7 +92,7 @@ from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.runtime import Embassy, TpmHandle
 from embassy.measure import Measurement
 from embassy.metering.actions import seal_actions
-from embassy.metering.formula_v2 import CentroidModel, pool_windows, score_v2
+from embassy.metering.formula_v2 import CentroidModel, score_v2
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.wire.codec import b64encode
 from embassy.wire.dsse import keyid
@@ -250,9 +251,11 @@ class Bench:
             for polarity, count in PER_CAPABILITY:
                 session = self.begin(Op.WRITE, [capability], Polarity(polarity))
                 writer = ActivationWriter(self.teach_dir, session)
-                for _ in range(count):
-                    array = rng.standard_normal((4, DIM)).astype(np.float32)
-                    self.embassy.metering.handle(writer.write(TENSOR, array))
+                paths = [
+                    writer.write(TENSOR, rng.standard_normal((4, DIM)).astype(np.float32))
+                    for _ in range(count)
+                ]
+                self.embassy.metering.handle_many(paths)  # one group: one refit of the model
                 summary = self.finish(session)
                 assert summary["signatures_written"] == count, summary
         seconds = time.perf_counter() - t0
@@ -408,7 +411,7 @@ def baseline(paths: list[Path], shape: tuple[int, int], model: CentroidModel) ->
         with path.open("rb") as f:
             raw = f.read()
         data = np.frombuffer(raw, dtype=np.float32, count=count, offset=offset).reshape(shape)
-        sink += sum(score_v2(model, pool_windows(data)).values())
+        sink += sum(score_v2(model, group_module.windows_of(data)).values())
     seconds = (time.perf_counter_ns() - t0) / 1e9
     assert sink >= 0
     return seconds
@@ -480,7 +483,7 @@ class InPlace:
                 (activation_module, "parse_activation", "parse"),
                 (activation_module, "_check_checksum", "checksum"),
                 (activation_module, "_check_finite", "finite"),
-                (group_module, "pool_windows", "pool"),
+                (group_module, "windows_of", "pool"),
                 (registry, "centroid_model", "signature_set"),
                 (group_module, "score_v2", "score"),
                 (registry, "stage_group", "stage_update"),
@@ -595,7 +598,7 @@ SPLIT_ROWS: list[tuple[str | None, str]] = [
     ("finite", "  NaN/inf check"),
     ("parse", "  header checks, frombuffer"),
     (None, "pool + score"),
-    ("pool", "  pool_windows (v2: mean + windows, float64)"),
+    ("pool", "  windows (v2: mean + windows, float64)"),
     ("signature_set", "  registry.centroid_model (cached)"),
     ("score", "  score_v2 against the model of 1,000 signatures"),
     (None, "stage + statement + commit"),

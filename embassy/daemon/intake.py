@@ -201,6 +201,8 @@ class ActivationIntake:
                 time.sleep(TICK_SECONDS)
                 continue
             for mask, name in events:
+                if TEMP_NAME.fullmatch(name):
+                    continue  # a writer at work: renamed soon, or found stale by a sweep
                 if mask & IN_Q_OVERFLOW:
                     self.overflows += 1
                     self._rescan.set()
