@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -65,19 +65,34 @@ class AppendFile(Generic[T]):
 
     def append(self, record: T, raw: bytes) -> None:
         """Append one record durably, or raise :class:`StorageError` having stored nothing."""
+        self.append_many([(record, raw)])
+
+    def append_many(self, items: Sequence[tuple[T, bytes]]) -> None:
+        """Append records with one write and one fsync (a group commit): all of them durably,
+        or none (:class:`StorageError`, the file cut back to where it was)."""
         if self._broken is not None:
             raise StorageError(f"{self.path.name}: appends refused until restart: {self._broken}")
-        line = raw + b"\n"
+        data = b"".join(raw + b"\n" for _, raw in items)
         try:
-            write_all(self._fd, line)
+            write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError as exc:
             self._cut_back(exc)
             raise StorageError(
                 f"{self.path.name}: append failed ({exc.strerror}); nothing was stored"
             ) from None
-        self._size += len(line)
-        self.records.append(record)
+        self._size += len(data)
+        self.records.extend(record for record, _ in items)
+
+    def drop_last(self, count: int, nbytes: int) -> None:
+        """Cut the last ``count`` records (``nbytes`` bytes of lines) from the file, durably:
+        for start-up recovery of records that were never acknowledged."""
+        if not 0 < count <= len(self.records) or not 0 < nbytes <= self._size:
+            raise ValueError(f"cannot drop {count} records / {nbytes} bytes")
+        os.ftruncate(self._fd, self._size - nbytes)
+        os.fsync(self._fd)
+        self._size -= nbytes
+        del self.records[-count:]
 
     def _cut_back(self, exc: OSError) -> None:
         """Truncate to the last acknowledged record after a failed append."""

@@ -1,17 +1,27 @@
 """The statement log as the daemon keeps it: sign, append durably, extend, checkpoint.
 
-Order of effects for every entry, all under one lock: build the entry over the current
-head, append it to the file and fsync, then extend its digest into the PCR. A crash after
-the fsync and before the extend leaves the PCR one entry behind the file; :meth:`recover`
-finds exactly that case and finishes the extend. Any other disagreement between the file
-and the PCRs is tampering (or a foreign extend), reported as :class:`TamperError`: the
-daemon refuses to sign on top of a log it cannot vouch for.
+Statements are group-committed (ADR 0016). A writer queues its statement; the first writer
+to find no commit in progress becomes the leader and takes everything queued (at most
+``MAX_BATCH``), while the others wait. Under the log lock the leader reads the TPM clock
+once, builds and signs each statement at its position (one clock for all), writes all
+their lines with one write and one fsync, extends the PCR once (the entry digest for a
+batch of one, exactly as before batches; else the batch digest over the entries'
+digests), and then wakes every writer of the batch with its own result, or all of them
+with the same exception. A statement is acknowledged only once its whole batch is both
+fsync'd and extended. Events (starts, launch inputs) are committed alone.
+
+A crash after the fsync and before the extend leaves the PCR one commit (an entry or a
+batch) behind the file; :meth:`recover` finds exactly that case and finishes the extend. A
+batch whose last lines never reached the file (a crash inside its write) was neither
+fsync'd whole nor extended nor acknowledged: :meth:`recover` cuts its lines. Any other
+disagreement between the file and the PCRs is tampering (or a foreign extend), reported as
+:class:`TamperError`: the daemon refuses to sign on top of a log it cannot vouch for.
 
 A failed append (a full disk) stores nothing and raises :class:`StorageError` (see
-``logstore``); the daemon goes on. A failed extend after the line is stored leaves the PCR
-one entry behind: every later append is refused (``TpmError``) until a restart, whose
-``recover`` finishes that extend. A failed periodic checkpoint after an entry is stored
-does not fail the entry (it was acknowledged): it is logged and retried with the next one.
+``logstore``); the daemon goes on. A failed extend after the lines are stored leaves the
+PCR one commit behind: every later append is refused (``TpmError``) until a restart, whose
+``recover`` finishes that extend. A failed periodic checkpoint after a commit does not
+fail it (it was acknowledged): it is logged and retried with the next one.
 
 Quotes cost TPM time (1.7 ms each on a hardware TPM, and a checkpoint line): a
 ``GET /v1/log`` whose head has not moved since the last checkpoint reuses that checkpoint
@@ -30,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embassy.attest.types import ClockInfo
 from embassy.config import PcrLayout
 from embassy.daemon.keys import EmbassyKeys
 from embassy.daemon.logstore import AppendFile
@@ -51,7 +62,7 @@ from embassy.log.entry import (
     parse_entry,
 )
 from embassy.log.event import EVENT_PAYLOAD_TYPE, encode_event
-from embassy.log.segment import Segment, check_chain, replay
+from embassy.log.segment import Segment, check_chain, extends, last_commit, replay
 from embassy.log.verify_entry import authenticate_entry
 from embassy.tpm.interface import Tpm
 from embassy.wire.codec import canonical_json
@@ -64,6 +75,9 @@ _LOG = logging.getLogger(__name__)
 # the TPM's time.
 EVIDENCE_QUOTES_PER_SECOND = 20.0
 EVIDENCE_QUOTE_BURST = 40
+# The most statements one leader commits at once: bounds what a follower waits behind and
+# the batch a verifier buffers (the wire allows up to entry.MAX_BATCH_ENTRIES).
+MAX_BATCH = 64
 
 
 class QuoteBudget:
@@ -99,6 +113,23 @@ class Appended:
     entry: LogEntry
 
 
+class _Pending:
+    """One writer's statement while it waits for a group commit: its outcome is set once,
+    by the leader that commits it, before ``done``."""
+
+    __slots__ = ("body", "done", "error", "predicate_type", "result", "subjects")
+
+    def __init__(
+        self, predicate_type: str, subjects: tuple[Subject, ...], body: Mapping[str, Any]
+    ) -> None:
+        self.predicate_type = predicate_type
+        self.subjects = subjects
+        self.body = body
+        self.result: Appended | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
 # A checkpoint whose head is not the entry at its seq (the log was cut back and grew again)
 # is skipped; after this many, a segment starts at the boot's first entry instead.
 _ANCHOR_LOOKBACK = 64
@@ -113,6 +144,7 @@ class StatementLog:
         keys: EmbassyKeys,
         pcrs: PcrLayout,
         checkpoint_every: int,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self._tpm = tpm
         self._keys = keys
@@ -126,6 +158,11 @@ class StatementLog:
         # Set when an entry is stored but its extend failed: appending on top would make
         # the PCR disagree with the file for good; recover() at restart repairs this case.
         self._unextended: str | None = None
+        # Group commit: statements waiting for a leader, and whether one is committing.
+        self._max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._queued = threading.Condition(threading.Lock())
+        self._leading = False
         self.evidence_quotes = QuoteBudget(EVIDENCE_QUOTES_PER_SECOND, EVIDENCE_QUOTE_BURST)
 
     # -- reading -----------------------------------------------------------------------
@@ -155,7 +192,8 @@ class StatementLog:
     # -- start-up ------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Check the file against itself and the TPM; finish an interrupted extend."""
+        """Check the file against itself and the TPM; finish an interrupted extend and cut
+        a batch whose write a crash interrupted."""
         with self._lock:
             records = self._entries.records
             try:
@@ -174,30 +212,23 @@ class StatementLog:
                     f"after the TPM's current boot {reset_count}: the TPM was rolled back "
                     "or the log belongs to another TPM"
                 )
+            cut = self._unfinished_batch(records)
             boot = self._boot_entries(reset_count)
+            if cut and records[-1].reset_count == reset_count:
+                boot = boot[:-cut]
             roles = (self._pcrs.embassy, self._pcrs.log)
             actual = self._tpm.read_pcrs(roles)
-            if actual == replay(boot, {}, roles):
-                return
-            if boot and actual == replay(boot[:-1], {}, roles):
-                last = boot[-1]
-                # Only an entry this embassy signed for exactly this position is repaired;
-                # a line appended to the file by someone else is tampering.
-                try:
-                    authenticate_entry(last, self._keys.signing.public_key())
-                except EmbassyError as exc:
-                    raise TamperError(
-                        f"log.jsonl: unextended last entry seq {last.seq} is not one this "
-                        f"embassy signed ({exc.message})"
-                    ) from None
-                _LOG.warning(
-                    "log: entry seq %d was written but not extended (crash in between); "
-                    "extending it now",
-                    last.seq,
-                )
-                self._tpm.extend(last.pcr, last.digest)
-                return
-            expected = replay(boot, {}, roles)
+            try:
+                if actual == replay(boot, {}, roles):
+                    self._drop_unfinished(cut)
+                    return
+                tail = last_commit(boot)
+                if not cut and boot and actual == replay(boot[:-tail], {}, roles):
+                    self._repair_extend(boot[-tail:])
+                    return
+                expected = replay(boot, {}, roles)
+            except LogIntegrityError as exc:
+                raise TamperError(f"log.jsonl: {exc.message}") from None
             diffs = ", ".join(
                 f"PCR {p} is {actual[p].hex()[:16]}… but the log replays to "
                 f"{expected[p].hex()[:16]}…"
@@ -206,40 +237,98 @@ class StatementLog:
             )
             raise TamperError(f"the log does not match the TPM for boot {reset_count}: {diffs}")
 
+    def _authenticate_own(self, entry: LogEntry, what: str) -> None:
+        """Only entries this embassy signed for exactly their position are repaired or cut
+        as its own; a line appended to the file by someone else is tampering."""
+        try:
+            authenticate_entry(entry, self._keys.signing.public_key())
+        except EmbassyError as exc:
+            raise TamperError(
+                f"log.jsonl: {what} entry seq {entry.seq} is not one this embassy signed "
+                f"({exc.message})"
+            ) from None
+
+    def _unfinished_batch(self, records: Sequence[LogEntry]) -> int:
+        """How many entries at the file's end are the start of a batch whose later lines
+        are missing: a crash inside the batch's one write. Never fsync'd whole, so never
+        extended nor acknowledged."""
+        last = records[-1] if records else None
+        if last is None or last.batch is None or last.seq >= last.batch[1]:
+            return 0
+        first = last.batch[0]
+        count = last.seq - first + 1
+        tail = records[-count:] if count <= len(records) else records
+        for k, entry in enumerate(tail):
+            if entry.seq != first + k or entry.batch != last.batch:
+                raise TamperError(
+                    f"log.jsonl: entry seq {entry.seq} ends the file inside batch "
+                    f"[{first},{last.batch[1]}] but the entries before it do not form its start"
+                )
+            if entry.reset_count != last.reset_count:
+                raise TamperError(f"log.jsonl: batch [{first},{last.batch[1]}] spans TPM boots")
+            self._authenticate_own(entry, "unfinished batch")
+        return count
+
+    def _drop_unfinished(self, count: int) -> None:
+        if not count:
+            return
+        records = self._entries.records
+        dropped = records[-count:]
+        _LOG.warning(
+            "log: batch [%d,%d] was cut short by a crash inside its write (entries %d..%d "
+            "present, never acknowledged nor extended); cutting them",
+            dropped[0].batch[0] if dropped[0].batch else dropped[0].seq,
+            dropped[0].batch[1] if dropped[0].batch else dropped[0].seq,
+            dropped[0].seq,
+            dropped[-1].seq,
+        )
+        self._entries.drop_last(count, sum(len(e.raw) + 1 for e in dropped))
+
+    def _repair_extend(self, tail: Sequence[LogEntry]) -> None:
+        """Finish the extend of the last commit (an entry or a whole batch), stored but not
+        extended when the daemon went down."""
+        for entry in tail:
+            self._authenticate_own(entry, "unextended")
+        ((_, pcr, digest),) = extends(tail)
+        _LOG.warning(
+            "log: entries seq %d..%d were written but not extended (crash in between); "
+            "extending them now",
+            tail[0].seq,
+            tail[-1].seq,
+        )
+        self._tpm.extend(pcr, digest)
+
     # -- writing ---------------------------------------------------------------------------
 
-    def _append_locked(
-        self,
-        *,
-        pcr: int,
-        entry_type: EntryType,
-        data: bytes,
-        seq: int,
-        prev: bytes,
-        reset_count: int,
-    ) -> LogEntry:
+    def _commit_locked(self, entries: Sequence[LogEntry]) -> None:
+        """Store ``entries`` (one commit: an entry alone or a whole batch) with one write and
+        one fsync, then extend the PCR once; raise having acknowledged nothing."""
         if self._unextended is not None:
             raise TpmError(f"log: appends refused until restart: {self._unextended}")
-        entry = encode_entry(
-            seq=seq, prev=prev, reset_count=reset_count, pcr=pcr, type=entry_type, data=data
-        )
-        self._entries.append(entry, entry.raw)  # StorageError: nothing stored
+        self._entries.append_many([(e, e.raw) for e in entries])  # StorageError: nothing stored
+        ((_, pcr, digest),) = extends(entries)
         try:
-            self._tpm.extend(pcr, entry.digest)
+            self._tpm.extend(pcr, digest)
         except BaseException as exc:
             code = exc.code if isinstance(exc, EmbassyError) else type(exc).__name__
-            self._unextended = f"entry seq {seq} is stored but its extend failed ({code})"
+            self._unextended = (
+                f"entry seq {entries[0].seq} is stored but its extend failed ({code})"
+                if len(entries) == 1
+                else f"batch [{entries[0].seq},{entries[-1].seq}] is stored but its extend "
+                f"failed ({code})"
+            )
             _LOG.error("log: %s", self._unextended)
             raise
-        self._since_checkpoint += 1
+        self._since_checkpoint += len(entries)
         if self._since_checkpoint >= self._every:
             try:
                 self._checkpoint_locked()
-            except EmbassyError as exc:  # the entry stands; the checkpoint is retried
+            except EmbassyError as exc:  # the commit stands; the checkpoint is retried
                 _LOG.error(
-                    "log: checkpoint after seq %d failed (%s); retrying later", seq, exc.code
+                    "log: checkpoint after seq %d failed (%s); retrying later",
+                    entries[-1].seq,
+                    exc.code,
                 )
-        return entry
 
     def _next(self) -> tuple[int, bytes]:
         head = self.head
@@ -247,7 +336,7 @@ class StatementLog:
 
     def append_event(self, entry_type: EntryType, body: Mapping[str, Any]) -> LogEntry:
         """Record a signed, position-bound event (a daemon start, a launch input) in the
-        embassy PCR."""
+        embassy PCR, committed alone."""
         with self._lock:
             seq, prev = self._next()
             data = sign_envelope(
@@ -255,39 +344,109 @@ class StatementLog:
                 self._keys.signing,
                 EVENT_PAYLOAD_TYPE,
             )
-            return self._append_locked(
-                pcr=self._pcrs.embassy,
-                entry_type=entry_type,
-                data=data,
+            entry = encode_entry(
                 seq=seq,
                 prev=prev,
                 reset_count=self._tpm.clock().reset_count,
+                pcr=self._pcrs.embassy,
+                type=entry_type,
+                data=data,
             )
+            self._commit_locked([entry])
+            return entry
 
     def append_statement(
         self, predicate_type: str, subjects: Sequence[Subject], body: Mapping[str, Any]
     ) -> Appended:
-        """Sign a statement at the log's next position and append it.
+        """Sign a statement at the log's next position and append it; return once it is
+        fsync'd and extended (group-committed with whatever other writers queued).
 
         No ``subjects``: the statement is about the embassy itself, and its subject is the
         embassy's signing key (in-toto v1 requires at least one subject)."""
         if not subjects:
             subjects = [embassy_subject(raw_public_key(self._keys.signing.public_key()))]
-        with self._lock:
+        pending = _Pending(predicate_type, tuple(subjects), body)
+        with self._queued:
+            self._queue.append(pending)
+        while True:
+            with self._queued:
+                while not pending.done and self._leading:
+                    self._queued.wait()
+                if pending.done:
+                    break
+                self._leading = True
+                batch = self._queue[: self._max_batch]
+                del self._queue[: len(batch)]
+            self._lead(batch)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def _lead(self, batch: list[_Pending]) -> None:
+        """Commit ``batch`` as its leader, then wake its writers (and the next leader)."""
+        try:
+            with self._lock:
+                self._commit_statements_locked(batch)
+        except BaseException as exc:  # every writer of the batch gets the same exception
+            for item in batch:
+                if item.result is None and item.error is None:
+                    item.error = exc
+        finally:
+            with self._queued:
+                for item in batch:
+                    if item.result is None and item.error is None:  # pragma: no cover
+                        item.error = TpmError("log: the group commit ended without an outcome")
+                    item.done = True
+                self._leading = False
+                self._queued.notify_all()
+
+    def _commit_statements_locked(self, batch: list[_Pending]) -> None:
+        clock = self._tpm.clock()  # one read for the batch: every statement carries it
+        built = self._build_locked(batch, clock)
+        if not built:
+            return
+        self._commit_locked([entry for _, _, entry in built])
+        for item, envelope, entry in built:
+            item.result = Appended(envelope, entry)
+
+    def _build_locked(
+        self, batch: list[_Pending], clock: ClockInfo
+    ) -> list[tuple[_Pending, bytes, LogEntry]]:
+        """Sign each statement at its position in a batch of ``len(live)`` from the head.
+        The range is in every entry (and so in each next one's ``prev``), so a statement
+        that cannot be encoded (a bad body: its writer gets that error) means building the
+        rest again for the smaller range; nothing is stored meanwhile."""
+        live = list(batch)
+        while live:
             seq, prev = self._next()
-            clock = self._tpm.clock()
-            header = Header(seq=seq, prev=prev, clock=clock, tpm_mode=self._mode)
-            payload = Statement(predicate_type, tuple(subjects), header, body).encode()
-            envelope = sign_envelope(payload, self._keys.signing)
-            entry = self._append_locked(
-                pcr=self._pcrs.log,
-                entry_type=EntryType.STATEMENT,
-                data=envelope,
-                seq=seq,
-                prev=prev,
-                reset_count=clock.reset_count,
-            )
-            return Appended(envelope, entry)
+            span = (seq, seq + len(live) - 1) if len(live) > 1 else None
+            built: list[tuple[_Pending, bytes, LogEntry]] = []
+            for item in live:
+                header = Header(seq=seq, prev=prev, clock=clock, tpm_mode=self._mode)
+                try:
+                    payload = Statement(
+                        item.predicate_type, item.subjects, header, item.body
+                    ).encode()
+                except (ValueError, TypeError) as exc:
+                    item.error = exc
+                    break
+                envelope = sign_envelope(payload, self._keys.signing)
+                entry = encode_entry(
+                    seq=seq,
+                    prev=prev,
+                    reset_count=clock.reset_count,
+                    pcr=self._pcrs.log,
+                    type=EntryType.STATEMENT,
+                    data=envelope,
+                    batch=span,
+                )
+                built.append((item, envelope, entry))
+                seq, prev = seq + 1, entry.digest
+            else:
+                return built
+            live = [item for item in live if item.error is None]
+        return []
 
     # -- checkpoints and segments ----------------------------------------------------------
 

@@ -11,6 +11,12 @@ an IMA measurement list: replaying the entries of one boot from all-zero PCRs re
 the quoted values. ``reset_count`` is the TPM's reset count when the entry was written; a
 new value starts a new PCR chain (a new boot) while the hash chain goes on.
 
+Group commit (ADR 0016): statements appended together form a *batch* of consecutive
+entries, each of which carries the batch's ``"batch":[first,last]``; the PCR is then
+extended once, with :func:`batch_digest` over the batch's entry digests in order, instead
+of once per entry. A batch of one carries no ``batch`` field and is extended with its entry
+digest, exactly as before batches existed, so older logs read and replay unchanged.
+
 A checkpoint is a TPM quote over the log's PCRs taken when the head was entry ``seq``;
 its qualifying data is :func:`checkpoint_qualifying_data`, which binds the head.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from embassy.attest.types import Quote
@@ -38,6 +45,10 @@ ENTRY_VERSION = 1
 GENESIS = bytes(32)
 MAX_ENTRY_BYTES = 8 * 1024 * 1024
 _CHECKPOINT_DOMAIN = b"embassy-checkpoint-v1\x00"
+_BATCH_DOMAIN = b"embassy-log-batch-v1\x00"
+# The most entries one batch may hold: the daemon commits at most this many statements at
+# once, and a verifier never buffers more than this many entries to replay one extend.
+MAX_BATCH_ENTRIES = 256
 
 
 class EntryType(enum.StrEnum):
@@ -64,35 +75,60 @@ class LogEntry:
     type: EntryType
     data: bytes
     raw: bytes
+    # (first, last) seq of the group-committed batch this entry belongs to; None for a
+    # batch of one (the entry's own digest is extended, as before batches existed).
+    batch: tuple[int, int] | None = None
 
     @property
     def digest(self) -> bytes:
-        """SHA-256 of the exact entry bytes: the chain link and the PCR extend value."""
+        """SHA-256 of the exact entry bytes: the chain link, and the PCR extend value of an
+        entry committed alone (a batch's extend is :func:`batch_digest`)."""
         return hashlib.sha256(self.raw).digest()
 
 
+def batch_digest(first: int, last: int, digests: Sequence[bytes]) -> bytes:
+    """What one PCR extend records for batch ``[first, last]``: a domain-separated SHA-256
+    over its range and its entries' digests in order. The range is inside the hash, so a
+    batch cannot be replayed as another range; the domain keeps it apart from any entry
+    digest (an entry line starts with ``{``)."""
+    if last - first + 1 != len(digests) or last <= first:
+        raise ValueError(f"batch [{first},{last}] with {len(digests)} digests")
+    return hashlib.sha256(
+        _BATCH_DOMAIN + first.to_bytes(8, "big") + last.to_bytes(8, "big") + b"".join(digests)
+    ).digest()
+
+
 def encode_entry(
-    *, seq: int, prev: bytes, reset_count: int, pcr: int, type: EntryType, data: bytes
+    *,
+    seq: int,
+    prev: bytes,
+    reset_count: int,
+    pcr: int,
+    type: EntryType,
+    data: bytes,
+    batch: tuple[int, int] | None = None,
 ) -> LogEntry:
-    raw = canonical_json(
-        {
-            "v": ENTRY_VERSION,
-            "seq": seq,
-            "prev": prev.hex(),
-            "reset_count": reset_count,
-            "pcr": pcr,
-            "type": type.value,
-            "data": b64encode(data),
-        }
-    )
-    return LogEntry(seq, prev, reset_count, pcr, type, data, raw)
+    obj: JsonObject = {
+        "v": ENTRY_VERSION,
+        "seq": seq,
+        "prev": prev.hex(),
+        "reset_count": reset_count,
+        "pcr": pcr,
+        "type": type.value,
+        "data": b64encode(data),
+    }
+    if batch is not None:
+        obj["batch"] = list(batch)
+    return LogEntry(seq, prev, reset_count, pcr, type, data, canonical_json(obj), batch)
 
 
 def parse_entry(raw: bytes) -> LogEntry:
     if len(raw) > MAX_ENTRY_BYTES:
         raise WireFormatError(f"log entry: {len(raw)} bytes exceeds {MAX_ENTRY_BYTES}")
     obj = parse_json_object(raw, "log entry")
-    only_fields(obj, {"v", "seq", "prev", "reset_count", "pcr", "type", "data"}, "log entry")
+    only_fields(
+        obj, {"v", "seq", "prev", "reset_count", "pcr", "type", "data", "batch"}, "log entry"
+    )
     if field(obj, "v", int, "log entry") != ENTRY_VERSION:
         raise WireFormatError(f"log entry: unsupported version {obj['v']}")
     seq = field(obj, "seq", int, "log entry")
@@ -113,7 +149,28 @@ def parse_entry(raw: bytes) -> LogEntry:
         type=entry_type,
         data=b64decode(field(obj, "data", str, "log entry"), "log entry.data"),
         raw=raw,
+        batch=_parse_batch(obj) if "batch" in obj else None,
     )
+
+
+def _parse_batch(obj: JsonObject) -> tuple[int, int]:
+    """``[first, last]``: two seqs, first < last (a batch of one has no field: one encoding
+    per log), at most :data:`MAX_BATCH_ENTRIES` entries. Whether the entry is in the range
+    and the batch whole is the replay's to check (:mod:`embassy.log.segment`)."""
+    value = field(obj, "batch", list, "log entry")
+    if len(value) != 2 or not all(type(v) is int for v in value):
+        raise WireFormatError("log entry.batch: expected [first, last], two integers")
+    first, last = value
+    if first < 0 or last <= first:
+        raise WireFormatError(
+            f"log entry.batch: [{first},{last}] is not a range of two or more entries "
+            "(an entry committed alone carries no batch)"
+        )
+    if last - first + 1 > MAX_BATCH_ENTRIES:
+        raise WireFormatError(
+            f"log entry.batch: [{first},{last}] holds more than {MAX_BATCH_ENTRIES} entries"
+        )
+    return first, last
 
 
 def checkpoint_qualifying_data(seq: int, head: bytes) -> bytes:

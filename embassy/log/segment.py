@@ -9,12 +9,16 @@ Wire format (version 1)::
 PCRs were all zero. Otherwise the anchor's quoted PCR values are the replay's starting point
 and ``entries[0]`` must directly follow the anchor's head. The functions here are pure and
 raise :class:`LogIntegrityError` for a gap, reorder, duplicate or broken chain.
+
+Group-committed batches (ADR 0016) replay as one extend each (:func:`extends`): a segment
+holds whole batches only, since no quote can fall inside one (the daemon extends a batch
+in one step, under the lock every checkpoint takes).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from embassy.errors import LogIntegrityError, WireFormatError
@@ -22,6 +26,7 @@ from embassy.log.entry import (
     ENTRY_VERSION,
     Checkpoint,
     LogEntry,
+    batch_digest,
     parse_checkpoint,
     parse_entry,
 )
@@ -113,15 +118,85 @@ def check_chain(entries: Sequence[LogEntry], *, after_seq: int | None, after: by
         prev_seq, prev_digest = entry.seq, entry.digest
 
 
-def replay(
-    entries: Iterable[LogEntry], start: Mapping[int, bytes], pcrs: Iterable[int]
-) -> dict[int, bytes]:
-    """Replay ``entries`` into ``pcrs`` from ``start`` (missing PCRs start at zero)."""
-    values = {pcr: start.get(pcr, bytes(32)) for pcr in pcrs}
-    for entry in entries:
-        if entry.pcr not in values:
+def extends(entries: Sequence[LogEntry]) -> Iterator[tuple[LogEntry, int, bytes]]:
+    """The PCR extends ``entries`` stand for, in order: ``(last entry, pcr, digest)``.
+
+    An entry without ``batch`` is one extend of its own digest. Entries with ``batch``
+    ``[first, last]`` must be exactly seqs first..last, consecutive here, in order, all
+    claiming that range and one PCR; together they are one extend of
+    :func:`~embassy.log.entry.batch_digest`. Anything else is a :class:`LogIntegrityError`
+    naming the entry: a range that does not contain its entry, a batch entered in its
+    middle (a segment or anchor inside a batch) or cut off before its last entry, an entry
+    of a batch's range claiming another batch or none (overlapping ranges), a reordered or
+    missing member, members extended into different PCRs.
+    """
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if entry.batch is None:
+            yield entry, entry.pcr, entry.digest
+            i += 1
+            continue
+        first, last = entry.batch
+        name = f"batch [{first},{last}]"
+        if not first <= entry.seq <= last:
+            raise LogIntegrityError(f"entry seq {entry.seq} claims {name}, which does not hold it")
+        if entry.seq != first:
             raise LogIntegrityError(
-                f"entry seq {entry.seq} extends PCR {entry.pcr}, not one of the log's PCRs"
+                f"entry seq {entry.seq} is inside {name} but the entries before it (from seq "
+                f"{first}) are not here: a segment or its anchor falls inside a batch, which "
+                "no quote can (a batch is extended at once)"
             )
-        values[entry.pcr] = extend(values[entry.pcr], entry.digest)
+        members = entries[i : i + last - first + 1]
+        for k, member in enumerate(members):
+            if member.seq != first + k:
+                raise LogIntegrityError(
+                    f"{name}: entry seq {member.seq} stands where seq {first + k} belongs "
+                    "(reordered, dropped or inserted)"
+                )
+            if member.batch != entry.batch:
+                claim = (
+                    "no batch" if member.batch is None else "batch [{},{}]".format(*member.batch)
+                )
+                raise LogIntegrityError(
+                    f"entry seq {member.seq} lies in {name} but claims {claim} (overlapping "
+                    "or lying batch ranges)"
+                )
+            if member.pcr != entry.pcr:
+                raise LogIntegrityError(
+                    f"{name}: entry seq {member.seq} is extended into PCR {member.pcr}, the "
+                    f"batch into PCR {entry.pcr}; a batch is one extend of one PCR"
+                )
+        if len(members) != last - first + 1:
+            raise LogIntegrityError(
+                f"{name} is cut off after entry seq {members[-1].seq}: its last "
+                f"{last - members[-1].seq} entries are missing (a segment cannot end inside "
+                "a batch)"
+            )
+        yield members[-1], entry.pcr, batch_digest(first, last, [m.digest for m in members])
+        i += len(members)
+
+
+def replay(
+    entries: Sequence[LogEntry], start: Mapping[int, bytes], pcrs: Iterable[int]
+) -> dict[int, bytes]:
+    """Replay ``entries`` into ``pcrs`` from ``start`` (missing PCRs start at zero), one
+    extend per entry committed alone and one per batch (:func:`extends`)."""
+    values = {pcr: start.get(pcr, bytes(32)) for pcr in pcrs}
+    for entry, pcr, digest in extends(entries):
+        if pcr not in values:
+            raise LogIntegrityError(
+                f"entry seq {entry.seq} extends PCR {pcr}, not one of the log's PCRs"
+            )
+        values[pcr] = extend(values[pcr], digest)
     return values
+
+
+def last_commit(entries: Sequence[LogEntry]) -> int:
+    """How many entries at the end of ``entries`` were committed together as the last one
+    extend (1 for an entry alone, the batch's size for a batch), from the last entry's own
+    claim; whether that batch is whole is :func:`extends`' to check."""
+    if not entries:
+        return 0
+    batch = entries[-1].batch
+    return 1 if batch is None else min(len(entries), entries[-1].seq - batch[0] + 1)
