@@ -7,6 +7,7 @@ they cannot drift. Unknown keys and bad values are refused with the key's dotted
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ import yaml
 
 from embassy.errors import ConfigError, WireFormatError
 from embassy.metering.instruction import CAPABILITY_PATTERN
-from embassy.validate import as_int, as_str, as_str_list, fail, show_key, show_value
+from embassy.validate import as_bool, as_int, as_str, as_str_list, fail, show_key, show_value
 from embassy.wire.codec import JsonObject, b64decode, b64encode, parse_json_object
 from embassy.workload.spec import ENV_PREFIX, WORKLOAD_SCHEMA, WorkloadSpec, parse_workload
 
@@ -229,6 +230,21 @@ SCHEMA: tuple[Key, ...] = (
         "Group owning the activation spool (mode 0770, owner root): the workload's group "
         "when it does not run as root.",
     ),
+    Key(
+        "metrics.listen",
+        "str",
+        None,
+        "Also serve Prometheus metrics (GET /metrics, as on the socket) on this TCP address: "
+        "IP:PORT or [IPv6]:PORT, a literal loopback address unless "
+        "metrics.allow_non_loopback (e.g. 127.0.0.1:9464). Null: on the socket only.",
+    ),
+    Key(
+        "metrics.allow_non_loopback",
+        "bool",
+        False,
+        "Let metrics.listen be a non-loopback address (the metrics then reach the network; "
+        "they hold counts and embassy codes, never a workload's bytes).",
+    ),
 )
 
 
@@ -293,6 +309,36 @@ class HttpLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A literal IP and port (``metrics.listen``): nothing to resolve, nothing to guess."""
+
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(where: str, text: str) -> ListenAddress:
+    """``IP:PORT`` or ``[IPv6]:PORT``, the port 1 to 65535."""
+    bracketed = text.startswith("[")
+    host, sep, port = text[1:].partition("]:") if bracketed else text.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise fail(where, f"expected IP:PORT or [IPv6]:PORT, got {show_value(text)}") from None
+    if not sep or (address.version == 6) != bracketed:
+        raise fail(where, f"expected IP:PORT or [IPv6]:PORT, got {show_value(text)}")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise fail(where, f"the port must be 1 to 65535, got {show_value(port)}")
+    return ListenAddress(str(address), int(port))
+
+
+@dataclass(frozen=True, slots=True)
 class PcrLayout:
     embassy: int
     log: int
@@ -321,6 +367,7 @@ class Config:
     metering: Metering = Metering()
     workload_metadata: Path | None = None
     jobs: Jobs | None = None
+    metrics_listen: ListenAddress | None = None
 
     def effective(self) -> dict[str, Any]:
         """The config as measured: every key, defaults filled, in schema names."""
@@ -357,6 +404,12 @@ class Config:
             },
             # Measured: a payload sealed to this measurement binds the jobs' limits too.
             **({} if self.jobs is None else {"jobs": self.jobs.to_json()}),
+            # Measured when set: a TCP listener is something an auditor should see.
+            **(
+                {}
+                if self.metrics_listen is None
+                else {"metrics": {"listen": str(self.metrics_listen)}}
+            ),
             "authorities": [
                 {
                     "name": a.name,
@@ -472,6 +525,7 @@ _CONVERT: Mapping[str, Callable[[str, Any], Any]] = {
     "str": lambda p, v: None if v is None else as_str(_at(p), v, pattern=_PATTERNS.get(p)),
     "path": lambda p, v: _as_socket(p, v) if p == "socket" else Path(as_str(_at(p), v)),
     "int": lambda p, v: as_int(_at(p), v),
+    "bool": lambda p, v: as_bool(_at(p), v),
     "str-list": lambda p, v: None if v is None else as_str_list(_at(p), v),
     "pcr": _as_pcr,
     "pcr-list": _as_pcr_list,
@@ -554,6 +608,7 @@ def parse_config(
     )
     _check_metering(metering)
     jobs = _jobs(values)
+    metrics_listen = _metrics_listen(values)
     if jobs is not None and values["socket_group"] is None:
         raise _fail(
             "socket_group",
@@ -577,7 +632,24 @@ def parse_config(
         workload_metadata=values["workload_metadata"],
         metering=metering,
         jobs=jobs,
+        metrics_listen=metrics_listen,
     )
+
+
+def _metrics_listen(values: Mapping[str, Any]) -> ListenAddress | None:
+    text = values["metrics.listen"]
+    if text is None:
+        if values["metrics.allow_non_loopback"]:
+            raise _fail("metrics.allow_non_loopback", "set only with metrics.listen")
+        return None
+    address = parse_listen(_at("metrics.listen"), text)
+    if not address.loopback and not values["metrics.allow_non_loopback"]:
+        raise _fail(
+            "metrics.listen",
+            f"{address} is not a loopback address; set metrics.allow_non_loopback to serve "
+            "metrics beyond this machine",
+        )
+    return address
 
 
 _JOB_BOUNDS: Mapping[str, tuple[int, int]] = {

@@ -221,6 +221,16 @@ in
       default = 900;
       description = "How long loading all of `workloadImages` may take.";
     };
+
+    watchdogSeconds = mkOption {
+      type = types.ints.between 2 3600;
+      default = 30;
+      description = ''
+        systemd's WatchdogSec for the daemon: it pings at half of it while its socket's accept
+        loop turns, and a daemon that misses it is restarted (a restart fails closed: open
+        sessions stay sealed and are reconciled from the log). docs/operations.md.
+      '';
+    };
   };
 
   config = mkIf cfg.enable (mkMerge [
@@ -295,7 +305,15 @@ in
         unitConfig.RequiresMountsFor = [ dataDir ] ++ lib.optional (meta.source == "file") meta.file;
 
         serviceConfig = baseSandbox // {
-          Type = "exec";
+          # READY=1 once the socket answers and the workload is launched, so units ordered
+          # after this one find both; WATCHDOG=1 pings while the accept loop turns; only the
+          # main process may notify (not swtpm, docker or anything the daemon runs).
+          Type = "notify";
+          NotifyAccess = "main";
+          WatchdogSec = "${toString cfg.watchdogSeconds}s";
+          # Start-up unseals keys, checks the log against the TPM and launches the workload
+          # (an image may be large): more than the default 90 s is allowed before READY=1.
+          TimeoutStartSec = "5min";
           ExecStart = execLine [
             "${cfg.package}/bin/embassy"
             "serve"
@@ -373,6 +391,9 @@ in
             "AF_NETLINK"
           ];
           IPAddressDeny = "any";
+          # Except loopback when metrics.listen is set (docs/operations.md); a non-loopback
+          # metrics.listen also needs the scraper's address in IPAddressAllow, set by hand.
+          IPAddressAllow = lib.optional (cfg.settings.metrics.listen != null) "localhost";
 
           # Only network namespaces: entered (setns with CLONE_NEWNET), and one empty one
           # made at start, to build the seal's layer-3 tables in (embassy/seal/iptables.py).

@@ -103,6 +103,7 @@ py.buildPythonApplication {
     py.watchdog
     py.numpy
     py.h11 # the socket API's HTTP/1.1 parser (docs/adr/0008-http-server.md)
+    py.prometheus-client # GET /metrics (docs/operations.md)
   ];
 
   nativeCheckInputs = [ py.pytestCheckHook ];

@@ -354,4 +354,16 @@ in
       description = "Group owning the activation spool (mode 0770, owner root): the workload's group when it does not run as root.";
     };
   };
+  metrics = {
+    listen = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "Also serve Prometheus metrics (GET /metrics, as on the socket) on this TCP address: IP:PORT or [IPv6]:PORT, a literal loopback address unless metrics.allow_non_loopback (e.g. 127.0.0.1:9464). Null: on the socket only.";
+    };
+    allow_non_loopback = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Let metrics.listen be a non-loopback address (the metrics then reach the network; they hold counts and embassy codes, never a workload's bytes).";
+    };
+  };
 }

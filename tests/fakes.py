@@ -350,6 +350,9 @@ class _NoIntake:
     def drain(self) -> int:
         return 0
 
+    def queue_depth(self) -> int:
+        return 0
+
 
 class FakeWorkloadRuntime:
     """While active, an ``Embassy`` whose config has a workload launches a

@@ -13,6 +13,9 @@ Routes (all JSON):
 - ``POST /v1/attestation/ak-certificate``: ``{"ak_certificates": [<b64 DER>, ...]}``, the
   AK's certificate chain (leaf first) from a registrar or a vTPM; checked against the AK
   and served in the identity document from then on. Not from the workload's processes.
+- ``GET  /metrics``: Prometheus' text format (``text/plain; version=0.0.4``), for the host
+  only: not the workload's processes, not a job's (docs/operations.md).
+
 Session routes answer only the workload's own processes (the peer's credentials, read from
 the socket, name a process in the workload container's cgroup): anything else gets 403.
 
@@ -125,6 +128,7 @@ class Service(Protocol):
         self, peer: Peer | None, output_sha256: bytes | None, problem: str
     ) -> dict[str, Any]: ...
     def job_status(self, job_id: bytes, wait_seconds: float) -> dict[str, Any]: ...
+    def metrics_text(self, peer: Peer | None) -> tuple[str, bytes]: ...
 
 
 def _one(request: Request, name: str) -> str:
@@ -188,6 +192,7 @@ class Api:
             "/v1/jobs": ("POST", self._submit_job),
             "/v1/jobs/self/key": ("POST", lambda r: Response(200, service.job_keys(r.peer))),
             "/v1/jobs/self/commit": ("POST", self._job_commit),
+            "/metrics": ("GET", lambda r: Response(200, raw=service.metrics_text(r.peer))),
         }
 
     def _activate(self, request: Request) -> Response:

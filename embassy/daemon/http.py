@@ -169,6 +169,9 @@ class Request:
 class Response:
     status: int
     body: dict[str, Any] = field(default_factory=dict)
+    # A body that is not JSON (GET /metrics: Prometheus' text format): sent as is, with
+    # its own Content-Type, instead of ``body``.
+    raw: tuple[str, bytes] | None = None
 
 
 Handler = Callable[[Request], Response]
@@ -185,6 +188,7 @@ def error_response(error: EmbassyError) -> Response:
 
 
 _INTERNAL_MESSAGE = "internal error (see daemon log)"
+_JSON = "application/json"
 
 
 def _internal() -> Response:
@@ -459,7 +463,7 @@ class UnixHttpServer(SocketServer):
             else:
                 raise _bad("malformed request body")
 
-    def _call(self, request: Request, seen: _Seen) -> tuple[int, bytes]:
+    def _call(self, request: Request, seen: _Seen) -> tuple[int, bytes, str]:
         try:
             response = self.handler(request)
         except EmbassyError as exc:
@@ -467,24 +471,26 @@ class UnixHttpServer(SocketServer):
         except Exception as exc:
             log_traceback(f"http: {seen.method} {seen.route} failed", exc)
             response = _internal()
+        if response.raw is not None and 200 <= response.status <= 599:
+            return response.status, response.raw[1], response.raw[0]
         try:
             data = canonical_json(response.body)
         except (TypeError, ValueError) as exc:
             log_traceback(f"http: {seen.method} {seen.route} gave an unusable response", exc)
-            return 500, canonical_json(_internal().body)
+            return 500, canonical_json(_internal().body), _JSON
         if not 200 <= response.status <= 599:
             _LOG.error("http: %s %s answered a non-final status", seen.method, seen.route)
-            return 500, canonical_json(_internal().body)
-        return response.status, data
+            return 500, canonical_json(_internal().body), _JSON
+        return response.status, data, _JSON
 
     def _respond(self, conn: Connection, h: h11.Connection, request: Request, seen: _Seen) -> int:
         conn.busy = True
         try:
-            status, data = self._call(request, seen)
+            status, data, content_type = self._call(request, seen)
         finally:
             conn.busy = False
         headers = [
-            ("Content-Type", "application/json"),
+            ("Content-Type", content_type),
             ("Content-Length", str(len(data))),
         ]
         if status in _RETRY_AFTER:

@@ -285,6 +285,8 @@ class SocketServer:
         self._stopped = threading.Event()
         self._closed = False
         self._quiet_until = 0.0
+        # When the accept loop last turned (monotonic): the watchdog's sign of life.
+        self._turned_at: float | None = None
 
     # -- what a protocol provides --------------------------------------------------------
 
@@ -303,6 +305,12 @@ class SocketServer:
         with self._lock:
             return len(self._held)
 
+    def loop_age(self) -> float | None:
+        """Seconds since the accept loop last turned; None before it first ran or after it
+        stopped. It turns at least every ``poll_interval`` while it is not stuck."""
+        turned = self._turned_at
+        return None if turned is None else time.monotonic() - turned
+
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and dispatch until :meth:`shutdown`; runs on the calling thread."""
         if self._closed:
@@ -315,6 +323,7 @@ class SocketServer:
             loop.selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
             loop.selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
             while not self._stop.is_set():
+                self._turned_at = time.monotonic()
                 for key, _ in loop.selector.select(loop.timeout(poll_interval)):
                     self._dispatch(loop, key.data)
                 self._adopt_returned(loop)
@@ -325,6 +334,7 @@ class SocketServer:
                 self._close(conn)
             for item in loop.refused:
                 item.sock.close()
+            self._turned_at = None
             self._running.clear()
             self._stopped.set()
 

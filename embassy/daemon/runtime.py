@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import hashlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -29,9 +30,17 @@ from embassy.daemon.identity import identity_body
 from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.keys import load_or_create_keys
 from embassy.daemon.metering import MeteringService
+from embassy.daemon.metrics import CONTENT_TYPE, LocalPort, Metrics
+from embassy.daemon.notify import Notifier
 from embassy.daemon.statement_log import StatementLog
 from embassy.daemon.weights_keys import WeightsKeys
-from embassy.errors import ConflictError, ForbiddenError, JobBadCommitError, WeightsSealedError
+from embassy.errors import (
+    ConflictError,
+    EmbassyError,
+    ForbiddenError,
+    JobBadCommitError,
+    WeightsSealedError,
+)
 from embassy.jobs.records import opened_job_payloads
 from embassy.jobs.service import JobService, job_launch_digest, statements_of
 from embassy.log.entry import EntryType
@@ -98,14 +107,20 @@ class Embassy:
     """The running embassy: what the API's routes call."""
 
     def __init__(
-        self, config: Config, tpm: TpmHandle, *, measurement: Measurement | None = None
+        self,
+        config: Config,
+        tpm: TpmHandle,
+        *,
+        measurement: Measurement | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """Start on an open TPM (see :meth:`open`); the embassy owns it from here on.
 
         ``measurement`` defaults to measuring the installed code; tests that pin bytes
         (test vectors) pass a fixed one.
         """
-        self.config = config
+        # Metrics built by the caller (serve: the same object its local port serves).
+        self.config, self.metrics = config, Metrics() if metrics is None else metrics
         self._tpm = tpm
         tpm_device = tpm.device
         registry: Registry | None = None  # closed here if start-up fails after opening it
@@ -129,6 +144,7 @@ class Embassy:
                 authorities=config.authorities,
                 own_keyid=keyid(self.keys.signing.public_key()),
                 limits=config.metering,
+                on_reject=self.metrics.rejection,
             )
             # Before anything new is signed: batches a crash left pending follow the log.
             self.metering.recover()
@@ -150,6 +166,7 @@ class Embassy:
                     self.log,
                     token_key=self.keys.session_tokens,
                     on_abort=self.metering.forget,
+                    metrics=self.metrics,
                 )
             self._replay = ReplayStore(config.data_dir / "payloads.sqlite")
             # The log is the replay store's durable witness: every payload a seal statement
@@ -192,6 +209,7 @@ class Embassy:
                     drain_timeout=config.metering.drain_timeout_seconds,
                 )
                 self._intake.start()
+            self._watch_metrics()
         except BaseException:
             if getattr(self, "jobs", None) is not None:
                 self.jobs.close()  # type: ignore[union-attr]
@@ -255,10 +273,22 @@ class Embassy:
         service.start()
         return service
 
+    def _watch_metrics(self) -> None:
+        """The gauges read at scrape time: state, not events."""
+        workload, intake, data_dir = self.workload, self._intake, self.config.data_dir
+        if workload is not None:
+            self.metrics.watch("sessions_open", lambda: workload.sessions.open_count)
+        if intake is not None:
+            self.metrics.watch("intake_queue_depth", intake.queue_depth)
+        self.metrics.watch(
+            "log_bytes",
+            lambda: sum((data_dir / n).stat().st_size for n in ("log.jsonl", "checkpoints.jsonl")),
+        )
+
     @classmethod
-    def open(cls, config: Config) -> Embassy:
+    def open(cls, config: Config, *, metrics: Metrics | None = None) -> Embassy:
         ensure_private_dir(config.data_dir)
-        return cls(config, open_tpm(config))
+        return cls(config, open_tpm(config), metrics=metrics)
 
     @property
     def tpm(self) -> Tpm:
@@ -291,6 +321,15 @@ class Embassy:
         self._ak_store.install(chain)
         self._ak_chain = list(chain)
         return {"installed": len(chain)}
+
+    def metrics_text(self, peer: Peer | None) -> tuple[str, bytes]:
+        """Prometheus' text format, for the host: not the workload's or a job's processes
+        (what it counts is the host's to watch, not a channel back into the seal)."""
+        if self.workload is not None and self.workload.is_own_process(peer):
+            raise ForbiddenError("metrics are read from the host, not the workload")
+        if self.jobs is not None and self.jobs.is_job_process(peer):
+            raise ForbiddenError("metrics are read from the host, not a job")
+        return CONTENT_TYPE, self.metrics.render()
 
     def evidence(self, nonce: bytes) -> dict[str, Any]:
         return {
@@ -459,10 +498,14 @@ class Embassy:
         )
 
     def weights_key(self, peer: Peer | None, release: Release) -> dict[str, Any]:
-        return self.weights.release(release, self._weights_workload(peer, states=True))
+        answer = self.weights.release(release, self._weights_workload(peer, states=True))
+        self.metrics.key_release("released")
+        return answer
 
     def weights_denied(self, peer: Peer | None, denial: Denial) -> dict[str, Any]:
-        return self.weights.denied(denial, self._weights_workload(peer, states=True))
+        answer = self.weights.denied(denial, self._weights_workload(peer, states=True))
+        self.metrics.key_release("denied")
+        return answer
 
     # -- jobs (embassy/jobs/service.py) ------------------------------------------------------
 
@@ -535,10 +578,68 @@ class Embassy:
             self._close_tpm(power_off=True)
 
 
+# How long the accept loop may go without turning before the watchdog stops pinging (it
+# turns every 0.2 s when idle); shorter when systemd's interval is shorter.
+_LOOP_STALE_SECONDS = 5.0
+_READY_TIMEOUT_SECONDS = 60.0
+
+
+def _loop_health(server: UnixHttpServer, stale: float) -> str | None:
+    """None while the socket's accept loop turns; else why the watchdog should not ping."""
+    age = server.loop_age()
+    if age is None:
+        return "the socket's accept loop is not running"
+    if age > stale:
+        return f"the socket's accept loop has not turned for {age:.1f} s"
+    return None
+
+
+def _announce_ready(
+    config: Config, server: UnixHttpServer, embassy: Embassy, notifier: Notifier
+) -> None:
+    """READY=1 once a request over the socket is answered (the workload was launched
+    before the socket was made), then the watchdog."""
+    from embassy.client import call
+
+    deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
+    while True:
+        try:
+            if server.loop_age() is not None:
+                call(config.socket, "GET", "/v1/health", timeout=10.0)
+                break
+        except EmbassyError as exc:
+            if time.monotonic() >= deadline:
+                _LOG.error("not ready: the socket does not answer (%s)", exc.code)
+                return
+        if time.monotonic() >= deadline:
+            _LOG.error("not ready: the socket's accept loop did not start")
+            return
+        time.sleep(0.02)
+    workload = "none" if embassy.workload is None else "launched"
+    notifier.ready(f"serving on {config.socket}; workload {workload}")
+    interval = notifier.watchdog_seconds
+    if interval is not None:
+        stale = min(_LOOP_STALE_SECONDS, max(interval, 1.0))
+        notifier.start_watchdog(lambda: _loop_health(server, stale))
+
+
 def serve(config: Config) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
-    embassy = Embassy.open(config)
+    # Read (and removed from the environment) before swtpm or any other child starts.
+    notifier = Notifier.from_environ(os.environ)
+    try:
+        _serve(config, notifier)
+    finally:
+        notifier.stopping("stopped")
+        notifier.close()
+
+
+def _serve(config: Config, notifier: Notifier) -> None:
+    notifier.status("starting: TPM, keys, statement log, workload")
+    metrics = Metrics()
+    embassy = Embassy.open(config, metrics=metrics)
     api = Api(embassy)
+    local: LocalPort | None = None
     try:
         server = UnixHttpServer(
             config.socket,
@@ -549,22 +650,38 @@ def serve(config: Config) -> None:
             socket_group=config.socket_group,
             routes=api.routes,
         )
+        if config.metrics_listen is not None:
+            local = LocalPort(metrics, config.metrics_listen)
+            _LOG.info("metrics on http://%s/metrics", config.metrics_listen)
     except BaseException:
+        if local is not None:
+            local.close()
         embassy.close()
         raise
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         del frame
         _LOG.info("received %s: shutting down", signal.Signals(signum).name)
+
+        def stop() -> None:
+            notifier.stopping()
+            server.shutdown()
+
         # shutdown() waits for serve_forever to return, so it cannot run on this thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     _LOG.info("serving on %s", config.socket)
+    threading.Thread(
+        target=_announce_ready, args=(config, server, embassy, notifier), daemon=True
+    ).start()
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        notifier.stopping()
         server.server_close()
+        if local is not None:
+            local.close()
         embassy.close()
         _LOG.info("stopped")

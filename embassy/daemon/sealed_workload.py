@@ -42,7 +42,7 @@ from embassy.seal.netns import NetnsWorker
 from embassy.seal.occupants import in_container
 from embassy.seal.proof import BACKEND
 from embassy.seal.rules import seal_rules
-from embassy.sessions.manager import SessionManager, WorkloadIdentity
+from embassy.sessions.manager import SessionManager, SessionMetrics, WorkloadIdentity
 from embassy.wire.statement import LIFECYCLE_V1
 from embassy.workload.docker_runtime import DockerRuntime, Launched
 from embassy.workload.spec import WorkloadSpec, launch_config_digest, launch_events
@@ -83,6 +83,7 @@ class SealedWorkload:
         *,
         token_key: bytes,
         on_abort: Callable[[bytes], None] = lambda session: None,
+        metrics: SessionMetrics | None = None,
     ) -> None:
         self._log = log
         self._stop = threading.Event()
@@ -122,6 +123,7 @@ class SealedWorkload:
                 token_key=token_key,
                 failpoint=config.failpoint,
                 on_abort=on_abort,
+                metrics=metrics,
             )
             report = self.sessions.reconcile()
             _LOG.info("seal reconciled: %s", json.dumps(report))

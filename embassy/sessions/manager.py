@@ -88,6 +88,25 @@ class StatementLog(Protocol):
     ) -> AppendedStatement: ...
 
 
+class SessionMetrics(Protocol):
+    """Where session events are counted (embassy.daemon.metrics.Metrics); no ids pass."""
+
+    def session_opened(self, seconds: float) -> None: ...
+    def session_closed(self, seconds: float) -> None: ...
+    def session_aborted(self, reason: str) -> None: ...
+
+
+class _NoMetrics:
+    def session_opened(self, seconds: float) -> None:
+        pass
+
+    def session_closed(self, seconds: float) -> None:
+        pass
+
+    def session_aborted(self, reason: str) -> None:
+        pass
+
+
 class Seal(Protocol):
     """What the sessions need of the seal (:class:`embassy.seal.keeper.SealKeeper`)."""
 
@@ -170,6 +189,7 @@ class SessionManager:
         failpoint: str | None = None,
         now: Callable[[], float] = time.time,
         on_abort: Callable[[bytes], None] = lambda session: None,
+        metrics: SessionMetrics | None = None,
     ) -> None:
         if len(token_key) < 32:
             raise ValueError("the session token key must be at least 32 bytes")
@@ -180,6 +200,7 @@ class SessionManager:
         self._failpoint = failpoint
         self._now = now
         self._on_abort = on_abort
+        self._metrics = _NoMetrics() if metrics is None else metrics
         self._lock = threading.Lock()
         self._open: dict[bytes, OpenSession] = {}
 
@@ -232,6 +253,7 @@ class SessionManager:
             raise RequestError(
                 f"deadline_seconds must be {MIN_DEADLINE_SECONDS} to {MAX_DEADLINE_SECONDS}"
             )
+        started = time.monotonic()
         with self._lock:
             # The gate closes (link down, then the sealed table; a fallback flip goes on on the
             # netns worker while the statement is written): nothing leaves before both are
@@ -277,6 +299,7 @@ class SessionManager:
                 code = getattr(exc, "code", "internal")
                 self._abort_locked(state, f"refused:{code}")
                 raise
+            self._metrics.session_opened(time.monotonic() - started)
             return Opened(session, self._token(session), appended.envelope, deadline, released)
 
     # -- close ------------------------------------------------------------------------------
@@ -306,6 +329,7 @@ class SessionManager:
         output cannot be certified.
         """
         self._check_token(session, token)
+        started = time.monotonic()
         with self._lock:
             state = self._open.get(session)
             if state is None:
@@ -334,6 +358,7 @@ class SessionManager:
             # Stated, then opened. The caller settles (:meth:`settle_gate`) before it
             # answers, after what it can do meanwhile (the log segment's quote).
             self._open_gate_if_idle()
+            self._metrics.session_closed(time.monotonic() - started)
             return appended.envelope
 
     def settle_gate(self) -> None:
@@ -375,6 +400,7 @@ class SessionManager:
             },
         )
         _LOG.warning("session %s aborted: %s", state.session.hex(), reason)
+        self._metrics.session_aborted(reason)
         self._on_abort(state.session)
         self._open_gate_if_idle()
         return appended.envelope
@@ -400,6 +426,11 @@ class SessionManager:
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"open_sessions": len(self._open), **self._seal.status()}
+
+    @property
+    def open_count(self) -> int:
+        """Sessions open now; read without the lock (a scrape never waits for a seal)."""
+        return len(self._open)
 
     def _open_in_log(self) -> dict[bytes, OpenSession]:
         found: dict[bytes, OpenSession] = {}

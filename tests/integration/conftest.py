@@ -53,6 +53,7 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     enroll_on_start: bool = True
     logs: list[Path] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # more of the daemon's environment
 
     @property
     def socket(self) -> Path:
@@ -129,7 +130,7 @@ class Daemon:
                 [sys.executable, "-m", "embassy", "serve", "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={"PATH": os.environ.get("PATH", ""), "TSS2_LOG": "all+none"},
+                env={"PATH": os.environ.get("PATH", ""), "TSS2_LOG": "all+none", **self.env},
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

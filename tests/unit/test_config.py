@@ -20,8 +20,10 @@ def test_defaults_are_valid_and_complete() -> None:
     assert "workload" not in effective
     # Job mode off: no jobs section, so configs from before job mode measure the same.
     assert "jobs" not in effective
+    # No metrics port: no metrics section either (a TCP listener is measured when set).
+    assert "metrics" not in effective
     for key in SCHEMA:
-        if key.path == "workload" or key.path.startswith("jobs."):
+        if key.path == "workload" or key.path.startswith(("jobs.", "metrics.")):
             continue
         node = effective
         for part in key.path.split("."):
