@@ -391,9 +391,6 @@ in
             "AF_NETLINK"
           ];
           IPAddressDeny = "any";
-          # Except loopback when metrics.listen is set (docs/operations.md); a non-loopback
-          # metrics.listen also needs the scraper's address in IPAddressAllow, set by hand.
-          IPAddressAllow = lib.optional (cfg.settings.metrics.listen != null) "localhost";
 
           # Only network namespaces: entered (setns with CLONE_NEWNET), and one empty one
           # made at start, to build the seal's layer-3 tables in (embassy/seal/iptables.py).
@@ -421,6 +418,12 @@ in
           #                   executable trampolines unless static ones are built in; not
           #                   verified on the pinned libffi, and a refused mapping would stop
           #                   the seal.
+        }
+        # The one exception to IPAddressDeny: loopback, when metrics.listen is set
+        # (docs/operations.md). A non-loopback metrics.listen also needs the scraper's address
+        # in IPAddressAllow, set by hand.
+        // lib.optionalAttrs (cfg.settings.metrics.listen != null) {
+          IPAddressAllow = "localhost";
         };
       };
 

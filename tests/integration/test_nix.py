@@ -204,6 +204,18 @@ def test_enabled_module_runs_the_daemon_with_only_what_it_needs() -> None:
         assert left_off not in service
 
 
+def test_the_unit_is_notify_with_a_watchdog_and_loopback_only_for_metrics() -> None:
+    service = evaluate(with_tpm())["config"]["systemd"]["services"]["embassy"]["serviceConfig"]
+    assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")
+    assert service["WatchdogSec"] == "30s"
+    assert "IPAddressAllow" not in service
+    config = with_tpm(watchdogSeconds=10, settings={"metrics": {"listen": "127.0.0.1:9464"}})
+    result = evaluate(config)["config"]
+    service = result["systemd"]["services"]["embassy"]["serviceConfig"]
+    assert service["WatchdogSec"] == "10s"
+    assert (service["IPAddressDeny"], service["IPAddressAllow"]) == ("any", "localhost")
+
+
 def test_the_spool_is_mounted_from_the_hosts_namespace_before_the_daemon() -> None:
     config = evaluate(with_tpm())["config"]
     services = config["systemd"]["services"]
@@ -645,6 +657,7 @@ let
     watchdog = package "watchdog" "6.0.0";
     numpy = package "numpy" "2.3.0";
     h11 = package "h11" "0.16.0";
+    prometheus-client = package "prometheus-client" "0.21.1";
     pytestCheckHook = package "pytestCheckHook" "0";
   };
   embassy = import (root + "/nix/package.nix") {
