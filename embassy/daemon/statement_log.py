@@ -44,6 +44,7 @@ from embassy.attest.types import ClockInfo
 from embassy.config import PcrLayout
 from embassy.daemon.keys import EmbassyKeys
 from embassy.daemon.logstore import AppendFile
+from embassy.daemon.metrics import Metrics
 from embassy.errors import (
     EmbassyError,
     LogIntegrityError,
@@ -145,7 +146,9 @@ class StatementLog:
         pcrs: PcrLayout,
         checkpoint_every: int,
         max_batch: int = MAX_BATCH,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = Metrics() if metrics is None else metrics  # counts, never content
         self._tpm = tpm
         self._keys = keys
         self._pcrs = pcrs
@@ -161,6 +164,7 @@ class StatementLog:
         # Group commit: statements waiting for a leader, and whether one is committing.
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
+        self._self_subject = embassy_subject(raw_public_key(keys.signing.public_key()))
         self._queued = threading.Condition(threading.Lock())
         self._leading = False
         self.evidence_quotes = QuoteBudget(EVIDENCE_QUOTES_PER_SECOND, EVIDENCE_QUOTE_BURST)
@@ -319,6 +323,7 @@ class StatementLog:
             )
             _LOG.error("log: %s", self._unextended)
             raise
+        self._metrics.log_commit()
         self._since_checkpoint += len(entries)
         if self._since_checkpoint >= self._every:
             try:
@@ -364,7 +369,7 @@ class StatementLog:
         No ``subjects``: the statement is about the embassy itself, and its subject is the
         embassy's signing key (in-toto v1 requires at least one subject)."""
         if not subjects:
-            subjects = [embassy_subject(raw_public_key(self._keys.signing.public_key()))]
+            subjects = [self._self_subject]
         pending = _Pending(predicate_type, tuple(subjects), body)
         with self._queued:
             self._queue.append(pending)
@@ -407,6 +412,7 @@ class StatementLog:
         if not built:
             return
         self._commit_locked([entry for _, _, entry in built])
+        self._metrics.statements(len(built))
         for item, envelope, entry in built:
             item.result = Appended(envelope, entry)
 
@@ -459,6 +465,7 @@ class StatementLog:
         )
         checkpoint = Checkpoint(head.seq, head.digest, quote)
         self._checkpoints.append(checkpoint, canonical_json(checkpoint.to_json()))
+        self._metrics.checkpoint()
         self._since_checkpoint = 0
         return checkpoint
 
@@ -518,6 +525,7 @@ class StatementLog:
                 closing = self._checkpoint_locked()
             else:
                 quote = self._tpm.quote(self._pcrs.quoted, qualifying_data)
+                self._metrics.quote("evidence")
                 closing = Checkpoint(head.seq, head.digest, quote)
             return Segment(anchor, entries, closing)
 
