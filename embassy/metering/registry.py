@@ -487,16 +487,19 @@ class Registry:
             "UPDATE updates SET state = 'committed', statement_seq = ? WHERE batch = ?",
             (seq, batch),
         )
-        for capability, authority, delta in conn.execute(
-            "SELECT capability, authority, delta FROM updates WHERE batch = ?", (batch,)
+        # One upsert per meter, not per row: a grouped batch holds many activations' rows.
+        for capability, authority, delta, n in conn.execute(
+            "SELECT capability, authority, sum(delta), count(*) FROM updates WHERE batch = ?"
+            " GROUP BY capability, authority",
+            (batch,),
         ).fetchall():
             moved = conn.execute(
                 "INSERT INTO meters (capability, authority, value, count, last_seq)"
-                " VALUES (?, ?, ?, 1, ?)"
+                " VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (capability) DO UPDATE SET value = value + excluded.value,"
-                " count = count + 1, last_seq = max(last_seq, excluded.last_seq)"
+                " count = count + excluded.count, last_seq = max(last_seq, excluded.last_seq)"
                 " WHERE authority = excluded.authority",
-                (capability, authority, delta, seq),
+                (capability, authority, delta, n, seq),
             ).rowcount
             if moved != 1:
                 raise NotOwnerError(
