@@ -1,7 +1,8 @@
 """Regenerate tests/reference/minilm-reference.json with the reference all-MiniLM-L6-v2.
 
 The example workload runs all-MiniLM-L6-v2 in plain numpy (``examples/minilm``), because its
-container has nothing but python3 and python3-numpy. Its tests compare that port with what
+container has no torch (only numpy and the tokenizers and safetensors wheels, ADR 0017).
+Its tests compare that port with what
 the reference stack (PyTorch + sentence-transformers, Hugging Face's fast tokenizer) gives
 for the same weights: token ids and normalised sentence embeddings for a few sentences
 chosen to exercise the tokenizer (accents, punctuation, control characters, CJK, a rare
