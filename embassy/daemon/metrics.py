@@ -142,12 +142,19 @@ class Metrics:
         self._statements = Counter(
             "embassy_log_statements", "Statements appended to the statement log.", registry=r
         )
+        self._commits = Counter(
+            "embassy_log_commits",
+            "Log commits (one write, fsync and PCR extend each; a group commit holds several "
+            "statements).",
+            registry=r,
+        )
         self._checkpoints = Counter(
             "embassy_log_checkpoints", "Checkpoints (quoted log heads) taken.", registry=r
         )
         self._quotes = Counter(
             "embassy_tpm_quotes",
-            "TPM quotes made, by purpose (checkpoint, evidence, segment).",
+            "TPM quotes made, by purpose (checkpoint; evidence: over a caller's nonce or the "
+            "identity statement).",
             ["purpose"],
             registry=r,
         )
@@ -207,11 +214,15 @@ class Metrics:
     def rejection(self, code: str) -> None:
         self._rejections.labels(self._code(code)).inc()
 
-    def statement(self) -> None:
-        self._statements.inc()
+    def statements(self, count: int) -> None:
+        self._statements.inc(count)
+
+    def log_commit(self) -> None:
+        self._commits.inc()
 
     def checkpoint(self) -> None:
         self._checkpoints.inc()
+        self.quote("checkpoint")
 
     def quote(self, purpose: str) -> None:
         self._quotes.labels(self._purpose(purpose)).inc()

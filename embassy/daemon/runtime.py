@@ -134,6 +134,7 @@ class Embassy:
                 keys=self.keys,
                 pcrs=config.pcrs,
                 checkpoint_every=config.checkpoint_every,
+                metrics=self.metrics,
             )
             self.log.recover()
             self.measurement = measurement or measure(config)

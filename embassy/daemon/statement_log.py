@@ -44,6 +44,7 @@ from embassy.attest.types import ClockInfo
 from embassy.config import PcrLayout
 from embassy.daemon.keys import EmbassyKeys
 from embassy.daemon.logstore import AppendFile
+from embassy.daemon.metrics import Metrics
 from embassy.errors import (
     EmbassyError,
     LogIntegrityError,
@@ -145,7 +146,9 @@ class StatementLog:
         pcrs: PcrLayout,
         checkpoint_every: int,
         max_batch: int = MAX_BATCH,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = Metrics() if metrics is None else metrics  # counts, never content
         self._tpm = tpm
         self._keys = keys
         self._pcrs = pcrs
@@ -320,6 +323,7 @@ class StatementLog:
             )
             _LOG.error("log: %s", self._unextended)
             raise
+        self._metrics.log_commit()
         self._since_checkpoint += len(entries)
         if self._since_checkpoint >= self._every:
             try:
@@ -408,6 +412,7 @@ class StatementLog:
         if not built:
             return
         self._commit_locked([entry for _, _, entry in built])
+        self._metrics.statements(len(built))
         for item, envelope, entry in built:
             item.result = Appended(envelope, entry)
 
@@ -460,6 +465,7 @@ class StatementLog:
         )
         checkpoint = Checkpoint(head.seq, head.digest, quote)
         self._checkpoints.append(checkpoint, canonical_json(checkpoint.to_json()))
+        self._metrics.checkpoint()
         self._since_checkpoint = 0
         return checkpoint
 
@@ -519,6 +525,7 @@ class StatementLog:
                 closing = self._checkpoint_locked()
             else:
                 quote = self._tpm.quote(self._pcrs.quoted, qualifying_data)
+                self._metrics.quote("evidence")
                 closing = Checkpoint(head.seq, head.digest, quote)
             return Segment(anchor, entries, closing)
 

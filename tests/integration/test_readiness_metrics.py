@@ -235,6 +235,16 @@ def test_ready_watchdog_metrics_and_stopping(client: Any, daemon_factory: type[D
             before[("embassy_unseal_seconds_count", ())] + 1
         )
         assert after[("embassy_log_bytes", ())] > during[("embassy_log_bytes", ())]
+        # The seal and unseal statements (and any reconcile of the gate in between).
+        assert after[("embassy_log_statements_total", ())] >= (
+            before[("embassy_log_statements_total", ())] + 2
+        )
+        assert after[("embassy_log_commits_total", ())] > before[("embassy_log_commits_total", ())]
+        assert (
+            after[("embassy_tpm_quotes_total", (("purpose", "checkpoint"),))]
+            == (after[("embassy_log_checkpoints_total", ())])
+        )
+        assert after[("embassy_tpm_quotes_total", (("purpose", "evidence"),))] >= 1  # identity
         text = host_get(daemon.socket, "/metrics")[2].decode()
         assert opened["body"]["session"] not in text  # counts, never ids
 

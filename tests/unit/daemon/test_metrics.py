@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ FAMILIES = {
     "embassy_weights_key_releases": "counter",
     "embassy_activation_rejections": "counter",
     "embassy_log_statements": "counter",
+    "embassy_log_commits": "counter",
     "embassy_log_checkpoints": "counter",
     "embassy_tpm_quotes": "counter",
     "embassy_log_bytes": "gauge",
@@ -58,7 +60,7 @@ def test_every_family_renders_with_its_type_and_parses() -> None:
 
 def test_a_registry_of_its_own_not_the_global_one() -> None:
     a, b = Metrics(), Metrics()
-    a.statement()
+    a.statements(1)
     assert value(a, "embassy_log_statements_total") == 1
     assert value(b, "embassy_log_statements_total") == 0
     assert not [n for n in REGISTRY._names_to_collectors if n.startswith("embassy_")]
@@ -74,9 +76,10 @@ def test_events_move_their_metrics() -> None:
     m.key_release("released")
     m.key_release("denied")
     m.rejection("not-an-activation-file")
-    m.statement()
+    m.statements(3)
+    m.log_commit()
     m.checkpoint()
-    m.quote("checkpoint")
+    m.quote("evidence")
     s = scrape(m)
     assert s[("embassy_sessions_opened_total", ())] == 2
     assert s[("embassy_seal_seconds_count", ())] == 2
@@ -91,9 +94,11 @@ def test_events_move_their_metrics() -> None:
     assert s[("embassy_weights_key_releases_total", (("outcome", "released"),))] == 1
     assert s[("embassy_weights_key_releases_total", (("outcome", "denied"),))] == 1
     assert s[("embassy_activation_rejections_total", (("code", "not-an-activation-file"),))] == 1
-    assert s[("embassy_log_statements_total", ())] == 1
+    assert s[("embassy_log_statements_total", ())] == 3
+    assert s[("embassy_log_commits_total", ())] == 1
     assert s[("embassy_log_checkpoints_total", ())] == 1
     assert s[("embassy_tpm_quotes_total", (("purpose", "checkpoint"),))] == 1
+    assert s[("embassy_tpm_quotes_total", (("purpose", "evidence"),))] == 1
 
 
 @pytest.mark.parametrize(
@@ -216,6 +221,32 @@ def test_the_embassy_serves_its_metrics_to_the_host(embassy: Embassy) -> None:
     assert value(embassy.metrics, "embassy_log_bytes") == on_disk > 0
 
 
+def test_the_statement_log_counts_statements_commits_checkpoints_and_quotes(
+    embassy: Embassy,
+) -> None:
+    m = embassy.metrics
+    before = scrape(m)
+    for n in range(4):  # checkpoint_every is 3 in the fixture
+        embassy.log.append_statement("urn:embassy:predicate:lifecycle:v1", [], {"event": f"e{n}"})
+    embassy.evidence(bytes(16))
+    after = scrape(m)
+
+    def moved(name: str, *labels: tuple[str, str]) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+
+    assert moved("embassy_log_statements_total") == 4
+    assert moved("embassy_log_commits_total") == 4  # one writer: one commit each
+    assert moved("embassy_log_checkpoints_total") >= 1
+    assert moved("embassy_tpm_quotes_total", ("purpose", "checkpoint")) == moved(
+        "embassy_log_checkpoints_total"
+    )
+    assert moved("embassy_tpm_quotes_total", ("purpose", "evidence")) == 1
+    # Since the start: the identity statement and its quote, and the start event's commit.
+    assert after[("embassy_log_statements_total", ())] == len(
+        [e for e in embassy.log.entries if e.type.value == "statement"]
+    )
+
+
 def test_the_workload_and_jobs_may_not_read_metrics(
     embassy: Embassy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -248,7 +279,7 @@ class _MetricsService:
 
 def test_get_metrics_over_the_socket_is_prometheus_text() -> None:
     m = Metrics()
-    m.statement()
+    m.statements(1)
     api = Api(_MetricsService(m))  # type: ignore[arg-type]
     assert "/metrics" in api.routes
     assert api(Request("GET", "/metrics", {}, b"")).raw == (CONTENT_TYPE, m.render())
@@ -319,3 +350,10 @@ def test_a_non_loopback_address_needs_the_explicit_flag() -> None:
     config = parse_config({"metrics": {"listen": "0.0.0.0:9464", "allow_non_loopback": True}})
     assert config.metrics_listen is not None
     assert not config.metrics_listen.loopback
+
+
+def test_docs_operations_lists_every_metric() -> None:
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "operations.md").read_text()
+    for name, kind in FAMILIES.items():
+        exposed = f"{name}_total" if kind == "counter" else name
+        assert f"`{exposed}`" in doc, exposed
