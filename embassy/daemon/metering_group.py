@@ -37,9 +37,15 @@ from embassy.errors import (
     EmbassyError,
 )
 from embassy.metering.activation import Activation, read_activation_file
-from embassy.metering.formula_v2 import FORMULA_V2, STRIDE, WINDOW, CentroidModel, score_v2
+from embassy.metering.formula_v2 import (
+    FORMULA_V2,
+    STRIDE,
+    WINDOW,
+    CentroidModel,
+    pool_windows,
+    score_v2,
+)
 from embassy.metering.instruction import Instruction, Op
-from embassy.metering.score import pool
 from embassy.wire.statement import Subject
 
 FOREIGN = ActivationForeignError.code
@@ -144,10 +150,17 @@ def windows_of(array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     each float32 widened exactly), so the same bits; tests/unit/daemon/test_metering.py
     pins that against the reference for every dtype and shape kind.
     """
-    row0 = pool(array)  # every input check, and v1's exact mean row
-    if array.ndim == 1 or array.shape[-2] <= WINDOW:
-        return row0[None, :]
+    if array.ndim == 1 or array.size == 0 or not array.flags.c_contiguous:
+        return _checked(pool_windows(array))  # the reference's own checks and errors
     d, t = array.shape[-1], array.shape[-2]
+    # v1's pool row, as score.pool computes it, without its finiteness pass: a parsed
+    # activation is finite (the parser checked every value), and an overflow shows below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        row0 = np.ascontiguousarray(
+            array.reshape(-1, d).mean(axis=0, dtype=np.float64), dtype=np.float32
+        )
+    if t <= WINDOW:
+        return _checked(row0[None, :])
     n = (t - WINDOW) // STRIDE + 1
     span = (n - 1) * STRIDE + 1
     tail = span - 1 + WINDOW < t  # the reference's extra window ending at t
@@ -167,6 +180,10 @@ def windows_of(array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
                 for k in range(1, WINDOW):
                     last += seq[t - WINDOW + k]
                 out[base + n] = last / WINDOW
+    return _checked(out)
+
+
+def _checked(out: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     if not np.isfinite(out).all():
         raise ActivationCorruptError("activation: values beyond the float32 range")
     return out

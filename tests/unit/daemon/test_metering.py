@@ -534,3 +534,14 @@ def test_the_daemons_windows_are_formula_v2s_bit_for_bit(
     assert fast.dtype == reference.dtype
     assert fast.shape == reference.shape
     assert fast.tobytes() == reference.tobytes()
+
+
+def test_the_daemons_windows_refuse_what_formula_v2_refuses() -> None:
+    from embassy.errors import ActivationCorruptError
+
+    huge = np.full((16, 4), 1e300)  # float64 beyond float32: the mean overflows
+    for array in (huge, huge[:4], np.full((16, 4), np.nan, dtype=np.float32)):
+        with pytest.raises(ActivationCorruptError):
+            pool_windows(array)
+        with pytest.raises(ActivationCorruptError):
+            metering_group.windows_of(array)
