@@ -32,6 +32,7 @@ from prometheus_client.exposition import (
 from prometheus_client.registry import Collector
 
 from embassy.config import ListenAddress
+from embassy.errors import StorageError
 
 _LOG = logging.getLogger(__name__)
 
@@ -242,9 +243,14 @@ class LocalPort:
 
     def __init__(self, metrics: Metrics, address: ListenAddress) -> None:
         self.address = address
-        self._server, self._thread = start_http_server(
-            address.port, addr=address.host, registry=metrics.registry
-        )
+        try:
+            self._server, self._thread = start_http_server(
+                address.port, addr=address.host, registry=metrics.registry
+            )
+        except OSError as exc:
+            raise StorageError(
+                f"metrics.listen: cannot listen on {address}: {exc.strerror or exc}"
+            ) from None
 
     @property
     def port(self) -> int:

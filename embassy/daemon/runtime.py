@@ -640,7 +640,6 @@ def _serve(config: Config, notifier: Notifier) -> None:
     metrics = Metrics()
     embassy = Embassy.open(config, metrics=metrics)
     api = Api(embassy)
-    local: LocalPort | None = None
     try:
         server = UnixHttpServer(
             config.socket,
@@ -651,12 +650,16 @@ def _serve(config: Config, notifier: Notifier) -> None:
             socket_group=config.socket_group,
             routes=api.routes,
         )
+    except BaseException:
+        embassy.close()
+        raise
+    local: LocalPort | None = None
+    try:
         if config.metrics_listen is not None:
             local = LocalPort(metrics, config.metrics_listen)
             _LOG.info("metrics on http://%s/metrics", config.metrics_listen)
     except BaseException:
-        if local is not None:
-            local.close()
+        server.server_close()
         embassy.close()
         raise
 

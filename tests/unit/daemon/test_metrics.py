@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,18 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from embassy.config import parse_config
+from embassy.config import ListenAddress, parse_config
 from embassy.daemon.api import Api
 from embassy.daemon.http import Request
-from embassy.daemon.metrics import CONTENT_TYPE, MAX_LABEL_VALUES, OTHER, Metrics
+from embassy.daemon.metrics import CONTENT_TYPE, MAX_LABEL_VALUES, OTHER, LocalPort, Metrics
 from embassy.daemon.runtime import Embassy
-from embassy.errors import ConfigError, ConflictError, ForbiddenError, MethodNotAllowedError
+from embassy.errors import (
+    ConfigError,
+    ConflictError,
+    ForbiddenError,
+    MethodNotAllowedError,
+    StorageError,
+)
 from embassy.sessions.manager import SessionManager, WorkloadIdentity
 from tests.fakes import MemorySeal
 from tests.unit.daemon.httpkit import exchange, running, short_dir
@@ -357,3 +364,12 @@ def test_docs_operations_lists_every_metric() -> None:
     for name, kind in FAMILIES.items():
         exposed = f"{name}_total" if kind == "counter" else name
         assert f"`{exposed}`" in doc, exposed
+
+
+def test_a_metrics_port_in_use_is_a_precise_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = ListenAddress("127.0.0.1", taken.getsockname()[1])
+        with pytest.raises(StorageError, match=r"metrics.listen: cannot listen on 127\.0\.0\.1:"):
+            LocalPort(Metrics(), address)
