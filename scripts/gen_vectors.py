@@ -310,6 +310,170 @@ def forged_noncanonical_log() -> JsonObject:
     return forge_segment([(EntryType.EMBASSY_START, signed_start()), (EntryType.STATEMENT, env)])
 
 
+# -- group-committed batches (ADR 0016) ----------------------------------------------------
+
+# The batched log's statements after its start event: each one's claimed batch (or None).
+HONEST_BATCHES: list[tuple[int, int] | None] = [(1, 3), (1, 3), (1, 3), None, (5, 6), (5, 6)]
+
+
+def batched_entries(claims: list[tuple[int, int] | None]) -> list[LogEntry]:
+    """A start event, then statements at seq 1.. claiming ``claims``, signed honestly for
+    their positions (each batch with one clock, as the daemon reads it once per batch)."""
+    entries = [
+        encode_entry(
+            seq=0, prev=GENESIS, reset_count=1, pcr=EMBASSY_PCR, type=EntryType.EMBASSY_START,
+            data=signed_start(),
+        )
+    ]  # fmt: skip
+    for seq, claim in enumerate(claims, start=1):
+        prev = entries[-1].digest
+        clock_ms = 1000 + 100 * (claim[0] if claim else seq)
+        env = sign_statement(seq=seq, prev=prev, clock_ms=clock_ms, body={"event": "batched"})
+        entries.append(
+            encode_entry(
+                seq=seq, prev=prev, reset_count=1, pcr=LOG_PCR, type=EntryType.STATEMENT,
+                data=env, batch=claim,
+            )
+        )  # fmt: skip
+    return entries
+
+
+def batched_segment(
+    entries: list[LogEntry],
+    extend_as: list[tuple[int, bytes]],
+    *,
+    first: int = 0,
+    anchor_after: int = 0,
+    last: int | None = None,
+) -> JsonObject:
+    """A segment of ``entries[first:last+1]`` whose TPM (the vectors' AK) saw the extends
+    ``extend_as``; with ``first`` > 0, anchored by a checkpoint of entry ``first - 1``
+    quoted after the first ``anchor_after`` extends; closed by a quote after all of them."""
+    from embassy.log.entry import Checkpoint
+
+    tpm = FakeTpm(SEED)
+    last = len(entries) - 1 if last is None else last
+    anchor = None
+    for upto, (pcr, digest) in enumerate(extend_as):
+        tpm.extend(pcr, digest)
+        if first and upto == anchor_after - 1:
+            tpm.ms = 1000 + 100 * first - 50  # between the statements around it
+            at = entries[first - 1]
+            quote = tpm.quote(QUOTED_PCRS, checkpoint_qualifying_data(at.seq, at.digest))
+            anchor = Checkpoint(at.seq, at.digest, quote).to_json()
+    tpm.ms = 5000
+    head = entries[last]
+    quote = tpm.quote(QUOTED_PCRS, checkpoint_qualifying_data(head.seq, head.digest))
+    return {
+        "v": 1,
+        "type": "embassy-log-segment",
+        "segment": {
+            "v": 1,
+            "anchor": anchor,
+            "entries": [b64(e.raw) for e in entries[first : last + 1]],
+            "head": {"v": 1, "seq": head.seq, "head": head.digest.hex(), **quote_to_json(quote)},
+        },
+    }
+
+
+def honest_extends(entries: list[LogEntry]) -> list[tuple[int, bytes]]:
+    from embassy.log.segment import extends
+
+    return [(pcr, digest) for _, pcr, digest in extends(entries)]
+
+
+def single_extends(entries: list[LogEntry]) -> list[tuple[int, bytes]]:
+    return [(e.pcr, e.digest) for e in entries]
+
+
+def add_batch_vectors(
+    log: Callable[[str, str, list[bytes], JsonObject, bytes], None], ident: bytes
+) -> None:
+    """Batched logs: one good, and each lie about a batch the verifier refuses by name."""
+    from embassy.log.entry import batch_digest
+
+    good = batched_entries(HONEST_BATCHES)
+    log(
+        "good-log-batched",
+        "a group-committed log: start event, batch [1,3], seq 4 alone, batch [5,6]; one "
+        "extend per batch of its batch digest",
+        [cj(batched_segment(good, honest_extends(good)))],
+        ok(),
+        ident,
+    )
+    # an anchor at seq 4 (between batches) and the tail after it
+    tail_ext = honest_extends(good)
+    log(
+        "good-log-batched-anchored",
+        "the batched log from an anchor checkpoint at seq 4 (between batches)",
+        [cj(batched_segment(good, tail_ext, first=5, anchor_after=3))],
+        ok(),
+        ident,
+    )
+    lies: list[tuple[str, str, list[tuple[int, int] | None], str]] = [
+        (
+            "bad-log-batch-overlapping",
+            "seq 3 claims batch [3,4] inside batch [1,3] (overlapping ranges)",
+            [(1, 3), (1, 3), (3, 4), (3, 4), (5, 6), (5, 6)],
+            "entry seq 3 lies in batch [1,3] but claims batch [3,4]",
+        ),
+        (
+            "bad-log-batch-range-too-long",
+            "the batch claims [1,4] but seq 4 claims none (the range does not match the "
+            "entries present)",
+            [(1, 4), (1, 4), (1, 4), None, (5, 6), (5, 6)],
+            "entry seq 4 lies in batch [1,4] but claims no batch",
+        ),
+        (
+            "bad-log-batch-not-its-own",
+            "seq 4 claims batch [7,8], which does not hold it",
+            [(1, 3), (1, 3), (1, 3), (7, 8), (5, 6), (5, 6)],
+            "entry seq 4 claims batch [7,8], which does not hold it",
+        ),
+        (
+            "bad-log-batch-cut-off-at-the-end",
+            "the last batch claims [5,7] and the segment ends at seq 6",
+            [(1, 3), (1, 3), (1, 3), None, (5, 7), (5, 7)],
+            "batch [5,7] is cut off after entry seq 6",
+        ),
+    ]
+    for name, desc, claims, message in lies:
+        entries = batched_entries(claims)
+        log(name, desc, [cj(batched_segment(entries, single_extends(entries)))],
+            error("log-integrity", message), ident)  # fmt: skip
+    log(
+        "bad-log-batch-quote-inside",
+        "a quote closing the segment at seq 2, inside batch [1,3]",
+        [cj(batched_segment(good, single_extends(good[:3]), last=2))],
+        error("log-integrity", "batch [1,3] is cut off after entry seq 2"),
+        ident,
+    )
+    log(
+        "bad-log-batch-anchor-inside",
+        "a segment anchored at seq 1, inside batch [1,3]",
+        [cj(batched_segment(good, single_extends(good), first=2, anchor_after=2))],
+        error("log-integrity", "entry seq 2 is inside batch [1,3] but the entries before it"),
+        ident,
+    )
+    members = [e.digest for e in good[1:4]]
+    reordered = honest_extends(good)
+    reordered[1] = (LOG_PCR, batch_digest(1, 3, [members[1], members[0], members[2]]))
+    log(
+        "bad-log-batch-reordered",
+        "the TPM holds batch [1,3]'s digest over its entries in another order",
+        [cj(batched_segment(good, reordered))],
+        error("pcr-mismatch", "PCR 14: the log replays to"),
+        ident,
+    )
+    log(
+        "bad-log-batch-extended-singly",
+        "the TPM saw batch [1,3] as three single extends (a batch passed off as singles)",
+        [cj(batched_segment(good, [*single_extends(good[:4]), *honest_extends(good[4:])]))],
+        error("pcr-mismatch", "PCR 14: the log replays to"),
+        ident,
+    )
+
+
 # -- the honest run ------------------------------------------------------------------------
 
 
@@ -704,6 +868,7 @@ def build_vectors() -> Vectors:  # noqa: PLR0915 (a flat list of vectors reads b
         error("log-integrity", "appears twice"),
         id1,
     )
+    add_batch_vectors(log, id1)
 
     def change_statement(entries: list[str]) -> list[str]:
         obj = _entry_json(base64.b64decode(entries[3]))
