@@ -5,6 +5,9 @@
 #                                      + python3-cryptography (the workload SDK's AEAD)
 #                                      + OpenBLAS (Debian's default reference BLAS makes
 #                                        the example model's forward pass several times slower)
+#                                      Debian packages only: the example model's tokenizers and
+#                                      safetensors wheels go into embassy/sealed-service
+#                                      (examples/sealed_service/build.sh, ADR 0017)
 #   embassy/canary:latest           busybox-static only: a tiny server for escape probes
 #
 # Idempotent: an image that exists under its tag is kept (FORCE=1 rebuilds). Needs root,
