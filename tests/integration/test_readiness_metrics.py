@@ -54,9 +54,9 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 class NotifyListener:
     """systemd's side of the notify socket; checks the socket and workload when READY=1 comes."""
 
-    def __init__(self, path: Path, on_ready: Any) -> None:
+    def __init__(self, address: Path | bytes, on_ready: Any) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
+        self.sock.bind(address if isinstance(address, bytes) else str(address))
         self.sock.settimeout(0.05)
         self.messages: list[tuple[float, str]] = []
         self.at_ready: dict[str, Any] = {}
@@ -270,3 +270,27 @@ def test_ready_watchdog_metrics_and_stopping(client: Any, daemon_factory: type[D
         listener.close()
         if (daemon.data_dir / "embassy-id").exists():
             remove_embassy_containers(client, embassy_id(daemon))
+
+
+def test_an_abstract_notify_socket_and_no_watchdog(daemon_factory: type[Daemon]) -> None:
+    """systemd may name an abstract socket ('@...'); without WATCHDOG_USEC nothing pings."""
+    daemon = daemon_factory()
+    name = f"embassy-test-{daemon.root.name}-{time.monotonic_ns()}"
+    served: list[int] = []
+    listener = NotifyListener(
+        b"\0" + name.encode(),
+        lambda: served.append(host_get(daemon.socket, "/v1/health")[0]) or {},
+    )
+    daemon.env = {"NOTIFY_SOCKET": "@" + name}
+    try:
+        daemon.start()
+        listener.wait_for("READY=1")
+        assert served == [200]
+        assert f"STATUS=serving on {daemon.socket}; workload none" in listener.lines()
+        time.sleep(1.5)
+        assert daemon.stop() == 0
+        listener.wait_for("STOPPING=1", timeout=5)
+        assert "WATCHDOG=1" not in listener.lines()
+        assert listener.lines()[-1] == "STATUS=stopped"
+    finally:
+        listener.close()

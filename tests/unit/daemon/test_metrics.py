@@ -373,3 +373,22 @@ def test_a_metrics_port_in_use_is_a_precise_error() -> None:
         address = ListenAddress("127.0.0.1", taken.getsockname()[1])
         with pytest.raises(StorageError, match=r"metrics.listen: cannot listen on 127\.0\.0\.1:"):
             LocalPort(Metrics(), address)
+
+
+def test_metering_counts_its_rejections_by_code(embassy: Embassy, tmp_path: Path) -> None:
+    before = value(
+        embassy.metrics, "embassy_activation_rejections_total", code="activation-foreign"
+    )
+    embassy.metering.discard(123)  # a file the intake could not take as an activation file
+    garbage = tmp_path / "not-an-activation"
+    garbage.write_bytes(b"\x00" * 64)
+    embassy.metering.handle(garbage)
+    s = scrape(embassy.metrics)
+    counted = {
+        dict(labels)["code"]: v
+        for (name, labels), v in s.items()
+        if name == "embassy_activation_rejections_total"
+    }
+    # Neither names an open session: both are foreign, counted under the embassy's code.
+    assert counted == {"activation-foreign": before + 2}
+    assert garbage.name not in embassy.metrics.render().decode()
