@@ -189,3 +189,26 @@ def test_a_health_check_that_raises_counts_as_unhealthy(listener: tuple[str, Lis
     time.sleep(0.1)
     assert "WATCHDOG=1" not in got.texts()
     notifier.close()
+
+
+class _Loop:
+    def __init__(self, age: float | None) -> None:
+        self.age = age
+
+    def loop_age(self) -> float | None:
+        return self.age
+
+
+@pytest.mark.parametrize(
+    ("age", "healthy"), [(0.1, True), (4.9, True), (5.1, False), (None, False)]
+)
+def test_the_daemon_is_healthy_while_its_accept_loop_turns(
+    age: float | None, healthy: bool
+) -> None:
+    from embassy.daemon.runtime import _loop_health
+
+    problem = _loop_health(_Loop(age), 5.0)  # type: ignore[arg-type]
+    assert (problem is None) is healthy
+    if not healthy:
+        assert problem is not None
+        assert "accept loop" in problem
