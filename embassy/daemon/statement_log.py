@@ -1,14 +1,16 @@
 """The statement log as the daemon keeps it: sign, append durably, extend, checkpoint.
 
 Statements are group-committed (ADR 0016). A writer queues its statement; the first writer
-to find no commit in progress becomes the leader and takes everything queued (at most
-``MAX_BATCH``), while the others wait. Under the log lock the leader reads the TPM clock
-once, builds and signs each statement at its position (one clock for all), writes all
-their lines with one write and one fsync, extends the PCR once (the entry digest for a
-batch of one, exactly as before batches; else the batch digest over the entries'
-digests), and then wakes every writer of the batch with its own result, or all of them
-with the same exception. A statement is acknowledged only once its whole batch is both
-fsync'd and extended. Events (starts, launch inputs) are committed alone.
+to find no batch being built becomes the leader and, once it holds the build lock, takes
+everything queued (at most ``MAX_BATCH``) while the others wait. It reads the TPM clock
+once and builds and signs each statement at its position (one clock for all). Then, in
+build order under the commit lock, it writes all their lines with one write and one
+fsync, extends the PCR once (the entry digest for a batch of one, exactly as before
+batches; else the batch digest over the entries' digests), and wakes every writer of the
+batch with its own result, or all of them with the same exception. The next leader builds
+its batch while this one is written and extended (a pipeline of two: CPU work overlaps the
+disk and the TPM). A statement is acknowledged only once its whole batch is both fsync'd
+and extended. Events (starts, launch inputs) are committed alone, with the log quiet.
 
 A crash after the fsync and before the extend leaves the PCR one commit (an entry or a
 batch) behind the file; :meth:`recover` finds exactly that case and finishes the extend. A
@@ -32,10 +34,11 @@ a token bucket (:class:`QuoteBudget`) that refuses with ``RateLimitedError`` whe
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +121,7 @@ class _Pending:
     """One writer's statement while it waits for a group commit: its outcome is set once,
     by the leader that commits it, before ``done``."""
 
-    __slots__ = ("body", "done", "error", "predicate_type", "result", "subjects")
+    __slots__ = ("body", "done", "error", "predicate_type", "result", "subjects", "wake")
 
     def __init__(
         self, predicate_type: str, subjects: tuple[Subject, ...], body: Mapping[str, Any]
@@ -129,6 +132,8 @@ class _Pending:
         self.result: Appended | None = None
         self.error: BaseException | None = None
         self.done = False
+        # Set when the outcome is in, or when the writer is made the next leader.
+        self.wake = threading.Event()
 
 
 # A checkpoint whose head is not the entry at its seq (the log was cut back and grew again)
@@ -154,7 +159,10 @@ class StatementLog:
         self._pcrs = pcrs
         self._mode = tpm.mode
         self._every = checkpoint_every
+        # Lock order: _lock (building a batch; held by whatever needs the log quiet) before
+        # _commit (writing + extending one commit, in build order); _tip_lock, _queued leaves.
         self._lock = threading.Lock()
+        self._commit = threading.Lock()
         self._entries = AppendFile(data_dir / "log.jsonl", parse_entry)
         self._checkpoints = AppendFile(data_dir / "checkpoints.jsonl", parse_checkpoint_bytes)
         self._since_checkpoint = 0
@@ -165,8 +173,14 @@ class StatementLog:
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
         self._self_subject = embassy_subject(raw_public_key(keys.signing.public_key()))
-        self._queued = threading.Condition(threading.Lock())
+        self._queued = threading.Lock()
         self._leading = False
+        # Where the next batch is built: after the last one built, which may still be
+        # committing (None: after the stored head). A failed commit's exception is kept for
+        # the batches built on it (they fail with it: their predecessor was never stored).
+        self._tip: tuple[int, bytes] | None = None
+        self._tip_lock = threading.Lock()
+        self._broken: BaseException | None = None
         self.evidence_quotes = QuoteBudget(EVIDENCE_QUOTES_PER_SECOND, EVIDENCE_QUOTE_BURST)
 
     # -- reading -----------------------------------------------------------------------
@@ -198,7 +212,7 @@ class StatementLog:
     def recover(self) -> None:
         """Check the file against itself and the TPM; finish an interrupted extend and cut
         a batch whose write a crash interrupted."""
-        with self._lock:
+        with self._quiet():
             records = self._entries.records
             try:
                 check_chain(
@@ -335,14 +349,30 @@ class StatementLog:
                     exc.code,
                 )
 
-    def _next(self) -> tuple[int, bytes]:
+    def _stored_next(self) -> tuple[int, bytes]:
         head = self.head
         return (0, GENESIS) if head is None else (head.seq + 1, head.digest)
+
+    def _next(self) -> tuple[int, bytes]:
+        """Where the next batch goes: after the last one built (under ``_lock``)."""
+        with self._tip_lock:
+            tip = self._tip
+        return self._stored_next() if tip is None else tip
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """No batch being built nor committed: the file, the records and the PCRs agree."""
+        with self._lock, self._commit:
+            try:
+                yield
+            finally:
+                with self._tip_lock:
+                    self._tip = None  # the next batch is built on the stored head
 
     def append_event(self, entry_type: EntryType, body: Mapping[str, Any]) -> LogEntry:
         """Record a signed, position-bound event (a daemon start, a launch input) in the
         embassy PCR, committed alone."""
-        with self._lock:
+        with self._quiet():
             seq, prev = self._next()
             data = sign_envelope(
                 encode_event(entry_type.value, seq, prev, body),
@@ -373,45 +403,80 @@ class StatementLog:
         pending = _Pending(predicate_type, tuple(subjects), body)
         with self._queued:
             self._queue.append(pending)
-        while True:
-            with self._queued:
-                while not pending.done and self._leading:
-                    self._queued.wait()
-                if pending.done:
-                    break
-                self._leading = True
-                batch = self._queue[: self._max_batch]
-                del self._queue[: len(batch)]
-            self._lead(batch)
+            leads = not self._leading
+            self._leading = True
+        if not leads:
+            pending.wake.wait()
+        if not pending.done:  # made the leader: first in the queue, so in its own batch
+            self._lead()
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
         return pending.result
 
-    def _lead(self, batch: list[_Pending]) -> None:
-        """Commit ``batch`` as its leader, then wake its writers (and the next leader)."""
+    def _lead(self) -> None:
+        """Build the queued statements into a batch as its leader; then let the next leader
+        build while this batch is written and extended; then wake its writers."""
+        batch: list[_Pending] = []
+        stepped_down = False
         try:
             with self._lock:
-                self._commit_statements_locked(batch)
+                with self._queued:  # taken as late as possible: the bigger the batch
+                    batch = self._queue[: self._max_batch]
+                    del self._queue[: len(batch)]
+                clock = self._tpm.clock()  # one read for the batch: every statement carries it
+                built = self._build_locked(batch, clock)
+                if built:
+                    last = built[-1][2]
+                    with self._tip_lock:
+                        self._tip = (last.seq + 1, last.digest)
+                self._commit.acquire()  # before the next leader can build: commits in order
+            try:
+                self._step_down()
+                stepped_down = True
+                if built:
+                    self._commit_built(built)
+            finally:
+                self._commit.release()
         except BaseException as exc:  # every writer of the batch gets the same exception
             for item in batch:
                 if item.result is None and item.error is None:
                     item.error = exc
         finally:
-            with self._queued:
-                for item in batch:
-                    if item.result is None and item.error is None:  # pragma: no cover
-                        item.error = TpmError("log: the group commit ended without an outcome")
-                    item.done = True
-                self._leading = False
-                self._queued.notify_all()
+            if not stepped_down:
+                self._step_down()
+            for item in batch:
+                if item.result is None and item.error is None:  # pragma: no cover
+                    item.error = TpmError("log: the group commit ended without an outcome")
+                item.done = True
+                item.wake.set()
 
-    def _commit_statements_locked(self, batch: list[_Pending]) -> None:
-        clock = self._tpm.clock()  # one read for the batch: every statement carries it
-        built = self._build_locked(batch, clock)
-        if not built:
-            return
-        self._commit_locked([entry for _, _, entry in built])
+    def _step_down(self) -> None:
+        """Hand the lead to the first writer queued (it builds the next batch), or leave it
+        to the next writer to come; wakes one thread, not all."""
+        with self._queued:
+            if self._queue:
+                self._queue[0].wake.set()
+            else:
+                self._leading = False
+
+    def _check_on_head(self, first: LogEntry) -> None:
+        if (first.seq, first.prev) != self._stored_next():
+            raise self._broken or TpmError("log: the batch before this one was not stored")
+
+    def _commit_built(self, built: list[tuple[_Pending, bytes, LogEntry]]) -> None:
+        """Write and extend a built batch (under ``_commit``), or fail it having stored
+        nothing: also when the batch it was built on failed."""
+        entries = [entry for _, _, entry in built]
+        try:
+            self._check_on_head(entries[0])
+            self._commit_locked(entries)
+        except BaseException as exc:
+            self._broken = exc
+            with self._tip_lock:
+                if self._tip == (entries[-1].seq + 1, entries[-1].digest):
+                    self._tip = None  # nothing was built on it: the next goes on the head
+            raise
         self._metrics.statements(len(built))
         for item, envelope, entry in built:
             item.result = Appended(envelope, entry)
@@ -470,7 +535,7 @@ class StatementLog:
         return checkpoint
 
     def checkpoint(self) -> Checkpoint:
-        with self._lock:
+        with self._quiet():
             return self._checkpoint_locked()
 
     def _anchor(self, first: int, before_seq: int) -> Checkpoint | None:
@@ -508,7 +573,7 @@ class StatementLog:
         """Entries of the current boot from ``from_seq`` (or the nearest anchor) to the head,
         closed by a fresh quote over ``qualifying_data`` (default: a checkpoint, a new one
         unless ``reuse_checkpoint`` and the last stored one is at the head)."""
-        with self._lock:
+        with self._quiet():
             head = self.head
             if head is None:
                 raise TamperError("the log is empty")
@@ -536,6 +601,6 @@ class StatementLog:
         )
 
     def close(self) -> None:
-        with self._lock:
+        with self._quiet():
             self._entries.close()
             self._checkpoints.close()

@@ -125,8 +125,11 @@ def batched(
 def run_batch(
     log: StatementLog, gated: GatedTpm, names: list[str], **kwargs: Any
 ) -> dict[str, Appended | BaseException]:
-    threads, results = start_writers(log, names, **kwargs)
-    wait_queued(log, len(names))
+    """``names`` queue while the build lock is held (the leader takes the queue only once
+    it holds it), so they form one batch, built while w0 is still being extended."""
+    with log._lock:  # noqa: SLF001
+        threads, results = start_writers(log, names, **kwargs)
+        wait_queued(log, len(names))
     gated.gate.set()
     for t in threads:
         t.join(10)
