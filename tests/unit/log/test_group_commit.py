@@ -127,7 +127,7 @@ def run_batch(
 ) -> dict[str, Appended | BaseException]:
     """``names`` queue while the build lock is held (the leader takes the queue only once
     it holds it), so they form one batch, built while w0 is still being extended."""
-    with log._lock:  # noqa: SLF001
+    with log._lock:
         threads, results = start_writers(log, names, **kwargs)
         wait_queued(log, len(names))
     gated.gate.set()
@@ -413,3 +413,45 @@ def test_verify_segment_refuses_a_head_quote_inside_a_batch(
 
     with pytest.raises(LogIntegrityError, match=r"batch \[1,3\] is cut off after entry seq 2"):
         verify_segment(cut, keys_for(tpm), allow_software_tpm=True)
+
+
+def test_a_batch_built_on_one_that_failed_fails_with_its_exception(
+    tmp_path: Path, tpm: FakeTpm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pipelining: batch B is built on batch A's last entry while A is being written. A's
+    write fails (nothing stored), so B's entries chain to nothing: B fails with A's
+    exception, and the next statement goes where A would have been."""
+    log = open_log(tmp_path, tpm)
+    log.recover()
+    store = log._entries
+    real = store.append_many
+    writing, release = threading.Event(), threading.Event()
+    full = StorageError("log.jsonl: append failed (No space left on device); nothing was stored")
+
+    def append_many(items: Any) -> None:
+        if not release.is_set():
+            writing.set()
+            assert release.wait(10)
+            raise full
+        real(items)
+
+    monkeypatch.setattr(store, "append_many", append_many)
+    first, first_results = start_writers(log, ["a"])
+    assert writing.wait(10)
+    with log._lock:  # let b and c queue into one batch
+        threads, results = start_writers(log, ["b", "c"])
+        wait_queued(log, 2)
+    deadline = time.monotonic() + 10
+    while log._tip is None or log._tip[0] != 3:  # b, c built on a (seq 0)
+        assert time.monotonic() < deadline, "the next batch was not built"
+        time.sleep(0.001)
+    release.set()
+    for t in [*first, *threads]:
+        t.join(10)
+    assert first_results == {"a": full}
+    assert results == {"b": full, "c": full}
+    assert list(log.entries) == []
+    got = log.append_statement(LIFECYCLE_V1, [], {"event": "next"})
+    assert got.entry.seq == 0
+    verify_segment(log.log_segment(0), keys_for(tpm), allow_software_tpm=True)
+    log.close()
