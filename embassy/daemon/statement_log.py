@@ -373,7 +373,7 @@ class StatementLog:
         """Record a signed, position-bound event (a daemon start, a launch input) in the
         embassy PCR, committed alone."""
         with self._quiet():
-            seq, prev = self._next()
+            seq, prev = self._stored_next()
             data = sign_envelope(
                 encode_event(entry_type.value, seq, prev, body),
                 self._keys.signing,

@@ -455,3 +455,44 @@ def test_a_batch_built_on_one_that_failed_fails_with_its_exception(
     assert got.entry.seq == 0
     verify_segment(log.log_segment(0), keys_for(tpm), allow_software_tpm=True)
     log.close()
+
+
+def test_events_checkpoints_and_segments_meanwhile_find_the_log_quiet(
+    tmp_path: Path, tpm: FakeTpm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start events, checkpoints and segments taken while 16 writers keep the pipeline
+    full: each sees the file and the PCRs agree, and the whole log verifies after."""
+    real = tpm.extend
+
+    def slow_extend(pcr: int, digest: bytes) -> None:
+        time.sleep(0.001)
+        real(pcr, digest)
+
+    monkeypatch.setattr(tpm, "extend", slow_extend)
+    log = open_log(tmp_path, tpm, checkpoint_every=5)
+    log.recover()
+    keys = keys_for(tpm)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def auditor() -> None:
+        while not stop.is_set():
+            log.append_event(EntryType.EMBASSY_START, {"n": len(seen)})
+            segment = log.log_segment(0)
+            seen.append(len(verify_segment(segment, keys, allow_software_tpm=True).statements))
+
+    side = threading.Thread(target=auditor)
+    side.start()
+    threads, results = start_writers(log, [f"w{i}" for i in range(16)])
+    more, more_results = start_writers(log, [f"v{i}" for i in range(16)])
+    for t in [*threads, *more]:
+        t.join(20)
+    stop.set()
+    side.join(20)
+    assert all(isinstance(r, Appended) for r in [*results.values(), *more_results.values()])
+    assert seen
+    entries = list(log.entries)
+    assert tpm.read_pcrs([13, 14]) == replay(entries, {}, [13, 14])
+    final = verify_segment(log.log_segment(0), keys, allow_software_tpm=True)
+    assert len(final.statements) == 32
+    log.close()
