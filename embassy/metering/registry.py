@@ -60,219 +60,43 @@ normalises them when it builds a set.
 
 from __future__ import annotations
 
-import logging
-import re
 import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from embassy.errors import InstructionReplayedError, NotOwnerError, StorageError
+from embassy.metering import registry_rows
 from embassy.metering.formula_v2 import CentroidModel, Sample, fit
+from embassy.metering.registry_rows import (
+    Calibration,
+    FileProgress,
+    Meter,
+    Recovery,
+    SessionRecord,
+    SignatureRow,
+    Update,
+)
+from embassy.metering.registry_schema import SCHEMA_VERSION, configure, ensure_schema
 from embassy.metering.score import Polarity, SignatureSet
 
-_LOG = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
-# Schema 1 -> 2 (formula v2): the signatures' pooled windows and the calibrations table.
-# Done at open, in one transaction, and logged; any other version is refused.
-_MIGRATIONS: dict[str, tuple[str, ...]] = {
-    "1": (
-        "ALTER TABLE signatures ADD COLUMN windows BLOB CHECK (windows IS NULL OR"
-        " (length(windows) > 0 AND length(windows) % (4 * dim) = 0))",
-    ),
-}
-_HEX = re.compile(r"(?:[0-9a-f]{2})+")
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_VECTOR_DTYPE = np.dtype("<f4")  # float32, little-endian, whatever the host's byte order
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE batches (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ('signatures', 'update')),
-    state TEXT NOT NULL CHECK (state IN ('pending', 'committed')),
-    statement_seq INTEGER CHECK ((state = 'pending') = (statement_seq IS NULL))
-);
-CREATE TABLE signatures (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    batch TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
-    capability TEXT NOT NULL,
-    authority TEXT NOT NULL,
-    polarity TEXT NOT NULL CHECK (polarity IN ('positive', 'negative')),
-    tensor TEXT NOT NULL,
-    dim INTEGER NOT NULL CHECK (dim > 0),
-    vector BLOB NOT NULL CHECK (length(vector) = 4 * dim),
-    -- Formula v2's pooled windows ((m, dim) float32, row 0 = vector), NULL for rows
-    -- written before schema 2, which v2 reads as their one mean vector.
-    windows BLOB CHECK (
-        windows IS NULL OR (length(windows) > 0 AND length(windows) % (4 * dim) = 0)
-    ),
-    session TEXT,
-    statement_seq INTEGER,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'committed'))
-);
-CREATE INDEX signatures_by_tensor ON signatures (tensor, dim, state);
-CREATE INDEX signatures_by_capability ON signatures (capability);
-CREATE INDEX signatures_by_batch ON signatures (batch);
-CREATE TABLE meters (
-    capability TEXT PRIMARY KEY,
-    authority TEXT NOT NULL,
-    -- SQLite turns an overflowing integer sum into REAL: refuse that instead.
-    value INTEGER NOT NULL CHECK (typeof(value) = 'integer'),
-    count INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL
-);
-CREATE INDEX meters_by_authority ON meters (authority);
-CREATE TABLE updates (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    batch TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
-    capability TEXT NOT NULL,
-    authority TEXT NOT NULL,
-    delta INTEGER NOT NULL,
-    session TEXT NOT NULL,
-    activation_sha256 TEXT NOT NULL,
-    statement_seq INTEGER,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'committed'))
-);
-CREATE INDEX updates_by_capability ON updates (capability, state);
-CREATE INDEX updates_by_batch ON updates (batch);
-CREATE TABLE instruction_nonces (
-    nonce TEXT PRIMARY KEY,
-    authority TEXT NOT NULL,
-    expires_unix INTEGER NOT NULL
-);
-CREATE INDEX nonces_by_expiry ON instruction_nonces (expires_unix);
-CREATE TABLE calibrations (
-    authority TEXT NOT NULL,
-    tensor TEXT NOT NULL,
-    dim INTEGER NOT NULL,
-    capability TEXT NOT NULL,
-    threshold INTEGER NOT NULL CHECK (typeof(threshold) = 'integer'),
-    model_sha256 TEXT NOT NULL,
-    statement_seq INTEGER NOT NULL,
-    PRIMARY KEY (authority, tensor, dim, capability)
-);
--- The daemon's open sessions' metering (daemon/metering.py), so a session open across a
--- restart is still metered: its instructions (the authorities' signed envelopes) and one
--- row per activation file handled. A file's row is staged with its group's first batch
--- (NULL: a group that changed nothing else) and goes if that batch is discarded.
-CREATE TABLE metering_sessions (
-    session TEXT PRIMARY KEY,
-    refused INTEGER NOT NULL CHECK (refused >= 0)
-);
-CREATE TABLE metering_instructions (
-    session TEXT NOT NULL REFERENCES metering_sessions (session) ON DELETE CASCADE,
-    position INTEGER NOT NULL,
-    envelope BLOB NOT NULL,
-    PRIMARY KEY (session, position)
-);
-CREATE TABLE metering_files (
-    session TEXT NOT NULL REFERENCES metering_sessions (session) ON DELETE CASCADE,
-    seq INTEGER NOT NULL CHECK (seq >= 0),
-    activation_sha256 TEXT NOT NULL,
-    bytes INTEGER NOT NULL CHECK (bytes >= 0),
-    signatures_written INTEGER NOT NULL,
-    meter_updates INTEGER NOT NULL,
-    batch TEXT REFERENCES batches (id) ON DELETE CASCADE,
-    PRIMARY KEY (session, seq)
-);
-CREATE INDEX metering_files_by_batch ON metering_files (batch);
-"""
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class SignatureRow:
-    """One signature to stage: ``vector`` is stored as given (float32), normalised on use."""
-
-    capability: str
-    authority: str
-    polarity: Polarity
-    tensor: str
-    vector: npt.NDArray[Any]
-    # Formula v2's pooled windows of the activation ((m, d), row 0 equal to ``vector``);
-    # None stores the mean alone, which v2 then reads as a one-window sample.
-    windows: npt.NDArray[Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Meter:
-    capability: str
-    authority: str
-    value: int  # cumulative, micro-units
-    count: int  # committed updates applied
-    last_seq: int  # log seq of the latest statement that moved it
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    id: int
-    batch: str
-    capability: str
-    authority: str
-    delta: int
-    session: str
-    activation_sha256: str
-    statement_seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    """A capability's v2 calibration, recorded when its model was last refitted."""
-
-    capability: str
-    tensor: str
-    dim: int
-    threshold: int  # micro-units
-    model_sha256: str  # the fitted model's digest (hex), as meter-update statements name it
-    statement_seq: int  # the signatures batch's statement that refitted it
-
-
-@dataclass(frozen=True, slots=True)
-class FileProgress:
-    """One activation file a session's metering handled (``stage_group``)."""
-
-    session: str
-    seq: int
-    activation_sha256: str
-    bytes: int
-    signatures_written: int
-    meter_updates: int
-
-
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
-    """An open session's persisted metering: instructions in order, files in seq order."""
-
-    session: str
-    refused: int
-    instructions: tuple[bytes, ...]
-    files: tuple[FileProgress, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Recovery:
-    committed: tuple[str, ...]
-    discarded: tuple[str, ...]
-
-
-def _text(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"registry: {what} must be a non-empty string")
-    return value
-
-
-def _hex(value: object, what: str, pattern: re.Pattern[str] = _HEX) -> str:
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise ValueError(f"registry: {what} must be lowercase hex")
-    return value
+__all__ = [
+    "SCHEMA_VERSION",
+    "Calibration",
+    "FileProgress",
+    "Meter",
+    "Recovery",
+    "Registry",
+    "SessionRecord",
+    "SignatureRow",
+    "Update",
+]
 
 
 class Registry:
@@ -296,8 +120,8 @@ class Registry:
         except sqlite3.Error as exc:
             raise StorageError(f"registry {path}: cannot open: {exc}") from None
         try:
-            _configure(conn, path)
-            _ensure_schema(conn, path)
+            configure(conn, path)
+            ensure_schema(conn, path)
             path.chmod(0o600)  # signatures are the authorities' secrets
         except (sqlite3.Error, OSError) as exc:
             conn.close()
@@ -353,8 +177,8 @@ class Registry:
         if not rows:
             raise ValueError("registry: a signatures batch needs at least one row")
         if session is not None:
-            _hex(session, "session")
-        prepared = [_prepare_signature(row) for row in rows]
+            registry_rows.hex_field(session, "session")
+        prepared = [registry_rows.prepare_signature(row) for row in rows]
         owners: dict[str, str] = {}
         for row in rows:
             if owners.setdefault(row.capability, row.authority) != row.authority:
@@ -364,7 +188,7 @@ class Registry:
         batch = secrets.token_hex(16)
         with self._tx() as conn:
             for capability, authority in owners.items():
-                owner = _owner(conn, capability, pending=True)
+                owner = registry_rows.owner(conn, capability, pending=True)
                 if owner is not None and owner != authority:
                     raise NotOwnerError(
                         f"registry: capability {capability!r} belongs to {owner!r}, "
@@ -384,17 +208,17 @@ class Registry:
 
         Each capability's authority is the one its meter or committed signatures name.
         """
-        _hex(session, "session")
-        _hex(activation_sha256, "activation_sha256", _SHA256_HEX)
+        registry_rows.hex_field(session, "session")
+        registry_rows.hex_field(activation_sha256, "activation_sha256", registry_rows.SHA256_HEX)
         for capability, delta in deltas.items():
-            _text(capability, "capability")
+            registry_rows.text(capability, "capability")
             if type(delta) is not int or delta < 0:
                 raise ValueError(f"registry: delta for {capability!r} must be an int >= 0")
         batch = secrets.token_hex(16)
         with self._tx() as conn:
             rows = []
             for capability, delta in sorted(deltas.items()):
-                owner = _owner(conn, capability, pending=False)
+                owner = registry_rows.owner(conn, capability, pending=False)
                 if owner is None:
                     raise StorageError(
                         f"registry {self._path}: capability {capability!r} has no signatures"
@@ -535,7 +359,7 @@ class Registry:
             )
         sigs = None
         if rows:  # built outside the lock: matching on other tensors need not wait
-            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=_VECTOR_DTYPE)
+            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=registry_rows.VECTOR_DTYPE)
             matrix = matrix.reshape(len(rows), dim)
             try:
                 sigs = SignatureSet.build(
@@ -563,7 +387,7 @@ class Registry:
             if self._conn is None:
                 raise StorageError(f"registry {self._path}: closed")
             try:
-                samples = _samples(self._conn, authority, tensor, dim)
+                samples = registry_rows.samples(self._conn, authority, tensor, dim)
             except sqlite3.Error as exc:
                 raise StorageError(f"registry {self._path}: {exc}") from None
         model = self._fit(samples, key)  # outside the lock, as signature_set builds
@@ -585,7 +409,9 @@ class Registry:
     ) -> None:
         """Refit (authority, tensor, dim) inside a signatures commit and record the
         calibration it gives each capability: the registry's copy of what readings report."""
-        model = self._fit(_samples(conn, authority, tensor, dim), (authority, tensor, dim))
+        model = self._fit(
+            registry_rows.samples(conn, authority, tensor, dim), (authority, tensor, dim)
+        )
         conn.execute(
             "DELETE FROM calibrations WHERE authority = ? AND tensor = ? AND dim = ?",
             (authority, tensor, dim),
@@ -653,7 +479,7 @@ class Registry:
         """
         if not nonce:
             raise ValueError("registry: empty nonce")
-        _text(authority, "authority")
+        registry_rows.text(authority, "authority")
         with self._tx() as conn:
             conn.execute("DELETE FROM instruction_nonces WHERE expires_unix < ?", (now,))
             try:
@@ -683,7 +509,8 @@ class Registry:
         statement to report). Ownership is checked as by the one-batch methods.
         """
         prepared = [
-            (_hex(session, "session"), _prepare_signature(row)) for session, row in signatures
+            (registry_rows.hex_field(session, "session"), registry_rows.prepare_signature(row))
+            for session, row in signatures
         ]
         owners: dict[str, str] = {}
         for _, row in signatures:
@@ -692,17 +519,19 @@ class Registry:
                     f"registry: capability {row.capability!r} named for two authorities"
                 )
         for session, activation_sha256, deltas in updates:
-            _hex(session, "session")
-            _hex(activation_sha256, "activation_sha256", _SHA256_HEX)
+            registry_rows.hex_field(session, "session")
+            registry_rows.hex_field(
+                activation_sha256, "activation_sha256", registry_rows.SHA256_HEX
+            )
             for capability, delta in deltas.items():
-                _text(capability, "capability")
+                registry_rows.text(capability, "capability")
                 if type(delta) is not int or delta < 0:
                     raise ValueError(f"registry: delta for {capability!r} must be an int >= 0")
         batches: list[str] = []
         with self._tx() as conn:
             if prepared:
                 for capability, authority in owners.items():
-                    owner = _owner(conn, capability, pending=True)
+                    owner = registry_rows.owner(conn, capability, pending=True)
                     if owner is not None and owner != authority:
                         raise NotOwnerError(
                             f"registry: capability {capability!r} belongs to {owner!r}, "
@@ -734,9 +563,11 @@ class Registry:
                 "INSERT INTO metering_files VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
-                        _hex(f.session, "session"),
+                        registry_rows.hex_field(f.session, "session"),
                         f.seq,
-                        _hex(f.activation_sha256, "activation_sha256", _SHA256_HEX),
+                        registry_rows.hex_field(
+                            f.activation_sha256, "activation_sha256", registry_rows.SHA256_HEX
+                        ),
                         f.bytes,
                         f.signatures_written,
                         f.meter_updates,
@@ -757,7 +588,7 @@ class Registry:
         for session, activation_sha256, deltas in updates:
             for capability, delta in sorted(deltas.items()):
                 if capability not in owner_of:
-                    owner_of[capability] = _owner(conn, capability, pending=False)
+                    owner_of[capability] = registry_rows.owner(conn, capability, pending=False)
                 owner = owner_of[capability]
                 if owner is None:
                     raise StorageError(
@@ -800,7 +631,7 @@ class Registry:
 
     def save_session(self, session: str, instructions: Sequence[bytes], refused: int) -> None:
         """Record a session's metering as it opens (its instructions' signed envelopes)."""
-        _hex(session, "session")
+        registry_rows.hex_field(session, "session")
         with self._tx() as conn:
             conn.execute("INSERT INTO metering_sessions VALUES (?, ?)", (session, refused))
             conn.executemany(
@@ -833,123 +664,3 @@ class Registry:
             )
             for session, refused in sessions
         ]
-
-
-def _configure(conn: sqlite3.Connection, path: Path) -> None:
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode != "wal":
-        raise StorageError(f"registry {path}: journal_mode is {mode}, not wal")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-
-
-def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the schema in a new file, or check an existing file's version."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        _create_or_check(conn, path)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _create_or_check(conn: sqlite3.Connection, path: Path) -> None:
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if not tables:
-        # Statement by statement: executescript would commit half a schema on failure.
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        return
-    if "meta" not in tables:
-        raise StorageError(f"registry {path}: not an embassy registry (no meta table)")
-    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    found = None if row is None else row[0]
-    if found in _MIGRATIONS:
-        for statement in _MIGRATIONS[found]:
-            conn.execute(statement)
-        # Tables and indexes that version did not have, as the current schema defines them.
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(
-                    statement.replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ").replace(
-                        "CREATE INDEX ", "CREATE INDEX IF NOT EXISTS "
-                    )
-                )
-        conn.execute(
-            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
-        )
-        _LOG.warning("registry %s: schema %s migrated to %s", path, found, SCHEMA_VERSION)
-        return
-    if found != str(SCHEMA_VERSION):
-        raise StorageError(
-            f"registry {path}: schema version {found!r}; this embassy reads {SCHEMA_VERSION} "
-            f"(and migrates {', '.join(sorted(_MIGRATIONS))}) only"
-        )
-
-
-def _owner(conn: sqlite3.Connection, capability: str, *, pending: bool) -> str | None:
-    """The authority a capability belongs to: its meter's, else its signatures'."""
-    row = conn.execute(
-        "SELECT authority FROM meters WHERE capability = ?", (capability,)
-    ).fetchone()
-    if row is not None:
-        return str(row[0])
-    # Staging signatures also checks pending rows: two authorities must not race for a name.
-    sql = "SELECT authority FROM signatures WHERE capability = ?"
-    if not pending:
-        sql += " AND state = 'committed'"
-    row = conn.execute(sql + " LIMIT 1", (capability,)).fetchone()
-    return None if row is None else str(row[0])
-
-
-def _samples(conn: sqlite3.Connection, authority: str, tensor: str, dim: int) -> list[Sample]:
-    """An authority's committed signatures of (tensor, dim) as formula v2 samples."""
-    samples = []
-    for capability, polarity, vector, windows in conn.execute(
-        "SELECT capability, polarity, vector, windows FROM signatures"
-        " WHERE authority = ? AND tensor = ? AND dim = ? AND state = 'committed' ORDER BY id",
-        (authority, tensor, dim),
-    ):
-        raw = vector if windows is None else windows
-        matrix = np.frombuffer(raw, dtype=_VECTOR_DTYPE).reshape(-1, dim)
-        samples.append(Sample(capability, Polarity(polarity), matrix))
-    return samples
-
-
-def _prepare_signature(row: SignatureRow) -> tuple[str, str, str, str, int, bytes, bytes | None]:
-    _text(row.capability, "capability")
-    _text(row.authority, "authority")
-    _text(row.tensor, "tensor")
-    if not isinstance(row.polarity, Polarity):
-        raise TypeError("registry: polarity must be a score.Polarity")
-    vector = np.asarray(row.vector, dtype=_VECTOR_DTYPE)
-    if vector.ndim != 1 or vector.size == 0:
-        raise ValueError(f"registry: a signature vector is 1-D, not of shape {vector.shape}")
-    if not np.isfinite(vector).all() or not vector.any():
-        raise ValueError("registry: a signature vector must be finite and not all zero")
-    windows = None
-    if row.windows is not None:
-        matrix = np.asarray(row.windows, dtype=_VECTOR_DTYPE)
-        if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[1] != vector.size:
-            raise ValueError(
-                f"registry: windows of shape {matrix.shape} for a vector of {vector.size}"
-            )
-        if not np.isfinite(matrix).all():
-            raise ValueError("registry: non-finite values in a signature's windows")
-        # Row 0 is the mean the vector column holds: v1 and v2 read one activation alike.
-        if matrix[0].tobytes() != vector.tobytes():
-            raise ValueError("registry: a signature's first window is not its vector")
-        windows = np.ascontiguousarray(matrix).tobytes()
-    return (
-        row.capability,
-        row.authority,
-        row.polarity.value,
-        row.tensor,
-        int(vector.size),
-        vector.tobytes(),
-        windows,
-    )
