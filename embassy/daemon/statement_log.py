@@ -70,7 +70,7 @@ from embassy.log.segment import Segment, check_chain, extends, last_commit, repl
 from embassy.log.verify_entry import authenticate_entry
 from embassy.tpm.interface import Tpm
 from embassy.wire.codec import canonical_json
-from embassy.wire.dsse import raw_public_key, sign_envelope
+from embassy.wire.dsse import Signer, raw_public_key
 from embassy.wire.statement import Header, Statement, Subject, embassy_subject
 
 _LOG = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class StatementLog:
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
         self._self_subject = embassy_subject(raw_public_key(keys.signing.public_key()))
+        self._signer = Signer.of(keys.signing)  # its key id computed once, not per statement
         self._queued = threading.Lock()
         self._leading = False
         # Where the next batch is built: after the last one built, which may still be
@@ -374,10 +375,8 @@ class StatementLog:
         embassy PCR, committed alone."""
         with self._quiet():
             seq, prev = self._stored_next()
-            data = sign_envelope(
-                encode_event(entry_type.value, seq, prev, body),
-                self._keys.signing,
-                EVENT_PAYLOAD_TYPE,
+            data = self._signer.sign(
+                encode_event(entry_type.value, seq, prev, body), EVENT_PAYLOAD_TYPE
             )
             entry = encode_entry(
                 seq=seq,
@@ -502,7 +501,7 @@ class StatementLog:
                 except (ValueError, TypeError) as exc:
                     item.error = exc
                     break
-                envelope = sign_envelope(payload, self._keys.signing)
+                envelope = self._signer.sign(payload)
                 entry = encode_entry(
                     seq=seq,
                     prev=prev,

@@ -27,6 +27,7 @@ import enum
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 from embassy.attest.types import Quote
 from embassy.errors import WireFormatError
@@ -37,6 +38,7 @@ from embassy.wire.codec import (
     canonical_json,
     field,
     hex_decode,
+    json_string,
     only_fields,
     parse_json_object,
 )
@@ -78,12 +80,17 @@ class LogEntry:
     # (first, last) seq of the group-committed batch this entry belongs to; None for a
     # batch of one (the entry's own digest is extended, as before batches existed).
     batch: tuple[int, int] | None = None
+    # Computed once: the chain check, the replay and the log's next position each need it.
+    _digest: bytes = dataclass_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_digest", hashlib.sha256(self.raw).digest())
 
     @property
     def digest(self) -> bytes:
         """SHA-256 of the exact entry bytes: the chain link, and the PCR extend value of an
         entry committed alone (a batch's extend is :func:`batch_digest`)."""
-        return hashlib.sha256(self.raw).digest()
+        return self._digest
 
 
 def batch_digest(first: int, last: int, digests: Sequence[bytes]) -> bytes:
@@ -108,18 +115,65 @@ def encode_entry(
     data: bytes,
     batch: tuple[int, int] | None = None,
 ) -> LogEntry:
-    obj: JsonObject = {
-        "v": ENTRY_VERSION,
-        "seq": seq,
-        "prev": prev.hex(),
-        "reset_count": reset_count,
-        "pcr": pcr,
-        "type": type.value,
-        "data": b64encode(data),
-    }
-    if batch is not None:
-        obj["batch"] = list(batch)
-    return LogEntry(seq, prev, reset_count, pcr, type, data, canonical_json(obj), batch)
+    data_b64 = b64encode(data)
+    raw = _entry_line(
+        seq=seq,
+        prev_hex=prev.hex(),
+        reset_count=reset_count,
+        pcr=pcr,
+        type=type,
+        data_b64=data_b64,
+        batch=batch,
+    )
+    if raw is None:  # not the plain types written directly: the general encoder
+        obj: JsonObject = {
+            "v": ENTRY_VERSION,
+            "seq": seq,
+            "prev": prev.hex(),
+            "reset_count": reset_count,
+            "pcr": pcr,
+            "type": type.value,
+            "data": data_b64,
+        }
+        if batch is not None:
+            obj["batch"] = list(batch)
+        raw = canonical_json(obj)
+    return LogEntry(seq, prev, reset_count, pcr, type, data, raw, batch)
+
+
+def _entry_line(
+    *,
+    seq: int,
+    prev_hex: str,
+    reset_count: int,
+    pcr: int,
+    type: EntryType,
+    data_b64: str,
+    batch: tuple[int, int] | None,
+) -> bytes | None:
+    """The entry's canonical JSON written directly (keys in sorted order), or None unless
+    every field is of exactly the type the format has (an int that is no bool, ...)."""
+    if not (_ints(seq, reset_count, pcr) and isinstance(type, EntryType)):
+        return None
+    if batch is None:
+        head = '{"data":"'
+    elif len(batch) == 2 and _ints(*batch):
+        head = f'{{"batch":[{batch[0]},{batch[1]}],"data":"'
+    else:
+        return None
+    return "".join(
+        (
+            head,
+            data_b64,
+            f'","pcr":{pcr},"prev":"{prev_hex}","reset_count":{reset_count},"seq":{seq},"type":',
+            json_string(type.value),
+            f',"v":{ENTRY_VERSION}}}',
+        )
+    ).encode("utf-8")
+
+
+def _ints(*values: object) -> bool:
+    return all(type(v) is int for v in values)
 
 
 def parse_entry(raw: bytes) -> LogEntry:

@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping
+from json.encoder import encode_basestring as _encode_string
 from typing import Any
 
 from embassy.errors import WireFormatError
@@ -34,21 +35,61 @@ def canonical_json(value: Mapping[str, Any]) -> bytes:
     return _dumps(value)
 
 
+# What json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+# allow_nan=False) builds on every call; made once (it holds only its settings, and each
+# encode makes its own state, so threads share it safely).
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def _dumps(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 def _reject_floats(value: object) -> None:
-    if isinstance(value, float):
+    # Exact types first (what the embassy's own objects hold): the ``isinstance`` checks
+    # against the Mapping ABC cost more than the encoding itself. Anything else (a float
+    # subclass, another Mapping, a list subclass) takes the general checks, as before.
+    kind = type(value)
+    items: Any
+    if kind is dict:
+        items = value.values()  # type: ignore[attr-defined]
+    elif kind is list or kind is tuple:
+        items = value
+    elif kind is str or kind is int or kind is bool or value is None:
+        return
+    elif isinstance(value, float):
         raise TypeError("floats have no canonical encoding; use integers or strings")
-    if isinstance(value, Mapping):
-        for item in value.values():
-            _reject_floats(item)
+    elif isinstance(value, Mapping):
+        items = value.values()
     elif isinstance(value, list | tuple):
-        for item in value:
-            _reject_floats(item)
+        items = value
+    else:
+        return
+    for item in items:
+        kind = type(item)
+        if kind is str or kind is int or kind is bool or item is None:
+            continue  # the common leaves, without a call
+        _reject_floats(item)
+
+
+def reject_floats(value: object) -> None:
+    """Raise ``TypeError`` if ``value`` holds a float anywhere (what :func:`canonical_json`
+    checks before it encodes); for builders that encode the rest of a document themselves."""
+    _reject_floats(value)
+
+
+def dumps_text(value: object) -> str:
+    """The canonical text of ``value``, which the caller has checked holds no float
+    (:func:`reject_floats`); :func:`canonical_json` is this, checked and UTF-8 encoded."""
+    return _ENCODER.encode(value)
+
+
+def json_string(text: str) -> str:
+    """A JSON string literal exactly as the canonical encoder writes it (UTF-8 unescaped,
+    only ``"``, ``\\`` and control characters escaped)."""
+    return _encode_string(text)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> JsonObject:

@@ -20,6 +20,7 @@ from embassy.wire.codec import (
     b64encode,
     canonical_json,
     field,
+    json_string,
     only_fields,
     parse_json_object,
 )
@@ -63,18 +64,57 @@ class Envelope:
         return hashlib.sha256(self.raw).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """An Ed25519 signing key with its key id computed once (it is a SHA-256 of the public
+    key: worth not redoing for every envelope a log signs)."""
+
+    key: Ed25519PrivateKey
+    keyid: str
+
+    @classmethod
+    def of(cls, key: Ed25519PrivateKey) -> Signer:
+        return cls(key, keyid(key.public_key()))
+
+    def sign(self, payload: bytes, payload_type: str = IN_TOTO_PAYLOAD_TYPE) -> bytes:
+        """Sign ``payload``; return the envelope's canonical JSON bytes."""
+        return encode_envelope(
+            payload, payload_type, self.keyid, self.key.sign(pae(payload_type, payload))
+        )
+
+
 def sign_envelope(
     payload: bytes, key: Ed25519PrivateKey, payload_type: str = IN_TOTO_PAYLOAD_TYPE
 ) -> bytes:
     """Sign ``payload`` and return the envelope's canonical JSON bytes."""
-    sig = key.sign(pae(payload_type, payload))
-    return canonical_json(
-        {
-            "payload": b64encode(payload),
-            "payloadType": payload_type,
-            "signatures": [{"keyid": keyid(key.public_key()), "sig": b64encode(sig)}],
-        }
-    )
+    return Signer.of(key).sign(payload, payload_type)
+
+
+def encode_envelope(payload: bytes, payload_type: str, key_id: str, sig: bytes) -> bytes:
+    """The canonical JSON of a one-signature envelope, written directly: its keys in sorted
+    order, base64 (which never needs escaping) and two JSON strings. Anything but plain
+    strings takes the general encoder, which gives the same bytes or refuses."""
+    if type(payload_type) is not str or type(key_id) is not str:
+        return canonical_json(
+            {
+                "payload": b64encode(payload),
+                "payloadType": payload_type,
+                "signatures": [{"keyid": key_id, "sig": b64encode(sig)}],
+            }
+        )
+    return "".join(
+        (
+            '{"payload":"',
+            b64encode(payload),
+            '","payloadType":',
+            json_string(payload_type),
+            ',"signatures":[{"keyid":',
+            json_string(key_id),
+            ',"sig":"',
+            b64encode(sig),
+            '"}]}',
+        )
+    ).encode("utf-8")
 
 
 def parse_envelope(data: bytes) -> Envelope:

@@ -28,10 +28,13 @@ from embassy.errors import WireFormatError
 from embassy.wire.codec import (
     JsonObject,
     canonical_json,
+    dumps_text,
     field,
     hex_decode,
+    json_string,
     only_fields,
     parse_json_object,
+    reject_floats,
     require_canonical,
 )
 
@@ -152,6 +155,9 @@ class Statement:
         names = [s.name for s in self.subjects]
         if "" in names or len(set(names)) != len(names):
             raise ValueError(f"subject names must be non-empty and unique: {names}")
+        fast = self._encode_direct()
+        if fast is not None:
+            return fast
         predicate = {"header": self.header.to_json(), **self.body}
         return canonical_json(
             {
@@ -161,6 +167,87 @@ class Statement:
                 "predicate": predicate,
             }
         )
+
+    def _encode_direct(self) -> bytes | None:
+        """The same canonical bytes, built from parts: the header and subjects (made by the
+        embassy, of plain types checked here) are written directly, and so are the body's
+        plain leaves; the body's other values (the caller's) go through the float check and
+        the canonical encoder; ``"header"`` is placed where it sorts. None unless every part
+        is of exactly the expected type (then :meth:`encode` takes the general encoder,
+        which gives the same bytes or refuses)."""
+        header = _header_text(self.header)
+        subjects = [_subject_text(s) for s in self.subjects]
+        body = self.body
+        if (
+            header is None
+            or None in subjects
+            or type(self.predicate_type) is not str
+            or not all(type(k) is str for k in body)
+        ):
+            return None
+        predicate: list[str] = []
+        placed = False
+        for key in sorted(body):
+            if not placed and key > "header":
+                predicate.append('"header":' + header)
+                placed = True
+            predicate.append(json_string(key) + ":" + _value_text(body[key]))
+        if not placed:
+            predicate.append('"header":' + header)
+        return "".join(
+            (
+                '{"_type":',
+                json_string(STATEMENT_TYPE),
+                ',"predicate":{',
+                ",".join(predicate),
+                '},"predicateType":',
+                json_string(self.predicate_type),
+                ',"subject":[',
+                ",".join(subjects),  # type: ignore[arg-type]
+                "]}",
+            )
+        ).encode("utf-8")
+
+
+def _value_text(value: object) -> str:
+    """One body value's canonical text: the plain leaves written directly, anything else
+    checked for floats and given to the canonical encoder."""
+    kind = type(value)
+    if kind is str:
+        return json_string(value)  # type: ignore[arg-type]
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    reject_floats(value)
+    return dumps_text(value)
+
+
+def _header_text(header: Header) -> str | None:
+    clock = header.clock
+    if not (
+        type(header.seq) is int
+        and type(clock.clock) is int
+        and type(clock.reset_count) is int
+        and type(clock.restart_count) is int
+        and type(clock.safe) is bool
+        and isinstance(header.tpm_mode, TpmMode)
+    ):
+        return None
+    return (
+        f'{{"log":{{"prev":"{header.prev.hex()}","seq":{header.seq}}},'
+        f'"tpm_clock":{{"clock":{clock.clock},"reset_count":{clock.reset_count},'
+        f'"restart_count":{clock.restart_count},"safe":{"true" if clock.safe else "false"}}},'
+        f'"tpm_mode":{json_string(header.tpm_mode.value)}}}'
+    )
+
+
+def _subject_text(subject: Subject) -> str | None:
+    if type(subject.name) is not str:
+        return None
+    return f'{{"digest":{{"sha256":"{subject.sha256.hex()}"}},"name":{json_string(subject.name)}}}'
 
 
 def _parse_clock(obj: object, what: str) -> ClockInfo:
