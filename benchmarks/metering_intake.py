@@ -11,8 +11,8 @@ command costs microseconds, not the ~0.2-0.3 ms each of a swtpm or the milliseco
 hardware TPM), its real statement log (fsync'd) and SQLite registry; a real
 ``ActivationIntake`` (its own inotify reader on the activation directory, a worker thread
 handing over groups of files) calling ``embassy.metering.handle_many`` (names checked,
-files read and scored on a pool of two threads, one statement and one registry commit per
-group). The files are written by the SDK's
+files read, checked and pooled by two reader processes, their rows scored in this one, one
+statement and one registry commit per group). The files are written by the SDK's
 ``ActivationWriter`` (mmap, then rename into place) in a process of its own, as the
 workload is: in this process it would share the embassy's GIL, which it never does for
 real. One authority (a key made for the run) teaches the registry 1,000 signatures of one
@@ -44,6 +44,8 @@ fsync'd, extended into the log PCR) between two fsync'd SQLite transactions.
    least 250 ms between two commits).
 3. **Where the time goes**: one file at a time again, with the calls ``handle`` makes timed
    in place (wrappers on the module functions and objects it calls, removed afterwards).
+   What a reader process does is timed in this process on copies of the same files (the
+   same functions; the wrappers cannot reach into the workers).
 4. **A flood of junk**: a session is open while N small junk files are dropped (a quarter
    named as the SDK names activation files, with junk inside; the rest other names), as
    fast as this process can create them; then the session is closed. Timed: the creation,
@@ -83,6 +85,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+import embassy.daemon.activation_reader as reader_module
 import embassy.daemon.metering_group as group_module
 import embassy.daemon.statement_log as statement_log_module
 import embassy.metering.activation as activation_module
@@ -92,6 +95,7 @@ from embassy.daemon.intake import ActivationIntake
 from embassy.daemon.runtime import Embassy, TpmHandle
 from embassy.measure import Measurement
 from embassy.metering.actions import seal_actions
+from embassy.metering.activation import parse_file_name
 from embassy.metering.formula_v2 import CentroidModel, score_v2
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.wire.codec import b64encode
@@ -395,6 +399,12 @@ def backlog(bench: Bench, shape: tuple[int, int], n: int) -> tuple[float, float]
     return (last - t0) / 1e9, n / max(1, len(made))
 
 
+def p_fields(path: Path) -> tuple[bytes, int]:
+    parsed = parse_file_name(path.name)
+    assert parsed is not None
+    return parsed
+
+
 def write_copies(bench: Bench, arrays: list[npt.NDArray[np.float32]], n: int) -> list[Path]:
     """``n`` files like the intake's, by the same writer, in a directory nobody watches."""
     writer = ActivationWriter(bench.copies, os.urandom(16))
@@ -479,11 +489,8 @@ class InPlace:
         log, registry, tpm = embassy.log, embassy.registry, embassy.tpm
         with contextlib.ExitStack() as stack:
             for obj, attr, label in (
-                (group_module, "read_activation_file", "read_file"),
-                (activation_module, "parse_activation", "parse"),
-                (activation_module, "_check_checksum", "checksum"),
-                (activation_module, "_check_finite", "finite"),
-                (group_module, "windows_of", "pool"),
+                (embassy.metering, "_prepare", "prepare"),
+                (reader_module, "decode", "decode"),
                 (registry, "centroid_model", "signature_set"),
                 (group_module, "score_v2", "score"),
                 (registry, "stage_group", "stage_update"),
@@ -494,6 +501,21 @@ class InPlace:
                 (tpm, "extend", "tpm_extend"),
                 (log, "_checkpoint_locked", "checkpoint"),
                 (registry, "commit_group", "commit"),
+            ):
+                self._wrap(stack, obj, attr, label)
+            yield
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """What a reader process does with one file, timed here (the same functions)."""
+        with contextlib.ExitStack() as stack:
+            for obj, attr, label in (
+                (group_module, "read_activation_file", "read_file"),
+                (activation_module, "parse_activation", "parse"),
+                (activation_module, "_check_checksum", "checksum"),
+                (activation_module, "_check_finite", "finite"),
+                (group_module, "windows_of", "pool"),
+                (reader_module, "encode", "encode"),
             ):
                 self._wrap(stack, obj, attr, label)
             yield
@@ -535,18 +557,31 @@ def split(bench: Bench, shape: tuple[int, int], counts: tuple[int, int]) -> dict
     timer = InPlace()
     with timer.wrapped(bench.embassy):
         lat = latency(bench, shape, (0, n))
-    for label in ("read_file", "pool", "score", "stage_update", "statement", "commit"):
+    for label in ("prepare", "decode", "score", "stage_update", "statement", "commit"):
         if timer.calls[label] != n:
             raise RuntimeError(f"{label} called {timer.calls[label]} times for {n} files")
     us = {label: ns / n / 1e3 for label, ns in timer.ns.items()}
+    # A reader process's work, timed in this process on copies of the same files.
+    inner = InPlace()
+    copies = write_copies(bench, activation_arrays(ARRAY_SEED)[shape], n)
+    jobs = [group_module.Job(str(p), *p_fields(p), 64 << 20, False) for p in copies]
+    with inner.reading():
+        for job in jobs:
+            reader_module.encode(group_module.read_job(job))
+    for path in copies:
+        path.unlink()
+    worker = {label: ns / n / 1e3 for label, ns in inner.ns.items()}
     handle = statistics.fmean(lat.handle_us)
     parts = {
         "handoff": statistics.fmean(lat.handoff_us),
-        "read": us["read_file"] - us["parse"],
-        "checksum": us["checksum"],
-        "finite": us["finite"],
-        "parse": us["parse"] - us["checksum"] - us["finite"],
-        "pool": us["pool"],
+        "readers": us["prepare"] - us["decode"] - us["signature_set"] - us["score"],
+        "read": worker["read_file"] - worker["parse"],
+        "checksum": worker["checksum"],
+        "finite": worker["finite"],
+        "parse": worker["parse"] - worker["checksum"] - worker["finite"],
+        "pool": worker["pool"],
+        "encode": worker["encode"],
+        "decode": us["decode"],
         "signature_set": us["signature_set"],
         "score": us["score"],
         "stage_update": us["stage_update"],
@@ -562,18 +597,7 @@ def split(bench: Bench, shape: tuple[int, int], counts: tuple[int, int]) -> dict
         - us["checkpoint"],
         "commit": us["commit"],
     }
-    inside = sum(
-        us[k]
-        for k in (
-            "read_file",
-            "pool",
-            "signature_set",
-            "score",
-            "stage_update",
-            "statement",
-            "commit",
-        )
-    )
+    inside = sum(us[k] for k in ("prepare", "stage_update", "statement", "commit"))
     parts["other"] = handle - inside
     parts["total"] = statistics.fmean(lat.total_us)
     return parts
@@ -592,13 +616,16 @@ def _mb_s(nbytes: float, seconds: float) -> str:
 
 SPLIT_ROWS: list[tuple[str | None, str]] = [
     ("handoff", "intake hand-off: rename -> inotify -> reader -> queue -> worker"),
-    (None, "read + checks"),
-    ("read", "  open, fstat, read into a bytearray"),
-    ("checksum", "  SHA-256 checksum over the whole file"),
-    ("finite", "  NaN/inf check"),
-    ("parse", "  header checks, frombuffer"),
-    (None, "pool + score"),
-    ("pool", "  windows (v2: mean + windows, float64)"),
+    ("readers", "reader processes: job out, rows back (waited for)"),
+    (None, "  in a reader process (timed here on copies; not on the path above)"),
+    ("read", "    open, fstat, read into a bytearray"),
+    ("checksum", "    SHA-256 checksum over the whole file"),
+    ("finite", "    NaN/inf check"),
+    ("parse", "    header checks, frombuffer"),
+    ("pool", "    windows (v2: mean + windows, float64)"),
+    ("encode", "    the rows' frame"),
+    (None, "decode + score"),
+    ("decode", "  the rows' frame checked (finite, bounded)"),
     ("signature_set", "  registry.centroid_model (cached)"),
     ("score", "  score_v2 against the model of 1,000 signatures"),
     (None, "stage + statement + commit"),
@@ -612,8 +639,15 @@ SPLIT_ROWS: list[tuple[str | None, str]] = [
     ("other", "handle: lock, bookkeeping, unlink"),
 ]
 GROUPS = {
-    "read + checks": ("read", "checksum", "finite", "parse"),
-    "pool + score": ("pool", "signature_set", "score"),
+    "  in a reader process (timed here on copies; not on the path above)": (
+        "read",
+        "checksum",
+        "finite",
+        "parse",
+        "pool",
+        "encode",
+    ),
+    "decode + score": ("decode", "signature_set", "score"),
     "stage + statement + commit": (
         "stage_update",
         "sign",

@@ -13,15 +13,17 @@ Lifecycle of a session's metering:
 2. **handle** (the intake hands over the files that are ready together, a bounded group):
    names first, nothing read: a file named for a session that is not open, out of its
    sequence or over a limit is refused unread; the rest are read strictly
-   (``embassy.metering.activation``) and checked against their names, pooled (formula v2's
-   windows) and scored on a small thread pool; then, per instruction, ``write`` stages
-   signatures and ``update`` stages the deltas of formula v2 against the authority's model
-   (``Registry.centroid_model``); the whole group is ONE registry transaction, ONE
-   ``meter-batch`` statement (``embassy.daemon.metering_group``) and one commit (the
-   protocol in ``embassy.metering.registry``). Every file is removed once handled, valid or
-   not. Rejections are counted, not stated one by one: ``activation-rejected`` statements
-   are coalesced summaries (``embassy.metering.rejections``), at most one a second and 60
-   per session, plus a last one when it ends.
+   (``embassy.metering.activation``), checked against their names and pooled (formula v2's
+   windows) in reader processes (``embassy.daemon.activation_reader``: the daemon never
+   parses what the workload wrote), and scored here as their rows come back; then, per
+   instruction, ``write`` stages signatures and ``update`` stages the deltas of formula v2
+   against the authority's model (``Registry.centroid_model``); the whole group is ONE
+   registry transaction, ONE ``meter-batch`` statement (``embassy.daemon.metering_group``)
+   and one commit (the protocol in ``embassy.metering.registry``). Every file is removed
+   once handled, valid or not. Rejections are counted, not stated one by one:
+   ``activation-rejected`` statements are coalesced summaries
+   (``embassy.metering.rejections``), at most one a second and 60 per session, plus a last
+   one when it ends.
 3. **finish** (closing the session): the intake is drained (within
    ``metering.drain_timeout_seconds``), the session's last rejection summary is stated, and
    its summary (counts and digests, never activations or meter values) goes into the
@@ -45,7 +47,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,16 +56,21 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from embassy.config import Authority, Metering
+from embassy.daemon.activation_reader import ReaderPool
 from embassy.daemon.metering_group import (
     FOREIGN,
     Candidate,
     Expected,
+    Job,
     Prepared,
     Refusal,
+    Rows,
     SessionPart,
     admit,
     batch_statement,
+    job_of,
     prepare,
+    read_job,
     tensor_digest,
 )
 from embassy.daemon.statement_log import StatementLog
@@ -107,8 +114,11 @@ from embassy.wire.statement import (
 __all__ = ["MeteringService", "authority_policies", "name_digest", "tensor_digest"]
 
 _LOG = logging.getLogger(__name__)
-# Threads reading and scoring a group's files: two cores here; more would only contend.
+# Threads reading a group's files when there are no reader processes: two cores here.
 WORKERS = 2
+# Processes reading the activation files (embassy.daemon.activation_reader); 0: read in
+# this process, on WORKERS threads (tests that replace the reader in this process).
+READER_PROCESSES = 2
 _ONE_BATCH = (SIGNATURE_WRITE_V1, METER_UPDATE_V1, SIGNATURE_WRITE_V2, METER_UPDATE_V2)
 
 
@@ -194,6 +204,7 @@ class MeteringService:
         limits: Metering,
         now: Callable[[], float] = time.time,
         workers: int = WORKERS,
+        reader_processes: int | None = None,
         on_reject: Callable[[str], None] = lambda code: None,
     ) -> None:
         self._on_reject = on_reject  # metrics: rejections by code (embassy codes only)
@@ -208,13 +219,18 @@ class MeteringService:
         self._rejections = RejectionLedger()
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None  # made at the first group of two
+        self._processes = READER_PROCESSES if reader_processes is None else reader_processes
+        self._readers: ReaderPool | None = None  # started at the first file
 
     def close(self) -> None:
-        """Stop the pool's threads (the daemon stops)."""
+        """Stop the reader processes and the pool's threads (the daemon stops)."""
         with self._lock:
             pool, self._pool = self._pool, None
+            readers, self._readers = self._readers, None
         if pool is not None:
             pool.shutdown(wait=True)
+        if readers is not None:
+            readers.close()
 
     # -- start ------------------------------------------------------------------------------
 
@@ -380,8 +396,8 @@ class MeteringService:
 
         Names first (:func:`~embassy.daemon.metering_group.admit`): a file whose name is not
         the SDK's, names a session not open here, is out of sequence or over a limit is
-        refused unread. The others are read, checked against their names, pooled and scored
-        on the pool's threads, then staged in ONE registry transaction, reported by ONE
+        refused unread. The others are read, checked against their names and pooled in the
+        reader processes and scored here, then staged in ONE registry transaction, reported by ONE
         ``meter-batch`` statement and committed in one more (the two-phase protocol of
         ``embassy.metering.registry``). A rejection is counted against the open session its
         name names, or against no session. Every file is removed once handled, a valid one
@@ -439,27 +455,50 @@ class MeteringService:
     def _prepare(
         self, candidates: Sequence[Candidate], expected: Mapping[bytes, Expected]
     ) -> list[Prepared]:
-        """Read, check, pool and score every candidate, in order: on the pool when there
-        are several (reading, hashing and numpy release the GIL, so both cores work), on
-        this thread for one. The group is committed as one, once all are prepared: groups
-        are bounded (the intake's), so one transaction and one statement per group costs
-        little per file, and a group is all or nothing."""
-
-        def one(candidate: Candidate) -> Prepared:
-            return prepare(
-                candidate,
-                expected[candidate.session].instructions,
-                max_bytes=self._limits.max_activation_bytes,
+        """Read, check and pool every candidate (in the reader processes, or on this
+        process's threads without them), and score each in this thread as its rows come
+        back, while the readers go on with the next files. The group is committed as one,
+        once all are prepared: groups are bounded (the intake's), so one transaction and
+        one statement per group costs little per file, and a group is all or nothing."""
+        instructions = [expected[c.session].instructions for c in candidates]
+        jobs = [
+            job_of(c, i, self._limits.max_activation_bytes)
+            for c, i in zip(candidates, instructions, strict=True)
+        ]
+        prepared: list[Prepared | None] = [None] * len(candidates)
+        for index, read in self._read_jobs(jobs):
+            prepared[index] = prepare(
+                candidates[index],
+                read,
+                instructions[index],
                 model=self._registry.centroid_model,
             )
+        assert all(p is not None for p in prepared)
+        return [p for p in prepared if p is not None]
 
-        if len(candidates) <= 1:
-            return [one(c) for c in candidates]
+    def _read_jobs(self, jobs: Sequence[Job]) -> Iterator[tuple[int, Rows | str]]:
+        """(index, rows or refusal code) of each job, in the order they are done."""
+        if not jobs:
+            return iter(())
         with self._lock:
-            if self._pool is None:
+            if self._processes and self._readers is None:
+                try:
+                    self._readers = ReaderPool(self._processes)
+                    self._readers.start()
+                except (OSError, ValueError) as exc:
+                    # Never a stalled intake: the files are read in this process instead.
+                    _LOG.error("metering: reader processes not started (%s)", exc)
+                    self._processes = 0
+                    self._readers = None
+            readers = self._readers
+            if readers is None and len(jobs) > 1 and self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embassy-meter")
             pool = self._pool
-        return list(pool.map(one, candidates))
+        if readers is not None:
+            return readers.read(jobs)
+        if pool is None or len(jobs) == 1:
+            return ((i, read_job(j)) for i, j in enumerate(jobs))
+        return enumerate(pool.map(read_job, jobs))
 
     def _commit(self, prepared: Sequence[Prepared]) -> list[Refusal]:
         """Stage, state and commit a group's valid files (lock held); return the refused."""
@@ -483,9 +522,8 @@ class MeteringService:
                 refusals.append(Refusal(c.path, c.session, ActivationSequenceError.code, c.size))
                 continue
             expect[c.session] += 1
-            activation, windows = p.activation, p.windows
-            assert activation is not None
-            assert windows is not None
+            rows = p.rows
+            assert rows is not None
             session = c.session.hex()
             part = parts.setdefault(c.session, SessionPart(c.session))
             writes, meter_updates = part.add(p, state.instructions)
@@ -496,19 +534,19 @@ class MeteringService:
                         i.capabilities[0],
                         i.authority,
                         i.polarity,
-                        activation.tensor,
-                        windows[0],
-                        windows=windows,
+                        rows.tensor,
+                        rows.windows[0],
+                        windows=rows.windows,
                     )
                     signatures.append((session, row))
             for update in p.updates:
-                updates.append((session, activation.sha256.hex(), update.deltas))
+                updates.append((session, rows.sha256.hex(), update.deltas))
             files.append(
                 FileProgress(
                     session,
                     c.seq,
-                    activation.sha256.hex(),
-                    activation.data.nbytes,
+                    rows.sha256.hex(),
+                    rows.nbytes,
                     writes,
                     meter_updates,
                 )
@@ -526,11 +564,11 @@ class MeteringService:
                 refusals.append(Refusal(c.path, c.session, code, c.size))
             return refusals
         for state, p, writes, meter_updates in accepted:
-            assert p.activation is not None
+            assert p.rows is not None
             state.next_seq += 1
             state.files += 1
-            state.bytes += p.activation.data.nbytes
-            state.digest.update(p.activation.sha256)
+            state.bytes += p.rows.nbytes
+            state.digest.update(p.rows.sha256)
             state.signatures_written += writes
             state.meter_updates += meter_updates
         return refusals

@@ -2,9 +2,10 @@
 
 The metering service (``embassy.daemon.metering``) hands the files that are ready together
 to :func:`admit`, which decides from names and sizes alone (no byte read) which are worth
-reading, then to :func:`prepare` (on a small thread pool: reading, the SHA-256 checksum,
-pooling and scoring release the GIL, so both cores work), and builds the group's
-``meter-batch`` statement with :func:`batch_statement`.
+reading; each is then read by :func:`read_job` (in a reader process:
+``embassy.daemon.activation_reader``), which returns only its :class:`Rows` or its verdict,
+scored by :func:`prepare` in the daemon, and the group's ``meter-batch`` statement is built
+by :func:`batch_statement`.
 
 What a ``meter-batch:v1`` statement carries (docs/protocol.md): the registry batch ids, and
 per session the seq range and count of the files handled, each signature write (seq,
@@ -14,7 +15,7 @@ are the activations' SHA-256 checksums. Never meter values, never a name the wor
 (tensor names are digests; the subjects' names are the embassy's session ids and the
 sequence numbers it checked).
 
-Pure but for the file read in :func:`prepare` and the registry's cached model lookup.
+Pure but for the file read in :func:`read_rows` and the registry's cached model lookup.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from embassy.errors import (
     ActivationSequenceError,
     EmbassyError,
 )
-from embassy.metering.activation import Activation, read_activation_file
+from embassy.metering.activation import read_activation_file
 from embassy.metering.formula_v2 import (
     FORMULA_V2,
     STRIDE,
@@ -86,13 +87,33 @@ class Update:
     model_sha256: str
 
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One candidate as a reader (a worker process) is given it: its name's fields."""
+
+    path: str
+    session: bytes
+    seq: int
+    max_bytes: int
+    nonzero: bool  # a write instruction needs a mean that is not the zero vector
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """What metering needs of one good file: never its data, only formula v2's rows."""
+
+    tensor: str
+    sha256: bytes
+    nbytes: int  # the data's size (the summary's "bytes")
+    windows: npt.NDArray[np.float32]
+
+
 @dataclass(slots=True)
 class Prepared:
     """A candidate read, checked and scored (or refused: ``refusal``)."""
 
     candidate: Candidate
-    activation: Activation | None = None
-    windows: npt.NDArray[np.float32] | None = None
+    rows: Rows | None = None
     updates: tuple[Update, ...] = ()
     refusal: Refusal | None = None
 
@@ -189,42 +210,69 @@ def _checked(out: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return out
 
 
+def read_rows(job: Job) -> Rows:
+    """Read one candidate strictly, check it against its name and pool it (formula v2's
+    windows). Raises ``ActivationError`` for what the file holds, ``OSError`` when it
+    cannot be read."""
+    activation = read_activation_file(Path(job.path), max_bytes=job.max_bytes)
+    if (activation.session, activation.seq) != (job.session, job.seq):
+        raise ActivationCorruptError("activation: header and file name disagree")
+    windows = windows_of(activation.data)
+    if job.nonzero and not windows[0].any():
+        raise ActivationCorruptError("activation: its mean is the zero vector")
+    return Rows(activation.tensor, activation.sha256, activation.data.nbytes, windows)
+
+
+def read_job(job: Job) -> Rows | str:
+    """:func:`read_rows`, or the refusal's code: what a reader process sends back. ""
+    for a file gone before it was read (not counted); ``activation-foreign`` for one the
+    embassy could not read (rejected all the same: a workload must not stall the intake)."""
+    try:
+        return read_rows(job)
+    except FileNotFoundError:
+        return ""
+    except OSError:
+        return FOREIGN
+    except ActivationError as exc:
+        return exc.code
+
+
+def job_of(candidate: Candidate, instructions: Sequence[Instruction], max_bytes: int) -> Job:
+    return Job(
+        str(candidate.path),
+        candidate.session,
+        candidate.seq,
+        max_bytes,
+        any(i.op is Op.WRITE for i in instructions),
+    )
+
+
 def prepare(
     candidate: Candidate,
+    read: Rows | str,
     instructions: Sequence[Instruction],
     *,
-    max_bytes: int,
     model: Callable[[str, str, int], CentroidModel | None],
 ) -> Prepared:
-    """Read one candidate strictly, check it against its name, pool it (formula v2's
-    windows) and score it for each authority with an update instruction. Never raises for
-    what the file holds: a refusal says why."""
+    """Score a candidate's rows for each authority with an update instruction (or note its
+    refusal). Never raises for what the file holds: a refusal says why."""
     out = Prepared(candidate)
+    if isinstance(read, str):
+        out.refusal = Refusal(
+            candidate.path, candidate.session, read, candidate.size if read else 0
+        )
+        return out
     try:
-        activation = read_activation_file(candidate.path, max_bytes=max_bytes)
-        if (activation.session, activation.seq) != (candidate.session, candidate.seq):
-            raise ActivationCorruptError("activation: header and file name disagree")
-        windows = windows_of(activation.data)
-        if any(i.op is Op.WRITE for i in instructions) and not windows[0].any():
-            raise ActivationCorruptError("activation: its mean is the zero vector")
-        out.activation, out.windows = activation, windows
-        out.updates = _score(activation, windows, instructions, model)
-    except FileNotFoundError:
-        out.refusal = Refusal(candidate.path, candidate.session, "", 0)  # gone: not counted
-    except OSError:
-        # Not the file's content: the embassy could not read it. Rejected all the same (a
-        # workload must not be able to stall the intake).
-        out.refusal = Refusal(candidate.path, candidate.session, FOREIGN, candidate.size)
-    except ActivationError as exc:
-        out.refusal = Refusal(candidate.path, candidate.session, exc.code, candidate.size)
+        out.updates = _score(read, instructions, model)
     except EmbassyError as exc:  # the registry (a model that does not load)
         out.refusal = Refusal(candidate.path, candidate.session, exc.code, candidate.size, exc)
+        return out
+    out.rows = read
     return out
 
 
 def _score(
-    activation: Activation,
-    windows: npt.NDArray[np.float32],
+    rows: Rows,
     instructions: Sequence[Instruction],
     model: Callable[[str, str, int], CentroidModel | None],
 ) -> tuple[Update, ...]:
@@ -235,10 +283,10 @@ def _score(
             wanted.setdefault(instruction.authority, set()).update(instruction.capabilities)
     updates = []
     for authority, capabilities in sorted(wanted.items()):
-        fitted = model(authority, activation.tensor, int(windows.shape[1]))
+        fitted = model(authority, rows.tensor, int(rows.windows.shape[1]))
         if fitted is None:
             continue  # no signature of this authority for this tensor: nothing to meter
-        scores = score_v2(fitted, windows)
+        scores = score_v2(fitted, rows.windows)
         deltas = {c: scores[c] for c in sorted(capabilities) if c in scores}
         if deltas:
             updates.append(Update(authority, deltas, fitted.digest.hex()))
@@ -257,11 +305,10 @@ class SessionPart:
 
     def add(self, prepared: Prepared, instructions: Sequence[Instruction]) -> tuple[int, int]:
         """Note one accepted file; return (signature writes, meter updates) it makes."""
-        activation, windows = prepared.activation, prepared.windows
-        assert activation is not None
-        assert windows is not None
-        self.seqs.append(activation.seq)
-        tensor = tensor_digest(activation.tensor)
+        rows, seq = prepared.rows, prepared.candidate.seq
+        assert rows is not None
+        self.seqs.append(seq)
+        tensor = tensor_digest(rows.tensor)
         writes = 0
         for instruction in instructions:
             if instruction.op is Op.WRITE:
@@ -269,19 +316,19 @@ class SessionPart:
                 writes += 1
                 self.writes.append(
                     {
-                        "seq": activation.seq,
+                        "seq": seq,
                         "instruction_sha256": instruction.digest.hex(),
                         "authority": instruction.authority,
                         "capability": instruction.capabilities[0],
                         "polarity": instruction.polarity.value,
                         "tensor_sha256": tensor,
-                        "dim": int(windows.shape[1]),
+                        "dim": int(rows.windows.shape[1]),
                     }
                 )
         for update in prepared.updates:
             self.updates.append(
                 {
-                    "seq": activation.seq,
+                    "seq": seq,
                     "authority": update.authority,
                     "capabilities": sorted(update.deltas),
                     "formula": FORMULA_V2,
@@ -290,9 +337,7 @@ class SessionPart:
                 }
             )
         if writes or prepared.updates:
-            self.subjects.append(
-                Subject(f"activation:{self.session.hex()}:{activation.seq}", activation.sha256)
-            )
+            self.subjects.append(Subject(f"activation:{self.session.hex()}:{seq}", rows.sha256))
         return writes, len(prepared.updates)
 
     def body(self) -> dict[str, Any]:

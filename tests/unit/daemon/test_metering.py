@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from embassy.daemon import metering_group
+from embassy.daemon.activation_reader import ReaderPool
 from embassy.daemon.runtime import Embassy
 from embassy.errors import (
     BadPayloadError,
@@ -26,7 +28,7 @@ from embassy.errors import (
     NotOwnerError,
 )
 from embassy.metering.actions import seal_actions
-from embassy.metering.activation import parse_activation, read_activation_file
+from embassy.metering.activation import parse_activation
 from embassy.metering.formula_v2 import FORMULA_V2, pool_windows, score_v2
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.metering.reading import open_reading, reply_public_bytes
@@ -397,13 +399,13 @@ def test_names_and_sequence_are_checked_before_a_byte_is_read(
 ) -> None:
     session, _ = begin(metered, [])
     read: list[str] = []
-    real = read_activation_file
+    real = ReaderPool.read
 
-    def recorded(path: Path, **kwargs: Any) -> Any:
-        read.append(path.name)
-        return real(path, **kwargs)
+    def recorded(pool: ReaderPool, jobs: Sequence[metering_group.Job]) -> Any:
+        read.extend(Path(job.path).name for job in jobs)  # what the reader processes get
+        return real(pool, jobs)
 
-    monkeypatch.setattr(metering_group, "read_activation_file", recorded)
+    monkeypatch.setattr(ReaderPool, "read", recorded)
     stranger = os.urandom(16)
     good = _written(tmp_path, session, [_basis(0), _basis(1)])
     far = _file(tmp_path, file_name(session, 7), encode_activation(session, 7, "t", _basis(0)))
