@@ -100,7 +100,6 @@ py.buildPythonApplication {
     tpm2-pytss
     python-iptables
     py.docker
-    py.watchdog
     py.numpy
     py.h11 # the socket API's HTTP/1.1 parser (docs/adr/0008-http-server.md)
     py.prometheus-client # GET /metrics (docs/operations.md)
