@@ -25,9 +25,10 @@ What this buys besides both cores:
   killed, the same way. A hostile file costs one file and a restart, never the metering.
 - Workers are separate interpreters (``subprocess``, never a fork of the multi-threaded
   daemon, and not ``multiprocessing``, which re-imports the parent's main module in the
-  child and speaks pickle): ``python -P`` in ``/``, an environment of the import path and
-  one BLAS thread only, stdin/stdout closed; one socket to the daemon. They stop when the
-  daemon closes the pool, or at end of file on that socket (the daemon gone).
+  child and speaks pickle): ``python -P`` in ``/``, an environment of the import path, one
+  BLAS thread and malloc settings only, stdin/stdout/stderr to /dev/null (a traceback could
+  quote the file); one socket to the daemon. They stop when the daemon closes the pool, or
+  at end of file on that socket (the daemon gone).
 
 Not done here: dropping the workers to a uid of their own that can only read the spool.
 """
@@ -246,6 +247,9 @@ class ReaderPool:
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                # A traceback could quote what the workload wrote: the daemon logs that a
+                # worker failed, never why in its words.
+                stderr=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
                 cwd="/",
                 env=_environment(),
@@ -256,6 +260,9 @@ class ReaderPool:
             raise
         finally:
             theirs.close()
+        # A worker that stops reading, or sends half a frame and hangs, fails a send or a
+        # receive after the file timeout instead of blocking the daemon.
+        ours.settimeout(self._timeout)
         worker = _Worker(process, ours)
         self._workers[slot] = worker
         return worker
@@ -274,13 +281,29 @@ class ReaderPool:
     def read(self, jobs: Sequence[Job]) -> Iterator[tuple[int, Rows | str]]:
         """(index, rows or refusal code) of every job, in the order they complete."""
         with self._lock:
-            yield from self._read(jobs)
+            try:
+                yield from self._read(jobs)
+            finally:
+                # Left before the end (the caller raised): a worker still on one of these
+                # files would answer the next batch with it. Replaced, never reused.
+                for slot, worker in enumerate(self._workers):
+                    if worker is not None and worker.queued:
+                        worker.queued.clear()
+                        self._replace(slot, "left with files of an abandoned batch")
 
     def _read(self, jobs: Sequence[Job]) -> Iterator[tuple[int, Rows | str]]:
         pending = deque(range(len(jobs)))
         left = len(jobs)
         while left:
-            self._fill(jobs, pending)
+            try:
+                self._fill(jobs, pending)
+            except OSError as exc:  # no process could be started (a pid or memory limit)
+                _LOG.error("activation reader not started (%s)", exc.strerror)
+                if not any(w is not None and w.queued for w in self._workers):
+                    while pending:  # nothing to wait for: refused, as unreadable files are
+                        left -= 1
+                        yield pending.popleft(), FOREIGN
+                    continue
             busy = [w for w in self._workers if w is not None and w.queued]
             if not busy:
                 continue  # every worker was found dead on sending: new ones start
@@ -305,7 +328,7 @@ class ReaderPool:
                 except OSError:
                     pending.appendleft(index)
                     if not worker.queued:  # nothing to wait for: replace it now
-                        self._replace(slot, "is gone")
+                        self._replace(slot, "gone before a file")
                     break  # else its end of file shows when its answer is awaited
                 # The second file starts when the first is done: its deadline is reset then.
                 deadline = time.monotonic() + self._timeout * (1 + len(worker.queued))
@@ -327,7 +350,7 @@ class ReaderPool:
             except (OSError, ValueError):
                 outcome = None
             if outcome is None:
-                self._lost(slot, "died or answered nonsense", pending)
+                self._lost(slot, "died or answered nonsense on a file", pending)
                 return index, FOREIGN
             worker.queued.popleft()
             if worker.queued:  # the next file starts now
@@ -335,7 +358,7 @@ class ReaderPool:
                 worker.queued.appendleft((nxt, time.monotonic() + self._timeout))
             return index, outcome
         if time.monotonic() >= deadline:
-            self._lost(slot, "timed out", pending)
+            self._lost(slot, "timed out on a file", pending)
             return index, FOREIGN
         return None
 
@@ -355,7 +378,7 @@ class ReaderPool:
         worker.stop(kill=True)
         self._workers[slot] = None
         self.restarts += 1
-        _LOG.error("activation reader %s on a file; a new one starts", why)
+        _LOG.error("activation reader %s; a new one starts", why)
 
     def close(self) -> None:
         with self._lock:

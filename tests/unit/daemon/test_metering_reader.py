@@ -142,6 +142,23 @@ def test_a_worker_that_hangs_is_killed_at_the_timeout(tmp_path: Path) -> None:
         readers.close()
 
 
+def test_a_batch_left_half_read_does_not_answer_the_next_one(tmp_path: Path) -> None:
+    readers = ReaderPool(1, timeout=10.0)
+    try:
+        writer = ActivationWriter(tmp_path, SESSION)
+        paths = [writer.write(f"t{i}", np.full((4, 4), i + 1, np.float32)) for i in range(4)]
+        jobs = [Job(str(p), SESSION, i, 1 << 20, False) for i, p in enumerate(paths)]
+        batch = readers.read(jobs)
+        first = next(batch)
+        assert first[0] == 0
+        batch.close()  # the caller gave up: files 1 and 2 were queued to the worker
+        assert readers.restarts == 1
+        got = dict(readers.read(jobs[2:][::-1]))  # file 3 as job 0, file 2 as job 1
+        assert [r.tensor for r in (got[0], got[1]) if isinstance(r, Rows)] == ["t3", "t2"]
+    finally:
+        readers.close()
+
+
 def test_close_stops_the_workers() -> None:
     readers = ReaderPool(2)
     readers.start()
