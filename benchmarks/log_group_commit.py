@@ -10,8 +10,9 @@ script starts its own swtpm in a temporary directory (and always stops it) and r
 ``StatementLog`` on it directly (no workload, no socket):
 
 - baseline: bare Ed25519 signatures of 600 bytes a second, one thread;
-- statements a second with 1, 4 and 16 writer threads, each appending in a loop, and the
-  mean batch size the log shows (entries per PCR extend);
+- statements a second with 1, 4 and 16 writer threads, each appending in a loop, the
+  mean batch size the log shows (entries per PCR extend), and the process's CPU per
+  statement and in cores (near one core: the GIL sets the pace);
 - one writer's p50 latency against its floor: the p50s of what one statement cannot do
   without (TPM clock read, Ed25519 sign of a statement's PAE, write + fsync of a log-line
   sized line in the same directory, a PCR extend), each timed alone in the same run; and
@@ -65,10 +66,11 @@ def _throughput(log: StatementLog, writers: int, per_writer: int) -> dict[str, f
     for t in threads:
         t.start()
     go.wait()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     made = log.entries[start_seq:]
     commits = sum(1 for e in made if e.batch is None or e.seq == e.batch[1])
     return {
@@ -77,6 +79,10 @@ def _throughput(log: StatementLog, writers: int, per_writer: int) -> dict[str, f
         "wall_s": wall,
         "statements_per_s": len(made) / wall,
         "mean_batch": len(made) / commits,
+        # This process's CPU (all threads, user + system) per statement and as a share of
+        # one core: near 1.0 means the GIL, not the disk or the TPM, sets the pace.
+        "cpu_us_per_statement": cpu / len(made) * 1e6,
+        "cpu_cores": cpu / wall,
     }
 
 
@@ -166,12 +172,14 @@ def report(r: dict[str, Any]) -> str:
     out = [
         f"baseline Ed25519 sign (600 B): {sign.ops_per_s:,.0f}/s (p50 {sign.p50_us:.1f} µs)",
         "",
-        f"{'writers':>8} {'statements/s':>13} {'x sign':>8} {'mean batch':>11}",
+        f"{'writers':>8} {'statements/s':>13} {'x sign':>8} {'mean batch':>11} "
+        f"{'CPU µs/stmt':>12} {'CPU cores':>10}",
     ]
     for w in r["writers"]:
         out.append(
             f"{w['writers']:>8} {w['statements_per_s']:>13,.0f} "
-            f"{w['statements_per_s'] / sign.ops_per_s:>7.3f}x {w['mean_batch']:>11.1f}"
+            f"{w['statements_per_s'] / sign.ops_per_s:>7.3f}x {w['mean_batch']:>11.1f} "
+            f"{w['cpu_us_per_statement']:>12.0f} {w['cpu_cores']:>10.2f}"
         )
     out += [
         "",
