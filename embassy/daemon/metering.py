@@ -48,7 +48,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,7 @@ from embassy.wire.statement import (
 __all__ = ["MeteringService", "authority_policies", "name_digest", "tensor_digest"]
 
 _LOG = logging.getLogger(__name__)
-# Threads reading a group's files when there are no reader processes: two cores here.
+# Threads scoring a group's files (and reading them when there are no reader processes).
 WORKERS = 2
 # Processes reading the activation files (embassy.daemon.activation_reader); 0: read in
 # this process, on WORKERS threads (tests that replace the reader in this process).
@@ -456,25 +456,34 @@ class MeteringService:
         self, candidates: Sequence[Candidate], expected: Mapping[bytes, Expected]
     ) -> list[Prepared]:
         """Read, check and pool every candidate (in the reader processes, or on this
-        process's threads without them), and score each in this thread as its rows come
-        back, while the readers go on with the next files. The group is committed as one,
-        once all are prepared: groups are bounded (the intake's), so one transaction and
-        one statement per group costs little per file, and a group is all or nothing."""
+        process's threads without them), and score each as its rows come back, on the
+        pool's threads when there are several (numpy's products release the GIL: a 3 MiB
+        file's rows take milliseconds), while the readers go on with the next files. The
+        group is committed as one, once all are prepared: groups are bounded (the
+        intake's), so one transaction and one statement per group costs little per file,
+        and a group is all or nothing."""
         instructions = [expected[c.session].instructions for c in candidates]
         jobs = [
             job_of(c, i, self._limits.max_activation_bytes)
             for c, i in zip(candidates, instructions, strict=True)
         ]
-        prepared: list[Prepared | None] = [None] * len(candidates)
+        threads = self._threads() if len(candidates) > 1 else None
+        scored: list[Prepared | Future[Prepared] | None] = [None] * len(candidates)
         for index, read in self._read_jobs(jobs):
-            prepared[index] = prepare(
-                candidates[index],
-                read,
-                instructions[index],
-                model=self._registry.centroid_model,
-            )
-        assert all(p is not None for p in prepared)
-        return [p for p in prepared if p is not None]
+            args = (candidates[index], read, instructions[index])
+            if threads is None or isinstance(read, str):
+                scored[index] = prepare(*args, model=self._registry.centroid_model)
+            else:
+                scored[index] = threads.submit(prepare, *args, model=self._registry.centroid_model)
+        out = [s.result() if isinstance(s, Future) else s for s in scored]
+        assert all(p is not None for p in out)
+        return [p for p in out if p is not None]
+
+    def _threads(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embassy-meter")
+            return self._pool
 
     def _read_jobs(self, jobs: Sequence[Job]) -> Iterator[tuple[int, Rows | str]]:
         """(index, rows or refusal code) of each job, in the order they are done."""
@@ -491,14 +500,11 @@ class MeteringService:
                     self._processes = 0
                     self._readers = None
             readers = self._readers
-            if readers is None and len(jobs) > 1 and self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embassy-meter")
-            pool = self._pool
         if readers is not None:
             return readers.read(jobs)
-        if pool is None or len(jobs) == 1:
-            return ((i, read_job(j)) for i, j in enumerate(jobs))
-        return enumerate(pool.map(read_job, jobs))
+        if len(jobs) == 1:
+            return iter([(0, read_job(jobs[0]))])
+        return enumerate(self._threads().map(read_job, jobs))
 
     def _commit(self, prepared: Sequence[Prepared]) -> list[Refusal]:
         """Stage, state and commit a group's valid files (lock held); return the refused."""
