@@ -35,6 +35,17 @@ IN_CI = os.environ.get("CI") == "true"
 REGISTRAR_PASSPHRASE = b"test registrar passphrase"
 
 
+# A workload that only sleeps, for tests about the daemon rather than the workload.
+SLEEPING_WORKLOAD = """
+workload:
+  image: embassy/workload-base:bookworm-v3
+  command: ["python3", "-c", "import time; time.sleep(100000)"]
+"""
+# Run inside the workload (python3 -c CLIENT METHOD PATH [BODY]): one request to the
+# embassy over the mounted socket, printed as {"status", "body"}.
+INSIDE_CLIENT = (Path(__file__).parent / "inside" / "client.py").read_text()
+
+
 def require(*binaries: str) -> None:
     missing = [b for b in binaries if shutil.which(b) is None]
     if missing:

@@ -31,28 +31,21 @@ import pytest
 from embassy.cli import main
 from embassy.client import call
 from embassy.wire.codec import canonical_json
-from tests.integration.conftest import Daemon, embassy_id, remove_embassy_containers, require
+from tests.integration.conftest import (
+    INSIDE_CLIENT,
+    SLEEPING_WORKLOAD,
+    Daemon,
+    embassy_id,
+    remove_embassy_containers,
+    require,
+)
 
 pytestmark = pytest.mark.integration
 
 docker = pytest.importorskip("docker")
 
-WORKLOAD = """
-workload:
-  image: embassy/workload-base:bookworm-v3
-  command: ["python3", "-c", "import time; time.sleep(100000)"]
-"""
-
-# Runs inside the workload: one request to the embassy over the mounted Unix socket.
-CLIENT = r"""
-import http.client, json, socket, sys
-class C(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX); self.sock.connect("/run/embassy/embassy.sock")
-c = C("embassy", timeout=30)
-c.request(sys.argv[1], sys.argv[2], body=sys.argv[3] if len(sys.argv) > 3 else None)
-r = c.getresponse(); print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
-"""
+WORKLOAD = SLEEPING_WORKLOAD
+CLIENT = INSIDE_CLIENT
 
 CHROMIUM = "/usr/bin/chromium"
 SECTIONS = ("verified", "not-proved", "timeline", "releases", "meters", "rejections", "statements")

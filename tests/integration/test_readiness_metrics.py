@@ -23,29 +23,22 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import Daemon, embassy_id, remove_embassy_containers, require
+from tests.integration.conftest import (
+    INSIDE_CLIENT,
+    SLEEPING_WORKLOAD,
+    Daemon,
+    embassy_id,
+    remove_embassy_containers,
+    require,
+)
 from workload_sdk.transport import UnixHTTPConnection
 
 pytestmark = pytest.mark.integration
 
 docker = pytest.importorskip("docker")
 
-WORKLOAD = """
-workload:
-  image: embassy/workload-base:bookworm-v3
-  command: ["python3", "-c", "import time; time.sleep(100000)"]
-"""
-
-# Runs inside the workload: one request to the embassy over the mounted Unix socket.
-CLIENT = r"""
-import http.client, json, socket, sys
-class C(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX); self.sock.connect("/run/embassy/embassy.sock")
-c = C("embassy", timeout=30)
-c.request(sys.argv[1], sys.argv[2], body=sys.argv[3] if len(sys.argv) > 3 else None)
-r = c.getresponse(); print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
-"""
+WORKLOAD = SLEEPING_WORKLOAD
+CLIENT = INSIDE_CLIENT
 
 WATCHDOG_USEC = 1_000_000  # a ping every 0.5 s
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
