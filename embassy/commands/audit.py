@@ -17,7 +17,7 @@ from embassy.commands.inputs import hex_arg, read_input, write_out
 from embassy.commands.keys import load_signing_key
 from embassy.commands.meters import _reading_bytes as reading_bytes
 from embassy.commands.output import add_json_arg, print_json, refuse_stdout
-from embassy.commands.policy import add_policy_args, trust_policy
+from embassy.commands.policy import add_completeness_args, add_policy_args, trust_policy
 from embassy.commands.progress import human_bytes, progress_for, read_file
 from embassy.errors import ConfigError
 
@@ -104,13 +104,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("file", nargs="+", help="log segments (GET /v1/log), in log order")
     p.add_argument("--identity", required=True, help="the identity document")
     p.add_argument("--out", required=True, help="where to write the report (HTML; '-' stdout)")
-    p.add_argument(
-        "--complete",
-        action="store_true",
-        help="show that no entry follows the last segment (needs --evidence, --nonce)",
-    )
-    p.add_argument("--evidence", help="fresh evidence fetched after the log")
-    p.add_argument("--nonce", help="the nonce of --evidence (hex)")
+    add_completeness_args(p)
     p.add_argument(
         "--authority-key",
         metavar="KEY",

@@ -162,3 +162,14 @@ def add_policy_args(p: Any) -> None:
         action="store_true",
         help="INSECURE: accept hardware-TPM evidence without pinned boot PCRs",
     )
+
+
+def add_completeness_args(p: argparse.ArgumentParser) -> None:
+    """``--complete`` with the fresh evidence that proves nothing follows the segments."""
+    p.add_argument(
+        "--complete",
+        action="store_true",
+        help="show that no entry follows the last segment (needs --evidence, --nonce)",
+    )
+    p.add_argument("--evidence", help="fresh evidence fetched after the log")
+    p.add_argument("--nonce", help="the nonce of --evidence (hex)")

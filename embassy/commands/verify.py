@@ -10,7 +10,7 @@ from typing import Any
 from embassy.commands.inputs import read_input
 from embassy.commands.keys import passphrase
 from embassy.commands.output import add_json_arg, print_json
-from embassy.commands.policy import add_policy_args, trust_policy
+from embassy.commands.policy import add_completeness_args, add_policy_args, trust_policy
 from embassy.commands.progress import progress_for
 
 
@@ -74,12 +74,6 @@ def add_parser(sub: Any) -> None:
                 p.add_argument(f"--{when}", metavar="EVIDENCE", help=f"evidence you fetched {what}")
                 p.add_argument(f"--{when}-nonce", metavar="HEX", help=f"the --{when} nonce")
         if name == "log":
-            p.add_argument(
-                "--complete",
-                action="store_true",
-                help="show that no entry follows the last segment (needs --evidence, --nonce)",
-            )
-            p.add_argument("--evidence", help="fresh evidence fetched after the log")
-            p.add_argument("--nonce", help="the nonce of --evidence (hex)")
+            add_completeness_args(p)
         add_policy_args(p)
         add_json_arg(p)
