@@ -118,8 +118,8 @@ from tests.fakes import FakeTpm, FakeWorkloadRuntime, ak_chain_for, fake_registr
 from tests.unit.broker.decision_log_vectors import decision_log_vectors  # noqa: E402
 from tests.unit.image.image_vectors import pe_vectors, uki_vectors  # noqa: E402
 from tests.unit.jobs.test_result_vectors import job_result_vectors  # noqa: E402
-from tests.unit.test_formula_v2 import metering_vectors  # noqa: E402
 from tests.unit.payload.payload_vectors import payload_cases  # noqa: E402
+from tests.unit.test_formula_v2 import metering_vectors  # noqa: E402
 from tests.unit.verify import result_vectors  # noqa: E402
 from tests.unit.weights.weights_vectors import weights_vectors  # noqa: E402
 from workload_sdk.activations import DTYPES, FIXED_HEADER_LEN, HEADER  # noqa: E402
