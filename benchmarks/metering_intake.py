@@ -33,8 +33,8 @@ fsync'd, extended into the log PCR) between two fsync'd SQLite transactions.
    names), then released: timed from the release to the last commit, the intake's own
    throughput. **Baseline, same run**: numpy reading copies of the same kind of files
    (written by the same writer to another directory on the same file system):
-   ``f.read()``, ``np.frombuffer``, and formula v2 (the windows as the daemon computes them,
-   bit for bit ``pool_windows``, then ``score_v2``) with the registry's own model, on one
+   ``f.read()``, ``np.frombuffer``, and formula v2 (``pool_windows``, as the daemon's
+   readers compute the windows, then ``score_v2``) with the registry's own model, on one
    thread. It runs before and after the intake; the faster of
    the two is the baseline.
 2. **Latency**, file closed -> meter committed: files written one at a time, each waited
@@ -95,7 +95,7 @@ from embassy.daemon.runtime import Embassy, TpmHandle
 from embassy.measure import Measurement
 from embassy.metering.actions import seal_actions
 from embassy.metering.activation import parse_file_name
-from embassy.metering.formula_v2 import CentroidModel, score_v2
+from embassy.metering.formula_v2 import CentroidModel, pool_windows, score_v2
 from embassy.metering.instruction import Op, Polarity, make_instruction
 from embassy.wire.codec import b64encode
 from embassy.wire.dsse import keyid
@@ -420,7 +420,7 @@ def baseline(paths: list[Path], shape: tuple[int, int], model: CentroidModel) ->
         with path.open("rb") as f:
             raw = f.read()
         data = np.frombuffer(raw, dtype=np.float32, count=count, offset=offset).reshape(shape)
-        sink += sum(score_v2(model, group_module.windows_of(data)).values())
+        sink += sum(score_v2(model, pool_windows(data)).values())
     seconds = (time.perf_counter_ns() - t0) / 1e9
     assert sink >= 0
     return seconds
@@ -513,7 +513,7 @@ class InPlace:
                 (activation_module, "parse_activation", "parse"),
                 (activation_module, "_check_checksum", "checksum"),
                 (activation_module, "_check_finite", "finite"),
-                (group_module, "windows_of", "pool"),
+                (group_module, "pool_windows", "pool"),
                 (reader_module, "encode", "encode"),
             ):
                 self._wrap(stack, obj, attr, label)

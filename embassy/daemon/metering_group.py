@@ -40,8 +40,6 @@ from embassy.errors import (
 from embassy.metering.activation import read_activation_file
 from embassy.metering.formula_v2 import (
     FORMULA_V2,
-    STRIDE,
-    WINDOW,
     CentroidModel,
     pool_windows,
     score_v2,
@@ -161,55 +159,6 @@ def admit(
     return candidates, refusals
 
 
-def windows_of(array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    """Formula v2's ``pool_windows``, bit for bit, in a few large numpy operations.
-
-    The reference sums each window's rows in a Python loop over windows (511 of them for
-    2,048 tokens), holding the GIL between small numpy calls, so two reading threads
-    barely overlap. Here each of the WINDOW row offsets is ONE strided add over every
-    window at once: the same float64 additions in the same order (row 0 + row 1 + ...,
-    each float32 widened exactly), so the same bits; tests/unit/daemon/test_metering.py
-    pins that against the reference for every dtype and shape kind.
-    """
-    if array.ndim == 1 or array.size == 0 or not array.flags.c_contiguous:
-        return _checked(pool_windows(array))  # the reference's own checks and errors
-    d, t = array.shape[-1], array.shape[-2]
-    # v1's pool row, as score.pool computes it, without its finiteness pass: a parsed
-    # activation is finite (the parser checked every value), and an overflow shows below.
-    with np.errstate(over="ignore", invalid="ignore"):
-        row0 = np.ascontiguousarray(
-            array.reshape(-1, d).mean(axis=0, dtype=np.float64), dtype=np.float32
-        )
-    if t <= WINDOW:
-        return _checked(row0[None, :])
-    n = (t - WINDOW) // STRIDE + 1
-    span = (n - 1) * STRIDE + 1
-    tail = span - 1 + WINDOW < t  # the reference's extra window ending at t
-    per = n + int(tail)
-    seqs = array.reshape(-1, t, d)
-    out = np.empty((1 + len(seqs) * per, d), dtype=np.float32)
-    out[0] = row0
-    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        for i, seq in enumerate(seqs):
-            base = 1 + i * per
-            acc = seq[0:span:STRIDE].astype(np.float64)
-            for k in range(1, WINDOW):
-                acc += seq[k : k + span : STRIDE]
-            out[base : base + n] = acc / WINDOW
-            if tail:
-                last = seq[t - WINDOW].astype(np.float64)
-                for k in range(1, WINDOW):
-                    last += seq[t - WINDOW + k]
-                out[base + n] = last / WINDOW
-    return _checked(out)
-
-
-def _checked(out: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    if not np.isfinite(out).all():
-        raise ActivationCorruptError("activation: values beyond the float32 range")
-    return out
-
-
 def read_rows(job: Job) -> Rows:
     """Read one candidate strictly, check it against its name and pool it (formula v2's
     windows). Raises ``ActivationError`` for what the file holds, ``OSError`` when it
@@ -217,7 +166,7 @@ def read_rows(job: Job) -> Rows:
     activation = read_activation_file(Path(job.path), max_bytes=job.max_bytes)
     if (activation.session, activation.seq) != (job.session, job.seq):
         raise ActivationCorruptError("activation: header and file name disagree")
-    windows = windows_of(activation.data)
+    windows = pool_windows(activation.data)
     if job.nonzero and not windows[0].any():
         raise ActivationCorruptError("activation: its mean is the zero vector")
     return Rows(activation.tensor, activation.sha256, activation.data.nbytes, windows)

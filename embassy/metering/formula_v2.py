@@ -97,22 +97,37 @@ F64 = npt.NDArray[np.float64]
 
 
 def pool_windows(array: npt.NDArray[Any]) -> F32:
-    """Row 0: v1's ``pool``; rows 1..: the window means (see the module docstring)."""
+    """Row 0: v1's ``pool``; rows 1..: the window means (see the module docstring).
+
+    Each window is summed as the docstring says (its rows in order, each float32 widened
+    exactly to float64), but for all windows of a sequence at once: one strided add per
+    row offset, not a Python loop over windows. So the daemon's reading threads spend their
+    time in numpy with the GIL released; tests/unit/test_formula_v2.py pins the bits
+    against a window-by-window reference.
+    """
     row0 = pool(array)  # every input check, and the exact v1 row
     if array.ndim == 1 or array.shape[-2] <= WINDOW:
         return row0[None, :]
     d, t = array.shape[-1], array.shape[-2]
-    starts = list(range(0, t - WINDOW + 1, STRIDE))
-    if starts[-1] + WINDOW < t:
-        starts.append(t - WINDOW)
+    n = (t - WINDOW) // STRIDE + 1  # windows at 0, STRIDE, ... that fit
+    span = (n - 1) * STRIDE + 1
+    tail = span - 1 + WINDOW < t  # one more window ending at t
+    per = n + int(tail)
     seqs = array.reshape(-1, t, d)
-    rows = [row0[None, :]]
+    out = np.empty((1 + len(seqs) * per, d), dtype=np.float32)
+    out[0] = row0
     with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        for seq in seqs:
-            wide = seq.astype(np.float64)
-            sums = np.stack([wide[s : s + WINDOW].sum(axis=0) for s in starts])
-            rows.append((sums / WINDOW).astype(np.float32))
-    out = np.ascontiguousarray(np.concatenate(rows))
+        for i, seq in enumerate(seqs):
+            base = 1 + i * per
+            acc = seq[0:span:STRIDE].astype(np.float64)
+            for k in range(1, WINDOW):
+                acc += seq[k : k + span : STRIDE]
+            out[base : base + n] = acc / WINDOW
+            if tail:
+                last = seq[t - WINDOW].astype(np.float64)
+                for k in range(1, WINDOW):
+                    last += seq[t - WINDOW + k]
+                out[base + n] = last / WINDOW
     if not np.isfinite(out).all():
         raise ActivationCorruptError("activation: values beyond the float32 range")
     return out

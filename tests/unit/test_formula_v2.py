@@ -220,6 +220,41 @@ def test_pool_windows_of_a_batch_windows_each_sequence_and_1d_is_one_row() -> No
     assert pool_windows(vector).tolist() == [vector.tolist()]
 
 
+def _windows_one_by_one(array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """The docstring's definition, one window at a time (no strided sums)."""
+    row0 = pool(array)
+    if array.ndim == 1 or array.shape[-2] <= WINDOW:
+        return row0[None, :]
+    d, t = array.shape[-1], array.shape[-2]
+    starts = list(range(0, t - WINDOW + 1, STRIDE))
+    if starts[-1] + WINDOW < t:
+        starts.append(t - WINDOW)
+    rows = [row0[None, :]]
+    for seq in array.reshape(-1, t, d):
+        wide = seq.astype(np.float64)
+        sums = np.stack([wide[s : s + WINDOW].sum(axis=0) for s in starts])
+        rows.append((sums / WINDOW).astype(np.float32))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize(
+    "shape", [(384,), (8, 16), (9, 16), (13, 8), (128, 32), (130, 8), (3, 21, 8), (2, 2, 17, 4)]
+)
+def test_pool_windows_strided_sums_are_the_window_by_window_ones_bit_for_bit(
+    shape: tuple[int, ...], dtype: type[np.floating[Any]]
+) -> None:
+    rng = np.random.default_rng(sum(shape))
+    array = (rng.standard_normal(shape) * rng.uniform(0.01, 1000)).astype(dtype)
+    reference = _windows_one_by_one(array)
+    fast = pool_windows(array)
+    assert fast.dtype == reference.dtype
+    assert fast.shape == reference.shape
+    assert fast.tobytes() == reference.tobytes()
+    # Not contiguous (a transposed view): the same bits.
+    assert pool_windows(np.asfortranarray(array)).tobytes() == reference.tobytes()
+
+
 @pytest.mark.parametrize(
     ("array", "message"),
     [

@@ -520,30 +520,3 @@ def test_a_grouped_commit_follows_the_log_after_a_crash_both_ways(
     summary = embassy.metering.finish(session, lambda: 0)
     assert summary is not None
     assert (summary["files"], summary["meter_updates"]) == (5, 5)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
-@pytest.mark.parametrize(
-    "shape", [(384,), (8, 16), (9, 16), (13, 8), (128, 32), (130, 8), (3, 21, 8), (2, 2, 17, 4)]
-)
-def test_the_daemons_windows_are_formula_v2s_bit_for_bit(
-    shape: tuple[int, ...], dtype: type[np.floating[Any]]
-) -> None:
-    rng = np.random.default_rng(sum(shape))
-    array = (rng.standard_normal(shape) * rng.uniform(0.01, 1000)).astype(dtype)
-    reference = pool_windows(array)
-    fast = metering_group.windows_of(array)
-    assert fast.dtype == reference.dtype
-    assert fast.shape == reference.shape
-    assert fast.tobytes() == reference.tobytes()
-
-
-def test_the_daemons_windows_refuse_what_formula_v2_refuses() -> None:
-    from embassy.errors import ActivationCorruptError
-
-    huge = np.full((16, 4), 1e300)  # float64 beyond float32: the mean overflows
-    for array in (huge, huge[:4], np.full((16, 4), np.nan, dtype=np.float32)):
-        with pytest.raises(ActivationCorruptError):
-            pool_windows(array)
-        with pytest.raises(ActivationCorruptError):
-            metering_group.windows_of(array)
