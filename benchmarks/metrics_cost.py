@@ -15,24 +15,17 @@ alike). Then each call alone, and a scrape (``Metrics.render``) of a populated r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 from benchmarks.stats import percentile
-from embassy.attest.types import TpmMode
-from embassy.config import parse_config
+from benchmarks.swtpm_embassy import swtpm_embassy
 from embassy.daemon.metrics import Metrics
-from embassy.daemon.runtime import Embassy, TpmHandle
 from embassy.net.identity import NetnsId
 from embassy.seal.proof import SealProof
 from embassy.sessions.manager import SessionManager, WorkloadIdentity
-from embassy.tpm.device import TpmDevice
-from embassy.tpm.swtpm import Swtpm
 
 
 class SwitchedMetrics(Metrics):
@@ -82,30 +75,6 @@ class _Seal:
         return {"gate": "bench"}
 
 
-@contextlib.contextmanager
-def _embassy(metrics: Metrics) -> Iterator[Embassy]:
-    with tempfile.TemporaryDirectory(prefix="embassy-bench-metrics-") as tmp:
-        root = Path(tmp)
-        swtpm = Swtpm(root / "swtpm")
-        try:
-            tcti = swtpm.ensure_running()
-            config = parse_config(
-                {
-                    "data_dir": str(root / "data"),
-                    "socket": str(root / "embassy.sock"),
-                    "statement_log": {"checkpoint_every": 64},  # the default
-                }
-            )
-            device = TpmDevice.open(*tcti, TpmMode.SOFTWARE)
-            embassy = Embassy(config, TpmHandle(device, swtpm), metrics=metrics)
-            try:
-                yield embassy
-            finally:
-                embassy.close()
-        finally:
-            swtpm.stop()
-
-
 def _stats(ms: list[float]) -> str:
     return (
         f"p50 {percentile(ms, 50):7.3f} ms  p99 {percentile(ms, 99):7.3f} ms  "
@@ -131,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     n = 100 if args.quick else 400
     metrics = SwitchedMetrics()
     timings: dict[bool, tuple[list[float], list[float]]] = {True: ([], []), False: ([], [])}
-    with _embassy(metrics) as embassy:
+    # The default checkpoint interval: what a session pays in production.
+    with swtpm_embassy(checkpoint_every=64, metrics=metrics) as embassy:
         manager = SessionManager(
             log=embassy.log,
             seal=_Seal(),

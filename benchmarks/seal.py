@@ -26,23 +26,19 @@ the start).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import ipaddress
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import iptc
 
 from benchmarks.stats import percentile
-from embassy.attest.types import TpmMode
-from embassy.config import parse_config
-from embassy.daemon.runtime import Embassy, TpmHandle
+from benchmarks.swtpm_embassy import swtpm_embassy
 from embassy.net.link import LinkMaker
 from embassy.net.plan import LinkPlan
 from embassy.net.rtnl import Rtnl
@@ -51,8 +47,6 @@ from embassy.seal.iptables import IptablesL3
 from embassy.seal.keeper import SealKeeper
 from embassy.seal.netns import NetnsWorker
 from embassy.sessions.manager import SessionManager, WorkloadIdentity
-from embassy.tpm.device import TpmDevice
-from embassy.tpm.swtpm import Swtpm
 from embassy.wire.statement import LIFECYCLE_V1
 
 PREFIX = "ebz"  # bridges ebzb<i>, host ends ebzh<i>
@@ -219,32 +213,9 @@ def part_gate(
         )
 
 
-@contextlib.contextmanager
-def _embassy() -> Iterator[Embassy]:
-    with tempfile.TemporaryDirectory(prefix="embassy-bench-seal-") as tmp:
-        root = Path(tmp)
-        swtpm = Swtpm(root / "swtpm")
-        try:
-            tcti = swtpm.ensure_running()
-            config = parse_config(
-                {
-                    "data_dir": str(root / "data"),
-                    "socket": str(root / "embassy.sock"),
-                    "statement_log": {"checkpoint_every": 1_000_000},
-                }
-            )
-            embassy = Embassy(config, TpmHandle(TpmDevice.open(*tcti, TpmMode.SOFTWARE), swtpm))
-            try:
-                yield embassy
-            finally:
-                embassy.close()
-        finally:
-            swtpm.stop()
-
-
 def part_sessions(args: argparse.Namespace, target: SealKeeper, label: str) -> None:
     n = 60 if args.quick else 300
-    with _embassy() as embassy:
+    with swtpm_embassy() as embassy:
         manager = SessionManager(
             log=embassy.log,
             seal=target,
