@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from tests.integration.conftest import (
     remove_embassy_containers,
     require,
 )
+from tests.notify_listener import NotifyListener
 from workload_sdk.transport import UnixHTTPConnection
 
 pytestmark = pytest.mark.integration
@@ -42,48 +42,6 @@ CLIENT = INSIDE_CLIENT
 
 WATCHDOG_USEC = 1_000_000  # a ping every 0.5 s
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-class NotifyListener:
-    """systemd's side of the notify socket; checks the socket and workload when READY=1 comes."""
-
-    def __init__(self, address: Path | bytes, on_ready: Any) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address if isinstance(address, bytes) else str(address))
-        self.sock.settimeout(0.05)
-        self.messages: list[tuple[float, str]] = []
-        self.at_ready: dict[str, Any] = {}
-        self._on_ready = on_ready
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                text = self.sock.recv(4096).decode("utf-8")
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), text))
-            if "READY=1" in text.split("\n"):
-                self.at_ready = self._on_ready()
-
-    def lines(self) -> list[str]:
-        return [line for _, text in self.messages for line in text.split("\n")]
-
-    def wait_for(self, line: str, timeout: float = 60.0) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for at, text in list(self.messages):
-                if line in text.split("\n"):
-                    return at
-            time.sleep(0.02)
-        raise AssertionError(f"{line!r} never arrived: {self.lines()}")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
 
 
 def host_get(sock: Path, path: str) -> tuple[int, str, bytes]:
@@ -161,7 +119,7 @@ def test_ready_watchdog_metrics_and_stopping(client: Any, daemon_factory: type[D
     daemon.env = {"NOTIFY_SOCKET": str(daemon.root / "notify"), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     try:
         daemon.start()
-        ready_at = listener.wait_for("READY=1")
+        ready_at = listener.wait_for("READY=1", timeout=60)
         assert listener.at_ready == {"health": 200, "workloads": 1}
         lines = listener.lines()
         assert lines.index("READY=1") > lines.index(
@@ -277,7 +235,7 @@ def test_an_abstract_notify_socket_and_no_watchdog(daemon_factory: type[Daemon])
     daemon.env = {"NOTIFY_SOCKET": "@" + name}
     try:
         daemon.start()
-        listener.wait_for("READY=1")
+        listener.wait_for("READY=1", timeout=60)
         assert served == [200]
         assert f"STATUS=serving on {daemon.socket}; workload none" in listener.lines()
         time.sleep(1.5)

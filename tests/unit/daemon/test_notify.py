@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,54 +10,20 @@ from pathlib import Path
 import pytest
 
 from embassy.daemon.notify import MAX_STATUS_CHARS, Notifier, socket_address, watchdog_interval
-
-
-class Listener:
-    """A datagram socket in systemd's place: what arrives, and when."""
-
-    def __init__(self, address: str | bytes) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.05)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode("utf-8")))
-
-    def texts(self) -> list[str]:
-        return [m for _, m in self.messages]
-
-    def wait_for(self, text: str, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in m for m in self.texts()):
-                return
-            time.sleep(0.01)
-        raise AssertionError(f"{text!r} never arrived: {self.texts()}")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
+from tests.notify_listener import NotifyListener
 
 
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[tuple[str, Listener]]:
+def listener(tmp_path: Path) -> Iterator[tuple[str, NotifyListener]]:
     path = str(tmp_path / "notify")
-    got = Listener(path)
+    got = NotifyListener(path)
     yield path, got
     got.close()
 
 
-def test_ready_status_and_stopping_arrive_as_assignments(listener: tuple[str, Listener]) -> None:
+def test_ready_status_and_stopping_arrive_as_assignments(
+    listener: tuple[str, NotifyListener],
+) -> None:
     path, got = listener
     notifier = Notifier(path, None)
     assert notifier.enabled
@@ -79,7 +43,7 @@ def test_ready_status_and_stopping_arrive_as_assignments(listener: tuple[str, Li
 
 def test_an_abstract_socket_name(tmp_path: Path) -> None:
     name = f"embassy-test-{os.getpid()}-{time.monotonic_ns()}"
-    got = Listener(b"\0" + name.encode())
+    got = NotifyListener(b"\0" + name.encode())
     try:
         notifier = Notifier("@" + name, None)
         assert notifier.ready("up")
@@ -149,7 +113,7 @@ def test_from_environ_takes_the_variables_away_from_children(tmp_path: Path) -> 
     assert Notifier.from_environ({"WATCHDOG_USEC": "1000000"}).watchdog_seconds is None
 
 
-def test_the_watchdog_pings_only_while_healthy(listener: tuple[str, Listener]) -> None:
+def test_the_watchdog_pings_only_while_healthy(listener: tuple[str, NotifyListener]) -> None:
     path, got = listener
     problem: list[str | None] = [None]
     notifier = Notifier(path, 0.02)
@@ -177,7 +141,9 @@ def test_the_watchdog_pings_only_while_healthy(listener: tuple[str, Listener]) -
     notifier.close()
 
 
-def test_a_health_check_that_raises_counts_as_unhealthy(listener: tuple[str, Listener]) -> None:
+def test_a_health_check_that_raises_counts_as_unhealthy(
+    listener: tuple[str, NotifyListener],
+) -> None:
     path, got = listener
 
     def broken() -> str | None:
